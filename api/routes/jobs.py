@@ -1,0 +1,71 @@
+"""Job submission and polling: validate, persist, commit, then publish."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, status
+
+from api.deps import CurrentKey, SessionDep, SettingsDep, StoreDep
+from shared.errors import FieldError
+from shared.jobs import repository
+from shared.jobs.schemas import JobListView, JobView, Txt2ImgRequest, check_limits, resolve_params
+from shared.jobs.states import JobStatus
+from shared.jobs.views import job_view
+from shared.model_registry import default_checkpoint, resolve_checkpoint
+from shared.queue import publish_render
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobView)
+def submit_job(
+    body: Txt2ImgRequest, key: CurrentKey, session: SessionDep, settings: SettingsDep, store: StoreDep
+) -> JobView:
+    check_limits(body, settings)
+    requested = body.model or default_checkpoint(settings.models_dir, settings.default_model)
+    if requested is None:
+        raise FieldError(("body", "model"), "no checkpoint is installed; put a .safetensors file in Stable-diffusion/")
+    checkpoint = resolve_checkpoint(settings.models_dir, requested)
+    params = resolve_params(body, checkpoint.name)
+    job = repository.create_job(
+        session, owner=key.owner, api_key_id=key.id, params=params, model_name=checkpoint.name, model_hash=None
+    )
+    session.commit()
+    # Commit, then publish: a lost message costs a re-publish, never the job.
+    try:
+        publish_render(job.id)
+        repository.mark_published(session, job.id)
+        session.commit()
+    except Exception:  # the row is queued; the sweeper re-publishes it
+        log.exception("could not publish job %s; it stays queued for the sweeper", job.id)
+        session.rollback()
+    session.refresh(job)
+    return job_view(job, store, settings.url_expires_seconds)
+
+
+@router.get("/{job_id}", response_model=JobView)
+def get_job(job_id: uuid.UUID, key: CurrentKey, session: SessionDep, settings: SettingsDep, store: StoreDep) -> JobView:
+    job = repository.get_job(session, job_id, owner=key.owner)
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} not found")
+    return job_view(job, store, settings.url_expires_seconds)
+
+
+@router.get("", response_model=JobListView)
+def list_jobs(
+    key: CurrentKey,
+    session: SessionDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    status_filter: Annotated[JobStatus | None, Query(alias="status")] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 20,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> JobListView:
+    jobs, total = repository.list_jobs(session, key.owner, status=status_filter, limit=limit, offset=offset)
+    return JobListView(
+        jobs=[job_view(j, store, settings.url_expires_seconds) for j in jobs], total=total, limit=limit, offset=offset
+    )

@@ -1,0 +1,65 @@
+"""One settings object for API, worker and launcher, read from the environment.
+
+Nothing connects at import time: callers reach settings through the cached
+`get_settings()`, and tests clear the cache after changing the environment.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RENDERFARM_", extra="ignore")
+
+    database_url: str = Field(
+        "postgresql+psycopg://renderfarm@127.0.0.1:55432/renderfarm",
+        validation_alias=AliasChoices("DATABASE_URL", "RENDERFARM_DATABASE_URL"),
+    )
+    redis_url: str = Field(
+        "redis://127.0.0.1:56379/0", validation_alias=AliasChoices("REDIS_URL", "RENDERFARM_REDIS_URL")
+    )
+    storage_url: str = Field(
+        "var/objects", validation_alias=AliasChoices("STORAGE_URL", "RENDERFARM_STORAGE_URL")
+    )
+    # Signs local-store URLs; `make up` generates one under ./var when unset.
+    secret_key: str = "dev-insecure-secret-change-me"
+    admin_key: str | None = None
+    public_url: str = "http://127.0.0.1:7861"
+    models_dir: Path = Path("models")
+    default_model: str | None = None
+    # Checkpoints a worker loads before it takes jobs (names, comma separated); empty = default model.
+    worker_models: str = ""
+    device: str = "auto"
+    worker_name: str | None = None
+    torch_threads: int = 0
+
+    # Limits on what a job may ask for.
+    max_pixels: int = 2048 * 2048
+    max_side: int = 2048
+    max_steps: int = 150
+    max_batch_size: int = 8
+    max_n_iter: int = 16
+    max_images_per_job: int = 32
+
+    # Reliability.
+    job_time_limit: int = 600
+    lease_seconds: int = 60
+    url_expires_seconds: int = 3600
+
+    @property
+    def broker_visibility_timeout(self) -> int:
+        """Well above the hard time limit so Redis never redelivers a job that is still running."""
+        return self.job_time_limit * 2 + 60
+
+    def worker_model_names(self) -> list[str]:
+        return [name.strip() for name in self.worker_models.split(",") if name.strip()]
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

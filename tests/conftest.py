@@ -1,0 +1,168 @@
+"""Fixtures that start real servers: PostgreSQL, Redis, an S3-compatible server, and our processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from shared.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
+from tests.farm_harness import ROOT, Farm, start_api, start_worker, wait_until
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RENDERFARM_PG_FSYNC_OFF", "1")
+
+
+@pytest.fixture(scope="session")
+def servers_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("servers")
+
+
+@pytest.fixture(scope="session")
+def postgres(servers_dir: Path) -> Iterator[EmbeddedPostgres]:
+    server = EmbeddedPostgres(servers_dir / "pg", free_port()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(servers_dir: Path) -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(servers_dir / "redis", free_port(), persist=False).start()
+    yield server
+    server.stop()
+
+
+def _fresh_database(postgres: EmbeddedPostgres, name: str) -> str:
+    import psycopg
+
+    with psycopg.connect(host="127.0.0.1", port=postgres.port, user=postgres.user, dbname="postgres",
+                         autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = f"postgresql+psycopg://{postgres.user}@127.0.0.1:{postgres.port}/{name}"
+    from shared.migrate import upgrade
+
+    upgrade(url)
+    return url
+
+
+@pytest.fixture(scope="session")
+def database_url(postgres: EmbeddedPostgres) -> str:
+    return _fresh_database(postgres, "farm_test")
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A WebUI-style models folder holding the tiny demo checkpoint, built by the project's own code."""
+    path = tmp_path_factory.mktemp("models")
+    subprocess.run([sys.executable, "-m", "worker.demo_model", str(path)], cwd=ROOT, check=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def moto_s3(servers_dir: Path) -> Iterator[str]:
+    """moto's standalone S3-compatible HTTP server, as a separate process."""
+    import httpx
+
+    port = free_port()
+    log = open(servers_dir / "moto.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return httpx.get(endpoint, timeout=1).status_code < 500
+        except httpx.HTTPError:
+            return False
+
+    wait_until(up, 60, message="moto S3 server")
+    yield endpoint
+    proc.terminate()
+    proc.wait(10)
+
+
+def farm_env(*, database_url: str, redis_url: str, storage_url: str, models_dir: Path, admin_key: str,
+             **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        DATABASE_URL=database_url,
+        REDIS_URL=redis_url,
+        STORAGE_URL=storage_url,
+        RENDERFARM_MODELS_DIR=str(models_dir),
+        RENDERFARM_ADMIN_KEY=admin_key,
+        RENDERFARM_SECRET_KEY="test-secret",
+        RENDERFARM_TORCH_THREADS="1",
+        RENDERFARM_LEASE_SECONDS="10",
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        HF_HUB_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+ADMIN_KEY = "rf_test_admin_key_0123456789abcdef"
+
+
+@pytest.fixture(scope="session", params=["local", "s3"])
+def farm(request: pytest.FixtureRequest, postgres: EmbeddedPostgres, redis_server: EmbeddedRedis,
+         models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
+    """The whole farm: API + one Celery worker, with images in a local folder or in S3 (moto)."""
+    backend = request.param
+    logs = tmp_path_factory.mktemp(f"farm-{backend}")
+    if backend == "s3":
+        endpoint = request.getfixturevalue("moto_s3")
+        storage_url = f"s3://renderfarm-test?endpoint={endpoint}&create_bucket=1"
+    else:
+        storage_url = str(logs / "objects")
+    db_index = 2 if backend == "local" else 3
+    env = farm_env(
+        database_url=_fresh_database(postgres, f"farm_{backend}"),
+        redis_url=f"redis://127.0.0.1:{redis_server.port}/{db_index}",
+        storage_url=storage_url, models_dir=models_dir, admin_key=ADMIN_KEY,
+    )
+    api, base_url = start_api(env, logs)
+    farm = Farm(base_url=base_url, admin_key=ADMIN_KEY, env=env, procs=[api])
+    try:
+        farm.procs.append(start_worker(env, logs))
+        farm.backend = backend  # type: ignore[attr-defined]
+        yield farm
+    finally:
+        farm.stop()
+
+
+@pytest.fixture(scope="session")
+def api_only(postgres: EmbeddedPostgres, redis_server: EmbeddedRedis, models_dir: Path,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
+    """An API with no worker behind it, so a queue message it publishes stays visible in Redis."""
+    logs = tmp_path_factory.mktemp("api-only")
+    env = farm_env(
+        database_url=_fresh_database(postgres, "farm_api_only"),
+        redis_url=f"redis://127.0.0.1:{redis_server.port}/5",
+        storage_url=str(logs / "objects"), models_dir=models_dir, admin_key=ADMIN_KEY,
+        RENDERFARM_MAX_PIXELS=str(1024 * 1024),
+    )
+    api, base_url = start_api(env, logs)
+    farm = Farm(base_url=base_url, admin_key=ADMIN_KEY, env=env, procs=[api])
+    yield farm
+    farm.stop()
+
+
+def make_key(database_url: str, owner: str, admin: bool = False) -> str:
+    from sqlalchemy.orm import Session
+
+    from shared.auth import create_api_key
+
+    engine = sa.create_engine(database_url)
+    with Session(engine) as session:
+        _, key = create_api_key(session, owner, is_admin=admin)
+        session.commit()
+    engine.dispose()
+    return key

@@ -1,0 +1,94 @@
+"""Bad input gets a 422 naming the field, and leaves nothing behind: no row, no queue message."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import redis
+import sqlalchemy as sa
+
+from tests.farm_harness import Farm
+
+pytestmark = pytest.mark.e2e
+
+VALID = {"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 2}
+
+BAD_CASES = [
+    ({"width": 65}, "width", "multiple of 8"),
+    ({"height": 100}, "height", "multiple of 8"),
+    ({"width": 4096}, "width", "at most"),
+    ({"width": 1024, "height": 2048}, "width", "exceeds the limit"),
+    ({"width": 32}, "width", "greater than or equal"),
+    ({"steps": 0}, "steps", "greater than or equal"),
+    ({"steps": 151}, "steps", "between 1 and 150"),
+    ({"batch_size": 0}, "batch_size", "greater than or equal"),
+    ({"batch_size": 9}, "batch_size", "between 1 and 8"),
+    ({"n_iter": 17}, "n_iter", "between 1 and 16"),
+    ({"batch_size": 8, "n_iter": 5}, "n_iter", "images per job"),
+    ({"model": "no-such-model"}, "model", "available models: demo-tiny"),
+    ({"model": "../Stable-diffusion/demo-tiny"}, "model", "not a name inside"),
+    ({"model": "/etc/passwd"}, "model", "not a name inside"),
+    ({"sampler_name": "Euler z"}, "sampler_name", "DPM++ 2M"),
+    ({"scheduler": "Sideways"}, "scheduler", "Karras"),
+    ({"sampler_name": "DDIM", "scheduler": "Karras"}, "scheduler", "supports the schedule types"),
+    ({"steps": "many"}, "steps", "integer"),
+    ({"width": 64.5}, "width", "integer"),
+    ({"seed": "abc"}, "seed", "integer"),
+    ({"seed": -2}, "seed", "greater than or equal"),
+    ({"seed": 2**32}, "seed", "less than or equal"),
+    ({"prompt": 5}, "prompt", "string"),
+    ({"cfg_scale": 99}, "cfg_scale", "less than or equal"),
+    ({"sampler": "Euler"}, "sampler", "Extra inputs are not permitted"),
+]
+
+
+def _counts(farm: Farm) -> tuple[int, int]:
+    engine = sa.create_engine(farm.env["DATABASE_URL"])
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT count(*) FROM jobs")).scalar_one()
+    engine.dispose()
+    queued = redis.Redis.from_url(farm.env["REDIS_URL"]).llen("render")
+    return rows, queued
+
+
+@pytest.fixture
+def client(api_only: Farm) -> Iterator[httpx.Client]:
+    with api_only.client() as c:
+        yield c
+
+
+@pytest.mark.parametrize(("change", "field", "message"), BAD_CASES, ids=[c[1] + "-" + str(i) for i, c in
+                                                                          enumerate(BAD_CASES)])
+def test_bad_input_is_422_and_leaves_nothing(api_only: Farm, client: httpx.Client, change: dict, field: str,
+                                             message: str) -> None:
+    before = _counts(api_only)
+    resp = client.post("/v1/jobs", json={**VALID, **change})
+    assert resp.status_code == 422, resp.text
+    detail = resp.json()["detail"]
+    assert any(d["loc"][-1] == field for d in detail), detail
+    assert any(message in d["msg"] for d in detail), detail
+    assert _counts(api_only) == before
+
+
+def test_malformed_json_is_422(api_only: Farm, client: httpx.Client) -> None:
+    before = _counts(api_only)
+    resp = client.post("/v1/jobs", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert resp.status_code == 422
+    assert _counts(api_only) == before
+
+
+def test_unauthenticated_submit_leaves_nothing(api_only: Farm) -> None:
+    before = _counts(api_only)
+    assert httpx.post(api_only.base_url + "/v1/jobs", json=VALID).status_code == 401
+    assert _counts(api_only) == before
+
+
+def test_valid_job_creates_exactly_one_row_and_one_message(api_only: Farm, client: httpx.Client) -> None:
+    """The counterpart of the cases above: proves the counters do see a real submission."""
+    rows, queued = _counts(api_only)
+    resp = client.post("/v1/jobs", json=VALID)
+    assert resp.status_code == 202, resp.text
+    assert resp.json()["status"] == "queued"
+    assert _counts(api_only) == (rows + 1, queued + 1)

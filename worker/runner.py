@@ -1,0 +1,136 @@
+"""Runs one job from claim to outputs. Knows nothing of Celery, so tests can call it directly.
+
+The order follows the design notes: claim by compare-and-set, render, upload to
+deterministic keys, then record the outputs and `succeeded` in one transaction.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from shared.infotext import format_infotext
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.errors import FieldError
+from shared.jobs import repository
+from shared.jobs.states import ErrorType
+from shared.object_store import image_key
+from shared.settings import Settings
+from shared.storage.base import ObjectStore, StorageError, TransientStorageError
+
+if TYPE_CHECKING:
+    from worker.runtime import WorkerRuntime
+
+log = logging.getLogger(__name__)
+VERSION = "renderfarm-0.1.0"
+
+
+def infotext_for(params: dict[str, Any], seed: int, model_name: str, model_hash: str) -> str:
+    fields: dict[str, object] = {
+        "Steps": params["steps"],
+        "Sampler": params["sampler_name"],
+        "Schedule type": params["scheduler"] if params["scheduler"] != "Automatic" else None,
+        "CFG scale": params["cfg_scale"],
+        "Seed": seed,
+        "Size": f"{params['width']}x{params['height']}",
+        "Model hash": model_hash,
+        "Model": model_name.rsplit("/", 1)[-1],
+        "RNG": "CPU",
+        "Version": VERSION,
+    }
+    return format_infotext(params["prompt"], params["negative_prompt"], fields)
+
+
+def encode_png(image: Any, infotext: str) -> bytes:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", infotext)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def put_with_retry(store: ObjectStore, key: str, data: bytes, attempts: int = 4) -> None:
+    """Transient storage errors retry with backoff; the key is deterministic, so a retry overwrites."""
+    for attempt in range(attempts):
+        try:
+            store.put(key, data, "image/png")
+            return
+        except TransientStorageError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * 2**attempt)
+
+
+class JobRunner:
+    def __init__(
+        self, runtime: WorkerRuntime, session_factory: sessionmaker[Session], store: ObjectStore, settings: Settings
+    ) -> None:
+        self.runtime = runtime
+        self.session_factory = session_factory
+        self.store = store
+        self.settings = settings
+
+    def run(self, job_id: str) -> str:
+        """Render a job if it can be claimed; returns the outcome ('skipped', 'succeeded', 'failed', 'lost')."""
+        jid = uuid.UUID(job_id)
+        with self.session_factory() as session:
+            job = repository.claim_job(session, jid, self.runtime.name, self.settings.lease_seconds)
+            session.commit()
+            if job is None:
+                log.info("job %s is not queued any more (duplicate delivery or done); nothing to do", job_id)
+                return "skipped"
+            params = dict(job.params)
+        self.runtime.heartbeat.track(job_id)
+        try:
+            return self._render_and_record(jid, params)
+        except FieldError as exc:
+            return self._fail(jid, ErrorType.INVALID_INPUT, exc.message)
+        except StorageError as exc:
+            log.exception("job %s: storage failed", job_id)
+            return self._fail(jid, ErrorType.STORAGE_ERROR, f"could not store the images: {exc}")
+        except Exception as exc:
+            log.exception("job %s: render failed", job_id)
+            return self._fail(jid, ErrorType.RENDER_ERROR, f"{exc.__class__.__name__}: {exc}")
+        finally:
+            self.runtime.heartbeat.untrack()
+            self.runtime.jobs_done += 1
+
+    def _render_and_record(self, jid: uuid.UUID, params: dict[str, Any]) -> str:
+        from worker.pipelines.txt2img import render_txt2img
+
+        model = self.runtime.pipelines.get(params["model"])
+        with self.session_factory() as session:
+            repository.record_model_hash(session, jid, model.short_hash)
+            session.commit()
+
+        def on_step(done: int, total: int) -> None:
+            self.runtime.heartbeat.progress = done / total
+
+        rendered = render_txt2img(model.pipeline, params, model.scheduler_config, on_step=on_step)
+        images = []
+        for item in rendered:
+            infotext = infotext_for(params, item.seed, model.name, model.short_hash)
+            key = image_key(jid, item.index)
+            put_with_retry(self.store, key, encode_png(item.image, infotext))
+            images.append(
+                repository.NewImage(item.index, key, item.seed, item.image.width, item.image.height, infotext)
+            )
+        with self.session_factory() as session:
+            if not repository.complete_job(session, jid, self.runtime.name, images):
+                session.rollback()
+                log.warning("job %s: lease lost before completion; outputs not recorded", jid)
+                return "lost"
+            session.commit()
+        return "succeeded"
+
+    def _fail(self, jid: uuid.UUID, error_type: str, message: str) -> str:
+        with self.session_factory() as session:
+            repository.fail_job(session, jid, error_type, message, worker=self.runtime.name)
+            session.commit()
+        return "failed"
