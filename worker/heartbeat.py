@@ -18,6 +18,8 @@ import redis
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.jobs import repository
+from shared.jobs.sweeper import sweep
+from shared.queue import publish_render
 from shared.settings import Settings
 
 if TYPE_CHECKING:
@@ -66,9 +68,17 @@ class Heartbeat:
         info = self.runtime.describe() | {"heartbeat_at": time.time()}
         self._redis.set(WORKER_KEY_PREFIX + self.runtime.name, json.dumps(info), ex=int(self.interval * 4) + 5)
 
+    def sweep(self) -> None:
+        with self.session_factory() as session:
+            sweep(session, publish_render)
+
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
             try:
                 self.beat()
             except Exception:  # keep beating: one failed write must not end the lease renewals
                 log.exception("heartbeat failed")
+            try:
+                self.sweep()
+            except Exception:
+                log.exception("sweep failed")
