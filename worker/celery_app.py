@@ -8,6 +8,10 @@ The parent (prefork) process never imports torch: models are loaded in the child
 from __future__ import annotations
 
 import logging
+import os
+
+# No model hub is ever contacted; huggingface_hub reads this once, at import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from celery import Celery
 from celery.signals import worker_process_init, worker_process_shutdown
