@@ -50,3 +50,12 @@ def require_key(request: Request, session: SessionDep) -> ApiKey:
 
 
 CurrentKey = Annotated[ApiKey, Depends(require_key)]
+
+
+def require_admin(key: CurrentKey) -> ApiKey:
+    if not key.is_admin:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, detail="this route needs an admin API key")
+    return key
+
+
+AdminKey = Annotated[ApiKey, Depends(require_admin)]

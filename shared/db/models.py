@@ -71,6 +71,8 @@ class Job(Base):
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
     )
     published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Set when a cancel is asked for a running job; its worker stops at the next denoising step.
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
     images: Mapped[list[JobImage]] = relationship(
         back_populates="job", order_by="JobImage.index", lazy="selectin"

@@ -187,3 +187,44 @@ def fail_job(
         .returning(Job.id)
     ).scalar_one_or_none()
     return done is not None
+
+
+class CancelOutcome:
+    CANCELED = "canceled"  # was queued: canceled at once, never renders
+    REQUESTED = "requested"  # is running: its worker stops at the next step
+    ALREADY_TERMINAL = "terminal"
+
+
+def cancel_job(session: Session, job_id: uuid.UUID) -> str:
+    """Cancel a queued job at once or ask a running one to stop; repeating a cancel is harmless."""
+    now = utcnow()
+    canceled = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+        .values(status=JobStatus.CANCELED, status_seq=Job.status_seq + 1, finished_at=now, cancel_requested_at=now)
+        .returning(Job.id)
+    ).scalar_one_or_none()
+    if canceled is not None:
+        return CancelOutcome.CANCELED
+    requested = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
+        .values(cancel_requested_at=func.coalesce(Job.cancel_requested_at, now))
+        .returning(Job.id)
+    ).scalar_one_or_none()
+    return CancelOutcome.REQUESTED if requested is not None else CancelOutcome.ALREADY_TERMINAL
+
+
+def cancel_requested(session: Session, job_id: uuid.UUID) -> bool:
+    return session.scalar(select(Job.cancel_requested_at).where(Job.id == job_id)) is not None
+
+
+def finish_canceled(session: Session, job_id: uuid.UUID, worker: str) -> bool:
+    """running -> canceled by the worker that stopped it; its partial images are not recorded."""
+    done = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.lease_owner == worker)
+        .values(status=JobStatus.CANCELED, status_seq=Job.status_seq + 1, finished_at=utcnow(), lease_until=None)
+        .returning(Job.id)
+    ).scalar_one_or_none()
+    return done is not None
