@@ -1,8 +1,8 @@
-"""A background thread that renews the running job's lease and advertises the worker.
+"""A background thread that renews the running job's lease, watches for cancels, and advertises the worker.
 
-Lease renewal and progress writes happen here, off the denoising path. The worker's
-description goes to Redis under `renderfarm:workers:<name>` with a TTL, so a worker
-that stops beating disappears by itself.
+Lease renewal, progress writes and cancel checks happen here, off the denoising path:
+the step callback only reads an in-memory flag. The worker's description goes to Redis
+under `renderfarm:workers:<name>` with a TTL, so a worker that stops beating disappears.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 WORKER_KEY_PREFIX = "renderfarm:workers:"
+CANCEL_POLL_SECONDS = 0.5
 
 
 class Heartbeat:
@@ -37,6 +38,7 @@ class Heartbeat:
         self.interval = max(1.0, settings.lease_seconds / 4)
         self.current_job_id: str | None = None
         self.progress: float = 0.0
+        self.cancel_event = threading.Event()
         self._written_progress: float = -1.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
@@ -49,12 +51,14 @@ class Heartbeat:
         self._stop.set()
 
     def track(self, job_id: str) -> None:
-        self.current_job_id = job_id
+        self.cancel_event.clear()
         self.progress = 0.0
         self._written_progress = 0.0
+        self.current_job_id = job_id
 
     def untrack(self) -> None:
         self.current_job_id = None
+        self.cancel_event.clear()
 
     def beat(self) -> None:
         job_id = self.current_job_id
@@ -68,12 +72,29 @@ class Heartbeat:
         info = self.runtime.describe() | {"heartbeat_at": time.time()}
         self._redis.set(WORKER_KEY_PREFIX + self.runtime.name, json.dumps(info), ex=int(self.interval * 4) + 5)
 
+    def check_cancel(self) -> None:
+        job_id = self.current_job_id
+        if job_id is None or self.cancel_event.is_set():
+            return
+        with self.session_factory() as session:
+            if repository.cancel_requested(session, uuid.UUID(job_id)) and self.current_job_id == job_id:
+                log.info("job %s: cancel requested", job_id)
+                self.cancel_event.set()
+
     def sweep(self) -> None:
         with self.session_factory() as session:
             sweep(session, publish_render)
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
+        next_beat = time.monotonic() + self.interval
+        while not self._stop.wait(CANCEL_POLL_SECONDS):
+            try:
+                self.check_cancel()
+            except Exception:
+                log.exception("cancel check failed")
+            if time.monotonic() < next_beat:
+                continue
+            next_beat = time.monotonic() + self.interval
             try:
                 self.beat()
             except Exception:  # keep beating: one failed write must not end the lease renewals

@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 VERSION = "renderfarm-0.1.0"
 
 
+class JobCanceled(Exception):
+    """Raised from the step callback when the job's cancel was requested."""
+
+
 def infotext_for(params: dict[str, Any], seed: int, model_name: str, model_hash: str) -> str:
     fields: dict[str, object] = {
         "Steps": params["steps"],
@@ -89,6 +93,12 @@ class JobRunner:
         self.runtime.heartbeat.track(job_id)
         try:
             return self._render_and_record(jid, params)
+        except JobCanceled:
+            with self.session_factory() as session:
+                repository.finish_canceled(session, jid, self.runtime.name)
+                session.commit()
+            log.info("job %s canceled; partial images discarded", job_id)
+            return "canceled"
         except FieldError as exc:
             return self._fail(jid, ErrorType.INVALID_INPUT, exc.message)
         except StorageError as exc:
@@ -109,8 +119,12 @@ class JobRunner:
             repository.record_model_hash(session, jid, model.short_hash)
             session.commit()
 
+        heartbeat = self.runtime.heartbeat
+
         def on_step(done: int, total: int) -> None:
-            self.runtime.heartbeat.progress = done / total
+            heartbeat.progress = done / total
+            if heartbeat.cancel_event.is_set():
+                raise JobCanceled()
 
         rendered = render_txt2img(model.pipeline, params, model.scheduler_config, on_step=on_step)
         images = []

@@ -55,6 +55,21 @@ def get_job(job_id: uuid.UUID, key: CurrentKey, session: SessionDep, settings: S
     return job_view(job, store, settings.url_expires_seconds)
 
 
+@router.post("/{job_id}/cancel", response_model=JobView)
+def cancel_job(job_id: uuid.UUID, key: CurrentKey, session: SessionDep, settings: SettingsDep,
+               store: StoreDep) -> JobView:
+    """A queued job is canceled at once; a running one stops at its next denoising step."""
+    job = repository.get_job(session, job_id, owner=key.owner)
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} not found")
+    outcome = repository.cancel_job(session, job_id)
+    session.commit()
+    session.refresh(job)
+    if outcome == repository.CancelOutcome.ALREADY_TERMINAL and job.status != JobStatus.CANCELED:
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=f"job {job_id} already {job.status}; nothing to cancel")
+    return job_view(job, store, settings.url_expires_seconds)
+
+
 @router.get("", response_model=JobListView)
 def list_jobs(
     key: CurrentKey,
