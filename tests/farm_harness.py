@@ -57,6 +57,7 @@ class Proc:
 def start_api(env: dict[str, str], log_dir: Path, name: str = "api") -> tuple[Proc, str]:
     port = free_port()
     log_path = log_dir / f"{name}.log"
+    env = dict(env, RENDERFARM_PUBLIC_URL=f"http://127.0.0.1:{port}")
     popen = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)],
         cwd=ROOT, env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
