@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.hashes import HashCache
-
 from shared.db.session import get_session_factory
+from shared.hashes import HashCache
 from shared.model_registry import default_checkpoint, resolve_checkpoint
 from shared.object_store import get_object_store
 from shared.settings import Settings
@@ -88,17 +87,26 @@ def pick_device(requested: str) -> tuple[str, Any]:
     return requested, dtype
 
 
+def torch_threads_for(configured: int, device: str) -> int:
+    """CPU renders oversubscribe badly when torch threads compete with other processes; keep half the cores."""
+    if configured > 0:
+        return configured
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.get_num_threads()
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
 class WorkerRuntime:
     def __init__(self, settings: Settings) -> None:
         import torch
 
-        if settings.torch_threads > 0:
-            torch.set_num_threads(settings.torch_threads)
-        self.settings = settings
-        self.name = settings.worker_name or f"{socket.gethostname()}:{os.getpid()}"
-        if settings.worker_name:
-            self.name = f"{settings.worker_name}:{os.getpid()}"
         self.device, self.dtype = pick_device(settings.device)
+        torch.set_num_threads(torch_threads_for(settings.torch_threads, self.device))
+        self.settings = settings
+        # One name per process: a lease names the exact process that holds it.
+        self.name = f"{settings.worker_name or socket.gethostname()}:{os.getpid()}"
         self.pipelines = PipelineCache(settings, self.device, self.dtype)
         from worker.heartbeat import Heartbeat
         from worker.runner import JobRunner
