@@ -6,11 +6,11 @@ import logging
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, status
+from fastapi import APIRouter, Header, HTTPException, Query, status
 
 from api.deps import CurrentKey, SessionDep, SettingsDep, StoreDep
 from shared.errors import FieldError
-from shared.jobs import repository
+from shared.jobs import idempotency, repository
 from shared.jobs.schemas import JobListView, JobView, Txt2ImgRequest, check_limits, resolve_params
 from shared.jobs.states import JobStatus
 from shared.jobs.views import job_view
@@ -21,9 +21,20 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    Header(alias="Idempotency-Key", max_length=255, description="same key + same body = the same job"),
+]
+
+
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobView)
 def submit_job(
-    body: Txt2ImgRequest, key: CurrentKey, session: SessionDep, settings: SettingsDep, store: StoreDep
+    body: Txt2ImgRequest,
+    key: CurrentKey,
+    session: SessionDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> JobView:
     check_limits(body, settings)
     requested = body.model or default_checkpoint(settings.models_dir, settings.default_model)
@@ -31,10 +42,37 @@ def submit_job(
         raise FieldError(("body", "model"), "no checkpoint is installed; put a .safetensors file in Stable-diffusion/")
     checkpoint = resolve_checkpoint(settings.models_dir, requested)
     params = resolve_params(body, checkpoint.name)
-    job = repository.create_job(
-        session, owner=key.owner, api_key_id=key.id, params=params, model_name=checkpoint.name, model_hash=None
-    )
-    session.commit()
+
+    if idempotency_key is not None:
+        try:
+            reservation = idempotency.reserve(
+                session, key.id, idempotency_key, idempotency.fingerprint(body.model_dump(mode="json"))
+            )
+        except idempotency.IdempotencyMismatch as exc:
+            raise FieldError(
+                ("header", "Idempotency-Key"), "this Idempotency-Key was already used with a different request body"
+            ) from exc
+        except idempotency.IdempotencyConflict as exc:
+            raise HTTPException(
+                status.HTTP_409_CONFLICT, detail="a request with this Idempotency-Key is still being processed"
+            ) from exc
+        if reservation.job_id is not None:
+            job = repository.get_job(session, reservation.job_id, owner=key.owner)
+            if job is not None:
+                return job_view(job, store, settings.url_expires_seconds)
+
+    try:
+        job = repository.create_job(
+            session, owner=key.owner, api_key_id=key.id, params=params, model_name=checkpoint.name, model_hash=None
+        )
+        if idempotency_key is not None:
+            idempotency.attach_job(session, key.id, idempotency_key, job.id)
+        session.commit()
+    except Exception:
+        session.rollback()
+        if idempotency_key is not None:
+            idempotency.release(session, key.id, idempotency_key)
+        raise
     # Commit, then publish: a lost message costs a re-publish, never the job.
     try:
         publish_render(job.id)
