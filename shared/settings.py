@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     # Reliability.
     job_time_limit: int = 600
     lease_seconds: int = 60
+    # A job whose worker is lost this many times fails with worker_lost instead of looping.
+    max_attempts: int = 3
+    # Queued jobs are re-published after this long when the broker holds fewer messages than queued jobs
+    # (e.g. Redis restarted empty).
+    republish_after_seconds: float = 30.0
     url_expires_seconds: int = 3600
 
     @property

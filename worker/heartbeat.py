@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.jobs import repository
 from shared.jobs.sweeper import sweep
-from shared.queue import publish_render
+from shared.queue import QueueName, publish_render
 from shared.settings import Settings
 
 if TYPE_CHECKING:
@@ -81,9 +81,13 @@ class Heartbeat:
                 log.info("job %s: cancel requested", job_id)
                 self.cancel_event.set()
 
+    def broker_depth(self) -> int:
+        """Messages waiting in the render queue plus those delivered but not yet acknowledged."""
+        return int(self._redis.llen(QueueName.RENDER)) + int(self._redis.hlen("unacked"))
+
     def sweep(self) -> None:
         with self.session_factory() as session:
-            sweep(session, publish_render)
+            sweep(session, publish_render, self.broker_depth, self.settings.republish_after_seconds)
 
     def _loop(self) -> None:
         next_beat = time.monotonic() + self.interval

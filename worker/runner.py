@@ -10,12 +10,14 @@ import io
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from shared.infotext import format_infotext
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.errors import FieldError
+from shared.infotext import format_infotext
 from shared.jobs import repository
 from shared.jobs.states import ErrorType
 from shared.object_store import image_key
@@ -59,6 +61,23 @@ def encode_png(image: Any, infotext: str) -> bytes:
     return buffer.getvalue()
 
 
+T = TypeVar("T")
+
+
+def with_db_retry(action: Callable[[], T], what: str, deadline_seconds: float = 120.0) -> T:
+    """Retry a database step through a restart or a dropped connection, so a finished render is not lost."""
+    delay, started = 0.25, time.monotonic()
+    while True:
+        try:
+            return action()
+        except (OperationalError, InterfaceError) as exc:
+            if time.monotonic() - started > deadline_seconds:
+                raise
+            log.warning("database unavailable while %s (%s); retrying in %.1fs", what, exc.__class__.__name__, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
 def put_with_retry(store: ObjectStore, key: str, data: bytes, attempts: int = 4) -> None:
     """Transient storage errors retry with backoff; the key is deterministic, so a retry overwrites."""
     for attempt in range(attempts):
@@ -83,20 +102,22 @@ class JobRunner:
     def run(self, job_id: str) -> str:
         """Render a job if it can be claimed; returns the outcome ('skipped', 'succeeded', 'failed', 'lost')."""
         jid = uuid.UUID(job_id)
-        with self.session_factory() as session:
-            job = repository.claim_job(session, jid, self.runtime.name, self.settings.lease_seconds)
-            session.commit()
-            if job is None:
-                log.info("job %s is not queued any more (duplicate delivery or done); nothing to do", job_id)
-                return "skipped"
-            params = dict(job.params)
+
+        def claim() -> dict[str, Any] | None:
+            with self.session_factory() as session:
+                job = repository.claim_job(session, jid, self.runtime.name, self.settings.lease_seconds)
+                session.commit()
+                return dict(job.params) if job is not None else None
+
+        params = with_db_retry(claim, "claiming a job")
+        if params is None:
+            log.info("job %s is not queued any more (duplicate delivery or done); nothing to do", job_id)
+            return "skipped"
         self.runtime.heartbeat.track(job_id)
         try:
             return self._render_and_record(jid, params)
         except JobCanceled:
-            with self.session_factory() as session:
-                repository.finish_canceled(session, jid, self.runtime.name)
-                session.commit()
+            self._write(lambda session: repository.finish_canceled(session, jid, self.runtime.name), "canceling")
             log.info("job %s canceled; partial images discarded", job_id)
             return "canceled"
         except FieldError as exc:
@@ -115,9 +136,7 @@ class JobRunner:
         from worker.pipelines.txt2img import render_txt2img
 
         model = self.runtime.pipelines.get(params["model"])
-        with self.session_factory() as session:
-            repository.record_model_hash(session, jid, model.short_hash)
-            session.commit()
+        self._write(lambda session: repository.record_model_hash(session, jid, model.short_hash), "recording the hash")
 
         heartbeat = self.runtime.heartbeat
 
@@ -135,16 +154,26 @@ class JobRunner:
             images.append(
                 repository.NewImage(item.index, key, item.seed, item.image.width, item.image.height, infotext)
             )
-        with self.session_factory() as session:
-            if not repository.complete_job(session, jid, self.runtime.name, images):
-                session.rollback()
-                log.warning("job %s: lease lost before completion; outputs not recorded", jid)
-                return "lost"
-            session.commit()
+        if not self._write(lambda session: repository.complete_job(session, jid, self.runtime.name, images),
+                           "recording the outputs"):
+            log.warning("job %s: lease lost before completion; outputs not recorded", jid)
+            return "lost"
         return "succeeded"
 
+    def _write(self, change: Callable[[Session], T], what: str) -> T:
+        """One transaction, committed only when `change` returns truthy; retried through database outages."""
+
+        def attempt() -> T:
+            with self.session_factory() as session:
+                result = change(session)
+                if result is False:
+                    session.rollback()
+                else:
+                    session.commit()
+                return result
+
+        return with_db_retry(attempt, what)
+
     def _fail(self, jid: uuid.UUID, error_type: str, message: str) -> str:
-        with self.session_factory() as session:
-            repository.fail_job(session, jid, error_type, message, worker=self.runtime.name)
-            session.commit()
+        self._write(lambda s: repository.fail_job(s, jid, error_type, message, worker=self.runtime.name), "failing")
         return "failed"

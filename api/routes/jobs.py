@@ -63,7 +63,8 @@ def submit_job(
 
     try:
         job = repository.create_job(
-            session, owner=key.owner, api_key_id=key.id, params=params, model_name=checkpoint.name, model_hash=None
+            session, owner=key.owner, api_key_id=key.id, params=params, model_name=checkpoint.name,
+            model_hash=None, max_attempts=settings.max_attempts,
         )
         if idempotency_key is not None:
             idempotency.attach_job(session, key.id, idempotency_key, job.id)

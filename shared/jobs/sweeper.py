@@ -4,6 +4,9 @@
   `failed` with `worker_lost` once it has used all its attempts: a poison job must not loop.
 - A queued job that was never published (the API died between commit and publish, or the
   broker was down) is published.
+- When the broker holds fewer messages than there are queued jobs (Redis restarted empty,
+  a message lost), queued jobs older than `republish_after` are published again. A spare
+  duplicate message is harmless: the claim is a compare-and-set.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import uuid
 from collections.abc import Callable
 from datetime import timedelta
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, select, update
 from sqlalchemy.orm import Session
 
 from shared.db.models import Job
@@ -49,27 +52,48 @@ def expire_leases(session: Session) -> list[uuid.UUID]:
     return list(requeued)
 
 
+def _claim_for_publish(session: Session, condition, limit: int) -> list[uuid.UUID]:
+    candidates = select(Job.id).where(condition).order_by(Job.created_at).limit(limit).with_for_update(skip_locked=True)
+    return list(
+        session.execute(update(Job).where(Job.id.in_(candidates)).values(published_at=utcnow()).returning(Job.id))
+        .scalars()
+        .all()
+    )
+
+
 def claim_unpublished(session: Session, older_than_seconds: float = 5.0, limit: int = 100) -> list[uuid.UUID]:
     """Queued jobs never published within `older_than_seconds` of their creation; marks them published."""
-    now = utcnow()
-    candidates = (
-        select(Job.id)
-        .where(Job.status == JobStatus.QUEUED, Job.published_at.is_(None),
-               or_(Job.created_at < now - timedelta(seconds=older_than_seconds)))
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
-    return list(
-        session.execute(
-            update(Job).where(Job.id.in_(candidates)).values(published_at=now).returning(Job.id)
-        ).scalars().all()
+    cutoff = utcnow() - timedelta(seconds=older_than_seconds)
+    return _claim_for_publish(
+        session, and_(Job.status == JobStatus.QUEUED, Job.published_at.is_(None), Job.created_at < cutoff), limit
     )
 
 
-def sweep(session: Session, publish: Callable[[uuid.UUID], None]) -> int:
+def claim_stale_queued(
+    session: Session, broker_depth: int, republish_after: float, limit: int = 500
+) -> list[uuid.UUID]:
+    """Queued jobs whose message the broker seems to have lost; nothing when the broker holds enough messages."""
+    queued = session.scalar(select(func.count()).select_from(Job).where(Job.status == JobStatus.QUEUED)) or 0
+    if broker_depth >= queued:
+        return []
+    cutoff = utcnow() - timedelta(seconds=republish_after)
+    return _claim_for_publish(
+        session, and_(Job.status == JobStatus.QUEUED, Job.published_at < cutoff), min(limit, queued - broker_depth)
+    )
+
+
+def sweep(
+    session: Session,
+    publish: Callable[[uuid.UUID], None],
+    broker_depth: Callable[[], int] | None = None,
+    republish_after: float = 30.0,
+) -> int:
     """One pass: commit the state changes first, then publish (commit, then publish)."""
     ids = expire_leases(session) + claim_unpublished(session)
     session.commit()
+    if broker_depth is not None:
+        ids += claim_stale_queued(session, broker_depth(), republish_after)
+        session.commit()
     for job_id in ids:
         publish(job_id)
     return len(ids)
