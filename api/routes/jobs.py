@@ -13,7 +13,7 @@ from shared.errors import FieldError
 from shared.jobs import idempotency, repository
 from shared.jobs.schemas import JobListView, JobView, Txt2ImgRequest, check_limits, resolve_params
 from shared.jobs.states import JobStatus
-from shared.jobs.views import job_view
+from shared.jobs.views import job_view, queue_position
 from shared.model_registry import default_checkpoint, resolve_checkpoint
 from shared.queue import publish_render
 
@@ -83,7 +83,7 @@ def submit_job(
         log.exception("could not publish job %s; it stays queued for the sweeper", job.id)
         session.rollback()
     session.refresh(job)
-    return job_view(job, store, settings.url_expires_seconds)
+    return job_view(job, store, settings.url_expires_seconds, queue_position(session, job))
 
 
 @router.get("/{job_id}", response_model=JobView)
@@ -91,7 +91,7 @@ def get_job(job_id: uuid.UUID, key: CurrentKey, session: SessionDep, settings: S
     job = repository.get_job(session, job_id, owner=key.owner)
     if job is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} not found")
-    return job_view(job, store, settings.url_expires_seconds)
+    return job_view(job, store, settings.url_expires_seconds, queue_position(session, job))
 
 
 @router.post("/{job_id}/cancel", response_model=JobView)

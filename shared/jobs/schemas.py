@@ -111,7 +111,11 @@ class JobView(BaseModel):
     model_hash: str | None
     seeds: list[int]
     attempt: int
-    progress: float
+    progress: float = Field(description="0..1 over every denoising step of the job")
+    current_step: int
+    total_steps: int
+    eta_seconds: float | None = Field(description="estimated seconds until done, while running")
+    queue_position: int | None = Field(description="1 = next to run, while queued")
     images: list[ImageView]
     error: ErrorView | None
     links: dict[str, str]

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
 from shared.db.models import Job
+from shared.jobs.repository import utcnow
 from shared.jobs.schemas import ErrorView, ImageView, JobView
 from shared.jobs.states import JobStatus
 from shared.storage.base import ObjectStore
@@ -14,7 +18,24 @@ def image_seeds(params: dict) -> list[int]:
     return [int(params["seed"]) + k for k in range(count)]
 
 
-def job_view(job: Job, store: ObjectStore, url_expires: int) -> JobView:
+def queue_position(session: Session, job: Job) -> int | None:
+    """1 + the queued jobs created before this one (first come, first served)."""
+    if job.status != JobStatus.QUEUED:
+        return None
+    ahead = session.scalar(
+        select(func.count()).select_from(Job).where(Job.status == JobStatus.QUEUED, Job.created_at < job.created_at)
+    )
+    return int(ahead or 0) + 1
+
+
+def eta_seconds(job: Job) -> float | None:
+    if job.status != JobStatus.RUNNING or not job.started_at or job.progress <= 0:
+        return None
+    elapsed = (utcnow() - job.started_at).total_seconds()
+    return round(max(0.0, elapsed / job.progress * (1 - job.progress)), 2)
+
+
+def job_view(job: Job, store: ObjectStore, url_expires: int, position: int | None = None) -> JobView:
     images = [
         ImageView(
             index=img.index,
@@ -26,6 +47,7 @@ def job_view(job: Job, store: ObjectStore, url_expires: int) -> JobView:
         )
         for img in job.images
     ]
+    total_steps = int(job.params.get("steps", 0)) * int(job.params.get("n_iter", 1))
     error = ErrorView(type=job.error_type, message=job.error_message or "") if job.error_type else None
     return JobView(
         id=job.id,
@@ -41,6 +63,10 @@ def job_view(job: Job, store: ObjectStore, url_expires: int) -> JobView:
         seeds=image_seeds(job.params),
         attempt=job.attempt,
         progress=job.progress,
+        current_step=round(job.progress * total_steps),
+        total_steps=total_steps,
+        eta_seconds=eta_seconds(job),
+        queue_position=position,
         images=images,
         error=error,
         links={"self": f"/v1/jobs/{job.id}"},
