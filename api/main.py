@@ -8,9 +8,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 
-from api.routes import files, health, jobs, models
+from api.routes import admin, admin_jobs, files, health, job_events, jobs, metrics, models, webhooks
 from shared.errors import FieldError
+from shared.farm_sampler import run_sampler
 from shared.settings import get_settings
 
 
@@ -23,7 +25,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
         with session_scope() as session:
             create_api_key(session, "admin", is_admin=True, name="RENDERFARM_ADMIN_KEY", key=settings.admin_key)
-    yield
+    async with run_sampler():  # queue samples for the admin dashboard's charts
+        yield
 
 
 def create_app() -> FastAPI:
@@ -41,8 +44,11 @@ def create_app() -> FastAPI:
             content={"detail": [{"loc": list(exc.field), "msg": exc.message, "type": "value_error"}]},
         )
 
-    for router in (health.router, jobs.router, models.router, files.router):
+    for router in (health.router, jobs.router, job_events.router, models.router, files.router, webhooks.router):
         app.include_router(router)
+    for router in (admin.router, admin_jobs.router, admin.page_router, metrics.router):
+        app.include_router(router)
+    app.mount("/admin/static", StaticFiles(directory=admin.PAGE_DIR), name="admin-static")
     return app
 
 

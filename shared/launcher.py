@@ -98,6 +98,8 @@ class Farm:
                            "--port", api_port, "--log-level", "info"])
         self.spawn("worker", [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "render",
                               "-c", "1", "--prefetch-multiplier=1", "-E", "-n", "worker1@%h", "--loglevel=INFO"])
+        self.spawn("webhooks", [sys.executable, "-m", "celery", "-A", "worker.webhook_app", "worker", "-Q", "webhooks",
+                                "-c", "2", "-n", "webhooks@%h", "--loglevel=INFO"])
         key = self.env["RENDERFARM_ADMIN_KEY"]
         _say(f"API on http://127.0.0.1:{api_port} (OpenAPI at /docs); Ctrl-C stops everything")
         _say(f"admin API key: {key}")

@@ -18,10 +18,12 @@ from shared.settings import Settings, get_settings
 
 class QueueName(StrEnum):
     RENDER = "render"
+    WEBHOOKS = "webhooks"  # consumed by worker.webhook_app, never by render workers
 
 
 class TaskName(StrEnum):
     RENDER_JOB = "renderfarm.render_job"
+    DELIVER_WEBHOOK = "renderfarm.deliver_webhook"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -38,7 +40,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_transport_options": {"visibility_timeout": settings.broker_visibility_timeout},
         "broker_connection_retry_on_startup": True,
         "task_default_queue": QueueName.RENDER,
-        "task_routes": {TaskName.RENDER_JOB: {"queue": QueueName.RENDER}},
+        "task_routes": {
+            TaskName.RENDER_JOB: {"queue": QueueName.RENDER},
+            TaskName.DELIVER_WEBHOOK: {"queue": QueueName.WEBHOOKS},
+        },
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "worker_hijack_root_logger": False,

@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from shared.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
-from tests.farm_harness import ROOT, Farm, start_api, start_worker, wait_until
+from tests.farm_harness import ROOT, Farm, start_api, start_webhook_worker, start_worker, wait_until
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RENDERFARM_PG_FSYNC_OFF", "1")
@@ -127,10 +127,14 @@ def farm(request: pytest.FixtureRequest, postgres: EmbeddedPostgres, redis_serve
         database_url=_fresh_database(postgres, f"farm_{backend}"),
         redis_url=f"redis://127.0.0.1:{redis_server.port}/{db_index}",
         storage_url=storage_url, models_dir=models_dir, admin_key=ADMIN_KEY,
+        # Test receivers listen on loopback, which the SSRF guard refuses unless allowed.
+        RENDERFARM_WEBHOOK_ALLOW_HOSTS="127.0.0.1", RENDERFARM_WEBHOOK_RETRY_SCHEDULE="1,1,2",
+        RENDERFARM_WEBHOOK_JITTER="0",
     )
     api, base_url = start_api(env, logs)
     farm = Farm(base_url=base_url, admin_key=ADMIN_KEY, env=env, procs=[api])
     try:
+        farm.procs.append(start_webhook_worker(env, logs))
         farm.procs.append(start_worker(env, logs))
         farm.backend = backend  # type: ignore[attr-defined]
         yield farm

@@ -102,6 +102,25 @@ def start_worker(env: dict[str, str], log_dir: Path, name: str = "w1", timeout: 
     return proc
 
 
+def start_webhook_worker(env: dict[str, str], log_dir: Path, name: str = "webhooks") -> Proc:
+    """The webhook sender: a separate light Celery app on its own queue (no torch)."""
+    log_path = log_dir / f"{name}.log"
+    popen = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "worker.webhook_app", "worker", "-Q", "webhooks", "-c", "2",
+         "-n", f"{name}@%h", "--without-mingle", "--without-gossip", "--loglevel=INFO"],
+        cwd=ROOT, env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    proc = Proc(name, popen, log_path)
+
+    def ready() -> bool:
+        if popen.poll() is not None:
+            raise RuntimeError(f"webhook worker exited:\n{proc.log()}")
+        return " ready." in proc.log()
+
+    wait_until(ready, 60, message="the webhook worker to start")
+    return proc
+
+
 @dataclass
 class Farm:
     base_url: str

@@ -41,6 +41,13 @@ BAD_CASES = [
     ({"prompt": 5}, "prompt", "string"),
     ({"cfg_scale": 99}, "cfg_scale", "less than or equal"),
     ({"sampler": "Euler"}, "sampler", "Extra inputs are not permitted"),
+    ({"webhook_url": "http://127.0.0.1:9/hook"}, "webhook_url", "127.0.0.1"),
+    ({"webhook_url": "http://10.0.0.1/hook"}, "webhook_url", "10.0.0.1"),
+    ({"webhook_url": "http://169.254.169.254/latest/meta-data"}, "webhook_url", "169.254.169.254"),
+    ({"webhook_url": "http://[::1]/hook"}, "webhook_url", "::1"),
+    ({"webhook_url": "http://localhost/hook"}, "webhook_url", "localhost"),
+    ({"webhook_url": "ftp://example.com/hook"}, "webhook_url", "http"),
+    ({"webhook_events": ["finished"]}, "webhook_events", "succeeded"),
 ]
 
 

@@ -8,7 +8,7 @@ from tests.farm_harness import Farm, wait_until
 
 pytestmark = pytest.mark.e2e
 
-LONG = {"prompt": "a long render", "width": 512, "height": 512, "steps": 150, "sampler_name": "Euler"}
+LONG = {"prompt": "a long render", "width": 256, "height": 256, "steps": 150, "sampler_name": "Euler"}
 
 
 def test_cancel_queued_and_running_jobs(farm: Farm) -> None:

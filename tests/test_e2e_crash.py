@@ -5,8 +5,10 @@ These tests own their PostgreSQL and Redis servers, because they kill and restar
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +19,12 @@ import sqlalchemy as sa
 from shared.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 from shared.migrate import upgrade
 from tests.conftest import ADMIN_KEY, farm_env
-from tests.farm_harness import Farm, Proc, start_api, start_worker, wait_until
+from tests.farm_harness import Farm, Proc, start_api, start_webhook_worker, start_worker, wait_until
+from tests.webhook_receiver import Receiver
 
 pytestmark = pytest.mark.e2e
 
-LONG = {"prompt": "a long render", "width": 512, "height": 512, "steps": 60, "sampler_name": "Euler"}
+LONG = {"prompt": "a long render", "width": 256, "height": 256, "steps": 60, "sampler_name": "Euler"}
 SHORT = {"prompt": "short", "width": 64, "height": 64, "steps": 2}
 
 
@@ -81,7 +84,8 @@ def crash_farm(tmp_path: Path, models_dir: Path) -> Iterator[CrashFarm]:
     upgrade(postgres.url)
     env = farm_env(database_url=postgres.url, redis_url=redis_server.url, storage_url=str(tmp_path / "objects"),
                    models_dir=models_dir, admin_key=ADMIN_KEY, RENDERFARM_LEASE_SECONDS="6",
-                   RENDERFARM_MAX_ATTEMPTS="2", RENDERFARM_REPUBLISH_AFTER_SECONDS="2")
+                   RENDERFARM_MAX_ATTEMPTS="2", RENDERFARM_REPUBLISH_AFTER_SECONDS="2",
+                   RENDERFARM_WEBHOOK_ALLOW_HOSTS="127.0.0.1")
     api, base_url = start_api(env, tmp_path)
     cf = CrashFarm(Farm(base_url=base_url, admin_key=ADMIN_KEY, env=env, procs=[api]), postgres, redis_server,
                    tmp_path, [])
@@ -97,9 +101,14 @@ def crash_farm(tmp_path: Path, models_dir: Path) -> Iterator[CrashFarm]:
 
 
 def test_worker_killed_mid_render_job_finishes_exactly_once(crash_farm: CrashFarm) -> None:
+    crash_farm.workers.append(start_webhook_worker(crash_farm.farm.env, crash_farm.logs))
     crash_farm.add_worker("w1")
     crash_farm.add_worker("w2")
-    job_id = crash_farm.farm.submit(LONG)["id"]
+    receiver_ctx = Receiver().running()
+    receiver = receiver_ctx.__enter__()
+    with crash_farm.farm.client() as c:
+        receiver.secret = c.get("/v1/webhook-secret").json()["secret"]
+    job_id = crash_farm.farm.submit(dict(LONG, webhook_url=receiver.url("/hook")))["id"]
     crash_farm.wait_running(job_id)
     victim = crash_farm.worker_holding(job_id)
     kill_worker(victim)
@@ -110,8 +119,14 @@ def test_worker_killed_mid_render_job_finishes_exactly_once(crash_farm: CrashFar
     assert len(job["images"]) == 1
     assert crash_farm.image_rows(job_id) == 1
     assert crash_farm.objects(job_id) == ["0.png"]
-    survivor = next(p for p in crash_farm.workers if p is not victim)
+    survivor = next(p for p in crash_farm.workers if p is not victim and p.name != "webhooks")
     assert crash_farm.job_row(job_id)["lease_owner"].startswith(f"{survivor.name}:")
+    wait_until(lambda: receiver.received("/hook"), 60, message="the terminal webhook")
+    time.sleep(2)  # a duplicate terminal event would arrive within this
+    terminal_ids = {r.headers["webhook-id"] for r in receiver.received("/hook")
+                    if json.loads(r.body)["event"] == "succeeded"}
+    assert len(terminal_ids) == 1
+    receiver_ctx.__exit__(None, None, None)
 
 
 def test_job_that_keeps_killing_its_worker_fails_as_worker_lost(crash_farm: CrashFarm) -> None:

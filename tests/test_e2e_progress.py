@@ -11,7 +11,7 @@ from tests.farm_harness import Farm, wait_until
 
 pytestmark = pytest.mark.e2e
 
-LONG = {"prompt": "progress", "width": 512, "height": 512, "steps": 40, "sampler_name": "Euler"}
+LONG = {"prompt": "progress", "width": 256, "height": 256, "steps": 60, "sampler_name": "Euler"}
 
 
 def read_events(farm: Farm, job_id: str, last_event_id: str | None = None) -> list[tuple[str, str, dict]]:
@@ -49,7 +49,7 @@ def test_progress_queue_position_and_event_stream(farm: Farm) -> None:
 
         job = wait_until(some_progress, 90, message="progress on the first job")
         if job["status"] == "running":
-            assert 0 < job["current_step"] < job["total_steps"] == 40
+            assert 0 < job["current_step"] < job["total_steps"] == 60
             assert job["eta_seconds"] is not None and job["eta_seconds"] >= 0
 
     events = read_events(farm, first["id"])

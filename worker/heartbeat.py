@@ -18,6 +18,7 @@ import redis
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.jobs import repository
+from shared.jobs.events import publish_events, record_event
 from shared.jobs.sweeper import sweep
 from shared.queue import QueueName, publish_render
 from shared.settings import Settings
@@ -63,12 +64,15 @@ class Heartbeat:
     def beat(self) -> None:
         job_id = self.current_job_id
         if job_id is not None:
+            deliveries: list[int] = []
             with self.session_factory() as session:
                 repository.renew_lease(session, uuid.UUID(job_id), self.runtime.name, self.settings.lease_seconds)
                 if self.progress != self._written_progress:
                     repository.set_progress(session, uuid.UUID(job_id), self.runtime.name, self.progress)
                     self._written_progress = self.progress
+                    deliveries = record_event(session, uuid.UUID(job_id), "progress")
                 session.commit()
+            publish_events(deliveries)
         info = self.runtime.describe() | {"heartbeat_at": time.time()}
         self._redis.set(WORKER_KEY_PREFIX + self.runtime.name, json.dumps(info), ex=int(self.interval * 4) + 5)
 

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared.errors import FieldError
 from shared.infotext import format_infotext
 from shared.jobs import repository
+from shared.jobs.events import publish_events, record_event
 from shared.jobs.states import ErrorType
 from shared.object_store import image_key
 from shared.settings import Settings
@@ -103,13 +104,18 @@ class JobRunner:
         """Render a job if it can be claimed; returns the outcome ('skipped', 'succeeded', 'failed', 'lost')."""
         jid = uuid.UUID(job_id)
 
-        def claim() -> dict[str, Any] | None:
+        def claim() -> tuple[dict[str, Any] | None, list[int]]:
             with self.session_factory() as session:
                 job = repository.claim_job(session, jid, self.runtime.name, self.settings.lease_seconds)
+                if job is None:
+                    return None, []
+                params = dict(job.params)
+                deliveries = record_event(session, jid)
                 session.commit()
-                return dict(job.params) if job is not None else None
+                return params, deliveries
 
-        params = with_db_retry(claim, "claiming a job")
+        params, deliveries = with_db_retry(claim, "claiming a job")
+        publish_events(deliveries)
         if params is None:
             log.info("job %s is not queued any more (duplicate delivery or done); nothing to do", job_id)
             return "skipped"
@@ -117,7 +123,7 @@ class JobRunner:
         try:
             return self._render_and_record(jid, params)
         except JobCanceled:
-            self._write(lambda session: repository.finish_canceled(session, jid, self.runtime.name), "canceling")
+            self._write(jid, lambda session: repository.finish_canceled(session, jid, self.runtime.name), "canceling")
             log.info("job %s canceled; partial images discarded", job_id)
             return "canceled"
         except FieldError as exc:
@@ -136,8 +142,6 @@ class JobRunner:
         from worker.pipelines.txt2img import render_txt2img
 
         model = self.runtime.pipelines.get(params["model"])
-        self._write(lambda session: repository.record_model_hash(session, jid, model.short_hash), "recording the hash")
-
         heartbeat = self.runtime.heartbeat
 
         def on_step(done: int, total: int) -> None:
@@ -154,26 +158,31 @@ class JobRunner:
             images.append(
                 repository.NewImage(item.index, key, item.seed, item.image.width, item.image.height, infotext)
             )
-        if not self._write(lambda session: repository.complete_job(session, jid, self.runtime.name, images),
-                           "recording the outputs"):
+        record = lambda session: repository.complete_job(  # noqa: E731
+            session, jid, self.runtime.name, images, model.short_hash
+        )
+        if not self._write(jid, record, "recording the outputs"):
             log.warning("job %s: lease lost before completion; outputs not recorded", jid)
             return "lost"
         return "succeeded"
 
-    def _write(self, change: Callable[[Session], T], what: str) -> T:
-        """One transaction, committed only when `change` returns truthy; retried through database outages."""
+    def _write(self, jid: uuid.UUID, change: Callable[[Session], bool], what: str) -> bool:
+        """One state change and its webhook event in one transaction, retried through database outages."""
 
-        def attempt() -> T:
+        def attempt() -> tuple[bool, list[int]]:
             with self.session_factory() as session:
-                result = change(session)
-                if result is False:
+                if not change(session):
                     session.rollback()
-                else:
-                    session.commit()
-                return result
+                    return False, []
+                deliveries = record_event(session, jid)
+                session.commit()
+                return True, deliveries
 
-        return with_db_retry(attempt, what)
+        changed, deliveries = with_db_retry(attempt, what)
+        publish_events(deliveries)
+        return changed
 
     def _fail(self, jid: uuid.UUID, error_type: str, message: str) -> str:
-        self._write(lambda s: repository.fail_job(s, jid, error_type, message, worker=self.runtime.name), "failing")
+        worker = self.runtime.name
+        self._write(jid, lambda s: repository.fail_job(s, jid, error_type, message, worker=worker), "failing")
         return "failed"

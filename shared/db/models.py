@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    CheckConstraint,
     DateTime,
     ForeignKey,
     Index,
@@ -40,6 +41,8 @@ class ApiKey(Base):
     key_prefix: Mapped[str] = mapped_column(String(16))
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Standard Webhooks signing secret ("whsec_..."), retrievable and rotatable by the key's owner.
+    webhook_secret: Mapped[str | None] = mapped_column(String(100), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
@@ -73,10 +76,16 @@ class Job(Base):
     published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     # Set when a cancel is asked for a running job; its worker stops at the next denoising step.
     cancel_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Webhook target and the events it wants (subset of queued/started/progress/succeeded/failed/canceled).
+    webhook_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    webhook_events: Mapped[list[str] | None] = mapped_column(JSONB, nullable=True)
 
     images: Mapped[list[JobImage]] = relationship(
         back_populates="job", order_by="JobImage.index", lazy="selectin"
     )
+
+    # INSERT ... RETURNING fetches server defaults (created_at), so a new job needs no refresh.
+    __mapper_args__ = {"eager_defaults": True}
 
     __table_args__ = (
         Index("ix_jobs_owner_created", "owner", text("created_at DESC")),
@@ -100,3 +109,70 @@ class JobImage(Base):
     job: Mapped[Job] = relationship(back_populates="images")
 
     __table_args__ = (UniqueConstraint("job_id", "index", name="uq_job_images_job_index"),)
+
+
+# --- Admin dashboard (issue 6): farm-wide switches, queue samples, and indexes its queries need ---
+
+
+class FarmState(Base):
+    """The single row (id=1) of farm-wide switches; Postgres holds them so every API replica and worker agrees."""
+
+    __tablename__ = "farm_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    paused: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    paused_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    paused_by: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+    __table_args__ = (CheckConstraint("id = 1", name="ck_farm_state_single_row"),)
+
+
+class QueueSample(Base):
+    """Queue depth at one moment; `sampled_at` is rounded to the sampling period so replicas write one row each."""
+
+    __tablename__ = "queue_samples"
+
+    sampled_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    queued: Mapped[int] = mapped_column(Integer)
+    running: Mapped[int] = mapped_column(Integer)
+    broker_waiting: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    workers_alive: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class MetricCounter(Base):
+    """A Prometheus counter (or histogram part) summed from finished jobs, so /metrics never scans all jobs."""
+
+    __tablename__ = "metric_counters"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    model: Mapped[str] = mapped_column(String(500), primary_key=True, server_default="")
+    key: Mapped[str] = mapped_column(String(64), primary_key=True, server_default="")  # status, error type or le
+    value: Mapped[float] = mapped_column(server_default="0")
+
+
+class MetricsCountedJob(Base):
+    """Jobs already added to metric_counters, kept for a few minutes so a late commit is counted exactly once."""
+
+    __tablename__ = "metrics_counted_jobs"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    finished_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+# The dashboard lists recent jobs, counts finished jobs and images per minute: each needs its own index.
+Index("ix_jobs_created_at", Job.created_at)
+Index("ix_jobs_finished_at", Job.finished_at)
+Index("ix_job_images_created_at", JobImage.created_at)
+
+
+class IdempotencyKey(Base):
+    """An `Idempotency-Key` seen on POST /v1/jobs, scoped per API key; job_id is NULL while the first is in flight."""
+
+    __tablename__ = "idempotency_keys"
+
+    api_key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(), index=True)

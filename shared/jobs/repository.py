@@ -46,6 +46,8 @@ def create_job(
     model_name: str,
     model_hash: str | None,
     max_attempts: int = 3,
+    webhook_url: str | None = None,
+    webhook_events: list[str] | None = None,
 ) -> Job:
     job = Job(
         id=uuid.uuid4(),
@@ -59,6 +61,8 @@ def create_job(
         model_hash=model_hash,
         seed=params["seed"],
         max_attempts=max_attempts,
+        webhook_url=webhook_url,
+        webhook_events=webhook_events,
     )
     session.add(job)
     session.flush()
@@ -134,12 +138,16 @@ def record_model_hash(session: Session, job_id: uuid.UUID, model_hash: str) -> N
     session.execute(update(Job).where(Job.id == job_id).values(model_hash=model_hash))
 
 
-def complete_job(session: Session, job_id: uuid.UUID, worker: str, images: list[NewImage]) -> bool:
+def complete_job(
+    session: Session, job_id: uuid.UUID, worker: str, images: list[NewImage], model_hash: str | None = None
+) -> bool:
     """running -> succeeded with its outputs, in the caller's transaction; False if the lease was lost."""
+    extra = {"model_hash": model_hash} if model_hash else {}
     done = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status.in_(_sources_for(JobStatus.SUCCEEDED)), Job.lease_owner == worker)
         .values(
+            **extra,
             status=JobStatus.SUCCEEDED,
             status_seq=Job.status_seq + 1,
             finished_at=utcnow(),

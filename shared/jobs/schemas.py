@@ -35,6 +35,10 @@ class Txt2ImgRequest(BaseModel):
     batch_size: int = Field(1, ge=1)
     n_iter: int = Field(1, ge=1, description="batch count")
     model: str | None = Field(None, description="checkpoint name; default: the farm's default model")
+    webhook_url: str | None = Field(None, max_length=2000, description="http(s) URL told about this job's events")
+    webhook_events: list[str] | None = Field(
+        None, description="subset of queued, started, progress, succeeded, failed, canceled; default: terminal ones"
+    )
 
 
 def check_limits(req: Txt2ImgRequest, settings: Settings) -> None:

@@ -20,14 +20,15 @@ from sqlalchemy import and_, func, select, update
 from sqlalchemy.orm import Session
 
 from shared.db.models import Job
+from shared.jobs.events import publish_events, record_event
 from shared.jobs.repository import utcnow
 from shared.jobs.states import ErrorType, JobStatus
 
 log = logging.getLogger(__name__)
 
 
-def expire_leases(session: Session) -> list[uuid.UUID]:
-    """Hand jobs with expired leases back to the queue; returns the ids to publish again."""
+def expire_leases(session: Session) -> tuple[list[uuid.UUID], list[uuid.UUID]]:
+    """Hand jobs with expired leases back to the queue; returns (ids to publish again, ids failed)."""
     now = utcnow()
     expired = and_(Job.status == JobStatus.RUNNING, Job.lease_until < now)
     failed = session.execute(
@@ -49,7 +50,7 @@ def expire_leases(session: Session) -> list[uuid.UUID]:
         log.warning("job %s failed: worker lost on every attempt", job_id)
     for job_id in requeued:
         log.warning("job %s: lease expired, back to the queue", job_id)
-    return list(requeued)
+    return list(requeued), list(failed)
 
 
 def _claim_for_publish(session: Session, condition, limit: int) -> list[uuid.UUID]:
@@ -89,8 +90,11 @@ def sweep(
     republish_after: float = 30.0,
 ) -> int:
     """One pass: commit the state changes first, then publish (commit, then publish)."""
-    ids = expire_leases(session) + claim_unpublished(session)
+    requeued, failed = expire_leases(session)
+    deliveries = [d for job_id in failed for d in record_event(session, job_id)]
+    ids = requeued + claim_unpublished(session)
     session.commit()
+    publish_events(deliveries)
     if broker_depth is not None:
         ids += claim_stale_queued(session, broker_depth(), republish_after)
         session.commit()

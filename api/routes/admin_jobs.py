@@ -1,0 +1,120 @@
+"""Jobs as an operator sees them: every owner's, newest first, with cancel and retry.
+
+Retry renders a failed (or canceled) job again as a *new* job with the same parameters and
+owner: finished states are final (shared.jobs.states), so the old row keeps its history
+and the new one goes through the queue like any other.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, status
+
+from api.deps import AdminKey, SessionDep, SettingsDep, StoreDep
+from shared import admin_queries
+from shared.admin_views import AdminJobDetail, AdminJobList, AdminJobSummary, CancelResult, RetryResult
+from shared.db.models import Job
+from shared.jobs import repository
+from shared.jobs.schemas import ErrorView
+from shared.jobs.states import JobStatus
+from shared.jobs.views import job_view
+from shared.queue import publish_render
+from shared.storage.base import ObjectStore
+from shared.storage.local import LocalObjectStore
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/admin/jobs", tags=["admin"])
+RETRYABLE = (JobStatus.FAILED, JobStatus.CANCELED)
+
+
+def thumbnail_url(store: ObjectStore, key: str, expires: int) -> str:
+    """An image link for the page; the local store's files are served by this same API, so its links are
+    made relative and work whatever host name the operator reached the dashboard by."""
+    url = store.url(key, expires)
+    if isinstance(store, LocalObjectStore) and url.startswith(store.public_base_url + "/"):
+        return url[len(store.public_base_url):]
+    return url
+
+
+def summary(job: Job, store: ObjectStore, expires: int) -> AdminJobSummary:
+    params = job.params or {}
+    duration = (job.finished_at - job.started_at).total_seconds() if job.finished_at and job.started_at else None
+    return AdminJobSummary(
+        id=job.id, owner=job.owner, model=job.model_name, status=job.status,
+        prompt=str(params.get("prompt", ""))[:200], size=f"{params.get('width')}x{params.get('height')}",
+        created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
+        duration_seconds=round(duration, 3) if duration is not None else None,
+        progress=job.progress, attempt=job.attempt,
+        error=ErrorView(type=job.error_type, message=job.error_message or "") if job.error_type else None,
+        thumbnail_url=thumbnail_url(store, job.images[0].key, expires) if job.images else None,
+        image_count=len(job.images),
+    )
+
+
+@router.get("", response_model=AdminJobList)
+def list_recent_jobs(
+    _: AdminKey, session: SessionDep, settings: SettingsDep, store: StoreDep,
+    status_filter: Annotated[JobStatus | None, Query(alias="status")] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 25,
+) -> AdminJobList:
+    jobs = admin_queries.recent_jobs(session, limit=limit, status=status_filter)
+    return AdminJobList(jobs=[summary(j, store, settings.url_expires_seconds) for j in jobs], limit=limit)
+
+
+def _job_or_404(session: SessionDep, job_id: uuid.UUID) -> Job:
+    job = repository.get_job(session, job_id)
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} not found")
+    return job
+
+
+@router.get("/{job_id}", response_model=AdminJobDetail)
+def get_any_job(
+    job_id: uuid.UUID, _: AdminKey, session: SessionDep, settings: SettingsDep, store: StoreDep
+) -> AdminJobDetail:
+    job = _job_or_404(session, job_id)
+    view = job_view(job, store, settings.url_expires_seconds)
+    for image, row in zip(view.images, job.images, strict=True):
+        image.url = thumbnail_url(store, row.key, settings.url_expires_seconds)
+    return AdminJobDetail(owner=job.owner, cancel_requested=job.cancel_requested_at is not None, job=view)
+
+
+@router.post("/{job_id}/cancel", response_model=CancelResult)
+def cancel_any_job(
+    job_id: uuid.UUID, _: AdminKey, session: SessionDep, settings: SettingsDep, store: StoreDep
+) -> CancelResult:
+    """A queued job is canceled at once; a running one is asked to stop at its next step."""
+    _job_or_404(session, job_id)
+    outcome = repository.cancel_job(session, job_id)
+    session.commit()
+    job = _job_or_404(session, job_id)
+    session.refresh(job)
+    return CancelResult(outcome=outcome, job=job_view(job, store, settings.url_expires_seconds))
+
+
+@router.post("/{job_id}/retry", response_model=RetryResult, status_code=status.HTTP_202_ACCEPTED)
+def retry_job(
+    job_id: uuid.UUID, _: AdminKey, session: SessionDep, settings: SettingsDep, store: StoreDep
+) -> RetryResult:
+    old = _job_or_404(session, job_id)
+    if old.status not in RETRYABLE:
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=f"job {job_id} is {old.status}; only failed or "
+                            "canceled jobs can be retried")
+    job = repository.create_job(
+        session, owner=old.owner, api_key_id=old.api_key_id, params=dict(old.params), model_name=old.model_name,
+        model_hash=None, max_attempts=old.max_attempts,
+    )
+    session.commit()
+    # Commit, then publish: a lost message costs a re-publish by the sweeper, never the job.
+    try:
+        publish_render(job.id)
+        repository.mark_published(session, job.id)
+        session.commit()
+    except Exception:
+        log.exception("could not publish retry %s of %s; it stays queued for the sweeper", job.id, job_id)
+        session.rollback()
+    session.refresh(job)
+    return RetryResult(retry_of=job_id, job=job_view(job, store, settings.url_expires_seconds))
