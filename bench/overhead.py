@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -41,48 +42,63 @@ def machine() -> str:
     return desc
 
 
-def farm_times(base: str, body: dict, jobs: int, poll: float) -> list[float]:
-    times = []
-    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as client:
-        for i in range(jobs + 1):  # the first job is a warm-up and not counted
-            start = time.perf_counter()
-            job_id = client.post("/v1/jobs", json=dict(body, seed=1000 + i)).json()["id"]
-            while True:
-                job = client.get(f"/v1/jobs/{job_id}").json()
-                if job["status"] in ("succeeded", "failed", "canceled"):
-                    break
-                time.sleep(poll)
-            elapsed = time.perf_counter() - start
-            assert job["status"] == "succeeded", job
-            if i:
-                times.append(elapsed)
-    return times
+def farm_job(client: httpx.Client, body: dict, seed: int, poll: float) -> dict[str, float]:
+    """One job through the farm, timed as a user sees it, with the job's own timestamps to split it."""
+    start = time.perf_counter()
+    job_id = client.post("/v1/jobs", json=dict(body, seed=seed)).json()["id"]
+    while True:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed", "canceled"):
+            break
+        time.sleep(poll)
+    total = time.perf_counter() - start
+    assert job["status"] == "succeeded", job
+
+    def ts(name: str) -> datetime:
+        return datetime.fromisoformat(job[name])
+
+    return {
+        "total": total,
+        "queue": (ts("started_at") - ts("created_at")).total_seconds(),
+        "worker": (ts("finished_at") - ts("started_at")).total_seconds(),
+    }
 
 
-def direct_times(checkpoint: Path, body: dict, jobs: int, threads: int) -> list[float]:
-    import torch
+def pin_processes(pid: int, cores: set[int]) -> None:
+    """Pin a process and all its descendants (a Celery worker's render child, PostgreSQL backends)."""
+    import psutil
 
-    from worker.pipelines.checkpoint_loader import load_pipeline
-    from worker.pipelines.txt2img import render_txt2img
-    from worker.runtime import pick_device
+    root = psutil.Process(pid)
+    for proc in [root, *root.children(recursive=True)]:
+        proc.cpu_affinity(sorted(cores))
 
-    if threads:
-        torch.set_num_threads(threads)
-    device, dtype = pick_device("auto")
-    pipe = load_pipeline(checkpoint, device=device, dtype=dtype)
-    pipe.set_progress_bar_config(disable=True)
-    config = dict(pipe.scheduler.config)
-    params = {"negative_prompt": "", "batch_size": 1, "n_iter": 1, "scheduler": "Automatic", **body}
-    times = []
-    for i in range(jobs + 1):
+
+class DirectRenderer:
+    """The same render called in-process on the same kind of pipeline, no farm around it."""
+
+    def __init__(self, checkpoint: Path, threads: int) -> None:
+        import torch
+
+        from worker.pipelines.checkpoint_loader import load_pipeline
+        from worker.runtime import pick_device
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch = torch
+        self.device, dtype = pick_device("auto")
+        self.pipe = load_pipeline(checkpoint, device=self.device, dtype=dtype)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.config = dict(self.pipe.scheduler.config)
+
+    def render(self, body: dict, seed: int) -> float:
+        from worker.pipelines.txt2img import render_txt2img
+
+        params = {"negative_prompt": "", "batch_size": 1, "n_iter": 1, "scheduler": "Automatic", **body, "seed": seed}
         start = time.perf_counter()
-        render_txt2img(pipe, dict(params, seed=1000 + i), config)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        if i:
-            times.append(time.perf_counter() - start)
-    del pipe
-    return times
+        render_txt2img(self.pipe, params, self.config)
+        if self.device.startswith("cuda"):
+            self.torch.cuda.synchronize()
+        return time.perf_counter() - start
 
 
 def main() -> None:
@@ -94,6 +110,9 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, help="a .safetensors checkpoint (default: the demo model)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("RENDERFARM_TORCH_THREADS", "0")))
     parser.add_argument("--poll", type=float, default=0.01, help="poll interval, seconds")
+    parser.add_argument("--pin", action="store_true",
+                        help="CPU-only machines: renders (worker and direct) on core 0, everything else on core 1, "
+                             "so the comparison measures the farm rather than CPU contention")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
@@ -117,25 +136,50 @@ def main() -> None:
                RENDERFARM_MODELS_DIR=str(models), RENDERFARM_ADMIN_KEY=KEY, HF_HUB_OFFLINE="1",
                RENDERFARM_TORCH_THREADS=str(args.threads))
     procs = []
+    direct: list[float] = []
+    farm: list[dict[str, float]] = []
     try:
         api, base = start_api(env, work)
         procs.append(api)
         procs.append(start_worker(env, work, timeout=600))
-        farm = farm_times(base, body, args.jobs, args.poll)
+        if args.pin:
+            pin_processes(procs[-1].popen.pid, {0})
+            for other in (api.popen.pid, pg.proc.pid, rd.proc.pid):
+                pin_processes(other, {1})
+        renderer = DirectRenderer(checkpoint, args.threads)
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as client:
+            for i in range(args.jobs + 1):  # interleaved, so both see the same background load
+                if args.pin:
+                    os.sched_setaffinity(0, {0})
+                d = renderer.render(body, 1000 + i)
+                if args.pin:
+                    os.sched_setaffinity(0, {1})
+                f = farm_job(client, body, 1000 + i, args.poll)
+                if i:  # the first pair warms up both sides
+                    direct.append(d)
+                    farm.append(f)
     finally:
         for proc in reversed(procs):
             proc.stop()
         rd.stop()
         pg.stop()
-    direct = direct_times(checkpoint, {k: v for k, v in body.items()}, args.jobs, args.threads)
-    shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
 
-    f_med, d_med = statistics.median(farm), statistics.median(direct)
+    def med(values: list[float]) -> float:
+        return statistics.median(values)
+
+    totals = [f["total"] for f in farm]
+    f_med, d_med = med(totals), med(direct)
     print(f"machine: {machine()}")
-    print(f"model: {checkpoint.name}, {args.size}x{args.size}, {args.steps} steps, {args.sampler}, {args.jobs} jobs")
-    print(f"{'':24}{'median s':>10}{'mean s':>10}{'min s':>10}")
-    print(f"{'direct (in-process)':24}{d_med:10.4f}{statistics.mean(direct):10.4f}{min(direct):10.4f}")
-    print(f"{'farm (POST->succeeded)':24}{f_med:10.4f}{statistics.mean(farm):10.4f}{min(farm):10.4f}")
+    print(f"model: {checkpoint.name}, {args.size}x{args.size}, {args.steps} steps, {args.sampler}, {args.jobs} jobs,"
+          f" torch threads {args.threads or 'default'}, poll {args.poll * 1000:.0f} ms, pinned: {args.pin}")
+    print(f"{'':34}{'median s':>10}{'mean s':>10}{'min s':>10}")
+    print(f"{'direct render (in-process)':34}{d_med:10.4f}{statistics.mean(direct):10.4f}{min(direct):10.4f}")
+    print(f"{'farm: POST -> succeeded seen':34}{f_med:10.4f}{statistics.mean(totals):10.4f}{min(totals):10.4f}")
+    parts = (("queue", "  of which: queued (created->started)"), ("worker", "  of which: worker (claim->done)"))
+    for part, label in parts:
+        values = [f[part] for f in farm]
+        print(f"{label:34}{med(values):10.4f}{statistics.mean(values):10.4f}{min(values):10.4f}")
     print(f"ratio farm/direct (median): {f_med / d_med:.3f}x; overhead: {(f_med - d_med) * 1000:.1f} ms")
 
 
