@@ -30,7 +30,7 @@ from shared.webhooks.models import DeliveryStatus, WebhookAttempt, WebhookDelive
 from shared.webhooks.outbox import enqueue_job_event, publish_deliveries, redeliver
 from shared.webhooks.signing import get_or_create_secret
 from tests.conftest import _fresh_database
-from tests.farm_harness import ROOT, Proc, start_api, wait_until
+from tests.farm_harness import ROOT, Proc, start_api, start_webhook_worker, wait_until
 from tests.webhook_receiver import Receiver, Reply
 
 pytestmark = pytest.mark.e2e
@@ -72,21 +72,8 @@ def hooks_env(postgres: EmbeddedPostgres, redis_server: EmbeddedRedis, tmp_path_
 
 @pytest.fixture(scope="module")
 def webhook_worker(hooks_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
-    log_path = tmp_path_factory.mktemp("hook-worker") / "webhook-worker.log"
-    popen = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "worker.webhook_app", "worker", "-Q", "webhooks", "-c", "2",
-         "-n", "hooks@%h", "--without-mingle", "--without-gossip", "--loglevel=INFO"],
-        cwd=ROOT, env=dict(os.environ, **hooks_env, PYTHONUNBUFFERED="1"), stdout=open(log_path, "wb"),
-        stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    proc = Proc("webhooks", popen, log_path)
-
-    def ready() -> bool:
-        if popen.poll() is not None:
-            raise RuntimeError(f"webhook worker exited:\n{proc.log()}")
-        return " ready." in proc.log()
-
-    wait_until(ready, 60, message="the webhook worker to start")
+    proc = start_webhook_worker(dict(os.environ, **hooks_env, PYTHONUNBUFFERED="1"),
+                                tmp_path_factory.mktemp("hook-worker"), name="hooks")
     yield proc
     proc.stop()
 
