@@ -89,13 +89,16 @@ class DirectRenderer:
         self.pipe = load_pipeline(checkpoint, device=self.device, dtype=dtype)
         self.pipe.set_progress_bar_config(disable=True)
         self.config = dict(self.pipe.scheduler.config)
+        from worker.pipelines.engine import GenerationEngine
+
+        self.engine = GenerationEngine(checkpoint.parent.parent)
 
     def render(self, body: dict, seed: int) -> float:
-        from worker.pipelines.txt2img import render_txt2img
+        from shared.jobs.schemas import Txt2ImgRequest, resolve_params
 
-        params = {"negative_prompt": "", "batch_size": 1, "n_iter": 1, "scheduler": "Automatic", **body, "seed": seed}
+        params = resolve_params(Txt2ImgRequest(**body, seed=seed), "bench")
         start = time.perf_counter()
-        render_txt2img(self.pipe, params, self.config)
+        self.engine.render(self.pipe, params, self.config)
         if self.device.startswith("cuda"):
             self.torch.cuda.synchronize()
         return time.perf_counter() - start

@@ -66,6 +66,9 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
     SamplerSpec("LCM", "LCMScheduler", {}, schedules=_ONLY_AUTOMATIC, aliases=("k_lcm",)),
 )
 
+# Samplers the WebUI runs on the CompVis timestep grid ("leading" spacing in diffusers terms).
+_COMPVIS_SAMPLERS = frozenset({"DDIM", "PLMS", "UniPC", "LCM"})
+
 _BY_NAME: dict[str, SamplerSpec] = {}
 for _spec in SAMPLERS:
     _BY_NAME[_spec.name.lower()] = _spec
@@ -123,6 +126,9 @@ def resolve_sampler(sampler_name: str, scheduler: str | None = None) -> SamplerC
     if effective not in spec.schedules:
         effective = "Uniform"
     kwargs = dict(spec.kwargs)
+    if spec.name not in _COMPVIS_SAMPLERS:
+        # The WebUI's k-diffusion samplers start at the model's largest sigma (t = 999), like "linspace".
+        kwargs["timestep_spacing"] = "linspace"
     if spec.schedules != _ONLY_AUTOMATIC:
         kwargs.update(_SCHEDULE_FLAGS[effective])
     return SamplerChoice(spec.name, canonical, spec.scheduler_class, kwargs, spec.stochastic)

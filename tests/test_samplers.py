@@ -24,7 +24,8 @@ def test_legacy_combined_name_splits_into_sampler_and_schedule() -> None:
 
 def test_automatic_means_the_samplers_own_default() -> None:
     assert resolve_sampler("DPM++ 2M").scheduler_kwargs.get("use_karras_sigmas") is True
-    assert resolve_sampler("Euler").scheduler_kwargs == {}
+    assert resolve_sampler("Euler").scheduler_kwargs == {"timestep_spacing": "linspace"}
+    assert "timestep_spacing" not in resolve_sampler("DDIM").scheduler_kwargs
     assert resolve_sampler("Euler a").stochastic and not resolve_sampler("Euler").stochastic
 
 

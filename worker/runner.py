@@ -36,7 +36,23 @@ class JobCanceled(Exception):
     """Raised from the step callback when the job's cancel was requested."""
 
 
-def infotext_for(params: dict[str, Any], seed: int, model_name: str, model_hash: str) -> str:
+def infotext_for(
+    params: dict[str, Any],
+    seed: int,
+    model_name: str,
+    model_hash: str,
+    subseed: int | None = None,
+    extra: dict[str, object] | None = None,
+) -> str:
+    """The WebUI's infotext for one image (``create_infotext``); ``extra`` holds keys the engine reported."""
+    from shared.samplers import resolve_sampler
+    from worker.pipelines.hires import infotext_fields as hires_fields
+
+    mode = params.get("mode", "txt2img")
+    enable_hr = mode == "txt2img" and bool(params.get("enable_hr"))
+    strength = float(params.get("subseed_strength", 0) or 0)
+    ensd = int(params.get("eta_noise_seed_delta", 0) or 0)
+    resize_w, resize_h = int(params.get("seed_resize_from_w", 0) or 0), int(params.get("seed_resize_from_h", 0) or 0)
     fields: dict[str, object] = {
         "Steps": params["steps"],
         "Sampler": params["sampler_name"],
@@ -46,10 +62,30 @@ def infotext_for(params: dict[str, Any], seed: int, model_name: str, model_hash:
         "Size": f"{params['width']}x{params['height']}",
         "Model hash": model_hash,
         "Model": model_name.rsplit("/", 1)[-1],
+        "Variation seed": (subseed if subseed is not None else params.get("subseed")) if strength else None,
+        "Variation seed strength": strength or None,
+        "Seed resize from": f"{resize_w}x{resize_h}" if resize_w > 0 and resize_h > 0 else None,
+        # txt2img writes it only with hires fix: the WebUI's txt2img passes None without it.
+        "Denoising strength": params.get("denoising_strength") if mode == "img2img" or enable_hr else None,
+        "Clip skip": params.get("clip_skip"),
+        "ENSD": ensd if ensd and resolve_sampler(params["sampler_name"], params["scheduler"]).stochastic else None,
         "RNG": "CPU",
+        **(hires_fields(params) if enable_hr else {}),
+        **(extra or {}),
         "Version": VERSION,
     }
     return format_infotext(params["prompt"], params["negative_prompt"], fields)
+
+
+# output_format -> (PIL format, file extension, content type)
+OUTPUT_FORMATS = {
+    "png": ("PNG", "png", "image/png"),
+    "jpeg": ("JPEG", "jpg", "image/jpeg"),
+    "webp": ("WEBP", "webp", "image/webp"),
+}
+EXIF_IFD = 0x8769
+EXIF_USER_COMMENT = 0x9286
+USER_COMMENT_UNICODE = b"UNICODE\0"
 
 
 def encode_png(image: Any, infotext: str) -> bytes:
@@ -60,6 +96,41 @@ def encode_png(image: Any, infotext: str) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
+
+
+def encode_image(image: Any, infotext: str, output_format: str = "png") -> bytes:
+    """PNG keeps the ``parameters`` chunk; JPEG/WebP (quality 80, the WebUI's default) carry the infotext in
+    EXIF UserComment exactly as the WebUI writes it through piexif: ``UNICODE\\0`` + UTF-16 big-endian."""
+    if output_format not in ("jpeg", "webp"):
+        return encode_png(image, infotext)
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif.get_ifd(EXIF_IFD)[EXIF_USER_COMMENT] = USER_COMMENT_UNICODE + infotext.encode("utf_16_be")
+    pil_format = OUTPUT_FORMATS[output_format][0]
+    buffer = io.BytesIO()
+    try:
+        image.convert("RGB").save(buffer, format=pil_format, quality=80, exif=exif.tobytes())
+    except ValueError:
+        # A JPEG segment holds at most 64 KiB, and UTF-16 doubles the text: a prompt of ~30000 characters
+        # does not fit. The image is still worth having; its infotext stays on the job's image record.
+        log.warning("infotext of %d characters does not fit in JPEG EXIF; image saved without it", len(infotext))
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, format=pil_format, quality=80)
+    return buffer.getvalue()
+
+
+def read_exif_infotext(data: bytes) -> str | None:
+    """The infotext in a JPEG/WebP's EXIF UserComment, decoded like the WebUI's ``read_info_from_image``."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        comment = image.getexif().get_ifd(EXIF_IFD).get(EXIF_USER_COMMENT)
+    if not isinstance(comment, bytes) or len(comment) < 8:
+        return None
+    if comment[:8] == USER_COMMENT_UNICODE:
+        return comment[8:].decode("utf_16_be", errors="replace")
+    return comment[8:].decode("utf8", errors="ignore")
 
 
 T = TypeVar("T")
@@ -79,11 +150,13 @@ def with_db_retry(action: Callable[[], T], what: str, deadline_seconds: float = 
             delay = min(delay * 2, 5.0)
 
 
-def put_with_retry(store: ObjectStore, key: str, data: bytes, attempts: int = 4) -> None:
+def put_with_retry(
+    store: ObjectStore, key: str, data: bytes, attempts: int = 4, content_type: str = "image/png"
+) -> None:
     """Transient storage errors retry with backoff; the key is deterministic, so a retry overwrites."""
     for attempt in range(attempts):
         try:
-            store.put(key, data, "image/png")
+            store.put(key, data, content_type)
             return
         except TransientStorageError:
             if attempt == attempts - 1:
@@ -99,6 +172,16 @@ class JobRunner:
         self.session_factory = session_factory
         self.store = store
         self.settings = settings
+        self._engine: Any = None
+
+    @property
+    def engine(self) -> Any:
+        """The generation engine, built on first use in the child process (it imports torch)."""
+        if self._engine is None:
+            from worker.pipelines.engine import GenerationEngine
+
+            self._engine = GenerationEngine(self.settings.models_dir)
+        return self._engine
 
     def run(self, job_id: str) -> str:
         """Render a job if it can be claimed; returns the outcome ('skipped', 'succeeded', 'failed', 'lost')."""
@@ -139,8 +222,6 @@ class JobRunner:
             self.runtime.jobs_done += 1
 
     def _render_and_record(self, jid: uuid.UUID, params: dict[str, Any]) -> str:
-        from worker.pipelines.txt2img import render_txt2img
-
         model = self.runtime.pipelines.get(params["model"])
         heartbeat = self.runtime.heartbeat
 
@@ -149,12 +230,17 @@ class JobRunner:
             if heartbeat.cancel_event.is_set():
                 raise JobCanceled()
 
-        rendered = render_txt2img(model.pipeline, params, model.scheduler_config, on_step=on_step)
+        rendered = self.engine.render(
+            model.pipeline, params, model.scheduler_config, load_image=self.store.get, on_step=on_step
+        )
+        output_format = params.get("output_format") or "png"
+        _, extension, content_type = OUTPUT_FORMATS.get(output_format, OUTPUT_FORMATS["png"])
         images = []
         for item in rendered:
-            infotext = infotext_for(params, item.seed, model.name, model.short_hash)
-            key = image_key(jid, item.index)
-            put_with_retry(self.store, key, encode_png(item.image, infotext))
+            infotext = infotext_for(params, item.seed, model.name, model.short_hash, item.subseed, item.infotext)
+            key = image_key(jid, item.index, extension)
+            data = encode_image(item.image, infotext, output_format)
+            put_with_retry(self.store, key, data, content_type=content_type)
             images.append(
                 repository.NewImage(item.index, key, item.seed, item.image.width, item.image.height, infotext)
             )

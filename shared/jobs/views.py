@@ -13,8 +13,11 @@ from shared.storage.base import ObjectStore
 
 
 def image_seeds(params: dict) -> list[int]:
-    """Image k of batch_size x n_iter uses seed + k (the WebUI's rule)."""
+    """Image k of batch_size x n_iter uses seed + k (the WebUI's rule); with a variation strength every
+    image keeps the seed and the variation seed counts up instead."""
     count = int(params.get("batch_size", 1)) * int(params.get("n_iter", 1))
+    if float(params.get("subseed_strength") or 0) > 0:
+        return [int(params["seed"])] * count
     return [int(params["seed"]) + k for k in range(count)]
 
 

@@ -1,0 +1,134 @@
+"""Hires fix: the first pass's size, the upscale between passes, and the second pass's step plan.
+
+Mirrors ``StableDiffusionProcessingTxt2Img`` (``calculate_target_resolution``, ``sample_hr_pass``): the
+first pass renders at width x height; the result is upscaled either in latent space
+(``torch.nn.functional.interpolate`` with the WebUI's latent modes) or as a decoded image (Lanczos,
+Nearest, None) and encoded again; the second pass is an img2img of ``hr_second_pass_steps`` steps at
+the denoising strength, with its own prompt, sampler and fresh noise from the same seeds.
+
+ESRGAN-family upscalers would need ``spandrel``, whose wheel imports ``torchvision`` at import time;
+torchvision is not a dependency of this project, so those names are refused with a clear error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from shared.errors import FieldError
+
+# shared.latent_upscale_modes in the WebUI.
+LATENT_UPSCALE_MODES: dict[str, tuple[str, bool]] = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+IMAGE_UPSCALERS = ("None", "Lanczos", "Nearest")
+OPT_F = 8
+
+
+@dataclass(frozen=True)
+class HiresPlan:
+    """Sizes and settings of the second pass, resolved from a job's parameters."""
+
+    target_width: int
+    target_height: int
+    truncate_x: int
+    truncate_y: int
+    upscaler: str
+    latent_mode: tuple[str, bool] | None  # (interpolate mode, antialias) for latent upscalers
+    steps: int  # hr_second_pass_steps or steps
+    denoising_strength: float
+    prompt: str
+    negative_prompt: str
+    sampler_name: str
+    scheduler: str
+
+
+def hires_plan(params: dict[str, Any]) -> HiresPlan:
+    """Resolve the second pass; raises FieldError for an upscaler this worker cannot run."""
+    width, height = int(params["width"]), int(params["height"])
+    upscaler = params.get("hr_upscaler") or "Latent"
+    latent_mode = LATENT_UPSCALE_MODES.get(upscaler)
+    if latent_mode is None and upscaler not in IMAGE_UPSCALERS:
+        raise FieldError(
+            ("body", "hr_upscaler"),
+            f"hr_upscaler {upscaler!r} is not available on this worker: ESRGAN-family models need the "
+            "spandrel loader, which requires torchvision (not installed). Use one of "
+            f"{', '.join([*LATENT_UPSCALE_MODES, *IMAGE_UPSCALERS])}",
+        )
+    resize_x, resize_y = int(params.get("hr_resize_x", 0) or 0), int(params.get("hr_resize_y", 0) or 0)
+    truncate_x = truncate_y = 0
+    if resize_x == 0 and resize_y == 0:
+        scale = float(params.get("hr_scale", 2.0) or 2.0)
+        to_x, to_y = int(width * scale), int(height * scale)
+    elif resize_y == 0:
+        to_x, to_y = resize_x, resize_x * height // width
+    elif resize_x == 0:
+        to_x, to_y = resize_y * width // height, resize_y
+    else:
+        if width / height < resize_x / resize_y:
+            to_x, to_y = resize_x, resize_x * height // width
+        else:
+            to_x, to_y = resize_y * width // height, resize_y
+        truncate_x, truncate_y = (to_x - resize_x) // OPT_F, (to_y - resize_y) // OPT_F
+    return HiresPlan(
+        target_width=to_x,
+        target_height=to_y,
+        truncate_x=truncate_x,
+        truncate_y=truncate_y,
+        upscaler=upscaler,
+        latent_mode=latent_mode,
+        steps=int(params.get("hr_second_pass_steps", 0) or 0) or int(params["steps"]),
+        denoising_strength=float(params.get("denoising_strength", 0.7) if params.get("denoising_strength")
+                                 is not None else 0.7),
+        prompt=params.get("hr_prompt") or params["prompt"],
+        negative_prompt=params.get("hr_negative_prompt") or params["negative_prompt"],
+        sampler_name=params.get("hr_sampler_name") or params["sampler_name"],
+        scheduler=params.get("hr_scheduler") or params["scheduler"],
+    )
+
+
+def upscale_latent(latent: torch.Tensor, plan: HiresPlan) -> torch.Tensor:
+    """A latent upscaler: interpolate ``(1, C, h, w)`` to the target's latent size."""
+    assert plan.latent_mode is not None
+    mode, antialias = plan.latent_mode
+    size = (plan.target_height // OPT_F, plan.target_width // OPT_F)
+    return torch.nn.functional.interpolate(latent, size=size, mode=mode, antialias=antialias)
+
+
+def truncate_latent(latent: torch.Tensor, plan: HiresPlan) -> torch.Tensor:
+    """Crop the centre when hr_resize_x/y asked for another aspect ratio than the first pass."""
+    ty, tx = plan.truncate_y, plan.truncate_x
+    return latent[:, :, ty // 2 : latent.shape[2] - (ty + 1) // 2, tx // 2 : latent.shape[3] - (tx + 1) // 2]
+
+
+def infotext_fields(params: dict[str, Any]) -> dict[str, object]:
+    """The hires keys the WebUI adds to ``extra_generation_params`` (txt2img ``init``)."""
+    if not params.get("enable_hr"):
+        return {}
+    fields: dict[str, object] = {}
+    hr_sampler = params.get("hr_sampler_name")
+    if hr_sampler and hr_sampler != params["sampler_name"]:
+        fields["Hires sampler"] = hr_sampler
+    hr_scheduler = params.get("hr_scheduler")
+    if hr_scheduler and hr_scheduler != params["scheduler"]:
+        fields["Hires schedule type"] = hr_scheduler
+    if params.get("hr_prompt") and params["hr_prompt"] != params["prompt"]:
+        fields["Hires prompt"] = params["hr_prompt"]
+    if params.get("hr_negative_prompt") and params["hr_negative_prompt"] != params["negative_prompt"]:
+        fields["Hires negative prompt"] = params["hr_negative_prompt"]
+    resize_x, resize_y = int(params.get("hr_resize_x", 0) or 0), int(params.get("hr_resize_y", 0) or 0)
+    if resize_x == 0 and resize_y == 0:
+        fields["Hires upscale"] = params.get("hr_scale", 2.0)
+    else:
+        fields["Hires resize"] = f"{resize_x}x{resize_y}"
+    if int(params.get("hr_second_pass_steps", 0) or 0):
+        fields["Hires steps"] = int(params["hr_second_pass_steps"])
+    fields["Hires upscaler"] = params.get("hr_upscaler") or "Latent"
+    return fields
