@@ -10,7 +10,21 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from api.routes import admin, admin_jobs, files, health, job_events, jobs, metrics, models, webhooks
+from api.routes import (
+    admin,
+    admin_jobs,
+    files,
+    health,
+    job_events,
+    jobs,
+    metrics,
+    models,
+    png_info,
+    sdapi,
+    styles,
+    uploads,
+    webhooks,
+)
 from shared.errors import FieldError
 from shared.farm_sampler import run_sampler
 from shared.settings import get_settings
@@ -44,7 +58,8 @@ def create_app() -> FastAPI:
             content={"detail": [{"loc": list(exc.field), "msg": exc.message, "type": "value_error"}]},
         )
 
-    for router in (health.router, jobs.router, job_events.router, models.router, files.router, webhooks.router):
+    for router in (health.router, jobs.router, job_events.router, models.router, files.router, webhooks.router,
+                   uploads.router, png_info.router, styles.router, sdapi.router):
         app.include_router(router)
     for router in (admin.router, admin_jobs.router, admin.page_router, metrics.router):
         app.include_router(router)

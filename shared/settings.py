@@ -56,6 +56,12 @@ class Settings(BaseSettings):
     republish_after_seconds: float = 30.0
     url_expires_seconds: int = 3600
 
+    # Input images (img2img, masks, uploads, png-info). Checked on the header, before any pixel is decoded.
+    max_input_pixels: int = 4096 * 4096
+    max_upload_bytes: int = 32 * 1024 * 1024
+    # Extra prompt styles in the WebUI's styles.csv format; unset: <models_dir>/styles.csv when present.
+    styles_file: Path | None = None
+
     @property
     def broker_visibility_timeout(self) -> int:
         """Well above the hard time limit so Redis never redelivers a job that is still running."""

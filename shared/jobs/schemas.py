@@ -1,4 +1,10 @@
-"""Request and response shapes of the job API, in the WebUI's parameter names."""
+"""Request and response shapes of the job API, in the WebUI's parameter names.
+
+A request is what a user typed; ``resolve_params`` turns it into the immutable parameter dict a
+worker renders from, with every default and every random choice made explicit, so a job means the
+same thing on every worker and on every retry. Turning an infotext or ``override_settings`` into
+request fields happens before, in :mod:`shared.jobs.params`.
+"""
 
 from __future__ import annotations
 
@@ -11,34 +17,116 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shared.errors import FieldError
 from shared.jobs.states import JobStatus
-from shared.samplers import resolve_sampler
+from shared.samplers import SamplerChoice, resolve_sampler
 from shared.settings import Settings
+from shared.styles import BUILTIN_STYLES_FILE, StyleBook, read_styles_csv
 
 MAX_SEED = 2**32 - 1
+# The WebUI's defaults: img2img's denoising slider, and txt2img's hires fix slider.
+IMG2IMG_DENOISING = 0.75
+HIRES_DENOISING = 0.7
+_PROMPT = Field("", max_length=20000)
 
 
 class Txt2ImgRequest(BaseModel):
-    """A txt2img job. Unknown fields are refused so that nothing a user sent is silently dropped."""
+    """A job (txt2img, or img2img when init images are given).
+
+    Unknown fields are refused so that nothing a user sent is silently dropped.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    mode: Literal["txt2img"] = "txt2img"
-    prompt: str = Field("", max_length=20000)
-    negative_prompt: str = Field("", max_length=20000)
+    mode: Literal["txt2img", "img2img"] = Field("txt2img", description="img2img is implied by init_images")
+    prompt: str = _PROMPT
+    negative_prompt: str = _PROMPT
+    styles: list[str] = Field(default_factory=list, max_length=32, description="names from GET /v1/styles")
     steps: int = Field(20, ge=1)
     cfg_scale: float = Field(7.0, ge=0.0, le=30.0)
-    sampler_name: str = "Euler"
-    scheduler: str = "Automatic"
+    sampler_name: str = Field("Euler", max_length=100)
+    scheduler: str = Field("Automatic", max_length=100)
     seed: int = Field(-1, ge=-1, le=MAX_SEED, description="-1 picks a random seed, recorded on the job")
+    subseed: int = Field(-1, ge=-1, le=MAX_SEED, description="variation seed; -1 picks a random one")
+    subseed_strength: float = Field(0.0, ge=0.0, le=1.0)
+    seed_resize_from_w: int = Field(-1, ge=-1)
+    seed_resize_from_h: int = Field(-1, ge=-1)
     width: int = Field(512, ge=64)
     height: int = Field(512, ge=64)
     batch_size: int = Field(1, ge=1)
     n_iter: int = Field(1, ge=1, description="batch count")
-    model: str | None = Field(None, description="checkpoint name; default: the farm's default model")
+    model: str | None = Field(None, max_length=500, description="checkpoint name; default: the farm's default model")
+    vae: str | None = Field(None, max_length=500, description="file in models/VAE; null, Automatic or None: the "
+                                                              "checkpoint's own")
+    clip_skip: int = Field(1, ge=1, le=12)
+    eta_noise_seed_delta: int = Field(0, ge=0, le=MAX_SEED, description="ENSD")
+    denoising_strength: float | None = Field(None, ge=0.0, le=1.0,
+                                             description="default 0.75 for img2img, 0.7 for hires fix")
+    # img2img and inpainting
+    init_images: list[str] | None = Field(None, description="base64 images (data: prefix allowed) or upload:<id>")
+    mask: str | None = Field(None, description="base64 image or upload:<id>; white = repaint")
+    mask_blur: int = Field(4, ge=0, le=64)
+    inpainting_fill: int = Field(1, ge=0, le=3, description="0 fill, 1 original, 2 latent noise, 3 latent nothing")
+    inpaint_full_res: bool = Field(False, description="inpaint only the masked area, at full resolution")
+    inpaint_full_res_padding: int = Field(32, ge=0, le=256)
+    inpainting_mask_invert: int = Field(0, ge=0, le=1)
+    resize_mode: int = Field(0, ge=0, le=3, description="0 just resize, 1 crop and resize, 2 resize and fill, "
+                                                        "3 just resize (latent upscale)")
+    # hires fix (txt2img)
+    enable_hr: bool = False
+    hr_scale: float = Field(2.0, ge=1.0, le=8.0)
+    hr_resize_x: int = Field(0, ge=0)
+    hr_resize_y: int = Field(0, ge=0)
+    hr_upscaler: str = Field("Latent", max_length=500)
+    hr_second_pass_steps: int = Field(0, ge=0, description="0: as many as the first pass")
+    hr_prompt: str = Field("", max_length=20000, description="empty: the prompt")
+    hr_negative_prompt: str = Field("", max_length=20000, description="empty: the negative prompt")
+    hr_sampler_name: str | None = Field(None, max_length=100, description="null: the same sampler")
+    hr_scheduler: str | None = Field(None, max_length=100, description="null: the same schedule type")
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    # WebUI conveniences, turned into the fields above before anything else looks at the request
+    infotext: str | None = Field(None, max_length=50000,
+                                 description="a WebUI infotext; its values fill every field not given")
+    override_settings: dict[str, Any] | None = Field(
+        None, description="sd_model_checkpoint, sd_vae, CLIP_stop_at_last_layers, eta_noise_seed_delta"
+    )
+    override_settings_restore_afterwards: bool = Field(
+        True, description="accepted for WebUI clients: jobs never change global settings, nothing to restore"
+    )
     webhook_url: str | None = Field(None, max_length=2000, description="http(s) URL told about this job's events")
     webhook_events: list[str] | None = Field(
         None, description="subset of queued, started, progress, succeeded, failed, canceled; default: terminal ones"
     )
+
+
+JobRequest = Txt2ImgRequest
+
+
+def hires_target_size(width: int, height: int, hr_scale: float, hr_resize_x: int,
+                      hr_resize_y: int) -> tuple[int, int, int, int]:
+    """(upscale_w, upscale_h, final_w, final_h) of the hires fix, as the WebUI computes them.
+
+    With hr_resize_x/y both 0 the image is scaled by hr_scale. With one of them 0 the other keeps
+    the aspect ratio. With both, the image is upscaled to cover the target and cropped to it
+    (``calculate_target_resolution`` in the WebUI's processing.py). Workers use the same function.
+    """
+    if hr_resize_x == 0 and hr_resize_y == 0:
+        w, h = int(width * hr_scale), int(height * hr_scale)
+        return w, h, w, h
+    if hr_resize_y == 0:
+        return hr_resize_x, hr_resize_x * height // width, hr_resize_x, hr_resize_x * height // width
+    if hr_resize_x == 0:
+        return hr_resize_y * width // height, hr_resize_y, hr_resize_y * width // height, hr_resize_y
+    if width / height < hr_resize_x / hr_resize_y:
+        return hr_resize_x, hr_resize_x * height // width, hr_resize_x, hr_resize_y
+    return hr_resize_y * width // height, hr_resize_y, hr_resize_x, hr_resize_y
+
+
+def _check_size(w: int, h: int, field: tuple[str, ...], what: str, settings: Settings) -> None:
+    if w % 8 or h % 8:
+        raise FieldError(field, f"{what} {w}x{h} must be a multiple of 8 on both sides")
+    if max(w, h) > settings.max_side:
+        raise FieldError(field, f"{what} {w}x{h} must be at most {settings.max_side} on each side")
+    if w * h > settings.max_pixels:
+        raise FieldError(field, f"{what} {w}x{h} = {w * h} pixels exceeds the limit of {settings.max_pixels}")
 
 
 def check_limits(req: Txt2ImgRequest, settings: Settings) -> None:
@@ -65,26 +153,148 @@ def check_limits(req: Txt2ImgRequest, settings: Settings) -> None:
             ("body", "n_iter"),
             f"batch_size x n_iter must be at most {settings.max_images_per_job} images per job",
         )
+    for name in ("seed_resize_from_w", "seed_resize_from_h"):
+        if getattr(req, name) > settings.max_side:
+            raise FieldError(("body", name), f"{name} must be at most {settings.max_side}")
+    if req.init_images is not None and len(req.init_images) > settings.max_batch_size:
+        raise FieldError(("body", "init_images"), f"at most {settings.max_batch_size} init images per job")
+    if req.enable_hr:
+        _check_hires(req, settings)
 
 
-def resolve_params(req: Txt2ImgRequest, model_name: str) -> dict[str, Any]:
-    """The immutable parameter object a worker renders from: every default and the seed made explicit."""
-    sampler = resolve_sampler(req.sampler_name, req.scheduler)
-    seed = req.seed if req.seed != -1 else secrets.randbelow(MAX_SEED)
+def _check_hires(req: Txt2ImgRequest, settings: Settings) -> None:
+    if req.hr_second_pass_steps > settings.max_steps:
+        raise FieldError(("body", "hr_second_pass_steps"),
+                         f"hr_second_pass_steps must be between 0 and {settings.max_steps}")
+    up_w, up_h, final_w, final_h = hires_target_size(req.width, req.height, req.hr_scale, req.hr_resize_x,
+                                                     req.hr_resize_y)
+    field = ("body", "hr_scale") if req.hr_resize_x == 0 and req.hr_resize_y == 0 else ("body", "hr_resize_x")
+    _check_size(final_w, final_h, field, "the hires fix target size", settings)
+    _check_size(up_w, up_h, field, "the hires fix upscale size", settings)
+
+
+def check_mode(req: Txt2ImgRequest) -> Literal["txt2img", "img2img"]:
+    """txt2img or img2img, from ``mode`` and ``init_images``; contradictions name the field at fault."""
+    has_init = bool(req.init_images)
+    if req.mode == "img2img" and not has_init:
+        raise FieldError(("body", "init_images"), "img2img needs at least one init image")
+    if has_init and "mode" in req.model_fields_set and req.mode == "txt2img":
+        raise FieldError(("body", "init_images"), "init_images are for img2img; leave mode out or set it to img2img")
+    mode: Literal["txt2img", "img2img"] = "img2img" if has_init else "txt2img"
+    if mode == "txt2img" and req.mask is not None:
+        raise FieldError(("body", "mask"), "a mask needs init_images (inpainting is img2img)")
+    if mode == "img2img" and req.enable_hr:
+        raise FieldError(("body", "enable_hr"), "hires fix is a txt2img option; img2img has none")
+    return mode
+
+
+def _sampler(name: str, schedule: str | None, sampler_field: str, schedule_field: str) -> SamplerChoice:
+    """resolve_sampler, with its errors moved onto the hires fields when those are the ones checked."""
+    try:
+        return resolve_sampler(name, schedule)
+    except FieldError as exc:
+        field = sampler_field if exc.field[-1] == "sampler_name" else schedule_field
+        raise FieldError(("body", field), exc.message) from exc
+
+
+def _hires_sampler(req: Txt2ImgRequest, first_pass: SamplerChoice) -> tuple[str | None, str | None]:
+    """(hr_sampler_name, hr_scheduler): canonical names, None where the hires pass uses the first pass's.
+
+    A legacy name such as "DPM++ 2M Karras" with no hr_scheduler splits like the main sampler does;
+    a plain name inherits the first pass's schedule type, which it must support.
+    """
+    if req.hr_sampler_name is None and req.hr_scheduler is None:
+        return None, None
+    name = req.hr_sampler_name or first_pass.sampler_name
+    chosen = _sampler(name, req.hr_scheduler, "hr_sampler_name", "hr_scheduler")
+    hr_name = chosen.sampler_name if req.hr_sampler_name is not None else None
+    if req.hr_scheduler is not None or chosen.schedule_type != "Automatic":
+        return hr_name, chosen.schedule_type
+    try:
+        resolve_sampler(chosen.sampler_name, first_pass.schedule_type)
+    except FieldError as exc:
+        raise FieldError(("body", "hr_sampler_name"),
+                         f"{exc.message} (the first pass's schedule type); set hr_scheduler") from exc
+    return hr_name, None
+
+
+def _random_if_unset(seed: int) -> int:
+    return seed if seed != -1 else secrets.randbelow(MAX_SEED)
+
+
+def resolve_params(
+    req: Txt2ImgRequest,
+    model_name: str,
+    *,
+    style_book: StyleBook | None = None,
+    init_images: list[str] | None = None,
+    mask: str | None = None,
+) -> dict[str, Any]:
+    """The immutable parameter object a worker renders from: every default and the seeds made explicit.
+
+    ``req`` must already carry resolved names (model, VAE and upscaler file names; see
+    :func:`shared.jobs.params.plan_job`); ``init_images`` and ``mask`` are object-store keys.
+    Styles are applied here, so ``prompt`` is what the worker encodes and what the infotext shows.
+    """
+    mode = check_mode(req)
+    sampler = _sampler(req.sampler_name, req.scheduler, "sampler_name", "scheduler")
+    hr_sampler_name, hr_scheduler = _hires_sampler(req, sampler)
+    if style_book is None and req.styles:
+        style_book = StyleBook(read_styles_csv(BUILTIN_STYLES_FILE))
+    prompt, negative_prompt = req.prompt, req.negative_prompt
+    hr_prompt, hr_negative_prompt = req.hr_prompt, req.hr_negative_prompt
+    if req.styles and style_book is not None:
+        prompt, negative_prompt = style_book.apply(prompt, negative_prompt, req.styles)
+        # Like the WebUI: an empty hires prompt means "the prompt", which already carries the styles.
+        styled_hr = style_book.apply(hr_prompt, hr_negative_prompt, req.styles)
+        hr_prompt = styled_hr[0] if hr_prompt else ""
+        hr_negative_prompt = styled_hr[1] if hr_negative_prompt else ""
+    denoising = req.denoising_strength
+    if denoising is None:
+        denoising = IMG2IMG_DENOISING if mode == "img2img" else HIRES_DENOISING
+    vae = req.vae if req.vae is not None and req.vae.strip().lower() not in ("", "none", "automatic") else None
     return {
-        "mode": "txt2img",
-        "prompt": req.prompt,
-        "negative_prompt": req.negative_prompt,
+        "mode": mode,
+        "prompt": prompt,
+        "negative_prompt": negative_prompt,
+        "styles": list(req.styles),
         "steps": req.steps,
         "cfg_scale": req.cfg_scale,
         "sampler_name": sampler.sampler_name,
         "scheduler": sampler.schedule_type,
-        "seed": seed,
+        "seed": _random_if_unset(req.seed),
+        "subseed": _random_if_unset(req.subseed),
+        "subseed_strength": req.subseed_strength,
+        "seed_resize_from_w": req.seed_resize_from_w,
+        "seed_resize_from_h": req.seed_resize_from_h,
         "width": req.width,
         "height": req.height,
         "batch_size": req.batch_size,
         "n_iter": req.n_iter,
         "model": model_name,
+        "vae": vae,
+        "clip_skip": req.clip_skip,
+        "eta_noise_seed_delta": req.eta_noise_seed_delta,
+        "denoising_strength": denoising,
+        "init_images": list(init_images or []),
+        "mask": mask,
+        "mask_blur": req.mask_blur,
+        "inpainting_fill": req.inpainting_fill,
+        "inpaint_full_res": req.inpaint_full_res,
+        "inpaint_full_res_padding": req.inpaint_full_res_padding,
+        "inpainting_mask_invert": req.inpainting_mask_invert,
+        "resize_mode": req.resize_mode,
+        "enable_hr": req.enable_hr,
+        "hr_scale": req.hr_scale,
+        "hr_resize_x": req.hr_resize_x,
+        "hr_resize_y": req.hr_resize_y,
+        "hr_upscaler": req.hr_upscaler,
+        "hr_second_pass_steps": req.hr_second_pass_steps,
+        "hr_prompt": hr_prompt,
+        "hr_negative_prompt": hr_negative_prompt,
+        "hr_sampler_name": hr_sampler_name,
+        "hr_scheduler": hr_scheduler,
+        "output_format": req.output_format,
     }
 
 

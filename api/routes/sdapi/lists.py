@@ -1,0 +1,142 @@
+"""The WebUI's list routes (models, samplers, VAEs, LoRAs, ...), read from the farm's models folder.
+
+``refresh-*`` answer at once: the gateway lists the folder on every call, so there is no cache to
+rebuild (workers load what a job names when it runs).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import SettingsDep
+from api.sdapi_auth import SdapiKey
+from shared.model_files import ESRGAN_DIR, VAE_DIR
+from shared.model_registry import CHECKPOINT_DIR
+from shared.samplers import SAMPLERS, SCHEDULE_TYPES
+from shared.sdapi import catalog
+from shared.styles import load_style_book
+
+router = APIRouter()
+
+
+@router.get("/sd-models")
+async def sd_models(key: SdapiKey, settings: SettingsDep) -> list[dict[str, Any]]:
+    """Titles carry the 10-digit hash of the whole file (computed once, then cached), like the WebUI's."""
+    return await run_in_threadpool(catalog.sd_models, settings)
+
+
+@router.get("/samplers")
+def samplers(key: SdapiKey) -> list[dict[str, Any]]:
+    return [{"name": s.name, "aliases": list(s.aliases), "options": {}} for s in SAMPLERS]
+
+
+@router.get("/schedulers")
+def schedulers(key: SdapiKey) -> list[dict[str, Any]]:
+    return [{"name": name.lower(), "label": name, "aliases": None, "default_rho": -1, "need_inner_model": False}
+            for name in SCHEDULE_TYPES]
+
+
+@router.get("/upscalers")
+def upscalers(key: SdapiKey, settings: SettingsDep) -> list[dict[str, Any]]:
+    return catalog.upscalers(settings)
+
+
+@router.get("/latent-upscale-modes")
+def latent_upscale_modes(key: SdapiKey) -> list[dict[str, str]]:
+    return catalog.latent_upscale_modes()
+
+
+@router.get("/sd-vae")
+def sd_vae(key: SdapiKey, settings: SettingsDep) -> list[dict[str, Any]]:
+    return catalog.vaes(settings)
+
+
+@router.get("/loras")
+def loras(key: SdapiKey, settings: SettingsDep) -> list[dict[str, Any]]:
+    """Installed LoRA files. Jobs accept ``<lora:name:weight>`` tags; applying them is issue 4."""
+    return catalog.loras(settings)
+
+
+@router.get("/embeddings")
+def embeddings(key: SdapiKey, settings: SettingsDep) -> dict[str, dict[str, Any]]:
+    return catalog.embeddings(settings)
+
+
+@router.get("/prompt-styles")
+def prompt_styles(key: SdapiKey, settings: SettingsDep) -> list[dict[str, str]]:
+    book = load_style_book(settings)
+    return [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt} for s in book.styles.values()]
+
+
+@router.get("/scripts")
+def scripts(key: SdapiKey) -> dict[str, list[str]]:
+    """No WebUI scripts or extensions run here; clients use this list to decide what to send."""
+    return {"txt2img": [], "img2img": []}
+
+
+@router.get("/script-info")
+def script_info(key: SdapiKey) -> list[dict[str, Any]]:
+    return []
+
+
+@router.get("/face-restorers")
+def face_restorers(key: SdapiKey) -> list[dict[str, Any]]:
+    return []
+
+
+@router.get("/hypernetworks")
+def hypernetworks(key: SdapiKey) -> list[dict[str, Any]]:
+    return []
+
+
+@router.get("/cmd-flags")
+def cmd_flags(key: SdapiKey, settings: SettingsDep) -> dict[str, Any]:
+    """The WebUI flags that describe this server; it runs API-only, with keys as auth, across a farm."""
+    models = settings.models_dir
+    return {
+        "api": True, "nowebui": True, "api_auth": "API keys", "listen": True, "skip_torch_cuda_test": True,
+        "data_dir": str(models.parent), "models_dir": str(models),
+        "ckpt_dir": str(models / CHECKPOINT_DIR), "vae_dir": str(models / VAE_DIR),
+        "lora_dir": str(models / catalog.LORA_DIR), "embeddings_dir": str(models / catalog.EMBEDDINGS_DIR),
+        "esrgan_models_path": str(models / ESRGAN_DIR), "styles_file": [str(settings.styles_file or "")],
+        "max_pixels": settings.max_pixels, "max_steps": settings.max_steps,
+    }
+
+
+def _ram() -> dict[str, int]:
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError):
+        return {"free": 0, "used": 0, "total": 0}
+    return {"free": free, "used": total - free, "total": total}
+
+
+@router.get("/memory")
+def memory(key: SdapiKey) -> dict[str, Any]:
+    """The gateway's RAM; GPU memory lives on the workers (see the admin dashboard)."""
+    return {"ram": _ram(), "cuda": {"error": "the API gateway has no GPU; each worker reports its own on /admin"}}
+
+
+@router.post("/refresh-checkpoints")
+def refresh_checkpoints(key: SdapiKey) -> None:
+    return None
+
+
+@router.post("/refresh-loras")
+def refresh_loras(key: SdapiKey) -> None:
+    return None
+
+
+@router.post("/refresh-vae")
+def refresh_vae(key: SdapiKey) -> None:
+    return None
+
+
+@router.post("/refresh-embeddings")
+def refresh_embeddings(key: SdapiKey) -> None:
+    return None

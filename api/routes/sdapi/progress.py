@@ -1,0 +1,92 @@
+"""``GET progress``, ``POST interrupt`` and ``POST skip``: about the caller's own jobs only.
+
+The WebUI has one global job, so its progress is everyone's. Here "the current job" is the
+caller's most recent one, and ``job_count`` counts the caller's queued and running jobs, which is
+what ``webuiapi.util_wait_for_ready`` waits on. Interrupt and skip cancel the caller's running jobs
+(the farm cannot skip one image of a batch; skip stops the job like interrupt).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from api.deps import SessionDep
+from api.sdapi_auth import SdapiKey
+from shared.db.models import Job
+from shared.jobs import repository
+from shared.jobs.events import publish_events, record_event
+from shared.jobs.states import JobStatus
+from shared.jobs.views import eta_seconds, queue_position
+from shared.sdapi.info import job_timestamp
+
+router = APIRouter()
+_ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+class ProgressResponse(BaseModel):
+    progress: float
+    eta_relative: float
+    state: dict[str, Any]
+    current_image: str | None = None
+    textinfo: str | None = None
+
+
+def _textinfo(session: Session, job: Job) -> str:
+    if job.status == JobStatus.QUEUED:
+        return f"job {job.id} queued, position {queue_position(session, job)}"
+    if job.status == JobStatus.RUNNING:
+        return f"job {job.id} running on {job.lease_owner or 'a worker'}"
+    return f"job {job.id} {job.status}"
+
+
+@router.get("/progress", response_model=ProgressResponse)
+def progress(key: SdapiKey, session: SessionDep, skip_current_image: bool = False) -> ProgressResponse:
+    job = session.scalar(select(Job).where(Job.owner == key.owner).order_by(Job.created_at.desc()).limit(1))
+    active = session.scalar(select(func.count()).select_from(Job)
+                            .where(Job.owner == key.owner, Job.status.in_([str(s) for s in _ACTIVE])))
+    running = job is not None and job.status == JobStatus.RUNNING
+    total = int(job.params.get("steps", 0)) * int(job.params.get("n_iter", 1)) if job is not None else 0
+    state = {
+        "skipped": False,
+        "interrupted": job is not None and job.status == JobStatus.CANCELED,
+        "stopping_generation": job is not None and job.cancel_requested_at is not None and running,
+        "job": f"job {job.id}" if job is not None else "",
+        "job_count": int(active or 0),
+        "job_timestamp": job_timestamp(job) if job is not None else "0",
+        "job_no": 0,
+        "sampling_step": round(job.progress * total) if running else 0,
+        "sampling_steps": total if job is not None else 0,
+    }
+    return ProgressResponse(
+        progress=job.progress if running else 0.0,
+        eta_relative=(eta_seconds(job) or 0.0) if running else 0.0,
+        state=state,
+        textinfo=_textinfo(session, job) if job is not None else None,
+    )
+
+
+def _cancel_running(key: SdapiKey, session: Session) -> dict[str, Any]:
+    jobs = session.scalars(select(Job.id).where(Job.owner == key.owner, Job.status == JobStatus.RUNNING)).all()
+    deliveries: list[int] = []
+    for job_id in jobs:
+        if repository.cancel_job(session, job_id) == repository.CancelOutcome.CANCELED:
+            deliveries += record_event(session, job_id)
+    session.commit()
+    publish_events(deliveries)
+    return {}
+
+
+@router.post("/interrupt")
+def interrupt(key: SdapiKey, session: SessionDep) -> dict[str, Any]:
+    """Stops the caller's running jobs at their next denoising step; other users' jobs are untouched."""
+    return _cancel_running(key, session)
+
+
+@router.post("/skip")
+def skip(key: SdapiKey, session: SessionDep) -> dict[str, Any]:
+    return _cancel_running(key, session)

@@ -1,0 +1,96 @@
+"""WebUI request bodies → farm requests, unsupported features, and the sdapi auth header parsing (no servers)."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from api.sdapi_auth import credentials
+from shared.errors import FieldError
+from shared.sdapi.requests import Img2ImgBody, Txt2ImgBody, to_farm_request, unsupported_features
+
+WEBUIAPI_DEFAULTS = {  # what webuiapi.WebUIApi.txt2img sends when called with only a prompt
+    "enable_hr": False, "hr_scale": 2, "hr_upscaler": "Latent", "hr_second_pass_steps": 0, "hr_resize_x": 0,
+    "hr_resize_y": 0, "hr_checkpoint_name": None, "hr_sampler_name": None, "hr_scheduler": None, "hr_prompt": "",
+    "hr_negative_prompt": "", "denoising_strength": 0.7, "firstphase_width": 0, "firstphase_height": 0,
+    "prompt": "a cat", "styles": [], "seed": -1, "subseed": -1, "subseed_strength": 0.0, "seed_resize_from_h": 0,
+    "seed_resize_from_w": 0, "batch_size": 1, "n_iter": 1, "steps": 20, "cfg_scale": 7.0, "width": 512,
+    "height": 512, "restore_faces": False, "tiling": False, "do_not_save_samples": False,
+    "do_not_save_grid": False, "negative_prompt": "", "eta": 1.0, "s_churn": 0, "s_tmax": 0, "s_tmin": 0,
+    "s_noise": 1, "override_settings": {}, "override_settings_restore_afterwards": True, "sampler_name": "Euler a",
+    "scheduler": "automatic", "sampler_index": "Euler a", "script_name": None, "script_args": [],
+    "send_images": True, "save_images": False, "alwayson_scripts": {},
+}
+
+
+def test_webuiapi_payload_maps_to_a_plain_farm_request() -> None:
+    body = Txt2ImgBody.model_validate({**WEBUIAPI_DEFAULTS, "some_future_field": 1})
+    assert unsupported_features(body) == []
+    req = to_farm_request(body, {})
+    assert req.sampler_name == "Euler a" and req.scheduler == "automatic"
+    assert req.seed_resize_from_w == -1 and req.denoising_strength is None  # no hires fix: no denoising
+    assert req.steps == 20 and req.override_settings == {}
+
+
+def test_unset_fields_take_webui_defaults_and_key_options_below_infotext() -> None:
+    body = Txt2ImgBody.model_validate({"prompt": "x", "infotext": "x\nSteps: 7, Sampler: Euler, Seed: 5, Clip skip: 2"})
+    req = to_farm_request(body, {"clip_skip": 3, "eta_noise_seed_delta": 31337, "model": "demo-tiny"})
+    fields = req.model_fields_set
+    assert "steps" not in fields and "clip_skip" not in fields  # left to the infotext, which fills them later
+    assert req.eta_noise_seed_delta == 31337 and req.model == "demo-tiny"
+    plain = to_farm_request(Txt2ImgBody.model_validate({"prompt": "x"}), {"clip_skip": 3})
+    assert plain.steps == 50 and plain.clip_skip == 3  # the WebUI API's default steps; the key's clip skip
+
+
+def test_override_settings_beat_key_options() -> None:
+    body = Txt2ImgBody.model_validate({"override_settings": {"CLIP_stop_at_last_layers": 2}})
+    req = to_farm_request(body, {"clip_skip": 3})
+    assert "clip_skip" not in req.model_fields_set and req.override_settings == {"CLIP_stop_at_last_layers": 2}
+
+
+def test_sampler_index_is_used_when_sampler_name_is_missing() -> None:
+    assert to_farm_request(Txt2ImgBody.model_validate({"sampler_index": "DDIM"}), {}).sampler_name == "DDIM"
+
+
+def test_img2img_without_mask_drops_inpainting_fields_and_sets_mode() -> None:
+    body = Img2ImgBody.model_validate({"init_images": ["abc"], "inpainting_fill": 0, "mask_blur": 4})
+    req = to_farm_request(body, {})
+    assert req.mode == "img2img" and "inpainting_fill" not in req.model_fields_set
+    masked = to_farm_request(Img2ImgBody.model_validate({"init_images": ["abc"], "mask": "m"}), {})
+    assert masked.inpainting_fill == 0 and masked.inpaint_full_res is True  # the WebUI API's defaults
+
+
+@pytest.mark.parametrize("payload, loc", [
+    ({"script_name": "x/y plot"}, ("body", "script_name")),
+    ({"alwayson_scripts": {"ControlNet": {"args": [{"enabled": True}]}}}, ("body", "alwayson_scripts", "ControlNet")),
+    ({"restore_faces": True}, ("body", "restore_faces")),
+    ({"hr_checkpoint_name": "other.safetensors"}, ("body", "hr_checkpoint_name")),
+])
+def test_missing_features_are_errors_naming_them(payload: dict, loc: tuple) -> None:
+    with pytest.raises(FieldError) as caught:
+        unsupported_features(Txt2ImgBody.model_validate(payload))
+    assert caught.value.field == loc
+
+
+def test_disabled_scripts_and_unsupported_knobs_become_warnings() -> None:
+    body = Txt2ImgBody.model_validate({"alwayson_scripts": {"ADetailer": {"args": [False]}}, "eta": 0.5})
+    warnings = unsupported_features(body)
+    assert any("ADetailer" in w for w in warnings) and any("eta=0.5" in w for w in warnings)
+
+
+def test_out_of_range_values_name_the_webui_field() -> None:
+    with pytest.raises(FieldError) as caught:
+        to_farm_request(Txt2ImgBody.model_validate({"cfg_scale": 99}), {})
+    assert caught.value.field == ("body", "cfg_scale")
+
+
+def _basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def test_auth_headers() -> None:
+    assert credentials("Bearer rf_abc") == ["rf_abc"]
+    assert credentials(_basic("anyone", "rf_key")) == ["rf_key"]
+    assert credentials(_basic("rf_key", "")) == ["rf_key"]
+    assert credentials("Basic !!!") == [] and credentials("Digest x") == [] and credentials("") == []
