@@ -13,6 +13,7 @@ from fastapi.staticfiles import StaticFiles
 from api.routes import (
     admin,
     admin_jobs,
+    catalog,
     files,
     health,
     job_events,
@@ -63,6 +64,7 @@ def create_app() -> FastAPI:
         app.include_router(router)
     for router in (admin.router, admin_jobs.router, admin.page_router, metrics.router):
         app.include_router(router)
+    app.include_router(catalog.router)
     app.mount("/admin/static", StaticFiles(directory=admin.PAGE_DIR), name="admin-static")
     return app
 

@@ -43,7 +43,7 @@ def _job(farm: Farm, key: str, job_id: str) -> dict:
 
 def test_txt2img_with_lora_tag_negative_prompt_seed_and_sampler(farm: Farm, api: webuiapi.WebUIApi,
                                                                  user_key: str) -> None:
-    # The farm does not apply LoRAs yet (issue 4): the tag is stripped from the text and must not break the job.
+    # Like the WebUI's API, an unknown LoRA tag does not refuse the call: it renders and says so in `info`.
     result = api.txt2img(prompt="a red fox <lora:not_installed:0.7>", negative_prompt="blurry, lowres", seed=4242,
                          sampler_name="Euler a", cfg_scale=6, **SMALL)
     assert len(result.images) == 1 and result.image.size == (64, 64)
@@ -55,7 +55,8 @@ def test_txt2img_with_lora_tag_negative_prompt_seed_and_sampler(farm: Farm, api:
     info = result.info
     assert info["seed"] == 4242 and info["all_seeds"] == [4242] and info["infotexts"] == [infotext]
     assert info["sd_model_name"] == "demo-tiny" and info["sd_model_hash"] == parsed["Model hash"]
-    assert info["sampler_name"] == "Euler a" and info["warnings"] == []
+    assert info["sampler_name"] == "Euler a"
+    assert info["warnings"] == ["LoRA 'not_installed' is not installed; its tag was not applied"]
     assert result.parameters["prompt"] == "a red fox <lora:not_installed:0.7>"
     job = _job(farm, user_key, info["job_id"])  # a normal farm job, visible in the job API
     assert job["status"] == "succeeded" and job["seeds"] == [4242]

@@ -231,7 +231,8 @@ class JobRunner:
                 raise JobCanceled()
 
         rendered = self.engine.render(
-            model.pipeline, params, model.scheduler_config, load_image=self.store.get, on_step=on_step
+            model.pipeline, params, model.scheduler_config, load_image=self.store.get, on_step=on_step,
+            loras=model.loras,
         )
         output_format = params.get("output_format") or "png"
         _, extension, content_type = OUTPUT_FORMATS.get(output_format, OUTPUT_FORMATS["png"])

@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,8 @@ class LoadedModel:
     pipeline: Any
     load_seconds: float
     scheduler_config: dict[str, Any]
+    # The LoRA adapters resident on this pipeline (worker.pipelines.lora.LoraCache), switched per job.
+    loras: Any = field(default=None)
 
 
 class PipelineCache:
@@ -47,15 +49,21 @@ class PipelineCache:
         self.hashes = HashCache(settings.models_dir / ".hashes.json")
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
         self.loads = 0
+        self._lora_files: Any = None  # parsed LoRA files in RAM, shared by every pipeline's LoraCache
 
     def names(self) -> list[str]:
         return list(self._models)
+
+    def resident_loras(self) -> list[str]:
+        """LoRA adapters resident on the loaded pipelines, for the heartbeat and the dashboard."""
+        return sorted({name for model in self._models.values() for name in model.loras.resident()})
 
     def get(self, name: str) -> LoadedModel:
         if name in self._models:
             self._models.move_to_end(name)
             return self._models[name]
         from worker.pipelines.checkpoint_loader import load_pipeline
+        from worker.pipelines.lora import LoraCache, StateDictCache
 
         ckpt = resolve_checkpoint(self.settings.models_dir, name)
         started = time.perf_counter()
@@ -69,6 +77,9 @@ class PipelineCache:
             load_seconds=time.perf_counter() - started,
             scheduler_config=dict(pipeline.scheduler.config),
         )
+        if self._lora_files is None:
+            self._lora_files = StateDictCache()
+        loaded.loras = LoraCache(self._lora_files, hashes=self.hashes)
         self.loads += 1
         log.info("loaded %s [%s] on %s in %.2fs", ckpt.name, loaded.short_hash, self.device, loaded.load_seconds)
         self._models[name] = loaded
@@ -132,6 +143,7 @@ class WorkerRuntime:
             "pid": os.getpid(),
             "device": self.device,
             "models": self.pipelines.names(),
+            "loras": self.pipelines.resident_loras(),
             "model_loads": self.pipelines.loads,
             "ready": self.ready.is_set(),
             "current_job": self.heartbeat.current_job_id,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 from pydantic import BaseModel
-from shared.hashes import HashCache
 
 from api.deps import CurrentKey, SettingsDep
-from shared.model_registry import default_checkpoint, scan_checkpoints
+from shared.model_catalog import hash_cache_for, list_checkpoints
+from shared.model_registry import default_checkpoint
 from shared.samplers import SAMPLERS, SCHEDULE_TYPES
 
 router = APIRouter(prefix="/v1", tags=["models"])
@@ -20,6 +20,8 @@ class ModelView(BaseModel):
     size: int
     hash: str | None
     sha256: str | None
+    legacy_hash: str | None
+    architecture: str | None
     default: bool
     loadable: bool
     refused_reason: str | None
@@ -31,32 +33,26 @@ class SamplerView(BaseModel):
     schedule_types: list[str]
 
 
-def _hash_cache(settings) -> HashCache:
-    return HashCache(settings.models_dir / ".hashes.json")
-
-
 @router.get("/models", response_model=list[ModelView])
 def list_models(key: CurrentKey, settings: SettingsDep) -> list[ModelView]:
-    cache = _hash_cache(settings)
+    """Checkpoints with the WebUI's hashes (10-hex and pre-2023 8-hex) and the architecture from the header."""
     default = default_checkpoint(settings.models_dir, settings.default_model)
-    views = []
-    for ckpt in scan_checkpoints(settings.models_dir):
-        sha = cache.sha256(ckpt.path) if ckpt.loadable else None
-        short = sha[:10] if sha else None
-        views.append(
-            ModelView(
-                name=ckpt.name,
-                title=f"{ckpt.filename} [{short}]" if short else ckpt.filename,
-                filename=ckpt.filename,
-                size=ckpt.size,
-                hash=short,
-                sha256=sha,
-                default=ckpt.name == default,
-                loadable=ckpt.loadable,
-                refused_reason=ckpt.refused_reason,
-            )
+    return [
+        ModelView(
+            name=ckpt.name,
+            title=f"{ckpt.file} [{ckpt.hash}]" if ckpt.hash else ckpt.file,
+            filename=ckpt.file,
+            size=ckpt.size,
+            hash=ckpt.hash,
+            sha256=ckpt.sha256,
+            legacy_hash=ckpt.legacy_hash,
+            architecture=ckpt.architecture,
+            default=ckpt.name == default,
+            loadable=ckpt.refused_reason is None,
+            refused_reason=ckpt.refused_reason,
         )
-    return views
+        for ckpt in list_checkpoints(settings.models_dir, hash_cache_for(settings.models_dir))
+    ]
 
 
 @router.get("/samplers", response_model=list[SamplerView])

@@ -24,6 +24,7 @@ from shared.errors import FieldError
 from shared.hashes import HashCache
 from shared.infotext import parse_infotext
 from shared.jobs.schemas import Txt2ImgRequest, check_limits, check_mode, resolve_params
+from shared.model_catalog import hash_cache_for, resolve_job_loras, vae_hash
 from shared.model_files import find_infotext_checkpoint, resolve_hr_upscaler, resolve_vae
 from shared.model_registry import CheckpointFile, default_checkpoint, resolve_checkpoint, scan_checkpoints
 from shared.settings import Settings
@@ -216,7 +217,8 @@ class JobPlan:
         return {**self.params, "init_images": list(init_images), "mask": mask}
 
 
-def plan_job(req: Txt2ImgRequest, settings: Settings, style_book: StyleBook | None = None) -> JobPlan:
+def plan_job(req: Txt2ImgRequest, settings: Settings, style_book: StyleBook | None = None,
+             skipped_loras: list[str] | None = None) -> JobPlan:
     """Every check that needs no image bytes; raises FieldError naming the field (or infotext) at fault."""
     merged, origins = merge_request(req, settings)
     try:
@@ -233,6 +235,12 @@ def plan_job(req: Txt2ImgRequest, settings: Settings, style_book: StyleBook | No
         })
         book = style_book if style_book is not None else load_style_book(settings)
         params = resolve_params(resolved, checkpoint.name, style_book=book)
+        # After styles, so a style's <lora:> tags count too; the tags stay in the prompt text.
+        cache = hash_cache_for(settings.models_dir)
+        params["loras"] = resolve_job_loras(settings.models_dir, params["prompt"], params["hr_prompt"],
+                                            [(lora.name, lora.weight) for lora in resolved.loras], cache,
+                                            skipped_loras)
+        params["vae_hash"] = vae_hash(settings.models_dir, params["vae"], cache)
     except FieldError as exc:
         raise _blame(exc, origins) from exc
     return JobPlan(resolved, checkpoint, params)

@@ -28,6 +28,15 @@ HIRES_DENOISING = 0.7
 _PROMPT = Field("", max_length=20000)
 
 
+class LoraRequest(BaseModel):
+    """A LoRA by name (file in models/Lora, with or without extension) and its weight."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(max_length=500)
+    weight: float = Field(1.0, ge=-100.0, le=100.0, allow_inf_nan=False)
+
+
 class Txt2ImgRequest(BaseModel):
     """A job (txt2img, or img2img when init images are given).
 
@@ -56,6 +65,8 @@ class Txt2ImgRequest(BaseModel):
     model: str | None = Field(None, max_length=500, description="checkpoint name; default: the farm's default model")
     vae: str | None = Field(None, max_length=500, description="file in models/VAE; null, Automatic or None: the "
                                                               "checkpoint's own")
+    loras: list[LoraRequest] = Field(default_factory=list, max_length=32,
+                                     description="LoRAs besides the prompt's <lora:name:weight> tags")
     clip_skip: int = Field(1, ge=1, le=12)
     eta_noise_seed_delta: int = Field(0, ge=0, le=MAX_SEED, description="ENSD")
     denoising_strength: float | None = Field(None, ge=0.0, le=1.0,

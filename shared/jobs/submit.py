@@ -63,10 +63,12 @@ def submit_job(
     *,
     idempotency_key: str | None = None,
     mark_published: Callable[[Session, Job], None] = mark_published_now,
+    skipped_loras: list[str] | None = None,
 ) -> Submitted:
     """Create and enqueue a job; raises FieldError (nothing stored) on bad input and
-    idempotency.IdempotencyConflict while a request with the same key is in flight."""
-    plan = plan_job(body, settings)
+    idempotency.IdempotencyConflict while a request with the same key is in flight.
+    `skipped_loras`: collect unknown prompt-tag LoRAs there instead of refusing them (the WebUI API)."""
+    plan = plan_job(body, settings, skipped_loras=skipped_loras)
     webhook_events = check_webhook(body)
     # Input images last: the costliest check. Nothing is stored until every check has passed.
     inputs = stage_inputs(plan.request.init_images, plan.request.mask, owner=key.owner, store=store,

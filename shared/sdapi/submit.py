@@ -24,9 +24,12 @@ __all__ = ["create_job_from_request", "job_status"]
 
 
 def create_job_from_request(session: Session, key: ApiKey, request: Txt2ImgRequest, settings: Settings,
-                            store: ObjectStore) -> tuple[Job, JobPlan]:
-    """The same submit flow as ``POST /v1/jobs`` (shared.jobs.submit); raises FieldError on bad input."""
-    submitted = submit_job(session, key, request, settings, store)
+                            store: ObjectStore, skipped_loras: list[str] | None = None) -> tuple[Job, JobPlan]:
+    """The same submit flow as ``POST /v1/jobs`` (shared.jobs.submit); raises FieldError on bad input.
+
+    Like the WebUI's API, an unknown LoRA named by a prompt tag does not refuse the call: pass a list
+    as `skipped_loras` and its name lands there (for a warning in `info`)."""
+    submitted = submit_job(session, key, request, settings, store, skipped_loras=skipped_loras)
     return submitted.job, submitted.plan
 
 

@@ -15,6 +15,7 @@ WebUI options that change sampling.
 from __future__ import annotations
 
 import io
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from worker.pipelines.denoise import (
 )
 from worker.pipelines.embeddings import EmbeddingLibrary
 from worker.pipelines.img2img import Img2ImgInputs, apply_overlay, latent_mask_tensors, prepare_img2img, resize_image
+from worker.pipelines.lora import LoraCache, job_loras, lora_infotext
 from worker.pipelines.noise import LATENT_CHANNELS, LATENT_FACTOR, ImageNoise, SeedPlan, cpu_randn, job_seed_plans
 from worker.pipelines.vae import VaeChoice, VaeLibrary, decode_to_image, encode_image
 
@@ -77,6 +79,14 @@ class GenerationEngine:
         self.models_dir = Path(models_dir)
         self.embeddings = EmbeddingLibrary(self.models_dir / "embeddings")
         self.vaes = VaeLibrary(self.models_dir / "VAE")
+        # Callers that hold no LoraCache of their own (tests, tools) get one per pipeline, weakly keyed.
+        self._loras: weakref.WeakKeyDictionary[Any, LoraCache] = weakref.WeakKeyDictionary()
+
+    def lora_cache(self, pipe: Any) -> LoraCache:
+        """The engine's own LoRA cache for ``pipe`` (used when ``render`` is given none)."""
+        if pipe not in self._loras:
+            self._loras[pipe] = LoraCache()
+        return self._loras[pipe]
 
     def render(
         self,
@@ -85,10 +95,16 @@ class GenerationEngine:
         scheduler_config: dict[str, Any],
         load_image: ImageLoader | None = None,
         on_step: StepCallback | None = None,
+        loras: LoraCache | None = None,
     ) -> list[RenderedImage]:
         """Every image of a job, in order. ``on_step(done, total)`` counts model evaluations and may raise
-        to cancel; ``load_image(key)`` returns the bytes of an uploaded init image or mask."""
+        to cancel; ``load_image(key)`` returns the bytes of an uploaded init image or mask. ``loras`` is the
+        pipeline's LoRA cache; the job's exact LoRA set (or none) is made active before anything is encoded."""
+        requests = job_loras(params, self.models_dir / "Lora")
+        cache = loras if loras is not None else self.lora_cache(pipe)
+        cache.apply(pipe, requests)
         job, count = self._plan(pipe, params, scheduler_config, load_image)
+        job.extras.update(lora_infotext(requests, cache))
         plans = job_seed_plans(params, count)
         per_image = job.first.evals + (job.second.evals if job.second else 0)
         total, done = max(1, per_image * len(plans)), 0

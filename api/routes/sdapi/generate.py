@@ -49,11 +49,15 @@ def wait_timeout(settings: Settings) -> float:
     return float(configured) if configured else float(settings.job_time_limit * settings.max_attempts + 60)
 
 
-def _submit(body: WebuiBody, key: ApiKey, settings: Settings, store: ObjectStore) -> uuid.UUID:
+def _submit(body: WebuiBody, key: ApiKey, settings: Settings, store: ObjectStore,
+            warnings: list[str]) -> uuid.UUID:
+    skipped: list[str] = []
     with get_session_factory()() as session:
         request = to_farm_request(body, job_defaults(read_options(session, key.id)))
-        job, _ = create_job_from_request(session, key, request, settings, store)
-        return job.id
+        job, _ = create_job_from_request(session, key, request, settings, store, skipped_loras=skipped)
+    # The WebUI logs "Networks not found" and renders anyway; we say so in `info`.
+    warnings.extend(f"LoRA {name!r} is not installed; its tag was not applied" for name in skipped)
+    return job.id
 
 
 def _status(job_id: uuid.UUID) -> JobStatus | None:
@@ -104,7 +108,7 @@ def _answer(body: WebuiBody, job_id: uuid.UUID, settings: Settings, store: Objec
 async def generate(body: WebuiBody, key: ApiKey, settings: Settings, store: ObjectStore) -> Response:
     """Checks (422 before anything is stored), a normal job, the wait, the WebUI's answer."""
     warnings = unsupported_features(body)
-    job_id = await run_in_threadpool(_submit, body, key, settings, store)
+    job_id = await run_in_threadpool(_submit, body, key, settings, store, warnings)
     timeout = wait_timeout(settings)
     if not await _wait(job_id, timeout):
         raise HTTPException(status.HTTP_504_GATEWAY_TIMEOUT,

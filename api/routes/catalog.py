@@ -1,0 +1,66 @@
+"""LoRAs, VAEs and embeddings the farm can use, and the admin's rescan of the models folder.
+
+The lists are fresh scans (see :mod:`shared.model_catalog`), so a file added while the farm runs
+shows up without a restart; hashes come from the shared on-disk cache.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from pydantic import BaseModel
+
+from api.deps import AdminKey, CurrentKey, SettingsDep
+from shared.model_catalog import (
+    CatalogEntry,
+    hash_cache_for,
+    list_embeddings,
+    list_loras,
+    list_vaes,
+    refresh,
+)
+
+router = APIRouter(prefix="/v1", tags=["models"])
+
+
+class FileView(BaseModel):
+    name: str
+    file: str
+    size: int
+    hash: str | None
+    refused_reason: str | None
+
+
+class RefreshView(BaseModel):
+    checkpoints: int
+    loras: int
+    vaes: int
+    embeddings: int
+
+
+def _views(entries: list[CatalogEntry]) -> list[FileView]:
+    return [FileView(name=e.name, file=e.file, size=e.size, hash=e.hash, refused_reason=e.refused_reason)
+            for e in entries]
+
+
+@router.get("/loras", response_model=list[FileView])
+def get_loras(key: CurrentKey, settings: SettingsDep) -> list[FileView]:
+    """``hash`` is the WebUI's 12-hex LoRA short hash."""
+    return _views(list_loras(settings.models_dir, hash_cache_for(settings.models_dir)))
+
+
+@router.get("/vaes", response_model=list[FileView])
+def get_vaes(key: CurrentKey, settings: SettingsDep) -> list[FileView]:
+    """``hash`` is the 10-hex "VAE hash"."""
+    return _views(list_vaes(settings.models_dir, hash_cache_for(settings.models_dir)))
+
+
+@router.get("/embeddings", response_model=list[FileView])
+def get_embeddings(key: CurrentKey, settings: SettingsDep) -> list[FileView]:
+    """``hash`` is the 12-hex SHA-256 prefix of "TI hashes"."""
+    return _views(list_embeddings(settings.models_dir, hash_cache_for(settings.models_dir)))
+
+
+@router.post("/models/refresh", response_model=RefreshView)
+def refresh_models(key: AdminKey, settings: SettingsDep) -> RefreshView:
+    """Admin only: rescan the models folder; what a client will now see, counted per folder."""
+    return RefreshView(**refresh(settings.models_dir))
