@@ -306,6 +306,9 @@ def resolve_params(
         "hr_sampler_name": hr_sampler_name,
         "hr_scheduler": hr_scheduler,
         "output_format": req.output_format,
+        # Filled from the models folder by shared.jobs.params.plan_job (LoRA files and hashes, VAE hash).
+        "loras": [],
+        "vae_hash": None,
     }
 
 
