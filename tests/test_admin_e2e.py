@@ -100,6 +100,11 @@ def test_a_worker_started_while_paused_takes_nothing(admin_farm: Farm) -> None:
             assert admin_farm.wait_for(job_id, timeout=60)["status"] == "succeeded"
         fleet = admin(admin_farm, "GET", "/v1/admin/workers")
         assert {w["name"].split(":")[0] for w in fleet["workers"] if w["state"] != "lost"} >= {"a1", "a2"}
+        live = [w for w in fleet["workers"] if w["state"] != "lost"]
+        # Each worker says how much room it has: its own resident set and the device's free/total memory.
+        assert all(0 < w["memory"]["process_rss"] and 0 < w["memory"]["device_free"] <= w["memory"]["device_total"]
+                   for w in live), live
+        assert all(w["device"] == "cpu" and w["models"] == ["demo-tiny"] for w in live)
     finally:
         admin(admin_farm, "POST", "/v1/admin/queue/resume")
         if second is not None:

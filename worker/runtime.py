@@ -98,6 +98,22 @@ def pick_device(requested: str) -> tuple[str, Any]:
     return requested, dtype
 
 
+def memory_report(device: str) -> dict[str, int]:
+    """Bytes, for the heartbeat: this process's resident set and the device's free/total memory
+    (system RAM for a CPU worker), so operators see how much room a worker has for more models."""
+    import psutil
+    import torch
+
+    report = {"process_rss": psutil.Process().memory_info().rss}
+    if device.startswith("cuda"):
+        free, total = torch.cuda.mem_get_info(torch.device(device))
+    else:
+        vm = psutil.virtual_memory()
+        free, total = vm.available, vm.total
+    report |= {"device_free": int(free), "device_total": int(total)}
+    return report
+
+
 def torch_threads_for(configured: int, device: str) -> int:
     """CPU renders oversubscribe badly when torch threads compete with other processes; keep half the cores."""
     if configured > 0:
@@ -144,6 +160,7 @@ class WorkerRuntime:
             "device": self.device,
             "models": self.pipelines.names(),
             "loras": self.pipelines.resident_loras(),
+            "memory": memory_report(self.device),
             "model_loads": self.pipelines.loads,
             "ready": self.ready.is_set(),
             "current_job": self.heartbeat.current_job_id,
