@@ -16,7 +16,6 @@ import platform
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from datetime import datetime
@@ -24,10 +23,8 @@ from pathlib import Path
 
 import httpx
 
-from shared.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
-from tests.farm_harness import ROOT, start_api, start_worker
-
-KEY = "rf_bench_admin_key_0123456789abcdefgh"
+from bench.bench_farm import KEY, models_folder, start_servers
+from tests.farm_harness import start_api, start_worker
 
 
 def machine() -> str:
@@ -119,25 +116,11 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
-    models = work / "models"
-    (models / "Stable-diffusion").mkdir(parents=True)
-    if args.checkpoint:
-        (models / "Stable-diffusion" / args.checkpoint.name).symlink_to(args.checkpoint.resolve())
-    else:
-        subprocess.run([sys.executable, "-m", "worker.demo_model", str(models)], cwd=ROOT, check=True)
-    checkpoint = next((models / "Stable-diffusion").glob("*.safetensors"))
+    models, checkpoint = models_folder(work, args.checkpoint)
     body = {"prompt": "a lighthouse at dusk, masterpiece", "steps": args.steps, "width": args.size,
             "height": args.size, "sampler_name": args.sampler, "cfg_scale": 7.0}
-
-    os.environ["RENDERFARM_PG_FSYNC_OFF"] = "1"
-    pg = EmbeddedPostgres(work / "pg", free_port()).start()
-    rd = EmbeddedRedis(work / "redis", free_port(), persist=False).start()
-    from shared.migrate import upgrade
-
-    upgrade(pg.url)
-    env = dict(os.environ, DATABASE_URL=pg.url, REDIS_URL=rd.url, STORAGE_URL=str(work / "objects"),
-               RENDERFARM_MODELS_DIR=str(models), RENDERFARM_ADMIN_KEY=KEY, HF_HUB_OFFLINE="1",
-               RENDERFARM_TORCH_THREADS=str(args.threads))
+    servers = start_servers(work, models, args.threads)
+    env = servers.env
     procs = []
     direct: list[float] = []
     farm: list[dict[str, float]] = []
@@ -147,7 +130,7 @@ def main() -> None:
         procs.append(start_worker(env, work, timeout=600))
         if args.pin:
             pin_processes(procs[-1].popen.pid, {0})
-            for other in (api.popen.pid, pg.proc.pid, rd.proc.pid):
+            for other in (api.popen.pid, servers.postgres.proc.pid, servers.redis.proc.pid):
                 pin_processes(other, {1})
         renderer = DirectRenderer(checkpoint, args.threads)
         with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as client:
@@ -164,8 +147,7 @@ def main() -> None:
     finally:
         for proc in reversed(procs):
             proc.stop()
-        rd.stop()
-        pg.stop()
+        servers.stop()
         shutil.rmtree(work, ignore_errors=True)
 
     def med(values: list[float]) -> float:

@@ -14,11 +14,8 @@ On one GPU, two workers share it; the speed-up then shows how much of a job is n
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,11 +23,9 @@ from pathlib import Path
 
 import httpx
 
+from bench.bench_farm import KEY, models_folder, start_servers
 from bench.overhead import machine
-from shared.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
-from tests.farm_harness import ROOT, start_api, start_worker
-
-KEY = "rf_bench_admin_key_0123456789abcdefgh"
+from tests.farm_harness import start_api, start_worker
 
 
 def call(base: str, body: dict, seed: int) -> float:
@@ -66,24 +61,11 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-sdapi-"))
-    models = work / "models"
-    (models / "Stable-diffusion").mkdir(parents=True)
-    if args.checkpoint:
-        (models / "Stable-diffusion" / args.checkpoint.name).symlink_to(args.checkpoint.resolve())
-    else:
-        subprocess.run([sys.executable, "-m", "worker.demo_model", str(models)], cwd=ROOT, check=True)
+    models, checkpoint = models_folder(work, args.checkpoint)
     body = {"prompt": "a lighthouse at dusk, masterpiece", "steps": args.steps, "width": args.size,
             "height": args.size, "sampler_name": "Euler a"}
-
-    os.environ["RENDERFARM_PG_FSYNC_OFF"] = "1"
-    pg = EmbeddedPostgres(work / "pg", free_port()).start()
-    rd = EmbeddedRedis(work / "redis", free_port(), persist=False).start()
-    from shared.migrate import upgrade
-
-    upgrade(pg.url)
-    env = dict(os.environ, DATABASE_URL=pg.url, REDIS_URL=rd.url, STORAGE_URL=str(work / "objects"),
-               RENDERFARM_MODELS_DIR=str(models), RENDERFARM_ADMIN_KEY=KEY, HF_HUB_OFFLINE="1",
-               RENDERFARM_TORCH_THREADS=str(args.threads))
+    servers = start_servers(work, models, args.threads)
+    env = servers.env
     results: dict[int, tuple[list[float], list[float]]] = {}
     api = None
     try:
@@ -101,11 +83,10 @@ def main() -> None:
     finally:
         if api is not None:
             api.stop()
-        rd.stop()
-        pg.stop()
+        servers.stop()
         shutil.rmtree(work, ignore_errors=True)
 
-    name = args.checkpoint.name if args.checkpoint else "demo-tiny.safetensors"
+    name = checkpoint.name
     print(f"machine: {machine()}")
     print(f"model: {name}, {args.size}x{args.size}, {args.steps} steps, Euler a, {args.calls} concurrent calls, "
           f"{args.rounds} rounds (+1 warm-up), torch threads {args.threads or 'default'}")

@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     # Queued jobs are re-published after this long when the broker holds fewer messages than queued jobs
     # (e.g. Redis restarted empty).
     republish_after_seconds: float = 30.0
+    # How long a /sdapi/v1 txt2img/img2img call waits for its job; None: long enough for every retry.
+    sdapi_timeout: float | None = None
     url_expires_seconds: int = 3600
 
     # Input images (img2img, masks, uploads, png-info). Checked on the header, before any pixel is decoded.

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 import time
 import uuid
 from typing import Any
@@ -45,8 +44,9 @@ class GenerationResponse(BaseModel):
 
 def wait_timeout(settings: Settings) -> float:
     """How long a call waits: ``RENDERFARM_SDAPI_TIMEOUT``, else long enough for every retry of a job."""
-    configured = os.environ.get("RENDERFARM_SDAPI_TIMEOUT")
-    return float(configured) if configured else float(settings.job_time_limit * settings.max_attempts + 60)
+    if settings.sdapi_timeout:
+        return settings.sdapi_timeout
+    return float(settings.job_time_limit * settings.max_attempts + 60)
 
 
 def _submit(body: WebuiBody, key: ApiKey, settings: Settings, store: ObjectStore,
