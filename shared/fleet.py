@@ -52,17 +52,18 @@ class WorkerSighting:
     lost: bool
 
 
+def live_worker_infos(client: redis.Redis) -> list[dict[str, Any]]:
+    """The descriptions of the workers beating now (their keys expire when they stop)."""
+    keys = list(client.scan_iter(match=WORKER_KEY_PREFIX + "*", count=500))
+    return [info for info in map(_decode, client.mget(keys) if keys else []) if info]
+
+
 def read_fleet(
     client: redis.Redis, *, lost_after_seconds: float, forget_after_seconds: float, now: float | None = None
 ) -> list[WorkerSighting]:
     """Every worker seen beating within `forget_after_seconds`, live ones first, lost ones flagged."""
     now = time.time() if now is None else now
-    keys = list(client.scan_iter(match=WORKER_KEY_PREFIX + "*", count=500))
-    live: dict[str, dict[str, Any]] = {}
-    for raw in client.mget(keys) if keys else []:
-        info = _decode(raw)
-        if info and info.get("name"):
-            live[info["name"]] = info
+    live = {info["name"]: info for info in live_worker_infos(client) if info.get("name")}
     if live:
         client.hset(SEEN_KEY, mapping={name: json.dumps(info) for name, info in live.items()})
     sightings: list[WorkerSighting] = []
@@ -90,9 +91,13 @@ class BrokerQueue:
 
 
 def broker_queue(client: redis.Redis, queue: str = QueueName.RENDER) -> BrokerQueue:
+    """Messages waiting for a render worker: the shared queue and every model queue (shared/routing.py)."""
+    lists = [queue if step == 0 else f"{queue}{_PRIORITY_SEPARATOR}{step}" for step in _PRIORITY_STEPS]
+    lists += sorted({k.decode() if isinstance(k, bytes) else str(k)  # each priority list is a key of its own
+                     for k in client.scan_iter(match=f"{queue}.m.*", count=500)})
     pipe = client.pipeline(transaction=False)
-    for step in _PRIORITY_STEPS:
-        pipe.llen(queue if step == 0 else f"{queue}{_PRIORITY_SEPARATOR}{step}")
+    for name in lists:
+        pipe.llen(name)
     pipe.hlen(_UNACKED_KEY)
     *lengths, unacked = pipe.execute()
     return BrokerQueue(waiting=int(sum(lengths)), unacked=int(unacked))

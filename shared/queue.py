@@ -57,9 +57,10 @@ def get_producer() -> Celery:
     return app
 
 
-def publish_render(job_id: uuid.UUID) -> None:
-    """Tell the render queue that a job may be ready. Call only after the job's row has committed."""
+def publish_render(job_id: uuid.UUID, queue: str = QueueName.RENDER) -> None:
+    """Tell a render queue (the shared one, or a model's: shared/routing.py) that a job may be ready.
+    Call only after the job's row has committed."""
     get_producer().send_task(
-        TaskName.RENDER_JOB, args=[str(job_id)], queue=QueueName.RENDER, retry=True,
+        TaskName.RENDER_JOB, args=[str(job_id)], queue=queue, retry=True,
         retry_policy={"max_retries": 3, "interval_start": 0.1, "interval_step": 0.5, "interval_max": 2},
     )

@@ -6,6 +6,7 @@ Nothing connects at import time: callers reach settings through the cached
 
 from __future__ import annotations
 
+import socket
 from functools import lru_cache
 from pathlib import Path
 
@@ -37,6 +38,15 @@ class Settings(BaseSettings):
     device: str = "auto"
     worker_name: str | None = None
     torch_threads: int = 0
+    # The warm pipeline cache: bytes of model weights a worker keeps loaded (least recently used evicted);
+    # 0 = automatic (85% of the GPU's memory, or half the RAM on a CPU worker). A count limit too (0 = none).
+    pipeline_cache_bytes: int = 0
+    pipeline_cache_models: int = 0
+
+    # Routing by model affinity (shared/routing.py): jobs go to a worker holding their checkpoint warm,
+    # but never wait longer than this for one before any worker may take them.
+    affinity_routing: bool = True
+    affinity_max_wait_seconds: float = 15.0
 
     # Limits on what a job may ask for.
     max_pixels: int = 2048 * 2048
@@ -71,6 +81,12 @@ class Settings(BaseSettings):
 
     def worker_model_names(self) -> list[str]:
         return [name.strip() for name in self.worker_models.split(",") if name.strip()]
+
+
+def worker_process_name(settings: Settings, pid: int) -> str:
+    """One name per render process: a lease names the exact process that holds it, and its heartbeat key is
+    `renderfarm:workers:<name>`."""
+    return f"{settings.worker_name or socket.gethostname()}:{pid}"
 
 
 @lru_cache

@@ -17,17 +17,18 @@ from typing import TYPE_CHECKING
 import redis
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared.fleet import WORKER_KEY_PREFIX, broker_queue, live_worker_infos
 from shared.jobs import repository
 from shared.jobs.events import publish_events, record_event
 from shared.jobs.sweeper import sweep
-from shared.queue import QueueName, publish_render
+from shared.queue import publish_render
+from shared.routing import model_queue_keys, orphan_model_queues
 from shared.settings import Settings
 
 if TYPE_CHECKING:
     from worker.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
-WORKER_KEY_PREFIX = "renderfarm:workers:"
 CANCEL_POLL_SECONDS = 0.5
 
 
@@ -73,6 +74,10 @@ class Heartbeat:
                     deliveries = record_event(session, uuid.UUID(job_id), "progress")
                 session.commit()
             publish_events(deliveries)
+        self.advertise()
+
+    def advertise(self) -> None:
+        """Write this worker's description (models held, LoRAs, memory, current job) where the API reads it."""
         info = self.runtime.describe() | {"heartbeat_at": time.time()}
         self._redis.set(WORKER_KEY_PREFIX + self.runtime.name, json.dumps(info), ex=int(self.interval * 4) + 5)
 
@@ -86,12 +91,19 @@ class Heartbeat:
                 self.cancel_event.set()
 
     def broker_depth(self) -> int:
-        """Messages waiting in the render queue plus those delivered but not yet acknowledged."""
-        return int(self._redis.llen(QueueName.RENDER)) + int(self._redis.hlen("unacked"))
+        """Messages waiting in the render queues plus those delivered but not yet acknowledged. Model queues
+        that no live worker consumes are dropped first (their jobs go to the shared queue after the deferral
+        bound), so they neither linger in Redis nor hide a lost message."""
+        orphans = orphan_model_queues(model_queue_keys(self._redis), live_worker_infos(self._redis))
+        if orphans:
+            self._redis.delete(*orphans)
+        queue = broker_queue(self._redis)
+        return queue.waiting + queue.unacked
 
     def sweep(self) -> None:
         with self.session_factory() as session:
-            sweep(session, publish_render, self.broker_depth, self.settings.republish_after_seconds)
+            sweep(session, publish_render, self.broker_depth, self.settings.republish_after_seconds,
+                  affinity_max_wait=self.settings.affinity_max_wait_seconds)
 
     def _loop(self) -> None:
         next_beat = time.monotonic() + self.interval

@@ -9,84 +9,16 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
-import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from shared.db.session import get_session_factory
-from shared.hashes import HashCache
-from shared.model_registry import default_checkpoint, resolve_checkpoint
+from shared.model_registry import default_checkpoint
 from shared.object_store import get_object_store
-from shared.settings import Settings
+from shared.settings import Settings, worker_process_name
+from worker.pipeline_cache import PipelineCache
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LoadedModel:
-    name: str
-    path: Path
-    short_hash: str
-    pipeline: Any
-    load_seconds: float
-    scheduler_config: dict[str, Any]
-    # The LoRA adapters resident on this pipeline (worker.pipelines.lora.LoraCache), switched per job.
-    loras: Any = field(default=None)
-
-
-class PipelineCache:
-    """Warm pipelines by checkpoint name, least recently used evicted beyond `capacity`."""
-
-    def __init__(self, settings: Settings, device: str, dtype: Any, capacity: int = 2) -> None:
-        self.settings = settings
-        self.device = device
-        self.dtype = dtype
-        self.capacity = capacity
-        self.hashes = HashCache(settings.models_dir / ".hashes.json")
-        self._models: OrderedDict[str, LoadedModel] = OrderedDict()
-        self.loads = 0
-        self._lora_files: Any = None  # parsed LoRA files in RAM, shared by every pipeline's LoraCache
-
-    def names(self) -> list[str]:
-        return list(self._models)
-
-    def resident_loras(self) -> list[str]:
-        """LoRA adapters resident on the loaded pipelines, for the heartbeat and the dashboard."""
-        return sorted({name for model in self._models.values() for name in model.loras.resident()})
-
-    def get(self, name: str) -> LoadedModel:
-        if name in self._models:
-            self._models.move_to_end(name)
-            return self._models[name]
-        from worker.pipelines.checkpoint_loader import load_pipeline
-        from worker.pipelines.lora import LoraCache, StateDictCache
-
-        ckpt = resolve_checkpoint(self.settings.models_dir, name)
-        started = time.perf_counter()
-        pipeline = load_pipeline(ckpt.path, device=self.device, dtype=self.dtype)
-        pipeline.set_progress_bar_config(disable=True)
-        loaded = LoadedModel(
-            name=ckpt.name,
-            path=ckpt.path,
-            short_hash=self.hashes.checkpoint(ckpt.path),
-            pipeline=pipeline,
-            load_seconds=time.perf_counter() - started,
-            scheduler_config=dict(pipeline.scheduler.config),
-        )
-        if self._lora_files is None:
-            self._lora_files = StateDictCache()
-        loaded.loras = LoraCache(self._lora_files, hashes=self.hashes)
-        self.loads += 1
-        log.info("loaded %s [%s] on %s in %.2fs", ckpt.name, loaded.short_hash, self.device, loaded.load_seconds)
-        self._models[name] = loaded
-        while len(self._models) > self.capacity:
-            evicted, _ = self._models.popitem(last=False)
-            log.info("evicted %s from the pipeline cache", evicted)
-        return loaded
 
 
 def pick_device(requested: str) -> tuple[str, Any]:
@@ -132,9 +64,8 @@ class WorkerRuntime:
         self.device, self.dtype = pick_device(settings.device)
         torch.set_num_threads(torch_threads_for(settings.torch_threads, self.device))
         self.settings = settings
-        # One name per process: a lease names the exact process that holds it.
-        self.name = f"{settings.worker_name or socket.gethostname()}:{os.getpid()}"
-        self.pipelines = PipelineCache(settings, self.device, self.dtype)
+        self.name = worker_process_name(settings, os.getpid())
+        self.pipelines = PipelineCache(settings, self.device, self.dtype, on_change=lambda: self.heartbeat.advertise())
         from worker.heartbeat import Heartbeat
         from worker.runner import JobRunner
 
@@ -159,6 +90,8 @@ class WorkerRuntime:
             "pid": os.getpid(),
             "device": self.device,
             "models": self.pipelines.names(),
+            "cache": {"used_bytes": self.pipelines.used_bytes(), "budget_bytes": self.pipelines.budget,
+                      "evictions": self.pipelines.evictions},
             "loras": self.pipelines.resident_loras(),
             "memory": memory_report(self.device),
             "model_loads": self.pipelines.loads,

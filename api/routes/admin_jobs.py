@@ -21,7 +21,8 @@ from shared.jobs import repository
 from shared.jobs.schemas import ErrorView
 from shared.jobs.states import JobStatus
 from shared.jobs.views import job_view
-from shared.queue import publish_render
+from shared.queue import QueueName, publish_render
+from shared.routing import get_router
 from shared.storage.base import ObjectStore
 from shared.storage.local import LocalObjectStore
 
@@ -105,12 +106,12 @@ def retry_job(
                             "canceled jobs can be retried")
     job = repository.create_job(
         session, owner=old.owner, api_key_id=old.api_key_id, params=dict(old.params), model_name=old.model_name,
-        model_hash=None, max_attempts=old.max_attempts,
+        model_hash=None, max_attempts=old.max_attempts, route=get_router().queue_for(old.model_name),
     )
     session.commit()
     # Commit, then publish: a lost message costs a re-publish by the sweeper, never the job.
     try:
-        publish_render(job.id)
+        publish_render(job.id, job.route or QueueName.RENDER)
         repository.mark_published(session, job.id)
         session.commit()
     except Exception:

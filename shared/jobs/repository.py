@@ -48,6 +48,7 @@ def create_job(
     max_attempts: int = 3,
     webhook_url: str | None = None,
     webhook_events: list[str] | None = None,
+    route: str | None = None,
 ) -> Job:
     job = Job(
         id=uuid.uuid4(),
@@ -63,6 +64,7 @@ def create_job(
         max_attempts=max_attempts,
         webhook_url=webhook_url,
         webhook_events=webhook_events,
+        route=route,
     )
     session.add(job)
     session.flush()

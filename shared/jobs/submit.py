@@ -21,6 +21,7 @@ from shared.jobs.inputs import stage_inputs
 from shared.jobs.params import JobPlan, plan_job
 from shared.jobs.schemas import Txt2ImgRequest
 from shared.queue import publish_render
+from shared.routing import get_router
 from shared.settings import Settings
 from shared.storage.base import ObjectStore
 from shared.webhooks.outbox import check_webhook_events
@@ -89,12 +90,13 @@ def submit_job(
             if earlier is not None:
                 return Submitted(earlier, plan, replayed=True)
 
+    route = get_router().queue_for(plan.checkpoint.name)
     try:
         inputs.write(store)  # before the row commits: a worker must find them as soon as the job exists
         job = repository.create_job(
             session, owner=key.owner, api_key_id=key.id, params=params, model_name=plan.checkpoint.name,
             model_hash=None, max_attempts=settings.max_attempts, webhook_url=body.webhook_url,
-            webhook_events=webhook_events,
+            webhook_events=webhook_events, route=route,
         )
         if idempotency_key is not None:
             idempotency.attach_job(session, key.id, idempotency_key, job.id)
@@ -108,7 +110,7 @@ def submit_job(
         raise
     publish_events(deliveries)
     try:
-        publish_render(job.id)
+        publish_render(job.id, route)
         mark_published(session, job)
     except Exception:  # the row is queued and unpublished; the sweeper publishes it
         session.rollback()

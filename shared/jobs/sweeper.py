@@ -7,6 +7,11 @@
 - When the broker holds fewer messages than there are queued jobs (Redis restarted empty,
   a message lost), queued jobs older than `republish_after` are published again. A spare
   duplicate message is harmless: the claim is a compare-and-set.
+- A queued job that has waited in a model's queue (routing by affinity, shared/routing.py) longer
+  than the deferral bound is published to the shared queue, where any worker may take it.
+
+Everything the sweeper publishes goes to the shared `render` queue: a recovery path must not
+depend on which workers hold which models.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from shared.db.models import Job
 from shared.jobs.events import publish_events, record_event
 from shared.jobs.repository import utcnow
 from shared.jobs.states import ErrorType, JobStatus
+from shared.queue import QueueName
+from shared.routing import MODEL_QUEUE_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +50,7 @@ def expire_leases(session: Session) -> tuple[list[uuid.UUID], list[uuid.UUID]]:
         update(Job)
         .where(expired, Job.attempt < Job.max_attempts)
         .values(status=JobStatus.QUEUED, status_seq=Job.status_seq + 1, lease_owner=None, lease_until=None,
-                published_at=now)
+                published_at=now, route=QueueName.RENDER)
         .returning(Job.id)
     ).scalars().all()
     for job_id in failed:
@@ -56,7 +63,10 @@ def expire_leases(session: Session) -> tuple[list[uuid.UUID], list[uuid.UUID]]:
 def _claim_for_publish(session: Session, condition, limit: int) -> list[uuid.UUID]:
     candidates = select(Job.id).where(condition).order_by(Job.created_at).limit(limit).with_for_update(skip_locked=True)
     return list(
-        session.execute(update(Job).where(Job.id.in_(candidates)).values(published_at=utcnow()).returning(Job.id))
+        session.execute(
+            update(Job).where(Job.id.in_(candidates)).values(published_at=utcnow(), route=QueueName.RENDER)
+            .returning(Job.id)
+        )
         .scalars()
         .all()
     )
@@ -83,16 +93,27 @@ def claim_stale_queued(
     )
 
 
+def claim_deferred(session: Session, max_wait_seconds: float, limit: int = 500) -> list[uuid.UUID]:
+    """Queued jobs published to a model's queue more than `max_wait_seconds` ago: the bound on affinity."""
+    cutoff = utcnow() - timedelta(seconds=max_wait_seconds)
+    in_model_queue = Job.route.startswith(MODEL_QUEUE_PREFIX, autoescape=True)
+    return _claim_for_publish(
+        session, and_(Job.status == JobStatus.QUEUED, in_model_queue, Job.published_at < cutoff), limit
+    )
+
+
 def sweep(
     session: Session,
     publish: Callable[[uuid.UUID], None],
     broker_depth: Callable[[], int] | None = None,
     republish_after: float = 30.0,
+    affinity_max_wait: float = 15.0,
 ) -> int:
-    """One pass: commit the state changes first, then publish (commit, then publish)."""
+    """One pass: commit the state changes first, then publish (commit, then publish). Every id goes to the
+    shared render queue."""
     requeued, failed = expire_leases(session)
     deliveries = [d for job_id in failed for d in record_event(session, job_id)]
-    ids = requeued + claim_unpublished(session)
+    ids = requeued + claim_unpublished(session) + claim_deferred(session, affinity_max_wait)
     session.commit()
     publish_events(deliveries)
     if broker_depth is not None:

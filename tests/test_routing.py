@@ -1,0 +1,102 @@
+"""Routing by model affinity: queue names, the router reading real heartbeats in Redis, the deferral bound."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+import redis
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from shared.embedded import EmbeddedRedis, free_port
+from shared.fleet import WORKER_KEY_PREFIX, broker_queue
+from shared.jobs import repository
+from shared.jobs.sweeper import claim_deferred
+from shared.routing import AffinityRouter, advertised_models, is_model_queue, model_queue, orphan_model_queues
+from worker.queue_sync import desired_queues
+
+PARAMS = {"mode": "txt2img", "prompt": "p", "seed": 5, "batch_size": 1, "n_iter": 1}
+
+
+def test_model_queues_are_stable_safe_names() -> None:
+    name = "sub folder/Model: v1.5 [abc]"
+    assert model_queue(name) == model_queue(name) != model_queue("other")
+    assert is_model_queue(model_queue(name)) and not is_model_queue("render") and not is_model_queue("webhooks")
+    assert model_queue(name).replace(".", "").isalnum()
+
+
+def test_only_ready_workers_advertise() -> None:
+    infos = [{"ready": True, "models": ["a", "b"]}, {"ready": False, "models": ["c"]}, {"ready": True}]
+    assert advertised_models(infos) == {"a", "b"}
+
+
+def test_orphan_model_queues_are_those_nobody_holds() -> None:
+    held, gone = model_queue("a"), model_queue("gone")
+    keys = [held, gone, f"{gone}\x06\x163", f"{held}\x06\x166"]
+    assert orphan_model_queues(keys, [{"ready": False, "models": ["a"]}]) == [gone, f"{gone}\x06\x163"]
+
+
+def test_desired_queues_follow_pause_and_models() -> None:
+    assert desired_queues(True, ["a"], affinity=True) == set()
+    assert desired_queues(False, ["a"], affinity=True) == {"render", model_queue("a")}
+    assert desired_queues(False, ["a"], affinity=False) == {"render"}
+
+
+@pytest.fixture
+def client(redis_server: EmbeddedRedis) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(f"redis://127.0.0.1:{redis_server.port}/9")
+    client.flushdb()
+    yield client
+    client.flushdb()
+
+
+def test_router_reads_live_heartbeats(client: redis.Redis) -> None:
+    router = AffinityRouter(client, cache_seconds=0)
+    assert router.queue_for("a") == "render"  # no worker at all
+    client.set(WORKER_KEY_PREFIX + "w1:1", json.dumps({"name": "w1:1", "ready": True, "models": ["a"]}))
+    client.set(WORKER_KEY_PREFIX + "w2:2", json.dumps({"name": "w2:2", "ready": False, "models": ["b"]}))
+    assert router.queue_for("a") == model_queue("a")
+    assert router.queue_for("b") == "render"  # its holder is still warming up
+    assert AffinityRouter(client, enabled=False).queue_for("a") == "render"
+    client.delete(WORKER_KEY_PREFIX + "w1:1")  # the holder's heartbeat expired
+    assert router.queue_for("a") == "render"
+
+
+def test_router_falls_back_to_the_shared_queue_when_redis_is_down() -> None:
+    dead = redis.Redis(port=free_port(), socket_connect_timeout=0.5)
+    assert AffinityRouter(dead).queue_for("a") == "render"
+
+
+def test_broker_depth_counts_model_queues(client: redis.Redis) -> None:
+    client.rpush("render", "m1")
+    client.rpush(model_queue("a"), "m2", "m3")
+    client.rpush(f"{model_queue('a')}\x06\x163", "m4")
+    assert broker_queue(client).waiting == 4
+
+
+@pytest.fixture
+def session(database_url: str) -> Iterator[Session]:
+    engine = sa.create_engine(database_url)
+    with Session(engine) as s:
+        yield s
+    engine.dispose()
+
+
+def test_deferral_is_bounded(session: Session) -> None:
+    def job(route: str, waited: float):
+        created = repository.create_job(session, owner="t", api_key_id=None, params=PARAMS, model_name="a",
+                                        model_hash=None, route=route)
+        created.published_at = repository.utcnow() - timedelta(seconds=waited)
+        return created
+
+    overdue, fresh, shared = job(model_queue("a"), 20), job(model_queue("a"), 1), job("render", 60)
+    session.commit()
+    claimed = claim_deferred(session, max_wait_seconds=15)
+    session.commit()
+    assert overdue.id in claimed and fresh.id not in claimed and shared.id not in claimed
+    session.refresh(overdue)
+    assert overdue.route == "render"
+    assert claim_deferred(session, max_wait_seconds=15).count(overdue.id) == 0  # re-published once only
