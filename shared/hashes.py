@@ -5,6 +5,11 @@ The WebUI names checkpoints and LoRAs by hash in every infotext ("Model hash: 7f
 the same digests (``modules/hashes.py``, ``sd_models.model_hash``, the Lora extension's
 ``NetworkOnDisk``). Hashing a 2-7 GB checkpoint takes seconds, so :class:`HashCache` remembers each
 file's digest, keyed by path, size and modification time, optionally across restarts in a JSON file.
+
+Diffusers folders have no hash in the WebUI (it loads single files only). The farm gives them one
+(:func:`sha256_folder`) so that titles, infotexts and ``Model hash`` lookups work the same way: the
+SHA-256 of a ``sha256sum``-style manifest of the folder's ``.safetensors`` weight files, so it changes
+when any weight changes and not when a config or tokenizer file is edited.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ __all__ = [
     "legacy_model_hash",
     "lora_short_hash",
     "sha256_file",
+    "sha256_folder",
 ]
 
 logger = logging.getLogger(__name__)
@@ -49,9 +55,35 @@ def sha256_file(path: Path | str) -> str:
         return _digest_rest(file)
 
 
+def folder_weight_files(folder: Path | str) -> list[tuple[str, Path]]:
+    """A diffusers folder's weight files as ``(relative POSIX path, path)``, sorted by that path's bytes."""
+    folder = Path(folder)
+    files = [(p.relative_to(folder).as_posix(), p) for p in folder.rglob("*.safetensors") if p.is_file()]
+    return sorted(files, key=lambda item: item[0].encode())
+
+
+def sha256_folder(folder: Path | str) -> str:
+    r"""The farm's SHA-256 of a diffusers folder: the digest of its weight-file manifest.
+
+    The manifest has one line per ``.safetensors`` file under the folder, sorted by relative path:
+    ``"<sha256 of the file>  <relative path>\n"``, exactly what ``sha256sum`` prints. So it can be
+    checked by hand with ``cd FOLDER && find . -name '*.safetensors' | sed 's|^\./||' | LC_ALL=C sort |
+    xargs sha256sum | sha256sum``. A folder without weight files hashes the empty manifest.
+    """
+    digest = hashlib.sha256()
+    for relative, path in folder_weight_files(folder):
+        digest.update(f"{sha256_file(path)}  {relative}\n".encode())
+    return digest.hexdigest()
+
+
+def sha256_path(path: Path | str) -> str:
+    """:func:`sha256_folder` for a directory, :func:`sha256_file` for anything else."""
+    return sha256_folder(path) if Path(path).is_dir() else sha256_file(path)
+
+
 def checkpoint_short_hash(path: Path | str) -> str:
-    """The "Model hash" of an infotext and the ``[0123456789]`` in a checkpoint title."""
-    return sha256_file(path)[:10]
+    """The "Model hash" of an infotext and the ``[0123456789]`` in a checkpoint title (files and folders)."""
+    return sha256_path(path)[:10]
 
 
 def legacy_model_hash(path: Path | str) -> str:
@@ -59,7 +91,10 @@ def legacy_model_hash(path: Path | str) -> str:
 
     It reads so little of the file that different checkpoints can collide; it is kept only to
     recognise old infotexts. A file shorter than 1 MiB hashes what is there, as in the WebUI.
+    A diffusers folder never had one: it gives "NOFILE" too.
     """
+    if Path(path).is_dir():
+        return "NOFILE"
     try:
         with open(path, "rb") as file:
             file.seek(_LEGACY_OFFSET)
@@ -127,8 +162,8 @@ class HashCache:
         self._entries: dict[str, dict[str, object]] = self._read_file() if self.path is not None else {}
 
     def sha256(self, path: Path | str) -> str:
-        """The full SHA-256 of the file."""
-        return self._get("sha256", path, sha256_file)
+        """The full SHA-256 of the file, or :func:`sha256_folder` of a diffusers folder."""
+        return self._get("sha256", path, sha256_path)
 
     def checkpoint(self, path: Path | str) -> str:
         """The checkpoint's 10-digit "Model hash" (shares the cached SHA-256 with :meth:`sha256`)."""
@@ -141,21 +176,16 @@ class HashCache:
     def _get(self, kind: str, path: Path | str, compute: Callable[[Path], str]) -> str:
         resolved = Path(path).resolve()
         key = f"{kind}:{resolved}"
-        before = resolved.stat()
+        before = _version(resolved)
         with self._lock:
             entry = self._entries.get(key)
-        if (
-            entry is not None
-            and entry.get("size") == before.st_size
-            and entry.get("mtime_ns") == before.st_mtime_ns
-        ):
+        if entry is not None and {k: entry.get(k) for k in before} == before:
             return str(entry["value"])
         value = compute(resolved)
-        after = resolved.stat()
-        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+        if _version(resolved) != before:
             return value  # the file changed while we read it: this digest may match neither version
         with self._lock:
-            self._entries[key] = {"size": before.st_size, "mtime_ns": before.st_mtime_ns, "value": value}
+            self._entries[key] = {**before, "value": value}
             if self.path is not None:
                 self._save()
         return value
@@ -197,3 +227,17 @@ class HashCache:
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
+
+
+def _version(path: Path) -> dict[str, object]:
+    """What identifies one version of a file (size, mtime) or of a folder's weight files (all of theirs)."""
+    if not path.is_dir():
+        stat = path.stat()
+        return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    listing = hashlib.sha256()
+    total = 0
+    for relative, file in folder_weight_files(path):
+        stat = file.stat()
+        total += stat.st_size
+        listing.update(f"{relative}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return {"size": total, "mtime_ns": None, "files": listing.hexdigest()}

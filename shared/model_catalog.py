@@ -7,7 +7,8 @@ scan of the folder, so a file copied in while the farm runs is visible at once (
 is remembered by :class:`~shared.hashes.HashCache` per path, size and modification time.
 
 Architecture detection reads only the safetensors JSON header (plain ``json``/``struct``): the
-API must stay torch-free, and a header is all that is needed to tell SD1.5 from SDXL.
+API must stay torch-free, and a header is all that is needed to tell SD1.5 from SDXL. A diffusers
+folder's architecture comes from its ``model_index.json`` (``StableDiffusionXLPipeline`` is SDXL).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 from shared.errors import FieldError
 from shared.hashes import HashCache, legacy_model_hash
 from shared.model_files import VAE_DIR, list_model_files, resolve_model_file
-from shared.model_registry import scan_checkpoints
+from shared.model_registry import inspect_diffusers_folder, scan_checkpoints
 from shared.prompts import extract_lora_tags
 from shared.sdapi.catalog import EMBEDDINGS_DIR, LORA_DIR, safetensors_header
 
@@ -73,12 +74,16 @@ class CheckpointEntry:
 
 
 def checkpoint_architecture(path: Path) -> str | None:
-    """``"demo-tiny"``, ``"sd15"`` or ``"sdxl"`` from the header alone; None when it is none of them.
+    """``"demo-tiny"``, ``"demo-tiny-sdxl"``, ``"sd15"`` or ``"sdxl"`` from the header alone; None when
+    it is none of them.
 
     Same order as the worker's loader: our metadata tag, then SDXL's second text encoder, then the
     SD1.x UNet input conv (4 latent channels, 320 wide). Unknown is None rather than an error, since a
-    list should show every file and the worker gives the precise refusal when a job uses it.
+    list should show every file and the worker gives the precise refusal when a job uses it. A
+    diffusers folder reports the family of its pipeline class (``sd15`` or ``sdxl``).
     """
+    if path.is_dir():
+        return inspect_diffusers_folder(path).architecture
     if path.suffix.lower() != ".safetensors":
         return None
     header = safetensors_header(path)
@@ -97,13 +102,14 @@ def checkpoint_architecture(path: Path) -> str | None:
 
 
 def list_checkpoints(models_dir: Path, cache: HashCache) -> list[CheckpointEntry]:
-    """Every checkpoint file; refused pickles are listed with their reason and never opened."""
+    """Every checkpoint file and diffusers folder; refused pickles are listed with their reason and never
+    opened. A folder's hash is :func:`shared.hashes.sha256_folder`; it has no pre-2023 hash."""
     entries = []
     for ckpt in scan_checkpoints(models_dir):
         sha = cache.sha256(ckpt.path) if ckpt.loadable else None
         entries.append(CheckpointEntry(
             name=ckpt.name, file=ckpt.filename, size=ckpt.size, hash=sha[:10] if sha else None, sha256=sha,
-            legacy_hash=legacy_model_hash(ckpt.path) if ckpt.loadable else None,
+            legacy_hash=legacy_model_hash(ckpt.path) if ckpt.loadable and not ckpt.is_folder else None,
             architecture=checkpoint_architecture(ckpt.path) if ckpt.loadable else None,
             refused_reason=ckpt.refused_reason,
         ))

@@ -111,16 +111,18 @@ def test_detects_sd15_from_shapes_alone(tmp_path: Path) -> None:
     assert detect_architecture(path) == "sd15"
 
 
-def test_detects_sdxl_and_refuses_to_load_it(tmp_path: Path) -> None:
+def test_detects_sdxl_from_its_second_text_encoder(tmp_path: Path) -> None:
     shapes = {
         "model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
-        "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight": (77, 768),
+        "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": (49408, 768),
+        "conditioner.embedders.1.model.token_embedding.weight": (49408, 1280),
         "conditioner.embedders.1.model.positional_embedding": (77, 1280),
     }
     path = write_header_only(tmp_path / "xl.safetensors", shapes)
     assert detect_architecture(path) == "sdxl"
-    with pytest.raises(UnsupportedCheckpointError, match="SDXL support is not built yet"):
-        load_pipeline(path)
+    del shapes["conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"]
+    with pytest.raises(UnsupportedCheckpointError, match="two text encoders"):
+        detect_architecture(write_header_only(tmp_path / "odd-xl.safetensors", shapes))
 
 
 @pytest.mark.parametrize(
@@ -193,7 +195,7 @@ def test_refuses_pickle_formats_without_opening_them(
 
 
 def test_config_dirs_are_bundled() -> None:
-    for arch in ("sd15", "demo-tiny"):
+    for arch in ("sd15", "demo-tiny", "sdxl", "demo-tiny-sdxl"):
         folder = checkpoint_config_dir(arch)
         for part in (
             "model_index.json",

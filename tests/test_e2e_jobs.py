@@ -8,8 +8,8 @@ import uuid
 import httpx
 import pytest
 from PIL import Image
-from shared.infotext import parse_infotext
 
+from shared.infotext import parse_infotext
 from tests.conftest import make_key
 from tests.farm_harness import Farm
 

@@ -10,6 +10,11 @@ Scheduled prompts become one conditioning per schedule segment; the sampler pick
 ``end_at_step`` is the first >= the current model-evaluation index (``reconstruct_cond_batch``).
 ``AND`` sub-prompts each get their own schedule and weight (composable diffusion); negative prompts
 get the same syntax except ``AND``. Malformed syntax is never an error: it is encoded as text.
+
+SDXL (:mod:`worker.pipelines.sdxl_conditioning`) reuses :class:`PromptEncoder` once per text encoder
+(``hidden_layer=-2``: the penultimate hidden state without final layer norm, and for the OpenCLIP
+encoder ``pad_id=0`` after the first end token); each schedule entry then also carries the pooled
+embedding, and :class:`JobConditioning` the size conditioning (``time_ids``).
 """
 
 from __future__ import annotations
@@ -93,16 +98,24 @@ class PromptEncoder:
         embeddings: dict[str, Embedding] | None = None,
         clip_skip: int = 1,
         comma_padding_backtrack: int = COMMA_PADDING_BACKTRACK,
+        hidden_layer: int | None = None,
+        pad_id: int | None = None,
     ) -> None:
+        """``hidden_layer`` (SDXL) takes that hidden state as is and ignores clip skip; ``pad_id`` replaces
+        every token after a chunk's first end token before encoding (OpenCLIP pads with 0, "!")."""
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.clip_skip = max(1, int(clip_skip))
+        self.hidden_layer = hidden_layer
+        self.pad_id = pad_id
         self.backtrack = comma_padding_backtrack
         self.matcher = EmbeddingMatcher(tokenizer, embeddings or {})
         self.id_start = tokenizer.bos_token_id
         self.id_end = tokenizer.eos_token_id
         self.comma_token = tokenizer.get_vocab().get(",</w>")
         self.used_embeddings: dict[str, Embedding] = {}
+        # The WebUI zeroes an all-empty negative prompt on SDXL only (sd_models_xl.get_learned_conditioning).
+        self.zero_empty_negative = False
 
     def tokenize_line(self, line: str) -> list[PromptChunk]:
         """A prompt as 77-token chunks with per-token weights (``tokenize_line``)."""
@@ -172,23 +185,42 @@ class PromptEncoder:
         Like the WebUI, the texts are encoded together, so a prompt's schedule segments share the
         mean restoration of each chunk.
         """
+        return self.encode_with_pooled(texts)[0]
+
+    @torch.no_grad()
+    def encode_with_pooled(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`encode`, plus the encoder's pooled projection of each text's first chunk (``zs[0].pooled``
+        in the WebUI) when the text encoder has one (``CLIPTextModelWithProjection``), else None."""
         batch_chunks = [self.tokenize_line(text) for text in texts]
         count = max(len(chunks) for chunks in batch_chunks)
-        zs = []
+        zs, pooled = [], None
         for i in range(count):
             batch = [chunks[i] if i < len(chunks) else self.empty_chunk() for chunks in batch_chunks]
             for chunk in batch:
                 for _, embedding in chunk.fixes:
                     self.used_embeddings[embedding.name] = embedding
-            zs.append(self._process_tokens(batch))
-        return torch.hstack(zs)
+            z, chunk_pooled = self._process_tokens(batch)
+            zs.append(z)
+            if i == 0:
+                pooled = chunk_pooled
+        return torch.hstack(zs), pooled
 
-    def _process_tokens(self, batch: list[PromptChunk]) -> torch.Tensor:
+    def _padded(self, tokens: list[int]) -> list[int]:
+        if self.pad_id is None or self.pad_id == self.id_end:
+            return tokens
+        end = tokens.index(self.id_end)
+        return tokens[: end + 1] + [self.pad_id] * (len(tokens) - end - 1)
+
+    def _process_tokens(self, batch: list[PromptChunk]) -> tuple[torch.Tensor, torch.Tensor | None]:
         device = self.text_encoder.device
-        tokens = torch.asarray([chunk.tokens for chunk in batch], device=device)
+        tokens = torch.asarray([self._padded(chunk.tokens) for chunk in batch], device=device)
+        hidden = self.hidden_layer is not None or self.clip_skip > 1
         with VectorInjection(self.text_encoder.get_input_embeddings(), [chunk.fixes for chunk in batch]):
-            outputs = self.text_encoder(input_ids=tokens, output_hidden_states=self.clip_skip > 1)
-        if self.clip_skip > 1:
+            outputs = self.text_encoder(input_ids=tokens, output_hidden_states=hidden)
+        pooled = getattr(outputs, "text_embeds", None)
+        if self.hidden_layer is not None:
+            z = outputs.hidden_states[self.hidden_layer]
+        elif self.clip_skip > 1:
             hidden = outputs.hidden_states[-min(self.clip_skip, len(outputs.hidden_states))]
             z = getattr(self.text_encoder, "text_model", self.text_encoder).final_layer_norm(hidden)
         else:
@@ -199,21 +231,27 @@ class PromptEncoder:
         z = z * multipliers.reshape(multipliers.shape + (1,)).expand(z.shape)
         ratio = original_mean / z.mean()
         # A chunk whose mean is exactly 0 (only seen with untrained layer norms) cannot be rescaled.
-        return z * ratio if bool(torch.isfinite(ratio)) else z
+        return (z * ratio if bool(torch.isfinite(ratio)) else z), pooled
 
 
 @dataclass(frozen=True)
 class ScheduledCond:
     end_at_step: int
     cond: torch.Tensor  # (tokens, width)
+    pooled: torch.Tensor | None = None  # (projection_dim,): SDXL's pooled text embedding
+
+
+def entry_at(schedule: list[ScheduledCond], step: int) -> ScheduledCond:
+    """The schedule entry for model evaluation ``step`` (0-based), as ``reconstruct_cond_batch`` picks it."""
+    for entry in schedule:
+        if step <= entry.end_at_step:
+            return entry
+    return schedule[0]
 
 
 def cond_at(schedule: list[ScheduledCond], step: int) -> torch.Tensor:
     """The conditioning for model evaluation ``step`` (0-based), as ``reconstruct_cond_batch`` picks it."""
-    for entry in schedule:
-        if step <= entry.end_at_step:
-            return entry.cond
-    return schedule[0].cond
+    return entry_at(schedule, step).cond
 
 
 @dataclass(frozen=True)
@@ -221,6 +259,10 @@ class StepConditioning:
     uncond: torch.Tensor  # (tokens_u, width)
     conds: torch.Tensor  # (n_subprompts, tokens_c, width)
     weights: list[float]
+    # SDXL only: pooled embeddings (n_subprompts, P) / (P,) and the size conditioning (6,).
+    conds_pooled: torch.Tensor | None = None
+    uncond_pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
 
 
 @dataclass
@@ -229,21 +271,38 @@ class JobConditioning:
 
     uncond: list[ScheduledCond]
     conds: list[tuple[list[ScheduledCond], float]]
+    time_ids: torch.Tensor | None = None  # SDXL: (original h, w, crop top, left, target h, w)
 
     def at_step(self, step: int) -> StepConditioning:
-        tensors = [cond_at(schedule, step) for schedule, _ in self.conds]
+        entries = [entry_at(schedule, step) for schedule, _ in self.conds]
+        tensors = [entry.cond for entry in entries]
         longest = max(t.shape[0] for t in tensors)
         # Sub-prompts of different lengths are padded with their last vector (reconstruct_multicond_batch).
         padded = [t if t.shape[0] == longest else torch.vstack([t, t[-1:].repeat(longest - t.shape[0], 1)])
                   for t in tensors]
-        return StepConditioning(cond_at(self.uncond, step), torch.stack(padded), [w for _, w in self.conds])
+        uncond = entry_at(self.uncond, step)
+        step_cond = StepConditioning(uncond.cond, torch.stack(padded), [w for _, w in self.conds])
+        if uncond.pooled is None:
+            return step_cond
+        pooled = torch.stack([entry.pooled for entry in entries if entry.pooled is not None])
+        return StepConditioning(step_cond.uncond, step_cond.conds, step_cond.weights, pooled, uncond.pooled,
+                                self.time_ids)
 
 
-def learned_schedule(encoder: PromptEncoder, prompt: str, steps: int) -> list[ScheduledCond]:
-    """One conditioning per schedule segment of a prompt (``get_learned_conditioning``)."""
+def learned_schedule(encoder: PromptEncoder, prompt: str, steps: int, negative: bool = False) -> list[ScheduledCond]:
+    """One conditioning per schedule segment of a prompt (``get_learned_conditioning``).
+
+    On SDXL (``encoder.zero_empty_negative``) a negative prompt whose every segment is empty is all
+    zeros, text and pooled embedding alike, as the WebUI's ``force_zero_embeddings=['txt']``.
+    """
     schedule = prompt_schedules(prompt, steps)
-    conds = encoder.encode([str(text) for _, text in schedule])
-    return [ScheduledCond(int(end), conds[i]) for i, (end, _) in enumerate(schedule)]
+    texts = [str(text) for _, text in schedule]
+    conds, pooled = encoder.encode_with_pooled(texts)
+    if negative and encoder.zero_empty_negative and all(text == "" for text in texts):
+        conds = torch.zeros_like(conds)
+        pooled = torch.zeros_like(pooled) if pooled is not None else None
+    return [ScheduledCond(int(end), conds[i], None if pooled is None else pooled[i])
+            for i, (end, _) in enumerate(schedule)]
 
 
 def build_conditioning(
@@ -265,4 +324,4 @@ def build_conditioning(
         if text not in cache:
             cache[text] = learned_schedule(encoder, text, steps)
         conds.append((cache[text], weight))
-    return JobConditioning(learned_schedule(encoder, negative_prompt, steps), conds)
+    return JobConditioning(learned_schedule(encoder, negative_prompt, steps, negative=True), conds)

@@ -118,6 +118,19 @@ def blend_noise_prediction(
     return (sample - alpha * blended) / sigma
 
 
+def added_cond_kwargs(cond: StepConditioning, rows: str, dtype: torch.dtype, device: torch.device
+                      ) -> dict[str, Any]:
+    """SDXL's ``added_cond_kwargs`` (pooled text embeds, size ``time_ids``) for the ``rows`` of a UNet batch:
+    ``"all"`` (conds then uncond), ``"conds"`` or ``"uncond"``; empty for SD1.x conditioning."""
+    if cond.conds_pooled is None or cond.uncond_pooled is None or cond.time_ids is None:
+        return {}
+    parts = {"conds": [cond.conds_pooled], "uncond": [cond.uncond_pooled[None]],
+             "all": [cond.conds_pooled, cond.uncond_pooled[None]]}[rows]
+    pooled = torch.cat(parts).to(device=device, dtype=dtype)
+    time_ids = cond.time_ids.to(device=device, dtype=dtype)[None].repeat(pooled.shape[0], 1)
+    return {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+
+
 def guided_noise(unet: Any, model_input: torch.Tensor, timestep: Any, cond: StepConditioning,
                  cfg_scale: float) -> torch.Tensor:
     """Composable classifier-free guidance for one image ``(1, C, h, w)``."""
@@ -127,11 +140,14 @@ def guided_noise(unet: Any, model_input: torch.Tensor, timestep: Any, cond: Step
     n = conds.shape[0]
     x = model_input.to(dtype)
     if conds.shape[1] == uncond.shape[1]:
-        out = unet(x.repeat(n + 1, 1, 1, 1), timestep, encoder_hidden_states=torch.cat([conds, uncond])).sample
+        out = unet(x.repeat(n + 1, 1, 1, 1), timestep, encoder_hidden_states=torch.cat([conds, uncond]),
+                   **added_cond_kwargs(cond, "all", dtype, x.device)).sample
     else:  # different token counts: the WebUI runs cond and uncond as separate batches
         out = torch.cat([
-            unet(x.repeat(n, 1, 1, 1), timestep, encoder_hidden_states=conds).sample,
-            unet(x, timestep, encoder_hidden_states=uncond).sample,
+            unet(x.repeat(n, 1, 1, 1), timestep, encoder_hidden_states=conds,
+                 **added_cond_kwargs(cond, "conds", dtype, x.device)).sample,
+            unet(x, timestep, encoder_hidden_states=uncond,
+                 **added_cond_kwargs(cond, "uncond", dtype, x.device)).sample,
         ])
     out = out.float()
     denoised_uncond = out[-1:]

@@ -72,6 +72,12 @@ class EmbeddingLibrary:
                 found.setdefault(embedding.name, embedding)
         return found
 
+    def names(self) -> list[str]:
+        """Every embedding file's name (``.safetensors`` stems), loadable or not."""
+        if not self.folder.is_dir():
+            return []
+        return sorted({path.stem for path in self.folder.rglob("*.safetensors")})
+
     def _load(self, path: Path) -> Embedding | None:
         try:
             stat = path.stat()
@@ -108,6 +114,23 @@ class EmbeddingMatcher:
             if tokens[position : position + len(ids)] == ids:
                 return embedding, len(ids)
         return None, 0
+
+
+def find_embedding_names(tokenizer: Any, names: list[str], text: str) -> list[str]:
+    """The embedding names that occur in ``text`` where the WebUI would match them (whole token runs)."""
+    if not names or not text:
+        return []
+    placeholders = {name: Embedding(name, torch.zeros(1, 1), "") for name in names}
+    matcher = EmbeddingMatcher(tokenizer, placeholders)
+    tokens = tokenizer([text], truncation=False, add_special_tokens=False)["input_ids"][0]
+    found: list[str] = []
+    position = 0
+    while position < len(tokens):
+        embedding, length = matcher.match(tokens, position)
+        if embedding is not None and embedding.name not in found:
+            found.append(embedding.name)
+        position += max(length, 1)
+    return found
 
 
 class VectorInjection:

@@ -7,6 +7,10 @@ is left behind for the next one. The WebUI's behaviour lives in small modules:
 :mod:`conditioning` (prompt syntax), :mod:`noise` (seeds), :mod:`denoise` (the loop and guidance),
 :mod:`img2img` (init images and masks), :mod:`hires` (hires fix), :mod:`vae`, :mod:`embeddings`.
 
+SDXL pipelines (two text encoders) get their conditioning from :mod:`sdxl_conditioning`, with the size
+conditioning of each pass (the hires pass at its target size); everything else is shared. LoRAs and
+textual-inversion embeddings are not applied to SDXL yet: a job asking for one fails as a user error.
+
 Out of scope: 9-channel inpainting checkpoints (the loader refuses them), refiner / hires checkpoint,
 ESRGAN upscalers (see :mod:`hires`), color correction, face restoration, tiling, NGMS and the other
 WebUI options that change sampling.
@@ -40,6 +44,12 @@ from worker.pipelines.embeddings import EmbeddingLibrary
 from worker.pipelines.img2img import Img2ImgInputs, apply_overlay, latent_mask_tensors, prepare_img2img, resize_image
 from worker.pipelines.lora import LoraCache, job_loras, lora_infotext
 from worker.pipelines.noise import LATENT_CHANNELS, LATENT_FACTOR, ImageNoise, SeedPlan, cpu_randn, job_seed_plans
+from worker.pipelines.sdxl_conditioning import (
+    SdxlPromptEncoder,
+    is_sdxl_pipeline,
+    refuse_sdxl_embeddings,
+    sdxl_time_ids,
+)
 from worker.pipelines.vae import VaeChoice, VaeLibrary, decode_to_image, encode_image
 
 StepCallback = Callable[[int, int], None]
@@ -101,6 +111,9 @@ class GenerationEngine:
         to cancel; ``load_image(key)`` returns the bytes of an uploaded init image or mask. ``loras`` is the
         pipeline's LoRA cache; the job's exact LoRA set (or none) is made active before anything is encoded."""
         requests = job_loras(params, self.models_dir / "Lora")
+        if requests and is_sdxl_pipeline(pipe):
+            raise FieldError(("body", "loras"), "LoRAs are not supported on SDXL checkpoints yet "
+                             f"(requested: {', '.join(r.name for r in requests)})")
         cache = loras if loras is not None else self.lora_cache(pipe)
         cache.apply(pipe, requests)
         job, count = self._plan(pipe, params, scheduler_config, load_image)
@@ -152,16 +165,31 @@ class GenerationEngine:
                 second = plan_phase(scheduler_config, hires.sampler_name, hires.scheduler, hires.steps,
                                     hires.denoising_strength, fixed_steps=True)
 
-        width = int(pipe.text_encoder.get_input_embeddings().weight.shape[-1])
-        encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, self.embeddings.available(width),
-                                int(params.get("clip_skip", 1) or 1))
+        encoder = self._prompt_encoder(pipe, params, hires)
         cond = build_conditioning(encoder, params["prompt"], params["negative_prompt"], first.schedule_steps)
+        sdxl = is_sdxl_pipeline(pipe)
+        if sdxl:
+            cond.time_ids = sdxl_time_ids(int(params["width"]), int(params["height"]))
         job = _Job(params, dict(scheduler_config), first, cond, vae, hires, second, inputs=inputs)
         if hires is not None and second is not None:
             job.hr_cond = build_conditioning(encoder, hires.prompt, hires.negative_prompt, second.schedule_steps,
                                              hires_base_steps=first.schedule_steps)
+            if sdxl:
+                job.hr_cond.time_ids = sdxl_time_ids(hires.target_width, hires.target_height)
         job.extras = _engine_infotext(vae, encoder, inputs)
         return job, batch * int(params.get("n_iter", 1))
+
+    def _prompt_encoder(self, pipe: Any, params: dict[str, Any],
+                        hires: hires_fix.HiresPlan | None) -> PromptEncoder | SdxlPromptEncoder:
+        if is_sdxl_pipeline(pipe):
+            prompts = {"prompt": params["prompt"], "negative_prompt": params["negative_prompt"]}
+            if hires is not None:
+                prompts.update(hr_prompt=hires.prompt, hr_negative_prompt=hires.negative_prompt)
+            refuse_sdxl_embeddings(pipe.tokenizer, self.embeddings.names(), prompts)
+            return SdxlPromptEncoder(pipe)
+        width = int(pipe.text_encoder.get_input_embeddings().weight.shape[-1])
+        return PromptEncoder(pipe.tokenizer, pipe.text_encoder, self.embeddings.available(width),
+                             int(params.get("clip_skip", 1) or 1))
 
     # -- prepare latents, denoise, decode ----------------------------------------------------------
 
@@ -259,7 +287,8 @@ def _load_inputs(params: dict[str, Any], load_image: ImageLoader | None) -> Img2
     return prepare_img2img(images, mask, params)
 
 
-def _engine_infotext(vae: VaeChoice, encoder: PromptEncoder, inputs: Img2ImgInputs | None) -> dict[str, object]:
+def _engine_infotext(vae: VaeChoice, encoder: PromptEncoder | SdxlPromptEncoder,
+                     inputs: Img2ImgInputs | None) -> dict[str, object]:
     fields: dict[str, object] = {}
     if vae.name is not None:
         fields["VAE hash"], fields["VAE"] = vae.short_hash, vae.name

@@ -1,4 +1,4 @@
-"""Diffusers -> original single-file (LDM / WebUI) key layout for Stable Diffusion 1.x.
+"""Diffusers -> original single-file (LDM / SGM / WebUI) key layout for Stable Diffusion 1.x and SDXL.
 
 Why this exists: the farm loads the same ``.safetensors`` files people download for the
 WebUI. Those files use the original CompVis/LDM key names (``model.diffusion_model.*``,
@@ -13,6 +13,12 @@ The mapping is table-driven: for every diffusers *module* (a ResNet, an attentio
 sampler conv) we compute the LDM module it corresponds to (:class:`ModuleRule`), plus a small
 table of renames inside that module. A key that no rule covers raises, so a config change that
 the tables do not understand fails loudly instead of writing a half-empty checkpoint.
+
+SDXL files (Stability's SGM layout) keep the same UNet and VAE names, add the UNet's ``label_emb``
+(diffusers' ``add_embedding``: pooled text + size embeddings), and store two text encoders:
+CLIP ViT-L under ``conditioner.embedders.0.transformer.text_model.*`` and OpenCLIP ViT-bigG under
+``conditioner.embedders.1.model.*`` in open_clip's own names (fused ``in_proj`` q/k/v, ``ln_1``,
+``c_fc``, and ``text_projection`` stored as ``[width, projection_dim]``, the transpose of a Linear).
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import torch
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
+SDXL_TEXT_ENCODER_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 
 # Inside a UNet ResBlock: diffusers sub-module -> LDM sub-module.
 UNET_RESNET_PARTS = {
@@ -43,6 +51,25 @@ UNET_TOP_LEVEL = {
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
+}
+# SDXL's "text_time" addition embedding (pooled text embedding + size/crop embeddings).
+UNET_TEXT_TIME = {
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+}
+# Inside one transformer layer: transformers CLIP name -> open_clip name (q/k/v are fused separately).
+OPEN_CLIP_LAYER_PARTS = {
+    "self_attn.out_proj": "attn.out_proj",
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
+OPEN_CLIP_TOP_LEVEL = {
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
 }
 # Inside a VAE ResnetBlock: only the shortcut is named differently.
 VAE_RESNET_PARTS = {"conv_shortcut": "nin_shortcut"}
@@ -82,15 +109,18 @@ def _has_attention(block_type: str) -> bool:
 
 
 def unet_rules(config: Mapping[str, Any]) -> list[ModuleRule]:
-    """Module map for a ``UNet2DConditionModel`` config (SD1.x style, no class/addition embeds).
+    """Module map for a ``UNet2DConditionModel`` config (SD1.x, or SDXL with its ``text_time`` embedding).
 
     LDM numbers the UNet as flat ``input_blocks`` / ``output_blocks`` lists: per resolution level,
     ``layers_per_block`` entries of ``[ResBlock, (SpatialTransformer)]`` and then one sampler
     entry; the decoder has one more layer per level and puts the upsampler inside the last one.
     """
-    if config.get("class_embed_type") or config.get("addition_embed_type"):
-        raise ValueError("class/addition embeddings (SDXL, upscalers) are not covered by this table")
+    addition = config.get("addition_embed_type")
+    if config.get("class_embed_type") or addition not in (None, "text_time"):
+        raise ValueError(f"class/addition embeddings ({addition!r}) are not covered by this table")
     rules = [ModuleRule(d, ldm) for d, ldm in UNET_TOP_LEVEL.items()]
+    if addition == "text_time":
+        rules += [ModuleRule(d, ldm) for d, ldm in UNET_TEXT_TIME.items()]
     layers = int(config["layers_per_block"])
     down_types = list(config["down_block_types"])
     up_types = list(config["up_block_types"])
@@ -215,7 +245,9 @@ def vae_to_ldm(state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any]
     return _convert(state_dict, vae_rules(config), VAE_PREFIX)
 
 
-def text_encoder_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def text_encoder_to_ldm(
+    state_dict: Mapping[str, torch.Tensor], prefix: str = TEXT_ENCODER_PREFIX
+) -> dict[str, torch.Tensor]:
     """transformers ``CLIPTextModel`` state dict -> ``cond_stage_model.transformer.text_model.*``.
 
     transformers 5 flattened ``CLIPTextModel`` and dropped the ``text_model.`` level from its
@@ -227,7 +259,54 @@ def text_encoder_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tor
         if key.endswith("position_ids"):
             continue  # a buffer, not a weight; diffusers does not need it
         name = key if key.startswith("text_model.") else "text_model." + key
-        out[TEXT_ENCODER_PREFIX + name] = tensor
+        out[prefix + name] = tensor
+    return out
+
+
+def _open_clip_layer_key(rest: str) -> str:
+    """``encoder.layers.3.mlp.fc1.weight`` -> ``transformer.resblocks.3.mlp.c_fc.weight``."""
+    pieces = rest.split(".")
+    if len(pieces) < 4 or pieces[:2] != ["encoder", "layers"]:
+        raise KeyError(f"no open_clip mapping for text encoder key {rest!r}")
+    inner = _rename_part(".".join(pieces[3:]), OPEN_CLIP_LAYER_PARTS)
+    if inner == ".".join(pieces[3:]):
+        raise KeyError(f"no open_clip mapping for text encoder key {rest!r}")
+    return f"transformer.resblocks.{pieces[2]}.{inner}"
+
+
+def open_clip_to_ldm(
+    state_dict: Mapping[str, torch.Tensor], prefix: str = SDXL_OPEN_CLIP_PREFIX
+) -> dict[str, torch.Tensor]:
+    """transformers ``CLIPTextModelWithProjection`` state dict -> open_clip names (SDXL's second encoder).
+
+    q/k/v projections are fused into ``in_proj_weight`` / ``in_proj_bias`` (q, k, v stacked on dim 0),
+    and the projection is stored transposed, as open_clip multiplies ``x @ text_projection``.
+    """
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        if key.endswith("position_ids"):
+            continue
+        if key == "text_projection.weight":
+            out[prefix + "text_projection"] = tensor.T.contiguous()
+            continue
+        rest = key.removeprefix("text_model.")
+        if rest in OPEN_CLIP_TOP_LEVEL:
+            out[prefix + OPEN_CLIP_TOP_LEVEL[rest]] = tensor
+            continue
+        pieces = rest.split(".")
+        if len(pieces) == 6 and pieces[3] == "self_attn" and pieces[4] in ("q_proj", "k_proj", "v_proj"):
+            layer = ".".join(pieces[:3])
+            fused.setdefault(f"{layer}.{pieces[5]}", {})[pieces[4]] = tensor
+            continue
+        out[prefix + _open_clip_layer_key(rest)] = tensor
+    for name, parts in fused.items():
+        if set(parts) != {"q_proj", "k_proj", "v_proj"}:
+            raise KeyError(f"incomplete q/k/v projections for {name!r}: {sorted(parts)}")
+        layer, kind = name.rsplit(".", 1)  # "encoder.layers.N", "weight" | "bias"
+        out[f"{prefix}transformer.resblocks.{layer.rsplit('.', 1)[1]}.attn.in_proj_{kind}"] = torch.cat(
+            [parts["q_proj"], parts["k_proj"], parts["v_proj"]]
+        )
     return out
 
 
@@ -242,4 +321,20 @@ def diffusers_to_ldm(
     out = unet_to_ldm(unet, unet_config)
     out.update(vae_to_ldm(vae, vae_config))
     out.update(text_encoder_to_ldm(text_encoder))
+    return out
+
+
+def sdxl_diffusers_to_ldm(
+    unet: Mapping[str, torch.Tensor],
+    unet_config: Mapping[str, Any],
+    vae: Mapping[str, torch.Tensor],
+    vae_config: Mapping[str, Any],
+    text_encoder: Mapping[str, torch.Tensor],
+    text_encoder_2: Mapping[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """Assemble one single-file SDXL state dict (SGM layout) from its diffusers/transformers parts."""
+    out = unet_to_ldm(unet, unet_config)
+    out.update(vae_to_ldm(vae, vae_config))
+    out.update(text_encoder_to_ldm(text_encoder, SDXL_TEXT_ENCODER_PREFIX))
+    out.update(open_clip_to_ldm(text_encoder_2))
     return out
