@@ -22,7 +22,7 @@ from tests.farm_harness import ROOT, Farm, Proc, start_api, start_worker, wait_u
 
 pytestmark = pytest.mark.e2e
 
-MODEL_A, MODEL_B = "tiny-a", "tiny-b"
+MODEL_A, MODEL_B, MODEL_XL = "tiny-a", "tiny-b", "tiny-xl"
 SHORT = {"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 2}
 LONG = {"prompt": "a long render", "width": 256, "height": 256, "steps": 150, "sampler_name": "Euler"}
 ONE_TINY_MODEL = 24_000_000  # bytes: the demo model takes ~16 MB loaded in float32; two do not fit
@@ -35,7 +35,9 @@ def two_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "import sys; from pathlib import Path; from worker.demo_model import build_demo_checkpoint; "
         "root = Path(sys.argv[1]) / 'Stable-diffusion'; "
         f"build_demo_checkpoint(root / '{MODEL_A}.safetensors', seed=0); "
-        f"build_demo_checkpoint(root / '{MODEL_B}.safetensors', seed=1)"
+        f"build_demo_checkpoint(root / '{MODEL_B}.safetensors', seed=1); "
+        "from worker.demo_sdxl import build_demo_sdxl_checkpoint; "
+        f"build_demo_sdxl_checkpoint(root / '{MODEL_XL}.safetensors')"
     )
     subprocess.run([sys.executable, "-c", script, str(models)], cwd=ROOT, check=True)
     return models
@@ -118,3 +120,18 @@ def test_a_job_waits_for_a_busy_holder_only_a_bounded_time(affinity_farm: tuple[
     cold = farm.submit(dict(SHORT, model=MODEL_B, seed=3))
     assert farm.wait_for(cold["id"])["status"] == "succeeded"
     assert job_rows(farm, [cold["id"]])[cold["id"]]["route"] == "render"
+
+
+def test_an_sdxl_checkpoint_renders_through_the_farm(affinity_farm: tuple[Farm, Proc, Proc]) -> None:
+    farm, _, _ = affinity_farm
+    with farm.client() as c:
+        listed = {m["name"]: m for m in c.get("/v1/models").json()}
+    assert listed[MODEL_XL]["architecture"] == "demo-tiny-sdxl"
+    job = farm.submit(dict(SHORT, model=MODEL_XL, seed=7, prompt="a (red:1.2) boat", negative_prompt="blurry"))
+    done = farm.wait_for(job["id"])
+    assert done["status"] == "succeeded", done
+    with farm.client() as c:
+        image = c.get(done["images"][0]["url"])
+    assert image.status_code == 200 and image.content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"Model: {MODEL_XL}" in done["images"][0]["infotext"]
+    assert job_rows(farm, [job["id"]])[job["id"]]["route"] == "render"  # nobody held it: the shared queue
