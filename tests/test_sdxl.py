@@ -1,6 +1,7 @@
 """SDXL: detection from real-layout headers, the tiny SDXL single file (bit-identical load), the WebUI's
 SDXL conditioning (two encoders, pooled embedding, size conditioning, zeroed empty negative) and renders
-through the engine at 64x64 (seeds, batches, img2img, hires fix) plus the user errors it gives."""
+through the engine at 64x64 (seeds, batches, img2img, hires fix) plus the user errors it gives. LoRAs on SDXL:
+tests/test_sdxl_lora.py."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from worker.pipelines.checkpoint_loader import (
     load_pipeline,
 )
 from worker.pipelines.engine import GenerationEngine
-from worker.pipelines.sdxl_conditioning import SdxlPromptEncoder
+from worker.pipelines.sdxl_conditioning import SdxlEmbeddingLibrary, SdxlPromptEncoder, sdxl_prompt_encoder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -238,11 +239,65 @@ def test_img2img_and_hires_fix_render_on_sdxl(pipe, engine) -> None:
     assert hires.image.size == (128, 128)
 
 
-def test_loras_and_embeddings_on_sdxl_are_user_errors(pipe, engine) -> None:
-    with pytest.raises(FieldError) as err:
+def test_broken_loras_and_sd15_embeddings_on_sdxl_are_user_errors(pipe, engine) -> None:
+    before = pixels(render(pipe, engine, steps=2)[0].image)
+    with pytest.raises(FieldError) as err:  # LoRAs load on SDXL (tests/test_sdxl_lora.py); a broken file is refused
         render(pipe, engine, loras=[{"name": "cat", "weight": 0.5, "file": "cat.safetensors", "hash": "0" * 12}])
-    assert err.value.field == ("body", "loras") and "SDXL" in err.value.message
+    assert err.value.field == ("body", "loras") and "cat.safetensors" in err.value.message
+    assert np.array_equal(pixels(render(pipe, engine, steps=2)[0].image), before)  # nothing half-loaded stays
     with pytest.raises(FieldError) as err:
         render(pipe, engine, negative_prompt="blurry, glowstyle")
     assert err.value.field == ("body", "negative_prompt") and "glowstyle" in err.value.message
     assert render(pipe, engine, prompt="a glow style lamp")  # a different word is plain text
+
+
+def _token_rows(pipe, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two encoders' token-embedding rows of ``text``: an SDXL embedding equivalent to writing it."""
+    rows = []
+    for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
+        ids = tokenizer([text], add_special_tokens=False)["input_ids"][0]
+        rows.append(encoder.get_input_embeddings().weight[ids].detach().clone())
+    assert rows[0].shape[0] == rows[1].shape[0]
+    return rows[0], rows[1]
+
+
+def test_sdxl_embeddings_inject_each_encoders_vectors(pipe, tmp_path: Path) -> None:
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    red_l, red_g = _token_rows(pipe, "red cat")
+    blue_l, blue_g = _token_rows(pipe, "blue dog")
+    save_file({"clip_l": red_l, "clip_g": red_g}, str(folder / "redcat.safetensors"))
+    save_file({"clip_l": red_l, "clip_g": blue_g}, str(folder / "mixcat.safetensors"))  # needs as many vectors
+    save_file({"emb_params": torch.randn(2, 32)}, str(folder / "glowstyle.safetensors"))  # SD1.5 format
+    save_file({"clip_l": torch.randn(1, 768), "clip_g": torch.randn(1, 1280)}, str(folder / "bigxl.safetensors"))
+    names = ["bigxl", "glowstyle", "mixcat", "redcat"]
+    encoder = sdxl_prompt_encoder(pipe, SdxlEmbeddingLibrary(folder), names, {"prompt": "a photo of redcat"})
+    plain = SdxlPromptEncoder(pipe)
+    z, pooled = encoder.encode_with_pooled(["a photo of redcat"])  # one text a call: batching moves low bits
+    z_mix, pooled_mix = encoder.encode_with_pooled(["a photo of mixcat"])
+    z_red, pooled_red = plain.encode_with_pooled(["a photo of red cat"])
+    z_blue, pooled_blue = plain.encode_with_pooled(["a photo of blue dog"])
+    assert torch.equal(z, z_red) and torch.equal(pooled, pooled_red)
+    assert torch.equal(z_mix[..., :32], z_red[..., :32]) and torch.equal(z_mix[..., 32:], z_blue[..., 32:])
+    assert torch.equal(pooled_mix, pooled_blue)  # the pooled embedding is OpenCLIP-G's alone
+    assert not torch.equal(z_red, z_blue)
+    assert set(encoder.used_embeddings) == {"redcat", "mixcat"}
+    for name in ("glowstyle", "bigxl"):  # SD1.5 format, or widths of another checkpoint: refused
+        with pytest.raises(FieldError) as err:
+            sdxl_prompt_encoder(pipe, SdxlEmbeddingLibrary(folder), names, {"prompt": f"a {name} lamp"})
+        assert err.value.field == ("body", "prompt") and name in err.value.message
+
+
+def test_sdxl_embedding_renders_like_its_words_with_ti_hashes(pipe, tmp_path: Path) -> None:
+    import hashlib
+
+    (tmp_path / "embeddings").mkdir()
+    red_l, red_g = _token_rows(pipe, "red cat")
+    path = tmp_path / "embeddings" / "redcat.safetensors"
+    save_file({"clip_l": red_l, "clip_g": red_g}, str(path))
+    engine = GenerationEngine(tmp_path)
+    (with_embedding,) = render(pipe, engine, prompt="a (redcat:1.1) at night", steps=2)
+    (with_words,) = render(pipe, engine, prompt="a (red cat:1.1) at night", steps=2)
+    assert np.array_equal(pixels(with_embedding.image), pixels(with_words.image))
+    assert with_embedding.infotext["TI hashes"] == f"redcat: {hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
+    assert "TI hashes" not in with_words.infotext

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,15 +27,18 @@ UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 RANK = 4
 ALPHA = RANK / 2  # alpha / rank = 0.5: a power of two, so folding it into the up matrix is exact
+KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+
+Matrices = dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]
 
 
-def _targets(model: torch.nn.Module, suffixes: tuple[str, ...]) -> list[tuple[str, torch.nn.Linear]]:
+def linear_targets(model: torch.nn.Module, suffixes: tuple[str, ...]) -> list[tuple[str, torch.nn.Linear]]:
+    """The Linear layers of ``model`` whose path ends in one of ``suffixes``, in module order."""
     return [(name, module) for name, module in model.named_modules()
             if isinstance(module, torch.nn.Linear) and any(name.endswith("." + s) for s in suffixes)]
 
 
-def demo_lora_matrices(seed: int, scale: float = 0.05,
-                       text_encoder: bool = True) -> dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]:
+def demo_lora_matrices(seed: int, scale: float = 0.05, text_encoder: bool = True) -> Matrices:
     """``{(part, module path): (down, up)}`` for the demo model, fp16-representable, from ``seed``.
 
     ``part`` is ``"unet"`` or ``"text_encoder"``; ``scale`` keeps the change small like a real LoRA
@@ -42,12 +46,18 @@ def demo_lora_matrices(seed: int, scale: float = 0.05,
     """
     unet, _, te = build_demo_models()
     gen = torch.Generator().manual_seed(seed)
-    parts = [("unet", _targets(unet, UNET_TARGETS))]
+    parts = [("unet", linear_targets(unet, UNET_TARGETS))]
     if text_encoder:
         # Published files name CLIP's layers from CLIPTextModel ("text_model.encoder..."), whatever
         # transformers' own module tree looks like today.
-        named = _targets(te, TEXT_TARGETS)
+        named = linear_targets(te, TEXT_TARGETS)
         parts.append(("text_encoder", [(n if n.startswith("text_model.") else f"text_model.{n}", m) for n, m in named]))
+    return random_factors(parts, gen, scale)
+
+
+def random_factors(parts: list[tuple[str, list[tuple[str, torch.nn.Linear]]]], gen: torch.Generator,
+                   scale: float) -> Matrices:
+    """``{(part, module path): (down, up)}`` for each Linear of each part, drawn from ``gen`` in order."""
     out = {}
     for part, modules in parts:
         for name, linear in modules:
@@ -59,19 +69,24 @@ def demo_lora_matrices(seed: int, scale: float = 0.05,
     return out
 
 
-def kohya_state_dict(matrices: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """kohya-ss (WebUI) layout: ``lora_unet_<path>.lora_down.weight`` / ``lora_up.weight`` / ``alpha``."""
-    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+def kohya_state_dict(matrices: Matrices, prefixes: dict[str, str] | None = None,
+                     rename: Callable[[str, str], str] | None = None) -> dict[str, torch.Tensor]:
+    """kohya-ss (WebUI) layout: ``lora_unet_<path>.lora_down.weight`` / ``lora_up.weight`` / ``alpha``.
+
+    ``prefixes`` maps each part to its kohya prefix (SD1.5's by default); ``rename(part, path)`` gives the
+    module path kohya names (SDXL's UNet uses the SGM names), else the diffusers path is used.
+    """
+    prefixes = prefixes or KOHYA_PREFIXES
     out = {}
     for (part, name), (down, up) in matrices.items():
-        key = prefixes[part] + name.replace(".", "_")
+        key = prefixes[part] + (rename(part, name) if rename else name).replace(".", "_")
         out[f"{key}.lora_down.weight"] = down.half().contiguous()
         out[f"{key}.lora_up.weight"] = up.half().contiguous()
         out[f"{key}.alpha"] = torch.tensor(ALPHA, dtype=torch.float16)
     return out
 
 
-def diffusers_state_dict(matrices: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def diffusers_state_dict(matrices: Matrices) -> dict[str, torch.Tensor]:
     """diffusers / peft layout: ``unet.<path>.lora_A.weight`` / ``lora_B.weight``, alpha folded into B."""
     out = {}
     for (part, name), (down, up) in matrices.items():
@@ -84,6 +99,11 @@ def write_demo_lora(path: Path, seed: int, fmt: str = "kohya", text_encoder: boo
     """Write one demo LoRA (``fmt`` is ``"kohya"`` or ``"diffusers"``) to ``path``, atomically."""
     matrices = demo_lora_matrices(seed, text_encoder=text_encoder)
     tensors = kohya_state_dict(matrices) if fmt == "kohya" else diffusers_state_dict(matrices)
+    return save_lora(path, tensors)
+
+
+def save_lora(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write a LoRA state dict to ``path`` as safetensors, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -36,9 +36,15 @@ class Embedding:
         return int(self.vectors.shape[-1])
 
 
+class SdxlEmbeddingFile(ValueError):
+    """An SDXL embedding (worker.pipelines.sdxl_conditioning reads those): not for an SD1.x text encoder."""
+
+
 def load_embedding_file(path: Path) -> Embedding:
     """Read one embedding file; raises ValueError when it is not a single-term embedding."""
     tensors = load_file(str(path), device="cpu")
+    if {"clip_l", "clip_g"} & tensors.keys():
+        raise SdxlEmbeddingFile(f"{path.name}: an SDXL embedding (clip_l/clip_g)")
     if "emb_params" in tensors:
         vectors = tensors["emb_params"]
     elif len(tensors) == 1:
@@ -89,6 +95,8 @@ class EmbeddingLibrary:
             return cached[1]
         try:
             embedding: Embedding | None = load_embedding_file(path)
+        except SdxlEmbeddingFile:  # fits SDXL checkpoints only: skipped here, as one of another width is
+            embedding = None
         except Exception as exc:  # a broken file is skipped like the WebUI skips it, and said so once
             log.warning("skipping embedding %s: %s", path.name, exc)
             embedding = None

@@ -8,8 +8,9 @@ is left behind for the next one. The WebUI's behaviour lives in small modules:
 :mod:`img2img` (init images and masks), :mod:`hires` (hires fix), :mod:`vae`, :mod:`embeddings`.
 
 SDXL pipelines (two text encoders) get their conditioning from :mod:`sdxl_conditioning`, with the size
-conditioning of each pass (the hires pass at its target size); everything else is shared. LoRAs and
-textual-inversion embeddings are not applied to SDXL yet: a job asking for one fails as a user error.
+conditioning of each pass (the hires pass at its target size); everything else is shared, LoRAs included
+(kohya and diffusers SDXL files, UNet and both text encoders) and textual-inversion embeddings in the SDXL
+format (``clip_l`` + ``clip_g``); a prompt naming an embedding SDXL cannot apply fails as a user error.
 
 Out of scope: 9-channel inpainting checkpoints (the loader refuses them), refiner / hires checkpoint,
 ESRGAN upscalers (see :mod:`hires`), color correction, face restoration, tiling, NGMS and the other
@@ -45,9 +46,10 @@ from worker.pipelines.img2img import Img2ImgInputs, apply_overlay, latent_mask_t
 from worker.pipelines.lora import LoraCache, job_loras, lora_infotext
 from worker.pipelines.noise import LATENT_CHANNELS, LATENT_FACTOR, ImageNoise, SeedPlan, cpu_randn, job_seed_plans
 from worker.pipelines.sdxl_conditioning import (
+    SdxlEmbeddingLibrary,
     SdxlPromptEncoder,
     is_sdxl_pipeline,
-    refuse_sdxl_embeddings,
+    sdxl_prompt_encoder,
     sdxl_time_ids,
 )
 from worker.pipelines.vae import VaeChoice, VaeLibrary, decode_to_image, encode_image
@@ -88,6 +90,7 @@ class GenerationEngine:
     def __init__(self, models_dir: Path) -> None:
         self.models_dir = Path(models_dir)
         self.embeddings = EmbeddingLibrary(self.models_dir / "embeddings")
+        self.sdxl_embeddings = SdxlEmbeddingLibrary(self.models_dir / "embeddings")
         self.vaes = VaeLibrary(self.models_dir / "VAE")
         # Callers that hold no LoraCache of their own (tests, tools) get one per pipeline, weakly keyed.
         self._loras: weakref.WeakKeyDictionary[Any, LoraCache] = weakref.WeakKeyDictionary()
@@ -111,9 +114,6 @@ class GenerationEngine:
         to cancel; ``load_image(key)`` returns the bytes of an uploaded init image or mask. ``loras`` is the
         pipeline's LoRA cache; the job's exact LoRA set (or none) is made active before anything is encoded."""
         requests = job_loras(params, self.models_dir / "Lora")
-        if requests and is_sdxl_pipeline(pipe):
-            raise FieldError(("body", "loras"), "LoRAs are not supported on SDXL checkpoints yet "
-                             f"(requested: {', '.join(r.name for r in requests)})")
         cache = loras if loras is not None else self.lora_cache(pipe)
         cache.apply(pipe, requests)
         job, count = self._plan(pipe, params, scheduler_config, load_image)
@@ -185,8 +185,7 @@ class GenerationEngine:
             prompts = {"prompt": params["prompt"], "negative_prompt": params["negative_prompt"]}
             if hires is not None:
                 prompts.update(hr_prompt=hires.prompt, hr_negative_prompt=hires.negative_prompt)
-            refuse_sdxl_embeddings(pipe.tokenizer, self.embeddings.names(), prompts)
-            return SdxlPromptEncoder(pipe)
+            return sdxl_prompt_encoder(pipe, self.sdxl_embeddings, self.embeddings.names(), prompts)
         width = int(pipe.text_encoder.get_input_embeddings().weight.shape[-1])
         return PromptEncoder(pipe.tokenizer, pipe.text_encoder, self.embeddings.available(width),
                              int(params.get("clip_skip", 1) or 1))

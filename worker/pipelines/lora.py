@@ -11,6 +11,10 @@ No leakage: every job sets the complete adapter set it needs (or disables LoRA e
 previous job selected stays active. Disabled peft layers return exactly ``base_layer(x)``, so a job
 without LoRA gives the same pixels as on a pipeline that never saw one (tested pixel for pixel).
 
+SDXL pipelines work the same way: ``load_lora_weights`` of diffusers' SDXL pipeline reads kohya files
+(SGM UNet names, ``lora_te1_`` / ``lora_te2_`` for the two text encoders) and diffusers files (``unet.``,
+``text_encoder.``, ``text_encoder_2.``), and the switch covers the second text encoder's layers too.
+
 An adapter is named after the file's resolved path, size and modification time: a file replaced on
 disk gets a new adapter and the stale one ages out.
 """
@@ -119,6 +123,12 @@ class StateDictCache:
         return state
 
 
+def lora_components(pipe: Any) -> list[torch.nn.Module]:
+    """The models a LoRA may patch: the UNet and every text encoder (SDXL's OpenCLIP-G one as well)."""
+    names = ("unet", "text_encoder", "text_encoder_2")
+    return [module for module in (getattr(pipe, name, None) for name in names) if module is not None]
+
+
 def _file_key(path: Path) -> str:
     stat = path.stat()
     return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
@@ -175,7 +185,7 @@ class LoraCache:
         A disabled layer returns ``base_layer(x)`` untouched, so no adapter can leak into the next job.
         """
         if self._layers is None:
-            self._layers = [module for part in (pipe.unet, pipe.text_encoder) for module in part.modules()
+            self._layers = [module for part in lora_components(pipe) for module in part.modules()
                             if hasattr(module, "set_scale") and hasattr(module, "lora_A")]
         for layer in self._layers:
             present = [name for name in weights if name in layer.lora_A]

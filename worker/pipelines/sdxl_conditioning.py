@@ -11,18 +11,31 @@ size; all the image's own size, as the WebUI sets them), goes to the UNet's ``ad
 
 Clip skip does not apply (the WebUI's ``sdxl_clip_l_skip`` is off by default), and an all-empty
 negative prompt is zeros rather than the encoding of "" (``force_zero_embeddings=['txt']``).
-Textual-inversion embeddings are not supported on SDXL yet: a prompt naming one is refused.
+
+Textual-inversion embeddings for SDXL hold one tensor per encoder, ``clip_l`` ``[n, 768]`` and ``clip_g``
+``[n, 1280]`` (the WebUI's format); each encoder injects its own part where the prompt names the file, and
+the infotext's ``TI hashes`` lists it once. A prompt naming an embedding that is not in that format (an
+SD1.5 one, or widths that do not fit the checkpoint) is refused: encoding the name as plain text would
+render something the user did not ask for.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from shared.errors import FieldError
 from worker.pipelines.conditioning import PromptEncoder, strip_extra_networks
 from worker.pipelines.embeddings import Embedding, find_embedding_names
+
+log = logging.getLogger(__name__)
 
 PENULTIMATE = -2
 OPEN_CLIP_PAD_ID = 0  # the WebUI's FrozenOpenCLIPEmbedderWithCustomWords.id_pad
@@ -33,15 +46,84 @@ def is_sdxl_pipeline(pipe: Any) -> bool:
     return getattr(pipe, "text_encoder_2", None) is not None
 
 
+@dataclass(frozen=True)
+class SdxlEmbedding:
+    """One SDXL textual-inversion file: the same name and hash, a vector set per text encoder."""
+
+    clip_l: Embedding
+    clip_g: Embedding
+
+
+def load_sdxl_embedding(path: Path) -> SdxlEmbedding | None:
+    """The file's ``clip_l`` / ``clip_g`` vectors, or None when it is no SDXL embedding (an SD1.5 one).
+
+    Raises ValueError for an SDXL file whose tensors are not ``[n, width]`` with the same ``n``.
+    """
+    with safe_open(str(path), "pt") as handle:
+        if not {"clip_l", "clip_g"} <= set(handle.keys()):
+            return None
+    tensors = load_file(str(path), device="cpu")
+    clip_l, clip_g = tensors["clip_l"], tensors["clip_g"]
+    if clip_l.dim() != 2 or clip_g.dim() != 2 or clip_l.shape[0] != clip_g.shape[0]:
+        raise ValueError(f"{path.name}: clip_l {list(clip_l.shape)} and clip_g {list(clip_g.shape)} "
+                         "are not [n, width] with the same n")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    return SdxlEmbedding(Embedding(path.stem, clip_l.detach().float(), digest),
+                         Embedding(path.stem, clip_g.detach().float(), digest))
+
+
+class SdxlEmbeddingLibrary:
+    """The SDXL embeddings of an embeddings folder, re-scanned each job, each file parsed once per version."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self._cache: dict[Path, tuple[tuple[int, int], SdxlEmbedding | None]] = {}
+
+    def available(self, width_l: int, width_g: int) -> dict[str, SdxlEmbedding]:
+        """SDXL embeddings whose two parts fit text encoders of these widths, by name."""
+        found: dict[str, SdxlEmbedding] = {}
+        if not self.folder.is_dir():
+            return found
+        for path in sorted(self.folder.rglob("*.safetensors")):
+            embedding = self._load(path)
+            if embedding is not None and (embedding.clip_l.width, embedding.clip_g.width) == (width_l, width_g):
+                found.setdefault(path.stem, embedding)
+        return found
+
+    def _load(self, path: Path) -> SdxlEmbedding | None:
+        try:
+            stat = path.stat()
+        except OSError:
+            return None
+        version = (stat.st_mtime_ns, stat.st_size)
+        cached = self._cache.get(path)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        try:
+            embedding = load_sdxl_embedding(path)
+        except Exception as exc:  # a broken file is skipped (and so refused when named), said once
+            log.warning("skipping SDXL embedding %s: %s", path.name, exc)
+            embedding = None
+        self._cache[path] = (version, embedding)
+        return embedding
+
+
 class SdxlPromptEncoder:
     """Encodes WebUI prompts with both SDXL text encoders; the interface of :class:`PromptEncoder`."""
 
-    def __init__(self, pipe: Any) -> None:
-        self.clip_l = PromptEncoder(pipe.tokenizer, pipe.text_encoder, hidden_layer=PENULTIMATE)
+    def __init__(self, pipe: Any, embeddings: dict[str, SdxlEmbedding] | None = None) -> None:
+        embeddings = embeddings or {}
+        self.clip_l = PromptEncoder(pipe.tokenizer, pipe.text_encoder, hidden_layer=PENULTIMATE,
+                                    embeddings={name: e.clip_l for name, e in embeddings.items()})
         self.clip_g = PromptEncoder(pipe.tokenizer_2, pipe.text_encoder_2, hidden_layer=PENULTIMATE,
-                                    pad_id=OPEN_CLIP_PAD_ID)
-        self.used_embeddings: dict[str, Embedding] = {}
+                                    pad_id=OPEN_CLIP_PAD_ID,
+                                    embeddings={name: e.clip_g for name, e in embeddings.items()})
         self.zero_empty_negative = True
+
+    @property
+    def used_embeddings(self) -> dict[str, Embedding]:
+        """Embeddings the encoded prompts used, by name (one entry per file: both parts share the hash)."""
+        return {**self.clip_g.used_embeddings, **self.clip_l.used_embeddings}
 
     def encode(self, texts: list[str]) -> torch.Tensor:
         return self.encode_with_pooled(texts)[0]
@@ -62,10 +144,22 @@ def sdxl_time_ids(width: int, height: int, crop_top: int = 0, crop_left: int = 0
 
 
 def refuse_sdxl_embeddings(tokenizer: Any, embedding_names: list[str], prompts: dict[str, str]) -> None:
-    """Raise a FieldError when a prompt names a textual-inversion embedding: SDXL does not apply them yet,
-    and silently encoding the name as plain text would render something the user did not ask for."""
+    """Raise a FieldError when a prompt names one of ``embedding_names``, the embeddings this SDXL checkpoint
+    cannot apply (not ``clip_l`` + ``clip_g``, or other widths): silently encoding the name as plain text
+    would render something the user did not ask for."""
     for field_name, text in prompts.items():
         found = find_embedding_names(tokenizer, embedding_names, strip_extra_networks(text or ""))
         if found:
-            raise FieldError(("body", field_name), f"{field_name}: textual-inversion embeddings are not supported "
-                                                   f"on SDXL checkpoints yet (found {', '.join(found)})")
+            raise FieldError(("body", field_name), f"{field_name}: textual-inversion embeddings {', '.join(found)} "
+                                                   "are not SDXL embeddings for this checkpoint (an SDXL embedding "
+                                                   "holds clip_l and clip_g vectors of its text encoders' widths)")
+
+
+def sdxl_prompt_encoder(pipe: Any, library: SdxlEmbeddingLibrary, embedding_names: list[str],
+                        prompts: dict[str, str]) -> SdxlPromptEncoder:
+    """The job's SDXL prompt encoder with the SDXL embeddings that fit ``pipe``; a prompt naming any other of
+    the folder's ``embedding_names`` is refused (:func:`refuse_sdxl_embeddings`)."""
+    usable = library.available(int(pipe.text_encoder.get_input_embeddings().weight.shape[-1]),
+                               int(pipe.text_encoder_2.get_input_embeddings().weight.shape[-1]))
+    refuse_sdxl_embeddings(pipe.tokenizer, [name for name in embedding_names if name not in usable], prompts)
+    return SdxlPromptEncoder(pipe, usable)
