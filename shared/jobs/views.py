@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -38,6 +40,19 @@ def eta_seconds(job: Job) -> float | None:
     return round(max(0.0, elapsed / job.progress * (1 - job.progress)), 2)
 
 
+def planned_steps(params: dict[str, Any]) -> int:
+    """Sampling steps the job runs, as the WebUI counts them: img2img runs ``int(strength * steps) + 1`` of
+    its steps, hires fix adds its second pass (``hr_second_pass_steps``, or the first pass's steps), and
+    every ``n_iter`` repeats it all."""
+    steps = int(params.get("steps", 0))
+    if params.get("mode") == "img2img" and params.get("denoising_strength") is not None:
+        strength = min(max(float(params["denoising_strength"]), 0.0), 0.999)
+        steps = min(int(strength * steps) + 1, steps)
+    elif params.get("enable_hr"):
+        steps += int(params.get("hr_second_pass_steps") or 0) or steps
+    return steps * int(params.get("n_iter", 1))
+
+
 def job_view(job: Job, store: ObjectStore, url_expires: int, position: int | None = None) -> JobView:
     images = [
         ImageView(
@@ -50,7 +65,7 @@ def job_view(job: Job, store: ObjectStore, url_expires: int, position: int | Non
         )
         for img in job.images
     ]
-    total_steps = int(job.params.get("steps", 0)) * int(job.params.get("n_iter", 1))
+    total_steps = planned_steps(job.params)
     error = ErrorView(type=job.error_type, message=job.error_message or "") if job.error_type else None
     return JobView(
         id=job.id,
