@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from safetensors.torch import load_file
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -60,12 +62,42 @@ def load_embedding_file(path: Path) -> Embedding:
     return Embedding(path.stem, vectors.detach().to(torch.float32), digest)
 
 
+class VersionedFiles(Generic[T]):
+    """Each file parsed once per version (modification time, size). A file that fails to parse is skipped,
+    as the WebUI skips it, and said so once per version (``quiet`` errors are not said at all)."""
+
+    def __init__(self, parse: Callable[[Path], T | None], kind: str,
+                 quiet: tuple[type[Exception], ...] = ()) -> None:
+        self.parse, self.kind, self.quiet = parse, kind, quiet
+        self._cache: dict[Path, tuple[tuple[int, int], T | None]] = {}
+
+    def get(self, path: Path) -> T | None:
+        try:
+            stat = path.stat()
+        except OSError:
+            return None
+        version = (stat.st_mtime_ns, stat.st_size)
+        cached = self._cache.get(path)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        parsed: T | None = None
+        try:
+            parsed = self.parse(path)
+        except self.quiet:
+            pass
+        except Exception as exc:
+            log.warning("skipping %s %s: %s", self.kind, path.name, exc)
+        self._cache[path] = (version, parsed)
+        return parsed
+
+
 class EmbeddingLibrary:
     """The embeddings folder, re-scanned each job (cheap) and each file parsed once per version."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
-        self._cache: dict[Path, tuple[tuple[int, int], Embedding | None]] = {}
+        self._files: VersionedFiles[Embedding] = VersionedFiles(load_embedding_file, "embedding",
+                                                               quiet=(SdxlEmbeddingFile,))
 
     def available(self, width: int) -> dict[str, Embedding]:
         """Embeddings whose vectors fit a text encoder of this hidden width, by name."""
@@ -85,23 +117,7 @@ class EmbeddingLibrary:
         return sorted({path.stem for path in self.folder.rglob("*.safetensors")})
 
     def _load(self, path: Path) -> Embedding | None:
-        try:
-            stat = path.stat()
-        except OSError:
-            return None
-        version = (stat.st_mtime_ns, stat.st_size)
-        cached = self._cache.get(path)
-        if cached is not None and cached[0] == version:
-            return cached[1]
-        try:
-            embedding: Embedding | None = load_embedding_file(path)
-        except SdxlEmbeddingFile:  # fits SDXL checkpoints only: skipped here, as one of another width is
-            embedding = None
-        except Exception as exc:  # a broken file is skipped like the WebUI skips it, and said so once
-            log.warning("skipping embedding %s: %s", path.name, exc)
-            embedding = None
-        self._cache[path] = (version, embedding)
-        return embedding
+        return self._files.get(path)
 
 
 class EmbeddingMatcher:

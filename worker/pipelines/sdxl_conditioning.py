@@ -22,7 +22,6 @@ render something the user did not ask for.
 from __future__ import annotations
 
 import hashlib
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,9 +32,8 @@ from safetensors.torch import load_file
 
 from shared.errors import FieldError
 from worker.pipelines.conditioning import PromptEncoder, strip_extra_networks
-from worker.pipelines.embeddings import Embedding, find_embedding_names
+from worker.pipelines.embeddings import Embedding, VersionedFiles, find_embedding_names
 
-log = logging.getLogger(__name__)
 
 PENULTIMATE = -2
 OPEN_CLIP_PAD_ID = 0  # the WebUI's FrozenOpenCLIPEmbedderWithCustomWords.id_pad
@@ -77,7 +75,7 @@ class SdxlEmbeddingLibrary:
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
-        self._cache: dict[Path, tuple[tuple[int, int], SdxlEmbedding | None]] = {}
+        self._files: VersionedFiles[SdxlEmbedding] = VersionedFiles(load_sdxl_embedding, "SDXL embedding")
 
     def available(self, width_l: int, width_g: int) -> dict[str, SdxlEmbedding]:
         """SDXL embeddings whose two parts fit text encoders of these widths, by name."""
@@ -91,21 +89,7 @@ class SdxlEmbeddingLibrary:
         return found
 
     def _load(self, path: Path) -> SdxlEmbedding | None:
-        try:
-            stat = path.stat()
-        except OSError:
-            return None
-        version = (stat.st_mtime_ns, stat.st_size)
-        cached = self._cache.get(path)
-        if cached is not None and cached[0] == version:
-            return cached[1]
-        try:
-            embedding = load_sdxl_embedding(path)
-        except Exception as exc:  # a broken file is skipped (and so refused when named), said once
-            log.warning("skipping SDXL embedding %s: %s", path.name, exc)
-            embedding = None
-        self._cache[path] = (version, embedding)
-        return embedding
+        return self._files.get(path)
 
 
 class SdxlPromptEncoder:
