@@ -98,6 +98,10 @@ def test_jobs_go_to_the_worker_that_holds_their_model(affinity_farm: tuple[Farm,
         assert row["route"] == model_queue(row["model_name"])
     # An interleaved stream cost no model load at all: each worker kept the model it started with.
     assert model_loads(farm) == {"w1": 1, "w2": 1}
+    with farm.client() as c:
+        workers = c.get("/v1/admin/workers").json()["workers"]
+    for worker in workers:  # the heartbeat reports the cache's use against its budget
+        assert 0 < worker["memory"]["models_loaded"] <= worker["memory"]["models_budget"] == ONE_TINY_MODEL
 
 
 def test_a_job_waits_for_a_busy_holder_only_a_bounded_time(affinity_farm: tuple[Farm, Proc, Proc]) -> None:
