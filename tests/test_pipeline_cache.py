@@ -65,3 +65,15 @@ def test_count_limit_and_names_by_file_name(three_models: Path) -> None:
     assert pipelines.get("a.safetensors") is first and pipelines.loads == 1
     pipelines.get("b")
     assert pipelines.names() == ["b"] and pipelines.evictions == 1
+
+
+def test_a_diffusers_folder_is_estimated_once_per_component(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "folder"
+    for component, variants in (("unet", ("", ".fp16")), ("vae", (".fp16",))):
+        (folder / component).mkdir(parents=True)
+        for variant in variants:
+            save_file({"w": torch.zeros(10, 10)}, str(folder / component / f"model{variant}.safetensors"))
+    # unet: the plain file only (the loader's choice); vae: its only file, the fp16 variant
+    assert estimate_checkpoint_bytes(folder, float_bytes=4) == 2 * 100 * 4

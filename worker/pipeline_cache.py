@@ -46,7 +46,7 @@ def estimate_checkpoint_bytes(path: Path, float_bytes: int) -> int:
     """Bytes the weights of a checkpoint file (or diffusers folder) take once loaded with floats of `float_bytes`."""
     from worker.pipelines.checkpoint_loader import read_safetensors_header
 
-    files = sorted(Path(path).rglob("*.safetensors")) if Path(path).is_dir() else [Path(path)]
+    files = _loaded_weight_files(Path(path)) if Path(path).is_dir() else [Path(path)]
     total = 0
     for file in files:
         header = read_safetensors_header(file)
@@ -57,6 +57,19 @@ def estimate_checkpoint_bytes(path: Path, float_bytes: int) -> int:
             dtype = header.dtypes[key]
             total += numel * (float_bytes if dtype in _FLOAT_DTYPES else _DTYPE_BYTES.get(dtype, 4))
     return total
+
+
+def _loaded_weight_files(folder: Path) -> list[Path]:
+    """A diffusers folder's weights as the loader picks them: per component, the plain files, or the
+    ``*.fp16.safetensors`` variant only where a component has nothing else."""
+    by_component: dict[Path, list[Path]] = {}
+    for file in sorted(folder.rglob("*.safetensors")):
+        by_component.setdefault(file.parent, []).append(file)
+    picked: list[Path] = []
+    for files in by_component.values():
+        plain = [f for f in files if ".fp16." not in f.name]
+        picked += plain or files
+    return picked
 
 
 def pipeline_bytes(pipeline: Any) -> int:
