@@ -49,7 +49,7 @@ def affinity_farm(postgres: EmbeddedPostgres, redis_server: EmbeddedRedis, two_m
     logs = tmp_path_factory.mktemp("affinity")
     env = farm_env(
         database_url=_fresh_database(postgres, "farm_affinity"),
-        redis_url=f"redis://127.0.0.1:{redis_server.port}/7",
+        redis_url=f"redis://127.0.0.1:{redis_server.port}/11",  # a database no other test uses
         storage_url=str(logs / "objects"), models_dir=two_models, admin_key=ADMIN_KEY,
         RENDERFARM_DEFAULT_MODEL=MODEL_A, RENDERFARM_PIPELINE_CACHE_BYTES=str(ONE_TINY_MODEL),
         RENDERFARM_AFFINITY_MAX_WAIT_SECONDS="2",
@@ -100,7 +100,7 @@ def test_jobs_go_to_the_worker_that_holds_their_model(affinity_farm: tuple[Farm,
     assert model_loads(farm) == {"w1": 1, "w2": 1}
     with farm.client() as c:
         workers = c.get("/v1/admin/workers").json()["workers"]
-    for worker in workers:  # the heartbeat reports the cache's use against its budget
+    for worker in (w for w in workers if w["state"] != "lost"):  # the cache's use against its budget
         assert 0 < worker["memory"]["models_loaded"] <= worker["memory"]["models_budget"] == ONE_TINY_MODEL
 
 
