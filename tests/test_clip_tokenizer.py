@@ -17,11 +17,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER_DIR = ROOT / "worker" / "assets" / "clip_tokenizer"
+CONFIGS = ROOT / "worker" / "assets" / "configs"
+# SDXL's second tokenizer is the same BPE with "!" as its padding token, so only its vocabulary is a copy.
 CONFIG_COPIES = [
-    ROOT / "worker" / "assets" / "configs" / "sd15" / "tokenizer",
-    ROOT / "worker" / "assets" / "configs" / "demo-tiny" / "tokenizer",
+    CONFIGS / "sd15" / "tokenizer",
+    CONFIGS / "demo-tiny" / "tokenizer",
+    CONFIGS / "sdxl" / "tokenizer",
+    CONFIGS / "demo-tiny-sdxl" / "tokenizer",
+    CONFIGS / "sdxl" / "tokenizer_2",
+    CONFIGS / "demo-tiny-sdxl" / "tokenizer_2",
 ]
 FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+VOCABULARY = ("vocab.json", "merges.txt")
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +67,9 @@ def test_vocab_file_shape() -> None:
     assert merges[0].startswith("#version") and len(merges) == 1 + 49152 - 256 - 2
 
 
-@pytest.mark.parametrize("copy", CONFIG_COPIES, ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("copy", CONFIG_COPIES, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_config_folders_carry_identical_copies(copy: Path) -> None:
-    for name in FILES:
+    for name in VOCABULARY if copy.name == "tokenizer_2" else FILES:
         assert filecmp.cmp(TOKENIZER_DIR / name, copy / name, shallow=False), f"{copy / name} differs"
 
 
@@ -79,3 +86,14 @@ def test_build_script_reproduces_committed_files(tmp_path: Path) -> None:
     subprocess.run([sys.executable, str(script), wheel, "--out", str(tmp_path), "--no-config-copies"], check=True)
     for name in FILES:
         assert filecmp.cmp(tmp_path / name, TOKENIZER_DIR / name, shallow=False), name
+
+
+@pytest.mark.parametrize("arch", ["sdxl", "demo-tiny-sdxl"])
+def test_sdxl_second_tokenizer_pads_with_exclamation_mark(arch: str) -> None:
+    from transformers import CLIPTokenizer
+
+    second = CLIPTokenizer.from_pretrained(CONFIGS / arch / "tokenizer_2", local_files_only=True)
+    first = CLIPTokenizer.from_pretrained(CONFIGS / arch / "tokenizer", local_files_only=True)
+    assert second.pad_token == "!" and second.pad_token_id == 0  # open_clip pads with zeros
+    assert first.pad_token == "<|endoftext|>"
+    assert second("a red boat")["input_ids"] == first("a red boat")["input_ids"]
