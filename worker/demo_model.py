@@ -72,19 +72,24 @@ def demo_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     return {key: tensor.detach().to(STORAGE_DTYPE).contiguous() for key, tensor in mapped.items()}
 
 
-def build_demo_checkpoint(path: Path, seed: int = 0) -> Path:
-    """Write the demo checkpoint to ``path`` (atomically: a crash leaves no half-written file)."""
+def save_safetensors_atomically(tensors: dict[str, torch.Tensor], path: Path,
+                                metadata: dict[str, str] | None = None) -> Path:
+    """Write ``tensors`` to ``path`` so that a crash leaves no half-written file, readable by other users."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = demo_state_dict(seed)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        save_file(tensors, str(tmp), metadata={METADATA_ARCH_KEY: DEMO_ARCH})
+        save_file(tensors, str(tmp), metadata=metadata)
         os.chmod(tmp, 0o644)  # safetensors creates 0600; other worker users must read it
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def build_demo_checkpoint(path: Path, seed: int = 0) -> Path:
+    """Write the demo checkpoint to ``path`` (atomically: a crash leaves no half-written file)."""
+    return save_safetensors_atomically(demo_state_dict(seed), path, {METADATA_ARCH_KEY: DEMO_ARCH})
 
 
 def ensure_demo_checkpoint(models_dir: Path) -> Path | None:

@@ -14,14 +14,13 @@ and the same seed gives the same bytes. The configs live in ``worker/assets/conf
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import save_file
 
+from worker.demo_model import save_safetensors_atomically
 from worker.pipelines import ldm_layout
 from worker.pipelines.checkpoint_loader import METADATA_ARCH_KEY, checkpoint_config_dir
 
@@ -83,14 +82,4 @@ def demo_sdxl_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
 
 def build_demo_sdxl_checkpoint(path: Path, seed: int = 0) -> Path:
     """Write the tiny SDXL checkpoint to ``path`` atomically, tagged with its architecture."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = demo_sdxl_state_dict(seed)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata={METADATA_ARCH_KEY: DEMO_SDXL_ARCH})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return save_safetensors_atomically(demo_sdxl_state_dict(seed), path, {METADATA_ARCH_KEY: DEMO_SDXL_ARCH})

@@ -12,15 +12,13 @@ CLI: ``python -m worker.lora_demo models_dir [count]`` writes ``Lora/demo-lora-<
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from worker.demo_model import build_demo_models
+from worker.demo_model import build_demo_models, save_safetensors_atomically
 
 # Attention projections: what most published SD1.5 LoRAs train.
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -104,16 +102,7 @@ def write_demo_lora(path: Path, seed: int, fmt: str = "kohya", text_encoder: boo
 
 def save_lora(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
     """Write a LoRA state dict to ``path`` as safetensors, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return save_safetensors_atomically(tensors, path, {"format": "pt"})
 
 
 def main(argv: list[str] | None = None) -> int:

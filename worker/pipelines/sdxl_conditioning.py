@@ -34,7 +34,6 @@ from shared.errors import FieldError
 from worker.pipelines.conditioning import PromptEncoder, strip_extra_networks
 from worker.pipelines.embeddings import Embedding, VersionedFiles, find_embedding_names
 
-
 PENULTIMATE = -2
 OPEN_CLIP_PAD_ID = 0  # the WebUI's FrozenOpenCLIPEmbedderWithCustomWords.id_pad
 
