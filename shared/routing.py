@@ -85,6 +85,12 @@ class AffinityRouter:
         return model_queue(model_name) if model_name in held else QueueName.RENDER
 
 
+def held_by_every_worker(infos: Iterable[dict]) -> set[str]:
+    """Checkpoints that every ready worker holds (none when no worker is ready)."""
+    held = [set(map(str, info.get("models") or [])) for info in infos if info.get("ready")]
+    return set.intersection(*held) if held else set()
+
+
 def orphan_model_queues(queue_keys: Iterable[str], infos: Iterable[dict]) -> list[str]:
     """Model queues no live worker (ready or not, paused or not) holds the model of: nobody will ever consume
     them. Deleting them loses nothing: the sweeper re-publishes their jobs to the shared queue after the

@@ -15,7 +15,14 @@ from shared.embedded import EmbeddedRedis, free_port
 from shared.fleet import WORKER_KEY_PREFIX, broker_queue
 from shared.jobs import repository
 from shared.jobs.sweeper import claim_deferred
-from shared.routing import AffinityRouter, advertised_models, is_model_queue, model_queue, orphan_model_queues
+from shared.routing import (
+    AffinityRouter,
+    advertised_models,
+    held_by_every_worker,
+    is_model_queue,
+    model_queue,
+    orphan_model_queues,
+)
 from worker.queue_sync import desired_queues
 
 PARAMS = {"mode": "txt2img", "prompt": "p", "seed": 5, "batch_size": 1, "n_iter": 1}
@@ -31,6 +38,12 @@ def test_model_queues_are_stable_safe_names() -> None:
 def test_only_ready_workers_advertise() -> None:
     infos = [{"ready": True, "models": ["a", "b"]}, {"ready": False, "models": ["c"]}, {"ready": True}]
     assert advertised_models(infos) == {"a", "b"}
+
+
+def test_models_held_by_every_ready_worker() -> None:
+    infos = [{"ready": True, "models": ["a", "b"]}, {"ready": True, "models": ["b"]}, {"ready": False}]
+    assert held_by_every_worker(infos) == {"b"}
+    assert held_by_every_worker([{"ready": False, "models": ["a"]}]) == set()
 
 
 def test_orphan_model_queues_are_those_nobody_holds() -> None:
@@ -100,3 +113,14 @@ def test_deferral_is_bounded(session: Session) -> None:
     session.refresh(overdue)
     assert overdue.route == "render"
     assert claim_deferred(session, max_wait_seconds=15).count(overdue.id) == 0  # re-published once only
+
+
+def test_jobs_for_a_model_every_worker_holds_are_not_deferred(session: Session) -> None:
+    created = repository.create_job(session, owner="t", api_key_id=None, params=PARAMS, model_name="everywhere",
+                                    model_hash=None, route=model_queue("everywhere"))
+    created.published_at = repository.utcnow() - timedelta(seconds=60)
+    session.commit()
+    assert created.id not in claim_deferred(session, max_wait_seconds=15, keep={"everywhere"})
+    session.commit()
+    assert created.id in claim_deferred(session, max_wait_seconds=15, keep={"other"})
+    session.commit()

@@ -22,7 +22,7 @@ from shared.jobs import repository
 from shared.jobs.events import publish_events, record_event
 from shared.jobs.sweeper import sweep
 from shared.queue import publish_render
-from shared.routing import model_queue_keys, orphan_model_queues
+from shared.routing import held_by_every_worker, model_queue_keys, orphan_model_queues
 from shared.settings import Settings
 
 if TYPE_CHECKING:
@@ -101,9 +101,11 @@ class Heartbeat:
         return queue.waiting + queue.unacked
 
     def sweep(self) -> None:
+        # A job for a model every worker holds gains nothing by moving to the shared queue: it is not deferred.
+        held_everywhere = held_by_every_worker(live_worker_infos(self._redis))
         with self.session_factory() as session:
             sweep(session, publish_render, self.broker_depth, self.settings.republish_after_seconds,
-                  affinity_max_wait=self.settings.affinity_max_wait_seconds)
+                  affinity_max_wait=self.settings.affinity_max_wait_seconds, keep_deferred=held_everywhere)
 
     def _loop(self) -> None:
         next_beat = time.monotonic() + self.interval

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import timedelta
 
 from sqlalchemy import and_, func, select, update
@@ -93,13 +93,21 @@ def claim_stale_queued(
     )
 
 
-def claim_deferred(session: Session, max_wait_seconds: float, limit: int = 500) -> list[uuid.UUID]:
-    """Queued jobs published to a model's queue more than `max_wait_seconds` ago: the bound on affinity."""
+def claim_deferred(
+    session: Session, max_wait_seconds: float, limit: int = 500, keep: Collection[str] = ()
+) -> list[uuid.UUID]:
+    """Queued jobs published to a model's queue more than `max_wait_seconds` ago: the bound on affinity.
+    Jobs for the models in `keep` (held by every worker: any worker that frees up takes them from their
+    model's queue anyway) stay where they are, so a backlog does not get a spare message per job."""
     cutoff = utcnow() - timedelta(seconds=max_wait_seconds)
-    in_model_queue = Job.route.startswith(MODEL_QUEUE_PREFIX, autoescape=True)
-    return _claim_for_publish(
-        session, and_(Job.status == JobStatus.QUEUED, in_model_queue, Job.published_at < cutoff), limit
+    condition = and_(
+        Job.status == JobStatus.QUEUED,
+        Job.route.startswith(MODEL_QUEUE_PREFIX, autoescape=True),
+        Job.published_at < cutoff,
     )
+    if keep:
+        condition = and_(condition, Job.model_name.not_in(list(keep)))
+    return _claim_for_publish(session, condition, limit)
 
 
 def sweep(
@@ -108,12 +116,13 @@ def sweep(
     broker_depth: Callable[[], int] | None = None,
     republish_after: float = 30.0,
     affinity_max_wait: float = 15.0,
+    keep_deferred: Collection[str] = (),
 ) -> int:
     """One pass: commit the state changes first, then publish (commit, then publish). Every id goes to the
     shared render queue."""
     requeued, failed = expire_leases(session)
     deliveries = [d for job_id in failed for d in record_event(session, job_id)]
-    ids = requeued + claim_unpublished(session) + claim_deferred(session, affinity_max_wait)
+    ids = requeued + claim_unpublished(session) + claim_deferred(session, affinity_max_wait, keep=keep_deferred)
     session.commit()
     publish_events(deliveries)
     if broker_depth is not None:
