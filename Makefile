@@ -22,7 +22,7 @@ chromium:
 install: $(STAMP)
 
 up: $(STAMP)
-	$(PY) -m shared.cli up
+	$(PY) -m devtools.cli up
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -11,9 +11,9 @@ from sqlalchemy.orm import Session
 from shared.auth import find_api_key
 from shared.db.models import ApiKey
 from shared.db.session import get_session_factory
-from shared.object_store import get_object_store
 from shared.settings import Settings, get_settings
 from shared.storage.base import ObjectStore
+from shared.storage.object_store import get_object_store
 
 
 def db_session() -> Iterator[Session]:

@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
+from api.admin.sampler import run_sampler
 from api.routes import (
     admin,
     admin_jobs,
@@ -27,7 +28,6 @@ from api.routes import (
     webhooks,
 )
 from shared.errors import FieldError
-from shared.farm_sampler import run_sampler
 from shared.settings import get_settings
 
 

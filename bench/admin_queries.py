@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import psycopg
 from sqlalchemy import text as sa_text
 
-from shared.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
+from devtools.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 
 if TYPE_CHECKING:
     import redis
@@ -120,8 +120,9 @@ def timed(fn: Callable[[], object], repeat: int) -> tuple[float, float]:
 
 
 def query_cases(session_factory: sessionmaker[Session], client: redis.Redis) -> dict[str, Callable[[], object]]:
-    from shared import admin_queries, metrics, metrics_rollup
-    from shared.farm_state import get_pause_state
+    from api.admin import metrics, metrics_rollup
+    from api.admin import queries as admin_queries
+    from shared.queueing.farm_state import get_pause_state
 
     def run(fn: Callable[[Session], object]) -> Callable[[], object]:
         def call() -> object:
@@ -154,7 +155,7 @@ def query_cases(session_factory: sessionmaker[Session], client: redis.Redis) -> 
 
 def finish_some(session: Session, count: int) -> int:
     """Mark `count` queued jobs succeeded now, then run one rollup pass (what a scrape does after new work)."""
-    from shared import metrics_rollup
+    from api.admin import metrics_rollup
 
     session.execute(sa_text(
         "UPDATE jobs SET status = 'succeeded', started_at = now() - interval '3 s', finished_at = now() "
@@ -197,7 +198,7 @@ def route_cases(app: FastAPI) -> dict[str, Callable[[], object]]:
 def fake_workers(client: redis.Redis, count: int) -> None:
     import json
 
-    from shared.fleet import WORKER_KEY_PREFIX
+    from shared.queueing.fleet import WORKER_KEY_PREFIX
 
     for i in range(count):
         info = {"name": f"gpu-{i}:100{i}", "pid": 1000 + i, "device": "cuda:0", "models": MODELS[:2],
@@ -219,7 +220,7 @@ def main() -> None:
     try:
         os.environ.update(DATABASE_URL=pg.url, REDIS_URL=rd.url, STORAGE_URL=str(work / "objects"),
                           RENDERFARM_ADMIN_KEY=KEY, RENDERFARM_SAMPLE_SECONDS="0", RENDERFARM_MODELS_DIR=str(work))
-        from shared.migrate import upgrade
+        from shared.db.migrate import upgrade
 
         upgrade(pg.url)
         conninfo = pg.url.replace("postgresql+psycopg://", "postgresql://")
@@ -234,10 +235,10 @@ def main() -> None:
 
         from api.main import create_app
         from shared.db.session import get_session_factory
-        from shared.fleet import get_redis
+        from shared.queueing.fleet import get_redis
 
         fake_workers(get_redis(), 16)
-        from shared import metrics_rollup
+        from api.admin import metrics_rollup
 
         started = time.perf_counter()
         with get_session_factory()() as session:

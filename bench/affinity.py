@@ -38,7 +38,7 @@ def two_models(work: Path, a: Path | None, b: Path | None) -> Path:
         (folder / "A.safetensors").symlink_to(a.resolve())
         (folder / "B.safetensors").symlink_to(b.resolve())
         return models
-    script = ("import sys; from pathlib import Path; from worker.demo_model import build_demo_checkpoint; "
+    script = ("import sys; from pathlib import Path; from devtools.demo_models.sd15 import build_demo_checkpoint; "
               "f = Path(sys.argv[1]); build_demo_checkpoint(f / 'A.safetensors', seed=0); "
               "build_demo_checkpoint(f / 'B.safetensors', seed=1)")
     subprocess.run([sys.executable, "-c", script, str(folder)], cwd=ROOT, check=True)

@@ -8,8 +8,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
-from shared.migrate import upgrade
+from devtools.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
+from shared.db.migrate import upgrade
 from tests.farm_harness import ROOT
 
 KEY = "rf_bench_admin_key_0123456789abcdefgh"
@@ -22,7 +22,7 @@ def models_folder(work: Path, checkpoint: Path | None) -> tuple[Path, Path]:
     if checkpoint:
         (models / "Stable-diffusion" / checkpoint.name).symlink_to(checkpoint.resolve())
     else:
-        subprocess.run([sys.executable, "-m", "worker.demo_model", str(models)], cwd=ROOT, check=True)
+        subprocess.run([sys.executable, "-m", "devtools.demo_models.sd15", str(models)], cwd=ROOT, check=True)
     return models, next((models / "Stable-diffusion").glob("*.safetensors"))
 
 

@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from worker.demo_model import build_demo_checkpoint
-from worker.lora_demo import write_demo_lora
-from worker.pipelines.checkpoint_loader import load_pipeline
-from worker.pipelines.lora import LoraCache, LoraRequest
+from devtools.demo_models.lora_sd15 import write_demo_lora
+from devtools.demo_models.sd15 import build_demo_checkpoint
+from worker.engine.checkpoint_loader import load_pipeline
+from worker.engine.lora import LoraCache, LoraRequest
 
 
 def machine() -> str:

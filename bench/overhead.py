@@ -76,7 +76,7 @@ class DirectRenderer:
     def __init__(self, checkpoint: Path, threads: int) -> None:
         import torch
 
-        from worker.pipelines.checkpoint_loader import load_pipeline
+        from worker.engine.checkpoint_loader import load_pipeline
         from worker.runtime import pick_device
 
         if threads:
@@ -86,7 +86,7 @@ class DirectRenderer:
         self.pipe = load_pipeline(checkpoint, device=self.device, dtype=dtype)
         self.pipe.set_progress_bar_config(disable=True)
         self.config = dict(self.pipe.scheduler.config)
-        from worker.pipelines.engine import GenerationEngine
+        from worker.engine.engine import GenerationEngine
 
         self.engine = GenerationEngine(checkpoint.parent.parent)
 

@@ -7,7 +7,7 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import create_engine, pool
 
-import shared.sdapi.models  # noqa: F401  (registers the per-key WebUI options table)
+import shared.db.sdapi_options  # noqa: F401  (registers the per-key WebUI options table)
 import shared.webhooks.models  # noqa: F401  (registers the webhook tables on Base.metadata)
 from shared.db.models import Base
 from shared.settings import get_settings

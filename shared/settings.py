@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     pipeline_cache_bytes: int = 0
     pipeline_cache_models: int = 0
 
-    # Routing by model affinity (shared/routing.py): jobs go to a worker holding their checkpoint warm,
+    # Routing by model affinity (shared/queueing/routing.py): jobs go to a worker holding their checkpoint warm,
     # but never wait longer than this for one before any worker may take them.
     affinity_routing: bool = True
     affinity_max_wait_seconds: float = 15.0

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from shared.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
+from devtools.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 from tests.farm_harness import ROOT, Farm, start_api, start_webhook_worker, start_worker, wait_until
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -57,7 +57,7 @@ def _fresh_database(postgres: EmbeddedPostgres, name: str) -> str:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         conn.execute(f'CREATE DATABASE "{name}"')
     url = f"postgresql+psycopg://{postgres.user}@127.0.0.1:{postgres.port}/{name}"
-    from shared.migrate import upgrade
+    from shared.db.migrate import upgrade
 
     upgrade(url)
     return url
@@ -72,7 +72,7 @@ def database_url(postgres: EmbeddedPostgres) -> str:
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A WebUI-style models folder holding the tiny demo checkpoint, built by the project's own code."""
     path = tmp_path_factory.mktemp("models")
-    subprocess.run([sys.executable, "-m", "worker.demo_model", str(path)], cwd=ROOT, check=True)
+    subprocess.run([sys.executable, "-m", "devtools.demo_models.sd15", str(path)], cwd=ROOT, check=True)
     return path
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import redis
 
-from shared.embedded import free_port
+from devtools.embedded import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -106,7 +106,7 @@ def start_webhook_worker(env: dict[str, str], log_dir: Path, name: str = "webhoo
     """The webhook sender: a separate light Celery app on its own queue (no torch)."""
     log_path = log_dir / f"{name}.log"
     popen = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "worker.webhook_app", "worker", "-Q", "webhooks", "-c", "2",
+        [sys.executable, "-m", "celery", "-A", "worker.webhook_sender.app", "worker", "-Q", "webhooks", "-c", "2",
          "-n", f"{name}@%h", "--without-mingle", "--without-gossip", "--loglevel=INFO"],
         cwd=ROOT, env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
     )

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from shared.embedded import EmbeddedPostgres, EmbeddedRedis
+from devtools.embedded import EmbeddedPostgres, EmbeddedRedis
 from tests.conftest import ADMIN_KEY, _fresh_database, farm_env, make_key
 from tests.farm_harness import Farm, Proc, start_api, start_worker, wait_until
 
@@ -122,7 +122,7 @@ def test_a_worker_that_missed_the_broadcast_follows_the_flag_within_its_poll(adm
     import sqlalchemy as sa
     from sqlalchemy.orm import Session
 
-    from shared.farm_state import set_paused
+    from shared.queueing.farm_state import set_paused
 
     engine = sa.create_engine(admin_farm.env["DATABASE_URL"])
 

@@ -12,11 +12,12 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from shared import admin_queries, metrics, metrics_rollup
+from api.admin import metrics, metrics_rollup
+from api.admin import queries as admin_queries
+from devtools.embedded import EmbeddedPostgres, EmbeddedRedis
 from shared.db.models import Job, JobImage, QueueSample
-from shared.embedded import EmbeddedPostgres, EmbeddedRedis
-from shared.farm_state import get_pause_state, read_paused_flag, set_paused
-from shared.fleet import SEEN_KEY, WORKER_KEY_PREFIX, broker_queue, read_fleet
+from shared.queueing.farm_state import get_pause_state, read_paused_flag, set_paused
+from shared.queueing.fleet import SEEN_KEY, WORKER_KEY_PREFIX, broker_queue, read_fleet
 from tests.conftest import _fresh_database
 
 NOW = datetime(2030, 1, 1, 12, 0, 30, tzinfo=UTC)

@@ -22,14 +22,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from worker.demo_model import build_demo_checkpoint, build_demo_models, demo_state_dict
-from worker.pipelines import (
+from devtools.demo_models.sd15 import build_demo_checkpoint, build_demo_models, demo_state_dict
+from worker.engine import (
     UnsupportedCheckpointError,
     checkpoint_config_dir,
     detect_architecture,
     load_pipeline,
 )
-from worker.pipelines.checkpoint_loader import expected_weights
+from worker.engine.checkpoint_loader import expected_weights
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
@@ -304,7 +304,7 @@ def test_no_network_even_without_hf_hub_offline(demo_file: Path) -> None:
         "socket.socket.connect = deny\n"
         "socket.getaddrinfo = deny\n"
         "import torch; torch.set_num_threads(1)\n"
-        "from worker.pipelines import load_pipeline\n"
+        "from worker.engine import load_pipeline\n"
         f"pipe = load_pipeline({str(demo_file)!r})\n"
         "print('loaded', type(pipe).__name__)\n"
     )
@@ -324,7 +324,7 @@ def test_full_size_random_sd15_loads_with_bundled_config(tmp_path: Path) -> None
     out = tmp_path / "random-sd15.safetensors"
     try:
         result = subprocess.run(
-            [sys.executable, str(ROOT / "scripts" / "make_random_sd15.py"), str(out)],
+            [sys.executable, str(ROOT / "devtools" / "scripts" / "make_random_sd15.py"), str(out)],
             cwd=ROOT,
             capture_output=True,
             text=True,

@@ -1,6 +1,6 @@
 """The bundled CLIP tokenizer must give the real OpenAI CLIP ids, or every prompt is misread.
 
-The files are built by scripts/build_clip_tokenizer.py from the BPE list in the open-clip-torch
+The files are built by devtools/scripts/build_clip_tokenizer.py from the BPE list in the open-clip-torch
 wheel; the expected ids below are those of openai/clip-vit-large-patch14 (the SD1.5 tokenizer).
 """
 
@@ -81,7 +81,7 @@ def test_build_script_reproduces_committed_files(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    script = ROOT / "scripts" / "build_clip_tokenizer.py"
+    script = ROOT / "devtools" / "scripts" / "build_clip_tokenizer.py"
     wheel = os.environ["OPEN_CLIP_WHEEL"]
     subprocess.run([sys.executable, str(script), wheel, "--out", str(tmp_path), "--no-config-copies"], check=True)
     for name in FILES:

@@ -14,17 +14,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from shared.prompts import prompt_schedules
-from worker.demo_model import build_demo_checkpoint
-from worker.pipelines.checkpoint_loader import load_pipeline
-from worker.pipelines.conditioning import (
+from devtools.demo_models.sd15 import build_demo_checkpoint
+from shared.webui.prompts import prompt_schedules
+from worker.engine.checkpoint_loader import load_pipeline
+from worker.engine.conditioning import (
     PromptEncoder,
     build_conditioning,
     hires_timeline_prompt,
     strip_extra_networks,
 )
-from worker.pipelines.denoise import guided_noise
-from worker.pipelines.embeddings import EmbeddingLibrary
+from worker.engine.denoise import guided_noise
+from worker.engine.embeddings import EmbeddingLibrary
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -134,7 +134,7 @@ def test_composable_guidance_combines_like_the_webui():
             out = encoder_hidden_states.mean(dim=(1, 2)).reshape(-1, 1, 1, 1).expand(x.shape).clone()
             return type("Out", (), {"sample": out})()
 
-    from worker.pipelines.conditioning import StepConditioning
+    from worker.engine.conditioning import StepConditioning
 
     cond = StepConditioning(torch.full((3, 4), 1.0), torch.stack([torch.full((3, 4), 2.0), torch.full((3, 4), 5.0)]),
                             [1.0, 0.5])

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from worker.demo_model import build_demo_checkpoint, build_demo_models, ensure_demo_checkpoint
-from worker.pipelines import ldm_layout
+from devtools.demo_models.sd15 import build_demo_checkpoint, build_demo_models, ensure_demo_checkpoint
+from worker.engine import ldm_layout
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -151,7 +151,7 @@ def test_ensure_does_not_shadow_existing_checkpoints(tmp_path: Path) -> None:
 
 
 def test_cli_writes_into_given_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from worker.demo_model import main
+    from devtools.demo_models.sd15 import main
 
     assert main([str(tmp_path)]) == 0
     assert (tmp_path / "Stable-diffusion" / "demo-tiny.safetensors").is_file()

@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 import torch
 
+from api.model_catalog import list_checkpoints
+from devtools.demo_models.sd15 import build_demo_checkpoint
+from devtools.demo_models.sdxl import build_demo_sdxl_checkpoint
 from shared.errors import FieldError
-from shared.hashes import HashCache, legacy_model_hash, sha256_folder
-from shared.model_catalog import list_checkpoints
-from shared.model_registry import resolve_checkpoint, scan_checkpoints
+from shared.models.registry import resolve_checkpoint, scan_checkpoints
+from shared.webui.hashes import HashCache, legacy_model_hash, sha256_folder
 from tests.farm_harness import Farm
-from worker.demo_model import build_demo_checkpoint
-from worker.demo_sdxl import build_demo_sdxl_checkpoint
-from worker.pipelines.checkpoint_loader import UnsupportedCheckpointError, load_pipeline
-from worker.pipelines.engine import GenerationEngine
+from worker.engine.checkpoint_loader import UnsupportedCheckpointError, load_pipeline
+from worker.engine.engine import GenerationEngine
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")

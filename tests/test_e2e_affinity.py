@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from shared.embedded import EmbeddedPostgres, EmbeddedRedis
-from shared.routing import model_queue
+from devtools.embedded import EmbeddedPostgres, EmbeddedRedis
+from shared.queueing.routing import model_queue
 from tests.conftest import ADMIN_KEY, _fresh_database, farm_env
 from tests.farm_harness import ROOT, Farm, Proc, start_api, start_worker, wait_until
 
@@ -32,11 +32,11 @@ ONE_TINY_MODEL = 24_000_000  # bytes: the demo model takes ~16 MB loaded in floa
 def two_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     models = tmp_path_factory.mktemp("affinity-models")
     script = (
-        "import sys; from pathlib import Path; from worker.demo_model import build_demo_checkpoint; "
+        "import sys; from pathlib import Path; from devtools.demo_models.sd15 import build_demo_checkpoint; "
         "root = Path(sys.argv[1]) / 'Stable-diffusion'; "
         f"build_demo_checkpoint(root / '{MODEL_A}.safetensors', seed=0); "
         f"build_demo_checkpoint(root / '{MODEL_B}.safetensors', seed=1); "
-        "from worker.demo_sdxl import build_demo_sdxl_checkpoint; "
+        "from devtools.demo_models.sdxl import build_demo_sdxl_checkpoint; "
         f"build_demo_sdxl_checkpoint(root / '{MODEL_XL}.safetensors')"
     )
     subprocess.run([sys.executable, "-c", script, str(models)], cwd=ROOT, check=True)

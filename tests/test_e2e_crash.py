@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from shared.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
-from shared.migrate import upgrade
+from devtools.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
+from shared.db.migrate import upgrade
 from tests.conftest import ADMIN_KEY, farm_env
 from tests.farm_harness import Farm, Proc, start_api, start_webhook_worker, start_worker, wait_until
 from tests.webhook_receiver import Receiver

@@ -6,7 +6,7 @@ import pytest
 import sqlalchemy as sa
 from celery import Celery
 
-from shared.queue import QueueName, TaskName
+from shared.queueing.queues import QueueName, TaskName
 from tests.farm_harness import Farm, wait_until
 
 pytestmark = pytest.mark.e2e

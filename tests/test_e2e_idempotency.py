@@ -62,7 +62,7 @@ def test_request_in_flight_is_409(api_only: Farm) -> None:
     engine = sa.create_engine(api_only.env["DATABASE_URL"])
     with engine.begin() as conn:
         key_id = conn.execute(sa.text("SELECT id FROM api_keys WHERE owner='admin' LIMIT 1")).scalar_one()
-        from shared.jobs.idempotency import fingerprint
+        from api.submission.idempotency import fingerprint
         from shared.jobs.schemas import Txt2ImgRequest
 
         conn.execute(

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from shared.infotext import parse_infotext
+from shared.webui.infotext import parse_infotext
 from tests.conftest import make_key
 from tests.farm_harness import Farm
 

@@ -13,15 +13,15 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from devtools.demo_models.sd15 import build_demo_checkpoint, build_demo_models
 from shared.errors import FieldError
-from shared.infotext import parse_infotext
-from shared.samplers import SAMPLERS
 from shared.storage.base import ObjectNotFoundError
-from worker.demo_model import build_demo_checkpoint, build_demo_models
-from worker.pipelines import ldm_layout
-from worker.pipelines.checkpoint_loader import load_pipeline
-from worker.pipelines.engine import GenerationEngine
-from worker.pipelines.noise import ImageNoise, SeedPlan, cpu_randn
+from shared.webui.infotext import parse_infotext
+from shared.webui.samplers import SAMPLERS
+from worker.engine import ldm_layout
+from worker.engine.checkpoint_loader import load_pipeline
+from worker.engine.engine import GenerationEngine
+from worker.engine.noise import ImageNoise, SeedPlan, cpu_randn
 from worker.runner import encode_image, infotext_for, read_exif_infotext
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -149,7 +149,7 @@ def test_ensd_changes_ancestral_samplers_but_not_euler(pipe, engine):
 @pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M", "Heun"])
 def test_a_plain_prompt_matches_the_stock_diffusers_pipeline(pipe, engine, sampler):
     """The hand-written loop is diffusers' loop: same noise, plain prompt -> the same pixels."""
-    from worker.pipelines.scheduling import build_scheduler
+    from worker.engine.scheduling import build_scheduler
 
     (ours,) = render(pipe, engine, prompt="a red lighthouse", sampler_name=sampler, steps=4)
     stock_pipe = type(pipe)(**{**pipe.components, "scheduler": build_scheduler(pipe.scheduler.config, sampler,
@@ -185,7 +185,7 @@ def test_progress_counts_every_evaluation_and_a_raise_cancels(pipe, engine):
 
 
 def test_scheduled_prompts_are_picked_per_model_evaluation(pipe, engine, monkeypatch):
-    from worker.pipelines.conditioning import JobConditioning
+    from worker.engine.conditioning import JobConditioning
 
     steps_seen: list[int] = []
     original = JobConditioning.at_step

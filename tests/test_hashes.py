@@ -1,4 +1,4 @@
-"""Model hashes: each digest recomputed here with hashlib, independently of shared.hashes."""
+"""Model hashes: each digest recomputed here with hashlib, independently of shared.webui.hashes."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from shared import hashes
-from shared.hashes import (
+from shared.webui import hashes
+from shared.webui.hashes import (
     HashCache,
     addnet_hash,
     checkpoint_short_hash,
@@ -297,7 +297,7 @@ def test_an_unusable_cache_file_is_ignored_and_replaced(
 ) -> None:
     cache_file = _write(tmp_path / "hashes.json", content.encode())
     model = _write(tmp_path / "model.ckpt", b"data")
-    with caplog.at_level(logging.WARNING, logger="shared.hashes"):
+    with caplog.at_level(logging.WARNING, logger="shared.webui.hashes"):
         assert HashCache(cache_file).sha256(model) == _sha(b"data")
     assert "hash cache" in caplog.text
     assert json.loads(cache_file.read_text())["format"] == 1
@@ -311,7 +311,7 @@ def test_an_unwritable_cache_file_keeps_the_cache_in_memory(
     blocker = _write(tmp_path / "not_a_directory", b"")
     model = _write(tmp_path / "model.ckpt", b"data")
     cache = HashCache(blocker / "hashes.json")
-    with caplog.at_level(logging.WARNING, logger="shared.hashes"):
+    with caplog.at_level(logging.WARNING, logger="shared.webui.hashes"):
         assert cache.sha256(model) == _sha(b"data")
         assert cache.sha256(model) == _sha(b"data")
     assert "keeping it in memory" in caplog.text

@@ -12,8 +12,7 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from shared.errors import FieldError
-from shared.images import (
+from api.submission.images import (
     decode_base64_image,
     decode_image,
     encode_png,
@@ -22,10 +21,11 @@ from shared.images import (
     probe_image,
     read_generation_info,
 )
-from shared.jobs.inputs import stage_inputs
+from api.submission.inputs import stage_inputs
+from api.submission.uploads import read_upload, save_upload
+from shared.errors import FieldError
 from shared.settings import Settings
 from shared.storage.local import LocalObjectStore
-from shared.uploads import read_upload, save_upload
 
 FIELD = ("body", "init_images", 0)
 LIMIT = 1024 * 1024

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.infotext import INFOTEXT_KEY_ORDER, format_infotext, parse_infotext, quote, unquote
+from shared.webui.infotext import INFOTEXT_KEY_ORDER, format_infotext, parse_infotext, quote, unquote
 
 REFERENCE_FIELDS = {
     "Steps": 20,

@@ -10,13 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from devtools.demo_models.lora_sd15 import write_demo_lora
+from devtools.demo_models.sd15 import build_demo_checkpoint
 from shared.errors import FieldError
-from shared.hashes import lora_short_hash
-from worker.demo_model import build_demo_checkpoint
-from worker.lora_demo import write_demo_lora
-from worker.pipelines.checkpoint_loader import load_pipeline
-from worker.pipelines.engine import GenerationEngine
-from worker.pipelines.lora import LoraCache, StateDictCache, job_loras
+from shared.webui.hashes import lora_short_hash
+from worker.engine.checkpoint_loader import load_pipeline
+from worker.engine.engine import GenerationEngine
+from worker.engine.lora import LoraCache, StateDictCache, job_loras
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -13,8 +13,8 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from shared.metrics import Snapshot, families
-from shared.metrics_rollup import increments
+from api.admin.metrics import Snapshot, families
+from api.admin.metrics_rollup import increments
 from tests.farm_harness import Farm, wait_until
 
 TINY = {"prompt": "a red cube", "width": 64, "height": 64, "steps": 2, "seed": 7}

@@ -15,9 +15,7 @@ import pytest
 import redis
 import sqlalchemy as sa
 
-from shared.errors import FieldError
-from shared.hashes import HashCache
-from shared.model_catalog import (
+from api.model_catalog import (
     checkpoint_architecture,
     list_checkpoints,
     list_embeddings,
@@ -25,6 +23,8 @@ from shared.model_catalog import (
     list_vaes,
     resolve_job_loras,
 )
+from shared.errors import FieldError
+from shared.webui.hashes import HashCache
 from tests.conftest import make_key
 from tests.farm_harness import Farm
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from shared.errors import FieldError
-from shared.model_registry import resolve_checkpoint, scan_checkpoints
+from shared.models.registry import resolve_checkpoint, scan_checkpoints
 
 
 class _Trap:
@@ -50,7 +50,7 @@ def test_pickles_are_listed_as_refused_and_never_opened(tmp_path: Path) -> None:
 
 
 def test_worker_loader_refuses_pickles_without_reading_them(tmp_path: Path) -> None:
-    from worker.pipelines.checkpoint_loader import UnsupportedCheckpointError, detect_architecture, load_pipeline
+    from worker.engine.checkpoint_loader import UnsupportedCheckpointError, detect_architecture, load_pipeline
 
     models, marker = _booby_trapped_models(tmp_path)
     path = models / "Stable-diffusion" / "evil.ckpt"

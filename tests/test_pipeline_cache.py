@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from devtools.demo_models.sd15 import build_demo_checkpoint
 from shared.settings import Settings
-from worker.demo_model import build_demo_checkpoint
-from worker.pipeline_cache import PipelineCache, estimate_checkpoint_bytes, pipeline_bytes
+from worker.engine.pipeline_cache import PipelineCache, estimate_checkpoint_bytes, pipeline_bytes
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.prompts import extract_lora_tags, parse_prompt_attention, prompt_schedules, split_and_prompts
+from shared.webui.prompts import extract_lora_tags, parse_prompt_attention, prompt_schedules, split_and_prompts
 
 # --------------------------------------------------------------------------------------------------
 # parse_prompt_attention

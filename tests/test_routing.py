@@ -11,11 +11,11 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from shared.embedded import EmbeddedRedis, free_port
-from shared.fleet import WORKER_KEY_PREFIX, broker_queue
+from devtools.embedded import EmbeddedRedis, free_port
 from shared.jobs import repository
 from shared.jobs.sweeper import claim_deferred
-from shared.routing import (
+from shared.queueing.fleet import WORKER_KEY_PREFIX, broker_queue
+from shared.queueing.routing import (
     AffinityRouter,
     advertised_models,
     held_by_every_worker,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from shared.errors import FieldError
-from shared.samplers import resolve_sampler, sampler_names
+from shared.webui.samplers import resolve_sampler, sampler_names
 
 REQUIRED = ["Euler", "Euler a", "LMS", "Heun", "DPM2", "DPM2 a", "DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE",
             "DPM++ 2S a", "DDIM", "PLMS", "UniPC", "LCM"]

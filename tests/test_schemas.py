@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from api.submission.params import infotext_fields, plan_job
 from shared.errors import FieldError
-from shared.jobs.params import infotext_fields, plan_job
 from shared.jobs.schemas import MAX_SEED, Txt2ImgRequest, hires_target_size, resolve_params
 from shared.settings import Settings
 

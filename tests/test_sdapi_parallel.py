@@ -16,7 +16,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from shared.embedded import EmbeddedPostgres, EmbeddedRedis
+from devtools.embedded import EmbeddedPostgres, EmbeddedRedis
 from tests.conftest import ADMIN_KEY, _fresh_database, farm_env
 from tests.farm_harness import Farm, start_api, start_worker
 

@@ -6,9 +6,9 @@ import base64
 
 import pytest
 
-from api.sdapi_auth import credentials
+from api.sdapi.auth import credentials
+from api.sdapi.requests import Img2ImgBody, Txt2ImgBody, to_farm_request, unsupported_features
 from shared.errors import FieldError
-from shared.sdapi.requests import Img2ImgBody, Txt2ImgBody, to_farm_request, unsupported_features
 
 WEBUIAPI_DEFAULTS = {  # what webuiapi.WebUIApi.txt2img sends when called with only a prompt
     "enable_hr": False, "hr_scale": 2, "hr_upscaler": "Latent", "hr_second_pass_steps": 0, "hr_resize_x": 0,

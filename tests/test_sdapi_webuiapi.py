@@ -14,7 +14,7 @@ import pytest
 import webuiapi
 from PIL import Image
 
-from shared.infotext import parse_infotext
+from shared.webui.infotext import parse_infotext
 from tests.conftest import make_key
 from tests.farm_harness import Farm
 

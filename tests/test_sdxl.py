@@ -15,11 +15,11 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from devtools.demo_models.sdxl import build_demo_sdxl_checkpoint, build_demo_sdxl_models
 from shared.errors import FieldError
 from tests.test_checkpoint_loader import write_header_only
-from worker.demo_sdxl import build_demo_sdxl_checkpoint, build_demo_sdxl_models
-from worker.pipelines import ldm_layout
-from worker.pipelines.checkpoint_loader import (
+from worker.engine import ldm_layout
+from worker.engine.checkpoint_loader import (
     UnsupportedCheckpointError,
     check_weights_present,
     checkpoint_config_dir,
@@ -27,8 +27,8 @@ from worker.pipelines.checkpoint_loader import (
     expected_weights,
     load_pipeline,
 )
-from worker.pipelines.engine import GenerationEngine
-from worker.pipelines.sdxl_conditioning import SdxlEmbeddingLibrary, SdxlPromptEncoder, sdxl_prompt_encoder
+from worker.engine.engine import GenerationEngine
+from worker.engine.sdxl_conditioning import SdxlEmbeddingLibrary, SdxlPromptEncoder, sdxl_prompt_encoder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -182,7 +182,7 @@ def test_emphasis_is_applied_and_mean_restored_per_encoder(pipe) -> None:
 
 
 def test_empty_negative_prompt_is_zeros_like_the_webui(pipe, engine) -> None:
-    from worker.pipelines.conditioning import build_conditioning
+    from worker.engine.conditioning import build_conditioning
 
     encoder = SdxlPromptEncoder(pipe)
     job = build_conditioning(encoder, "a cat", "", 4)

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
+from devtools.demo_models.lora_sd15 import write_demo_lora
+from devtools.demo_models.lora_sdxl import write_demo_sdxl_lora
+from devtools.demo_models.sdxl import build_demo_sdxl_checkpoint
 from shared.errors import FieldError
-from shared.hashes import lora_short_hash
-from worker.demo_sdxl import build_demo_sdxl_checkpoint
-from worker.lora_demo import write_demo_lora
-from worker.lora_demo_sdxl import write_demo_sdxl_lora
-from worker.pipelines.checkpoint_loader import load_pipeline
-from worker.pipelines.engine import GenerationEngine
-from worker.pipelines.lora import LoraCache, lora_components
+from shared.webui.hashes import lora_short_hash
+from worker.engine.checkpoint_loader import load_pipeline
+from worker.engine.engine import GenerationEngine
+from worker.engine.lora import LoraCache, lora_components
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-import shared.styles
+import shared.webui.styles
 from shared.errors import FieldError
 from shared.settings import Settings
-from shared.styles import BUILTIN_STYLES_FILE, StyleBook, load_style_book, merge_prompts, read_styles_csv
+from shared.webui.styles import BUILTIN_STYLES_FILE, StyleBook, load_style_book, merge_prompts, read_styles_csv
 
 # The presets from our users' notes (../shared/webui-reference.md), verbatim.
 PORTRAIT = ("(portrait:1.3),(best quality),(masterpiece),(high resolution),illustration,perfect_anatomy,"
@@ -33,7 +33,7 @@ WALLPAPER_NEGATIVE = ("human, man, men, woman, 1girl, 2girls, 3girls, 4girls, 5g
 
 
 def test_doctests() -> None:
-    assert doctest.testmod(shared.styles).failed == 0
+    assert doctest.testmod(shared.webui.styles).failed == 0
 
 
 @pytest.mark.parametrize(("style", "prompt", "merged"), [
@@ -80,7 +80,7 @@ def test_webui_file_formats(tmp_path: Path) -> None:
     path = tmp_path / "styles.csv"
     path.write_bytes('\ufeffname, prompt, negative_prompt\n"Ink", "ink drawing, {prompt}", "color"\n,ignored,\n'
                      .encode())
-    assert read_styles_csv(path) == {"Ink": shared.styles.PromptStyle("Ink", "ink drawing, {prompt}", "color")}
+    assert read_styles_csv(path) == {"Ink": shared.webui.styles.PromptStyle("Ink", "ink drawing, {prompt}", "color")}
     path.write_text("name,text\nOld,sepia\n")  # the WebUI's first layout
     assert read_styles_csv(path)["Old"].prompt == "sepia"
 

@@ -20,18 +20,18 @@ import sqlalchemy as sa
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from devtools.embedded import EmbeddedPostgres, EmbeddedRedis
 from shared.auth import create_api_key
 from shared.db.models import ApiKey, Job
-from shared.embedded import EmbeddedPostgres, EmbeddedRedis
 from shared.jobs import repository
 from shared.webhooks.config import DEFAULT_RETRY_SCHEDULE, WebhookConfig
-from shared.webhooks.delivery import HttpResult, dispatch_due, next_delay, parse_retry_after, prune_deliveries
 from shared.webhooks.models import DeliveryStatus, WebhookAttempt, WebhookDelivery, WebhookGoneEndpoint
 from shared.webhooks.outbox import enqueue_job_event, publish_deliveries, redeliver
 from shared.webhooks.signing import get_or_create_secret
 from tests.conftest import _fresh_database
 from tests.farm_harness import ROOT, Proc, start_api, start_webhook_worker, wait_until
 from tests.webhook_receiver import Receiver, Reply
+from worker.webhook_sender.delivery import HttpResult, dispatch_due, next_delay, parse_retry_after, prune_deliveries
 
 pytestmark = pytest.mark.e2e
 
@@ -43,9 +43,9 @@ PARAMS = {"mode": "txt2img", "prompt": "a lighthouse", "seed": 7, "batch_size": 
 def hooks_env(postgres: EmbeddedPostgres, redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory
               ) -> Iterator[dict[str, str]]:
     """Settings for this process (which enqueues and publishes) and for the webhook worker."""
-    from shared.object_store import get_object_store
-    from shared.queue import get_producer
+    from shared.queueing.queues import get_producer
     from shared.settings import get_settings
+    from shared.storage.object_store import get_object_store
 
     env = {
         "DATABASE_URL": _fresh_database(postgres, "webhooks_test"),
@@ -329,7 +329,7 @@ def test_no_webhook_no_delivery(session: Session, api_key: ApiKey) -> None:
 
 
 def test_webhook_worker_imports_no_torch() -> None:
-    code = "import sys, worker.webhook_app; print(sorted(m for m in sys.modules if m.split('.')[0] in "
+    code = "import sys, worker.webhook_sender.app; print(sorted(m for m in sys.modules if m.split('.')[0] in "
     code += "('torch', 'diffusers', 'transformers')))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -14,9 +14,9 @@ from standardwebhooks.webhooks import WebhookVerificationError
 
 from shared.auth import create_api_key
 from shared.webhooks.config import WebhookConfig
-from shared.webhooks.delivery import post_signed
 from shared.webhooks.signing import generate_secret, get_or_create_secret, rotate_secret, signed_headers
 from tests.webhook_receiver import Receiver
+from worker.webhook_sender.delivery import post_signed
 
 BODY = '{"id":"8a3c","status":"succeeded","event":"succeeded","sequence":3}'
 

@@ -6,10 +6,10 @@ import pytest
 
 from shared.webhooks import ssrf
 from shared.webhooks.config import WebhookConfig
-from shared.webhooks.delivery import post_signed
 from shared.webhooks.signing import generate_secret, signed_headers
 from shared.webhooks.ssrf import UnresolvableHostError, WebhookUrlError, check_webhook_url
 from tests.webhook_receiver import Receiver
+from worker.webhook_sender.delivery import post_signed
 
 
 @pytest.fixture(autouse=True)

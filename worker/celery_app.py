@@ -18,7 +18,7 @@ from celery import Celery
 from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
 from celery.worker.control import control_command
 
-from shared.queue import celery_config
+from shared.queueing.queues import celery_config
 from shared.settings import get_settings
 
 log = logging.getLogger(__name__)

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING
 import redis
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.fleet import WORKER_KEY_PREFIX, broker_queue, live_worker_infos
 from shared.jobs import repository
 from shared.jobs.events import publish_events, record_event
 from shared.jobs.sweeper import sweep
-from shared.queue import publish_render
-from shared.routing import held_by_every_worker, model_queue_keys, orphan_model_queues
+from shared.queueing.fleet import WORKER_KEY_PREFIX, broker_queue, live_worker_infos
+from shared.queueing.queues import publish_render
+from shared.queueing.routing import held_by_every_worker, model_queue_keys, orphan_model_queues
 from shared.settings import Settings
 
 if TYPE_CHECKING:

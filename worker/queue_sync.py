@@ -3,9 +3,9 @@
 This runs in the Celery *parent* process (the consumer lives there; torch and the pipelines live in
 the prefork child). Desired queues:
 
-- farm paused (the flag in Postgres, shared/farm_state.py): none;
+- farm paused (the flag in Postgres, shared/queueing/farm_state.py): none;
 - otherwise the shared `render` queue, plus `render.m.<model>` for every checkpoint the child
-  advertises in its heartbeat (shared/routing.py), so affinity-routed jobs reach it.
+  advertises in its heartbeat (shared/queueing/routing.py), so affinity-routed jobs reach it.
 
 `QueueSync.sync` adds and cancels consumers to match. It runs from worker_ready (before the first
 message is taken), from a timer (models every second, the pause flag every few seconds), and from
@@ -20,10 +20,10 @@ from typing import Any
 
 import redis
 
-from shared.farm_state import read_paused_flag
-from shared.fleet import WORKER_KEY_PREFIX
-from shared.queue import QueueName
-from shared.routing import is_model_queue, model_queue
+from shared.queueing.farm_state import read_paused_flag
+from shared.queueing.fleet import WORKER_KEY_PREFIX
+from shared.queueing.queues import QueueName
+from shared.queueing.routing import is_model_queue, model_queue
 from shared.settings import Settings, worker_process_name
 
 log = logging.getLogger(__name__)

@@ -17,13 +17,13 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.errors import FieldError
-from shared.infotext import format_infotext
 from shared.jobs import repository
 from shared.jobs.events import publish_events, record_event
 from shared.jobs.states import ErrorType
-from shared.object_store import image_key
 from shared.settings import Settings
 from shared.storage.base import ObjectStore, StorageError, TransientStorageError
+from shared.storage.object_store import image_key
+from shared.webui.infotext import format_infotext
 
 if TYPE_CHECKING:
     from worker.runtime import WorkerRuntime
@@ -45,8 +45,8 @@ def infotext_for(
     extra: dict[str, object] | None = None,
 ) -> str:
     """The WebUI's infotext for one image (``create_infotext``); ``extra`` holds keys the engine reported."""
-    from shared.samplers import resolve_sampler
-    from worker.pipelines.hires import infotext_fields as hires_fields
+    from shared.webui.samplers import resolve_sampler
+    from worker.engine.hires import infotext_fields as hires_fields
 
     mode = params.get("mode", "txt2img")
     enable_hr = mode == "txt2img" and bool(params.get("enable_hr"))
@@ -178,7 +178,7 @@ class JobRunner:
     def engine(self) -> Any:
         """The generation engine, built on first use in the child process (it imports torch)."""
         if self._engine is None:
-            from worker.pipelines.engine import GenerationEngine
+            from worker.engine.engine import GenerationEngine
 
             self._engine = GenerationEngine(self.settings.models_dir)
         return self._engine

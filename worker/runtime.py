@@ -13,10 +13,10 @@ import threading
 from typing import Any
 
 from shared.db.session import get_session_factory
-from shared.model_registry import default_checkpoint
-from shared.object_store import get_object_store
+from shared.models.registry import default_checkpoint
 from shared.settings import Settings, worker_process_name
-from worker.pipeline_cache import PipelineCache
+from shared.storage.object_store import get_object_store
+from worker.engine.pipeline_cache import PipelineCache
 
 log = logging.getLogger(__name__)
 

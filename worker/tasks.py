@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shared.queue import TaskName
+from shared.queueing.queues import TaskName
 from worker.celery_app import app
 
 

@@ -20,11 +20,9 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
 from sqlalchemy.orm import Session
 
-from api.deps import AdminKey, SessionDep, SettingsDep, require_admin, require_key
-from shared import admin_queries
-from shared.admin_queries import RunningJob
-from shared.admin_settings import get_admin_settings
-from shared.admin_views import (
+from api.admin import queries as admin_queries
+from api.admin.queries import RunningJob
+from api.admin.views import (
     BrokerDepth,
     CurrentJob,
     FleetView,
@@ -34,11 +32,13 @@ from shared.admin_views import (
     StatsView,
     WorkerView,
 )
+from api.deps import AdminKey, SessionDep, SettingsDep, require_admin, require_key
+from shared.admin_settings import get_admin_settings
 from shared.db.models import ApiKey
 from shared.errors import FieldError
-from shared.farm_state import broadcast_pause_sync, get_pause_state, set_paused
-from shared.fleet import WorkerSighting, broker_queue, get_redis, lost_after, read_fleet
-from shared.queue import QueueName
+from shared.queueing.farm_state import broadcast_pause_sync, get_pause_state, set_paused
+from shared.queueing.fleet import WorkerSighting, broker_queue, get_redis, lost_after, read_fleet
+from shared.queueing.queues import QueueName
 from shared.settings import Settings
 
 PAGE_DIR = Path(__file__).resolve().parent.parent / "admin_page"

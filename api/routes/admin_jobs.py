@@ -13,16 +13,16 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, status
 
+from api.admin import queries as admin_queries
+from api.admin.views import AdminJobDetail, AdminJobList, AdminJobSummary, CancelResult, RetryResult
 from api.deps import AdminKey, SessionDep, SettingsDep, StoreDep
-from shared import admin_queries
-from shared.admin_views import AdminJobDetail, AdminJobList, AdminJobSummary, CancelResult, RetryResult
 from shared.db.models import Job
 from shared.jobs import repository
 from shared.jobs.schemas import ErrorView
 from shared.jobs.states import JobStatus
 from shared.jobs.views import job_view
-from shared.queue import QueueName, publish_render
-from shared.routing import get_router
+from shared.queueing.queues import QueueName, publish_render
+from shared.queueing.routing import get_router
 from shared.storage.base import ObjectStore
 from shared.storage.local import LocalObjectStore
 

@@ -1,6 +1,6 @@
 """LoRAs, VAEs and embeddings the farm can use, and the admin's rescan of the models folder.
 
-The lists are fresh scans (see :mod:`shared.model_catalog`), so a file added while the farm runs
+The lists are fresh scans (see :mod:`api.model_catalog`), so a file added while the farm runs
 shows up without a restart; hashes come from the shared on-disk cache.
 """
 
@@ -10,7 +10,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel
 
 from api.deps import AdminKey, CurrentKey, SettingsDep
-from shared.model_catalog import (
+from api.model_catalog import (
     CatalogEntry,
     hash_cache_for,
     list_embeddings,

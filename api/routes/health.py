@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from api.deps import SessionDep
-from shared.queue import get_producer
+from shared.queueing.queues import get_producer
 
 router = APIRouter(tags=["health"])
 

@@ -10,9 +10,10 @@ from fastapi import APIRouter, BackgroundTasks, Header, HTTPException, Query, st
 from sqlalchemy.orm import Session
 
 from api.deps import CurrentKey, SessionDep, SettingsDep, StoreDep
+from api.submission import idempotency, submit
 from shared.db.models import Job
 from shared.db.session import get_session_factory
-from shared.jobs import idempotency, repository, submit
+from shared.jobs import repository
 from shared.jobs.events import publish_events, record_event
 from shared.jobs.schemas import JobListView, JobView, Txt2ImgRequest
 from shared.jobs.states import JobStatus

@@ -1,4 +1,4 @@
-"""`GET /metrics` in Prometheus text format (see shared/metrics.py for where the numbers come from).
+"""`GET /metrics` in Prometheus text format (see api/admin/metrics.py for where the numbers come from).
 
 It needs an admin API key like the other admin routes (Prometheus sends one with
 `authorization: {credentials_file: ...}` in its scrape config), unless
@@ -13,11 +13,11 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
+from api.admin.metrics import FarmCollector, farm_registry
 from api.deps import SessionDep, require_admin, require_key
 from shared.admin_settings import get_admin_settings
 from shared.db.session import get_session_factory
-from shared.fleet import get_redis, lost_after
-from shared.metrics import FarmCollector, farm_registry
+from shared.queueing.fleet import get_redis, lost_after
 from shared.settings import get_settings
 
 router = APIRouter(tags=["metrics"])

@@ -6,9 +6,9 @@ from fastapi import APIRouter
 from pydantic import BaseModel
 
 from api.deps import CurrentKey, SettingsDep
-from shared.model_catalog import hash_cache_for, list_checkpoints
-from shared.model_registry import default_checkpoint
-from shared.samplers import SAMPLERS, SCHEDULE_TYPES
+from api.model_catalog import hash_cache_for, list_checkpoints
+from shared.models.registry import default_checkpoint
+from shared.webui.samplers import SAMPLERS, SCHEDULE_TYPES
 
 router = APIRouter(prefix="/v1", tags=["models"])
 

@@ -9,9 +9,9 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import CurrentKey, SettingsDep
-from api.form_data import IMAGE_REQUEST_BODY, read_image_request
-from shared.images import read_generation_info
-from shared.infotext import parse_infotext
+from api.submission.form_data import IMAGE_REQUEST_BODY, read_image_request
+from api.submission.images import read_generation_info
+from shared.webui.infotext import parse_infotext
 
 router = APIRouter(prefix="/v1", tags=["png-info"])
 

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel
 
 from api.deps import CurrentKey, SettingsDep
-from shared.styles import load_style_book
+from shared.webui.styles import load_style_book
 
 router = APIRouter(prefix="/v1", tags=["styles"])
 

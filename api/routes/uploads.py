@@ -7,11 +7,11 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import CurrentKey, SettingsDep, StoreDep
-from api.form_data import IMAGE_REQUEST_BODY, read_image_request
-from shared.images import decode_image, encode_png, for_upload
+from api.submission.form_data import IMAGE_REQUEST_BODY, read_image_request
+from api.submission.images import decode_image, encode_png, for_upload
+from api.submission.uploads import Upload, save_upload
 from shared.settings import Settings
 from shared.storage.base import ObjectStore
-from shared.uploads import Upload, save_upload
 
 router = APIRouter(prefix="/v1/uploads", tags=["uploads"])
 

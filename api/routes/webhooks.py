@@ -7,16 +7,16 @@ import uuid
 from fastapi import APIRouter, HTTPException, status
 
 from api.deps import CurrentKey, SessionDep, StoreDep
-from shared.jobs import repository
-from shared.webhooks import outbox
-from shared.webhooks.signing import get_or_create_secret, rotate_secret
-from shared.webhooks.views import (
+from api.webhook_views import (
     DeliveryListView,
     DeliveryView,
     RedeliverRequest,
     WebhookSecretView,
     delivery_view,
 )
+from shared.jobs import repository
+from shared.webhooks import outbox
+from shared.webhooks.signing import get_or_create_secret, rotate_secret
 
 router = APIRouter(prefix="/v1", tags=["webhooks"])
 

@@ -74,7 +74,7 @@ class Job(Base):
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
     )
     published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    # The queue the latest message went to: "render", or a model's queue (shared/routing.py).
+    # The queue the latest message went to: "render", or a model's queue (shared/queueing/routing.py).
     route: Mapped[str | None] = mapped_column(String(64), nullable=True)
     # Set when a cancel is asked for a running job; its worker stops at the next denoising step.
     cancel_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

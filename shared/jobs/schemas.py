@@ -3,7 +3,7 @@
 A request is what a user typed; ``resolve_params`` turns it into the immutable parameter dict a
 worker renders from, with every default and every random choice made explicit, so a job means the
 same thing on every worker and on every retry. Turning an infotext or ``override_settings`` into
-request fields happens before, in :mod:`shared.jobs.params`.
+request fields happens before, in :mod:`api.submission.params`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shared.errors import FieldError
 from shared.jobs.states import JobStatus
-from shared.samplers import SamplerChoice, resolve_sampler
 from shared.settings import Settings
-from shared.styles import BUILTIN_STYLES_FILE, StyleBook, read_styles_csv
+from shared.webui.samplers import SamplerChoice, resolve_sampler
+from shared.webui.styles import BUILTIN_STYLES_FILE, StyleBook, read_styles_csv
 
 MAX_SEED = 2**32 - 1
 # The WebUI's defaults: img2img's denoising slider, and txt2img's hires fix slider.
@@ -244,7 +244,7 @@ def resolve_params(
     """The immutable parameter object a worker renders from: every default and the seeds made explicit.
 
     ``req`` must already carry resolved names (model, VAE and upscaler file names; see
-    :func:`shared.jobs.params.plan_job`); ``init_images`` and ``mask`` are object-store keys.
+    :func:`api.submission.params.plan_job`); ``init_images`` and ``mask`` are object-store keys.
     Styles are applied here, so ``prompt`` is what the worker encodes and what the infotext shows.
     """
     mode = check_mode(req)
@@ -306,7 +306,7 @@ def resolve_params(
         "hr_sampler_name": hr_sampler_name,
         "hr_scheduler": hr_scheduler,
         "output_format": req.output_format,
-        # Filled from the models folder by shared.jobs.params.plan_job (LoRA files and hashes, VAE hash).
+        # Filled from the models folder by api.submission.params.plan_job (LoRA files and hashes, VAE hash).
         "loras": [],
         "vae_hash": None,
     }

@@ -7,7 +7,7 @@
 - When the broker holds fewer messages than there are queued jobs (Redis restarted empty,
   a message lost), queued jobs older than `republish_after` are published again. A spare
   duplicate message is harmless: the claim is a compare-and-set.
-- A queued job that has waited in a model's queue (routing by affinity, shared/routing.py) longer
+- A queued job that has waited in a model's queue (routing by affinity, shared/queueing/routing.py) longer
   than the deferral bound is published to the shared queue, where any worker may take it.
 
 Everything the sweeper publishes goes to the shared `render` queue: a recovery path must not
@@ -28,8 +28,8 @@ from shared.db.models import Job
 from shared.jobs.events import publish_events, record_event
 from shared.jobs.repository import utcnow
 from shared.jobs.states import ErrorType, JobStatus
-from shared.queue import QueueName
-from shared.routing import MODEL_QUEUE_PREFIX
+from shared.queueing.queues import QueueName
+from shared.queueing.routing import MODEL_QUEUE_PREFIX
 
 log = logging.getLogger(__name__)
 

@@ -5,5 +5,5 @@
 - `delivery`: one HTTP attempt (`attempt_delivery`) and the scan for due retries (`dispatch_due`).
 - `signing`: Standard Webhooks headers and the per-API-key secret.
 - `ssrf`: `check_webhook_url`, run at submit and before every attempt.
-The sender runs in its own light Celery app, `worker.webhook_app`, on the `webhooks` queue.
+The sender runs in its own light Celery app, `worker.webhook_sender.app`, on the `webhooks` queue.
 """

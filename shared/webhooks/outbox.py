@@ -23,10 +23,10 @@ from sqlalchemy.orm import Session
 from shared.db.models import Job
 from shared.jobs.states import JobStatus
 from shared.jobs.views import job_view
-from shared.object_store import get_object_store
-from shared.queue import QueueName, TaskName, get_producer
+from shared.queueing.queues import QueueName, TaskName, get_producer
 from shared.settings import get_settings
 from shared.storage.base import ObjectStore
+from shared.storage.object_store import get_object_store
 from shared.webhooks.config import webhook_config
 from shared.webhooks.models import DeliveryStatus, WebhookDelivery, WebhookGoneEndpoint
 

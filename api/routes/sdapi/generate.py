@@ -19,16 +19,16 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import SettingsDep, StoreDep
-from api.sdapi_auth import SdapiKey
+from api.sdapi.auth import SdapiKey
+from api.sdapi.info import build_info, info_json
+from api.sdapi.options import job_defaults, read_options
+from api.sdapi.requests import Img2ImgBody, Txt2ImgBody, WebuiBody, to_farm_request, unsupported_features
+from api.sdapi.submit import create_job_from_request, job_status
 from shared.db.models import ApiKey
 from shared.db.session import get_session_factory
 from shared.errors import FieldError
 from shared.jobs import repository
 from shared.jobs.states import ErrorType, JobStatus
-from shared.sdapi.info import build_info, info_json
-from shared.sdapi.options import job_defaults, read_options
-from shared.sdapi.requests import Img2ImgBody, Txt2ImgBody, WebuiBody, to_farm_request, unsupported_features
-from shared.sdapi.submit import create_job_from_request, job_status
 from shared.settings import Settings
 from shared.storage.base import ObjectStore
 

@@ -13,12 +13,12 @@ from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import SettingsDep
-from api.sdapi_auth import SdapiKey
-from shared.model_files import ESRGAN_DIR, VAE_DIR
-from shared.model_registry import CHECKPOINT_DIR
-from shared.samplers import SAMPLERS, SCHEDULE_TYPES
-from shared.sdapi import catalog
-from shared.styles import load_style_book
+from api.sdapi import catalog
+from api.sdapi.auth import SdapiKey
+from shared.models.files import ESRGAN_DIR, VAE_DIR
+from shared.models.registry import CHECKPOINT_DIR
+from shared.webui.samplers import SAMPLERS, SCHEDULE_TYPES
+from shared.webui.styles import load_style_book
 
 router = APIRouter()
 

@@ -1,4 +1,4 @@
-"""``GET/POST /sdapi/v1/options``: per API key, never global (see :mod:`shared.sdapi.options`)."""
+"""``GET/POST /sdapi/v1/options``: per API key, never global (see :mod:`api.sdapi.options`)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Any
 from fastapi import APIRouter, Body
 
 from api.deps import SessionDep, SettingsDep
-from api.sdapi_auth import SdapiKey
-from shared.sdapi.options import options_view, read_options, update_options
+from api.sdapi.auth import SdapiKey
+from api.sdapi.options import options_view, read_options, update_options
 
 router = APIRouter()
 

@@ -9,10 +9,10 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import SettingsDep
-from api.sdapi_auth import SdapiKey
-from shared.images import decode_base64_image, read_generation_info
-from shared.infotext import parse_infotext
+from api.sdapi.auth import SdapiKey
+from api.submission.images import decode_base64_image, read_generation_info
 from shared.settings import Settings
+from shared.webui.infotext import parse_infotext
 
 router = APIRouter()
 

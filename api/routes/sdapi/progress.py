@@ -16,13 +16,13 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from api.deps import SessionDep
-from api.sdapi_auth import SdapiKey
+from api.sdapi.auth import SdapiKey
+from api.sdapi.info import job_timestamp
 from shared.db.models import Job
 from shared.jobs import repository
 from shared.jobs.events import publish_events, record_event
 from shared.jobs.states import JobStatus
 from shared.jobs.views import eta_seconds, queue_position
-from shared.sdapi.info import job_timestamp
 
 router = APIRouter()
 _ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)

@@ -1,0 +1,131 @@
+"""What the models folder holds, in the shapes of the WebUI's list routes (sd-models, sd-vae, loras, ...).
+
+Every list is read from the folder on each call (the farm keeps no in-memory model list in the
+gateway), so the ``refresh-*`` routes have nothing to rebuild and adding a file needs no restart.
+Hashes come from the shared on-disk cache, so a checkpoint is hashed once, not once per request.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+from shared.models.files import ESRGAN_DIR, LATENT_UPSCALERS, PIXEL_UPSCALERS, VAE_DIR, list_model_files
+from shared.models.registry import (
+    CHECKPOINT_DIR,
+    CheckpointFile,
+    default_checkpoint,
+    resolve_checkpoint,
+    scan_checkpoints,
+)
+from shared.settings import Settings
+from shared.webui.hashes import HashCache
+
+__all__ = [
+    "LORA_DIR", "EMBEDDINGS_DIR", "checkpoint_title", "current_checkpoint", "embeddings", "hash_cache", "loras",
+    "sd_models", "upscalers", "vaes",
+]
+
+LORA_DIR = "Lora"
+EMBEDDINGS_DIR = "embeddings"
+_MAX_HEADER = 16 * 1024 * 1024
+
+
+def hash_cache(settings: Settings) -> HashCache:
+    return HashCache(settings.models_dir / ".hashes.json")
+
+
+def checkpoint_title(ckpt: CheckpointFile, cache: HashCache) -> str:
+    """The WebUI's title, ``file.safetensors [0123456789]``: what clients show and send back."""
+    return f"{ckpt.filename} [{cache.checkpoint(ckpt.path)}]"
+
+
+def current_checkpoint(settings: Settings, chosen: str | None) -> CheckpointFile | None:
+    """The key's chosen checkpoint, else the farm's default; None when nothing is installed."""
+    name = chosen or default_checkpoint(settings.models_dir, settings.default_model)
+    if name is None:
+        return None
+    return resolve_checkpoint(settings.models_dir, name)
+
+
+def sd_models(settings: Settings) -> list[dict[str, Any]]:
+    cache = hash_cache(settings)
+    models = []
+    for ckpt in scan_checkpoints(settings.models_dir):
+        if not ckpt.loadable:
+            continue
+        sha = cache.sha256(ckpt.path)
+        models.append({
+            "title": f"{ckpt.filename} [{sha[:10]}]",
+            "model_name": ckpt.name,
+            "hash": sha[:10],
+            "sha256": sha,
+            "filename": f"{CHECKPOINT_DIR}/{ckpt.filename}",
+            "config": None,
+        })
+    return models
+
+
+def _loadable(settings: Settings, folder: str) -> list[str]:
+    return [name for name, refused in list_model_files(settings.models_dir, folder) if refused is None]
+
+
+def vaes(settings: Settings) -> list[dict[str, Any]]:
+    return [{"model_name": name, "filename": f"{VAE_DIR}/{name}"} for name in _loadable(settings, VAE_DIR)]
+
+
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a .safetensors file (tensor shapes, ``__metadata__``) without reading any tensor."""
+    try:
+        with open(path, "rb") as file:
+            (length,) = struct.unpack("<Q", file.read(8))
+            if length > _MAX_HEADER:
+                return {}
+            header = json.loads(file.read(length))
+    except (OSError, ValueError, struct.error):
+        return {}
+    return header if isinstance(header, dict) else {}
+
+
+def loras(settings: Settings) -> list[dict[str, Any]]:
+    found = []
+    for name in _loadable(settings, LORA_DIR):
+        stem = name.rsplit(".", 1)[0]
+        metadata = safetensors_header(settings.models_dir / LORA_DIR / name).get("__metadata__") or {}
+        found.append({"name": stem, "alias": metadata.get("ss_output_name") or stem,
+                      "path": f"{LORA_DIR}/{name}", "metadata": metadata})
+    return found
+
+
+def embeddings(settings: Settings) -> dict[str, dict[str, Any]]:
+    """``loaded``/``skipped`` like the WebUI; shape and vector count come from the file header."""
+    loaded: dict[str, Any] = {}
+    for name in _loadable(settings, EMBEDDINGS_DIR):
+        header = safetensors_header(settings.models_dir / EMBEDDINGS_DIR / name)
+        shapes = [t.get("shape") for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)]
+        shape = shapes[0] if shapes and shapes[0] else [0]
+        loaded[name.rsplit(".", 1)[0].rsplit("/", 1)[-1]] = {
+            "step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+            "shape": int(shape[-1]), "vectors": int(shape[0]) if len(shape) > 1 else 1,
+        }
+    skipped = {name.rsplit(".", 1)[0]: {"reason": refused}
+               for name, refused in list_model_files(settings.models_dir, EMBEDDINGS_DIR) if refused}
+    return {"loaded": loaded, "skipped": skipped}
+
+
+def upscalers(settings: Settings) -> list[dict[str, Any]]:
+    """Pixel upscalers (built-in and ESRGAN files); the latent ones are listed by latent-upscale-modes."""
+    found: list[dict[str, Any]] = [
+        {"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+        for name in PIXEL_UPSCALERS
+    ]
+    for name in _loadable(settings, ESRGAN_DIR):
+        found.append({"name": name.rsplit(".", 1)[0], "model_name": "ESRGAN_4x", "model_path": f"{ESRGAN_DIR}/{name}",
+                      "model_url": None, "scale": 4})
+    return found
+
+
+def latent_upscale_modes() -> list[dict[str, str]]:
+    return [{"name": name} for name in LATENT_UPSCALERS]

@@ -1,0 +1,45 @@
+"""`renderfarm` command line: run the farm, create API keys, migrate."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="renderfarm")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="run the whole farm in the foreground (embedded servers unless configured)")
+    key = sub.add_parser("create-key", help="create an API key and print it (shown once)")
+    key.add_argument("--owner", required=True, help="who the key's jobs belong to")
+    key.add_argument("--name", default="", help="a label for the key")
+    key.add_argument("--admin", action="store_true", help="allow admin routes")
+    sub.add_parser("migrate", help="apply database migrations")
+    args = parser.parse_args(argv)
+
+    if args.command == "up":
+        from devtools.launcher import up
+
+        return up()
+    from shared.settings import get_settings
+
+    if args.command == "migrate":
+        from shared.db.migrate import upgrade
+
+        upgrade(get_settings().database_url)
+        return 0
+    if args.command == "create-key":
+        from shared.auth import create_api_key
+        from shared.db.session import session_scope
+
+        with session_scope() as session:
+            row, plaintext = create_api_key(session, args.owner, is_admin=args.admin, name=args.name)
+        print(plaintext)
+        print(f"created key {row.key_prefix}... for owner {args.owner!r}{' (admin)' if args.admin else ''}",
+              file=sys.stderr)
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

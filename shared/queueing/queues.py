@@ -1,0 +1,66 @@
+"""Queue and task names, and the Celery configuration both sides agree on.
+
+The API enqueues by task *name* through a producer-only Celery app, so it never
+imports worker code (or torch).
+"""
+
+from __future__ import annotations
+
+import uuid
+from enum import StrEnum
+from functools import lru_cache
+from typing import Any
+
+from celery import Celery
+
+from shared.settings import Settings, get_settings
+
+
+class QueueName(StrEnum):
+    RENDER = "render"
+    WEBHOOKS = "webhooks"  # consumed by worker.webhook_sender.app, never by render workers
+
+
+class TaskName(StrEnum):
+    RENDER_JOB = "renderfarm.render_job"
+    DELIVER_WEBHOOK = "renderfarm.deliver_webhook"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Settings for long GPU tasks (design notes, rule 6)."""
+    return {
+        "broker_url": settings.redis_url,
+        "result_backend": None,
+        "task_ignore_result": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_time_limit": settings.job_time_limit,
+        "task_soft_time_limit": max(settings.job_time_limit - 30, 30),
+        "broker_transport_options": {"visibility_timeout": settings.broker_visibility_timeout},
+        "broker_connection_retry_on_startup": True,
+        "task_default_queue": QueueName.RENDER,
+        "task_routes": {
+            TaskName.RENDER_JOB: {"queue": QueueName.RENDER},
+            TaskName.DELIVER_WEBHOOK: {"queue": QueueName.WEBHOOKS},
+        },
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": False,
+    }
+
+
+@lru_cache
+def get_producer() -> Celery:
+    app = Celery("renderfarm-producer")
+    app.conf.update(celery_config(get_settings()))
+    return app
+
+
+def publish_render(job_id: uuid.UUID, queue: str = QueueName.RENDER) -> None:
+    """Tell a render queue (the shared one, or a model's: shared/queueing/routing.py) that a job may be ready.
+    Call only after the job's row has committed."""
+    get_producer().send_task(
+        TaskName.RENDER_JOB, args=[str(job_id)], queue=queue, retry=True,
+        retry_policy={"max_retries": 3, "interval_start": 0.1, "interval_step": 0.5, "interval_max": 2},
+    )

@@ -1,0 +1,105 @@
+"""Routing by model affinity: a job goes to a queue that only workers holding its checkpoint warm consume.
+
+Every render worker consumes the shared `render` queue plus one queue per checkpoint it holds
+(`render.m.<digest of the name>`, added and cancelled as its pipeline cache changes; see
+worker/queue_sync.py). At submit the API reads the workers' heartbeats (Redis, one SCAN + MGET,
+cached for a second) and publishes to the model's queue when some live worker advertises that
+model, to the shared queue otherwise; whichever worker takes a cold job loads the model and
+starts consuming its queue.
+
+Deferral is bounded: the sweeper (shared/jobs/sweeper.py) publishes to the shared queue every
+job that has waited in a model queue longer than `affinity_max_wait_seconds`, so a busy or
+vanished holder delays a job by at most that much, and no model starves. The message left
+behind in the model queue is harmless: the claim is a compare-and-set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Iterable
+from functools import lru_cache
+
+import redis
+
+from shared.queueing.fleet import get_redis, live_worker_infos
+from shared.queueing.queues import QueueName
+from shared.settings import get_settings
+
+MODEL_QUEUE_PREFIX = f"{QueueName.RENDER}.m."
+_FLEET_CACHE_SECONDS = 1.0
+
+
+def model_queue(model_name: str) -> str:
+    """The queue of one checkpoint. A digest keeps the name safe for any broker, whatever the file is called."""
+    return MODEL_QUEUE_PREFIX + hashlib.sha256(model_name.encode()).hexdigest()[:16]
+
+
+def is_model_queue(queue: str) -> bool:
+    return queue.startswith(MODEL_QUEUE_PREFIX)
+
+
+def advertised_models(infos: Iterable[dict]) -> set[str]:
+    """Checkpoints held by workers that can take jobs now (ready and not paused)."""
+    held: set[str] = set()
+    for info in infos:
+        if info.get("ready") and not info.get("paused"):
+            held.update(str(name) for name in info.get("models") or [])
+    return held
+
+
+@lru_cache
+def get_router() -> AffinityRouter:
+    """The API process's router, reading heartbeats through the admin Redis client (short timeouts)."""
+    return AffinityRouter(get_redis(), enabled=get_settings().affinity_routing)
+
+
+class AffinityRouter:
+    """Chooses the queue for a job from the live workers' heartbeats; thread-safe, one per process."""
+
+    def __init__(self, client: redis.Redis, enabled: bool = True, cache_seconds: float = _FLEET_CACHE_SECONDS) -> None:
+        self.client = client
+        self.enabled = enabled
+        self.cache_seconds = cache_seconds
+        self._lock = threading.Lock()
+        self._held: set[str] = set()
+        self._read_at = float("-inf")
+
+    def warm_models(self) -> set[str]:
+        with self._lock:
+            if time.monotonic() - self._read_at > self.cache_seconds:
+                self._held = advertised_models(live_worker_infos(self.client))
+                self._read_at = time.monotonic()
+            return set(self._held)
+
+    def queue_for(self, model_name: str) -> str:
+        """The model's queue when a live worker holds it warm; the shared queue otherwise (or when Redis fails:
+        the shared queue is always right, only slower)."""
+        if not self.enabled:
+            return QueueName.RENDER
+        try:
+            held = self.warm_models()
+        except redis.RedisError:
+            return QueueName.RENDER
+        return model_queue(model_name) if model_name in held else QueueName.RENDER
+
+
+def held_by_every_worker(infos: Iterable[dict]) -> set[str]:
+    """Checkpoints that every ready worker holds (none when no worker is ready)."""
+    held = [set(map(str, info.get("models") or [])) for info in infos if info.get("ready")]
+    return set.intersection(*held) if held else set()
+
+
+def orphan_model_queues(queue_keys: Iterable[str], infos: Iterable[dict]) -> list[str]:
+    """Model queues no live worker (ready or not, paused or not) holds the model of: nobody will ever consume
+    them. Deleting them loses nothing: the sweeper re-publishes their jobs to the shared queue after the
+    deferral bound, from Postgres."""
+    live = {model_queue(str(name)) for info in infos for name in info.get("models") or []}
+    return [key for key in queue_keys if is_model_queue(key) and key.split("\x06\x16")[0] not in live]
+
+
+def model_queue_keys(client: redis.Redis) -> list[str]:
+    """The Redis lists of the model queues (and their priority lists) that hold messages now."""
+    return [k.decode() if isinstance(k, bytes) else str(k)
+            for k in client.scan_iter(match=MODEL_QUEUE_PREFIX + "*", count=500)]
