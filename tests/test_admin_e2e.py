@@ -6,6 +6,7 @@ it: the session's shared farms keep taking jobs whatever happens here.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -18,7 +19,8 @@ import pytest
 
 from devtools.embedded import EmbeddedPostgres, EmbeddedRedis
 from tests.conftest import ADMIN_KEY, _fresh_database, farm_env, make_key
-from tests.farm_harness import Farm, Proc, start_api, start_worker, wait_until
+from tests.farm_harness import Farm, Proc, start_api, start_webhook_worker, start_worker, wait_until
+from tests.webhook_receiver import Receiver
 
 pytestmark = pytest.mark.e2e
 
@@ -37,11 +39,15 @@ def admin_farm(postgres: EmbeddedPostgres, redis_server: EmbeddedRedis, models_d
         redis_url=f"redis://127.0.0.1:{redis_server.port}/7",
         storage_url=str(logs / "objects"), models_dir=models_dir, admin_key=ADMIN_KEY,
         RENDERFARM_SAMPLE_SECONDS="2", RENDERFARM_PAUSE_POLL_SECONDS="1",
+        # The admin's cancel and retry send the owner's webhooks to a receiver on loopback.
+        RENDERFARM_WEBHOOK_ALLOW_HOSTS="127.0.0.1", RENDERFARM_WEBHOOK_RETRY_SCHEDULE="1,1,2",
+        RENDERFARM_WEBHOOK_JITTER="0",
     )
     api, base_url = start_api(env, logs)
     farm = Farm(base_url=base_url, admin_key=ADMIN_KEY, env=env, procs=[api])
     farm.logs = logs  # type: ignore[attr-defined]
     try:
+        farm.procs.append(start_webhook_worker(env, logs))
         farm.procs.append(start_worker(env, logs, name="a1"))
         yield farm
     finally:
@@ -182,6 +188,35 @@ def test_admin_cancels_and_retries_any_owners_job(admin_farm: Farm) -> None:
     assert admin_farm.wait_for(new_job["id"], key=user_key, timeout=60)["status"] == "succeeded"
     with admin_farm.client() as client:
         assert client.post(f"/v1/admin/jobs/{new_job['id']}/retry").status_code == 409
+
+
+def test_admin_cancel_and_retry_send_the_owners_webhooks(admin_farm: Farm) -> None:
+    """A dashboard cancel of a queued job sends its `canceled` webhook; the retry keeps the job's webhook
+    and sends `queued`, then the rest of the events the owner asked for."""
+    user_key = make_key(admin_farm.env["DATABASE_URL"], "hooked-owner")
+    with Receiver().running() as receiver:
+        with admin_farm.client(user_key) as client:
+            receiver.secret = client.get("/v1/webhook-secret").json()["secret"]
+
+        def events(job_id: str) -> list[str]:
+            bodies = [json.loads(r.body) for r in receiver.received("/hook") if r.verified]
+            return sorted(b["event"] for b in bodies if b["id"] == job_id)
+
+        admin(admin_farm, "POST", "/v1/admin/queue/pause")
+        try:
+            job = admin_farm.submit(TINY | {"seed": 77, "webhook_url": receiver.url("/hook"),
+                                            "webhook_events": ["queued", "canceled", "succeeded"]}, key=user_key)
+            canceled = admin(admin_farm, "POST", f"/v1/admin/jobs/{job['id']}/cancel")
+            assert canceled["outcome"] == "canceled"
+            wait_until(lambda: events(job["id"]) == ["canceled", "queued"], 30,
+                       message="the queued and canceled webhooks of the job the admin canceled")
+            retry = admin(admin_farm, "POST", f"/v1/admin/jobs/{job['id']}/retry")
+            new_id = retry["job"]["id"]
+            wait_until(lambda: events(new_id) == ["queued"], 30, message="the retry's queued webhook")
+        finally:
+            admin(admin_farm, "POST", "/v1/admin/queue/resume")
+        assert admin_farm.wait_for(new_id, key=user_key, timeout=60)["status"] == "succeeded"
+        wait_until(lambda: events(new_id) == ["queued", "succeeded"], 30, message="the retry's succeeded webhook")
 
 
 def test_dashboard_in_a_real_browser(admin_farm: Farm, tmp_path: Path) -> None:

@@ -8,7 +8,8 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from shared.jobs import repository
+from shared.clock import utcnow
+from shared.jobs import lifecycle
 from shared.jobs.schemas import Txt2ImgRequest, resolve_params
 from tests.conftest import ADMIN_KEY
 from tests.farm_harness import Farm
@@ -24,11 +25,11 @@ def _insert_job(farm: Farm, **state: object) -> str:
     with Session(engine) as session:
         key = find_api_key(session, ADMIN_KEY)
         params = resolve_params(Txt2ImgRequest(prompt="orphan", width=64, height=64, steps=2, seed=3), "demo-tiny")
-        job = repository.create_job(session, owner=key.owner, api_key_id=key.id, params=params,
-                                    model_name="demo-tiny", model_hash=None)
+        job = lifecycle.submit(session, owner=key.owner, api_key_id=key.id, params=params,
+                               model_name="demo-tiny", route="render")
         for name, value in state.items():
             setattr(job, name, value)
-        session.commit()
+        session.commit()  # not lifecycle.commit: nothing is published
         job_id = str(job.id)
     engine.dispose()
     return job_id
@@ -42,7 +43,7 @@ def test_job_committed_but_never_published_still_runs(farm: Farm) -> None:
 
 
 def test_expired_lease_goes_back_to_the_queue_and_renders_once(farm: Farm) -> None:
-    past = repository.utcnow() - timedelta(seconds=30)
+    past = utcnow() - timedelta(seconds=30)
     job_id = _insert_job(farm, status="running", attempt=1, lease_owner="dead-worker:1", lease_until=past,
                          published_at=past)
     job = farm.wait_for(job_id, timeout=90)
@@ -52,7 +53,7 @@ def test_expired_lease_goes_back_to_the_queue_and_renders_once(farm: Farm) -> No
 
 
 def test_job_that_lost_its_worker_on_every_attempt_fails(farm: Farm) -> None:
-    past = repository.utcnow() - timedelta(seconds=30)
+    past = utcnow() - timedelta(seconds=30)
     job_id = _insert_job(farm, status="running", attempt=3, max_attempts=3, lease_owner="dead-worker:1",
                          lease_until=past, published_at=past)
     job = farm.wait_for(job_id, timeout=90)

@@ -12,8 +12,8 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from devtools.embedded import EmbeddedRedis, free_port
-from shared.jobs import repository
-from shared.jobs.sweeper import claim_deferred
+from shared.clock import utcnow
+from shared.jobs import lifecycle
 from shared.queueing.fleet import WORKER_KEY_PREFIX, broker_queue
 from shared.queueing.routing import (
     AffinityRouter,
@@ -100,27 +100,26 @@ def session(database_url: str) -> Iterator[Session]:
 
 def test_deferral_is_bounded(session: Session) -> None:
     def job(route: str, waited: float):
-        created = repository.create_job(session, owner="t", api_key_id=None, params=PARAMS, model_name="a",
-                                        model_hash=None, route=route)
-        created.published_at = repository.utcnow() - timedelta(seconds=waited)
+        created = lifecycle.submit(session, owner="t", api_key_id=None, params=PARAMS, model_name="a", route=route)
+        created.published_at = utcnow() - timedelta(seconds=waited)
         return created
 
     overdue, fresh, shared = job(model_queue("a"), 20), job(model_queue("a"), 1), job("render", 60)
     session.commit()
-    claimed = claim_deferred(session, max_wait_seconds=15)
+    claimed = lifecycle.republish_deferred(session, max_wait_seconds=15)
     session.commit()
     assert overdue.id in claimed and fresh.id not in claimed and shared.id not in claimed
     session.refresh(overdue)
     assert overdue.route == "render"
-    assert claim_deferred(session, max_wait_seconds=15).count(overdue.id) == 0  # re-published once only
+    assert lifecycle.republish_deferred(session, max_wait_seconds=15).count(overdue.id) == 0  # re-published once only
 
 
 def test_jobs_for_a_model_every_worker_holds_are_not_deferred(session: Session) -> None:
-    created = repository.create_job(session, owner="t", api_key_id=None, params=PARAMS, model_name="everywhere",
-                                    model_hash=None, route=model_queue("everywhere"))
-    created.published_at = repository.utcnow() - timedelta(seconds=60)
+    created = lifecycle.submit(session, owner="t", api_key_id=None, params=PARAMS, model_name="everywhere",
+                               route=model_queue("everywhere"))
+    created.published_at = utcnow() - timedelta(seconds=60)
     session.commit()
-    assert created.id not in claim_deferred(session, max_wait_seconds=15, keep={"everywhere"})
+    assert created.id not in lifecycle.republish_deferred(session, max_wait_seconds=15, keep={"everywhere"})
     session.commit()
-    assert created.id in claim_deferred(session, max_wait_seconds=15, keep={"other"})
+    assert created.id in lifecycle.republish_deferred(session, max_wait_seconds=15, keep={"other"})
     session.commit()

@@ -17,13 +17,13 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 import sqlalchemy as sa
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from devtools.embedded import EmbeddedPostgres, EmbeddedRedis
 from shared.auth import create_api_key
-from shared.db.models import ApiKey, Job
-from shared.jobs import repository
+from shared.db.models import ApiKey, Job, JobImage
+from shared.jobs import lifecycle
 from shared.webhooks.config import DEFAULT_RETRY_SCHEDULE, WebhookConfig
 from shared.webhooks.models import DeliveryStatus, WebhookAttempt, WebhookDelivery, WebhookGoneEndpoint
 from shared.webhooks.outbox import enqueue_job_event, publish_deliveries, redeliver
@@ -101,19 +101,27 @@ def api_key(session: Session, receiver: Receiver) -> ApiKey:
 
 
 def new_job(session: Session, key: ApiKey, url: str | None, events: list[str] | None = None) -> Job:
-    job = repository.create_job(session, owner=key.owner, api_key_id=key.id, params=PARAMS, model_name="tiny",
-                                model_hash=None)
+    """A queued job, committed and never published; its webhook is set afterwards, so no `queued` event."""
+    job = lifecycle.submit(session, owner=key.owner, api_key_id=key.id, params=PARAMS, model_name="tiny",
+                           route="render")
     job.webhook_url, job.webhook_events = url, events
     session.commit()
     return job
 
 
+def mark_running(session: Session, job: Job) -> None:
+    """The row as a claim leaves it, but without the claim's own event: these tests record events by hand."""
+    session.execute(update(Job).where(Job.id == job.id)
+                    .values(status="running", status_seq=Job.status_seq + 1, lease_owner="w1"))
+
+
 def finish_job(session: Session, job: Job) -> list[int]:
-    """running -> succeeded with one image, and the event recorded in that same transaction."""
-    repository.claim_job(session, job.id, "w1", 30)
+    """running -> succeeded with one image, and the event recorded by hand in that same transaction."""
+    mark_running(session, job)
     session.commit()
-    image = repository.NewImage(0, f"jobs/{job.id}/0.png", 7, 64, 64, "a lighthouse")
-    assert repository.complete_job(session, job.id, "w1", [image])
+    session.execute(update(Job).where(Job.id == job.id).values(status="succeeded", status_seq=Job.status_seq + 1))
+    session.add(JobImage(job_id=job.id, index=0, key=f"jobs/{job.id}/0.png", seed=7, width=64, height=64,
+                         infotext="a lighthouse"))
     ids = enqueue_job_event(session, job, "succeeded")
     session.commit()
     return ids
@@ -206,7 +214,7 @@ def test_progress_is_throttled_and_never_retried(
 ) -> None:
     receiver.script("/progress", Reply(503, {"Retry-After": "1"}))
     job = new_job(session, api_key, receiver.url("/progress"), events=["started", "progress"])
-    repository.claim_job(session, job.id, "w1", 30)
+    mark_running(session, job)
     started = enqueue_job_event(session, job, "started")
     first = enqueue_job_event(session, job, "progress")
     assert enqueue_job_event(session, job, "progress") == []  # within 500 ms of the last one
@@ -294,7 +302,7 @@ def test_routes_list_redeliver_and_manage_the_secret(
 
 def test_finished_deliveries_are_pruned_after_their_keeping_time(session: Session, api_key: ApiKey) -> None:
     job = new_job(session, api_key, "http://127.0.0.1:9/pruned", events=["progress", "succeeded"])
-    repository.claim_job(session, job.id, "w1", 30)
+    mark_running(session, job)
     [progress] = enqueue_job_event(session, job, "progress")
     [final] = finish_job(session, job)
     long_ago = datetime.now(UTC) - timedelta(days=2)

@@ -17,23 +17,19 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.errors import FieldError
-from shared.jobs import repository
-from shared.jobs.events import publish_events, record_event
+from shared.jobs import lifecycle
 from shared.jobs.states import ErrorType
 from shared.settings import Settings
 from shared.storage.base import ObjectStore, StorageError, TransientStorageError
 from shared.storage.object_store import image_key
 from shared.webui.infotext import format_infotext
+from worker.control.job_control import JobCanceled, JobControl
 
 if TYPE_CHECKING:
-    from worker.runtime import WorkerRuntime
+    from worker.engine.pipeline_cache import PipelineCache
 
 log = logging.getLogger(__name__)
 VERSION = "renderfarm-0.1.0"
-
-
-class JobCanceled(Exception):
-    """Raised from the step callback when the job's cancel was requested."""
 
 
 def infotext_for(
@@ -165,10 +161,20 @@ def put_with_retry(
 
 
 class JobRunner:
+    """One job from claim to outputs; every state change is a `shared.jobs.lifecycle` transition."""
+
     def __init__(
-        self, runtime: WorkerRuntime, session_factory: sessionmaker[Session], store: ObjectStore, settings: Settings
+        self,
+        worker: str,
+        control: JobControl,
+        pipelines: PipelineCache,
+        session_factory: sessionmaker[Session],
+        store: ObjectStore,
+        settings: Settings,
     ) -> None:
-        self.runtime = runtime
+        self.worker = worker
+        self.control = control
+        self.pipelines = pipelines
         self.session_factory = session_factory
         self.store = store
         self.settings = settings
@@ -187,26 +193,22 @@ class JobRunner:
         """Render a job if it can be claimed; returns the outcome ('skipped', 'succeeded', 'failed', 'lost')."""
         jid = uuid.UUID(job_id)
 
-        def claim() -> tuple[dict[str, Any] | None, list[int]]:
+        def claim() -> dict[str, Any] | None:
             with self.session_factory() as session:
-                job = repository.claim_job(session, jid, self.runtime.name, self.settings.lease_seconds)
-                if job is None:
-                    return None, []
-                params = dict(job.params)
-                deliveries = record_event(session, jid)
-                session.commit()
-                return params, deliveries
+                job = lifecycle.claim(session, jid, self.worker, self.settings.lease_seconds)
+                params = dict(job.params) if job is not None else None
+                lifecycle.commit(session)
+                return params
 
-        params, deliveries = with_db_retry(claim, "claiming a job")
-        publish_events(deliveries)
+        params = with_db_retry(claim, "claiming a job")
         if params is None:
             log.info("job %s is not queued any more (duplicate delivery or done); nothing to do", job_id)
             return "skipped"
-        self.runtime.heartbeat.track(job_id)
+        self.control.begin(jid)
         try:
             return self._render_and_record(jid, params)
         except JobCanceled:
-            self._write(jid, lambda session: repository.finish_canceled(session, jid, self.runtime.name), "canceling")
+            self._write(lambda session: lifecycle.finish_canceled(session, jid, self.worker), "canceling")
             log.info("job %s canceled; partial images discarded", job_id)
             return "canceled"
         except FieldError as exc:
@@ -218,20 +220,12 @@ class JobRunner:
             log.exception("job %s: render failed", job_id)
             return self._fail(jid, ErrorType.RENDER_ERROR, f"{exc.__class__.__name__}: {exc}")
         finally:
-            self.runtime.heartbeat.untrack()
-            self.runtime.jobs_done += 1
+            self.control.end()
 
     def _render_and_record(self, jid: uuid.UUID, params: dict[str, Any]) -> str:
-        model = self.runtime.pipelines.get(params["model"])
-        heartbeat = self.runtime.heartbeat
-
-        def on_step(done: int, total: int) -> None:
-            heartbeat.progress = done / total
-            if heartbeat.cancel_event.is_set():
-                raise JobCanceled()
-
+        model = self.pipelines.get(params["model"])
         rendered = self.engine.render(
-            model.pipeline, params, model.scheduler_config, load_image=self.store.get, on_step=on_step,
+            model.pipeline, params, model.scheduler_config, load_image=self.store.get, on_step=self.control.on_step,
             loras=model.loras,
         )
         output_format = params.get("output_format") or "png"
@@ -243,33 +237,29 @@ class JobRunner:
             data = encode_image(item.image, infotext, output_format)
             put_with_retry(self.store, key, data, content_type=content_type)
             images.append(
-                repository.NewImage(item.index, key, item.seed, item.image.width, item.image.height, infotext)
+                lifecycle.NewImage(item.index, key, item.seed, item.image.width, item.image.height, infotext)
             )
-        record = lambda session: repository.complete_job(  # noqa: E731
-            session, jid, self.runtime.name, images, model.short_hash
+        record = lambda session: lifecycle.succeed(  # noqa: E731
+            session, jid, self.worker, images, model.short_hash
         )
-        if not self._write(jid, record, "recording the outputs"):
+        if not self._write(record, "recording the outputs"):
             log.warning("job %s: lease lost before completion; outputs not recorded", jid)
             return "lost"
         return "succeeded"
 
-    def _write(self, jid: uuid.UUID, change: Callable[[Session], bool], what: str) -> bool:
-        """One state change and its webhook event in one transaction, retried through database outages."""
+    def _write(self, change: Callable[[Session], bool], what: str) -> bool:
+        """One lifecycle transition in its own transaction, retried through database outages."""
 
-        def attempt() -> tuple[bool, list[int]]:
+        def attempt() -> bool:
             with self.session_factory() as session:
                 if not change(session):
                     session.rollback()
-                    return False, []
-                deliveries = record_event(session, jid)
-                session.commit()
-                return True, deliveries
+                    return False
+                lifecycle.commit(session)
+                return True
 
-        changed, deliveries = with_db_retry(attempt, what)
-        publish_events(deliveries)
-        return changed
+        return with_db_retry(attempt, what)
 
-    def _fail(self, jid: uuid.UUID, error_type: str, message: str) -> str:
-        worker = self.runtime.name
-        self._write(jid, lambda s: repository.fail_job(s, jid, error_type, message, worker=worker), "failing")
+    def _fail(self, jid: uuid.UUID, error_type: ErrorType, message: str) -> str:
+        self._write(lambda s: lifecycle.fail(s, jid, self.worker, error_type, message), "failing")
         return "failed"

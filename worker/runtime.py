@@ -1,7 +1,7 @@
 """The per-process state of a render worker, built once in the child process.
 
 No module-level globals are created at import: `start_runtime` builds a
-`WorkerRuntime` (device, warm pipelines, heartbeat, runner) and the task reaches
+`WorkerRuntime` (device, warm pipelines, runner, control threads) and the task reaches
 it through `get_runtime()`.
 """
 
@@ -14,9 +14,15 @@ from typing import Any
 
 from shared.db.session import get_session_factory
 from shared.models.registry import default_checkpoint
+from shared.queueing.fleet import heartbeat_interval
 from shared.settings import Settings, worker_process_name
 from shared.storage.object_store import get_object_store
+from worker.control.beacon import FleetBeacon
+from worker.control.job_control import JobControl
+from worker.control.lease_keeper import LeaseKeeper
+from worker.control.recovery import RecoveryLoop
 from worker.engine.pipeline_cache import PipelineCache
+from worker.runner import JobRunner
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +64,9 @@ def torch_threads_for(configured: int, device: str) -> int:
 
 
 class WorkerRuntime:
+    """The render process: warm pipelines, the job runner, and the control threads beside it. The runner
+    and the threads share only a `JobControl`; none of them knows this object."""
+
     def __init__(self, settings: Settings) -> None:
         import torch
 
@@ -65,14 +74,29 @@ class WorkerRuntime:
         torch.set_num_threads(torch_threads_for(settings.torch_threads, self.device))
         self.settings = settings
         self.name = worker_process_name(settings, os.getpid())
-        self.pipelines = PipelineCache(settings, self.device, self.dtype, on_change=lambda: self.heartbeat.advertise())
-        from worker.heartbeat import Heartbeat
-        from worker.runner import JobRunner
-
-        self.heartbeat = Heartbeat(self, get_session_factory(), settings)
-        self.runner = JobRunner(self, get_session_factory(), get_object_store(), settings)
         self.ready = threading.Event()
-        self.jobs_done = 0
+        self.control = JobControl()
+        session_factory = get_session_factory()
+        beat = heartbeat_interval(settings)
+        self.beacon = FleetBeacon(self.name, self.describe, settings.redis_url, beat)
+        self.pipelines = PipelineCache(settings, self.device, self.dtype, on_change=self.beacon.advertise)
+        self.runner = JobRunner(self.name, self.control, self.pipelines, session_factory, get_object_store(),
+                                settings)
+        self.lease_keeper = LeaseKeeper(self.control, session_factory, self.name, settings.lease_seconds, beat)
+        self.recovery = RecoveryLoop(session_factory, settings.redis_url, beat, settings.republish_after_seconds,
+                                     settings.affinity_max_wait_seconds)
+
+    def start(self) -> None:
+        """Start the control threads, load the configured models, then say so: the first job costs no more
+        than the tenth."""
+        for thread in (self.lease_keeper, self.beacon, self.recovery):
+            thread.start()
+        self.warm_up()
+        self.beacon.advertise()
+
+    def stop(self) -> None:
+        for thread in (self.lease_keeper, self.beacon, self.recovery):
+            thread.stop()
 
     def warm_up(self) -> None:
         """Load the configured models before taking the first job."""
@@ -85,6 +109,7 @@ class WorkerRuntime:
         self.ready.set()
 
     def describe(self) -> dict[str, Any]:
+        job_id = self.control.job_id
         return {
             "name": self.name,
             "pid": os.getpid(),
@@ -96,8 +121,8 @@ class WorkerRuntime:
             "model_evictions": self.pipelines.evictions,
             "model_loads": self.pipelines.loads,
             "ready": self.ready.is_set(),
-            "current_job": self.heartbeat.current_job_id,
-            "jobs_done": self.jobs_done,
+            "current_job": str(job_id) if job_id is not None else None,
+            "jobs_done": self.control.jobs_done,
         }
 
 
@@ -107,9 +132,7 @@ _runtime: WorkerRuntime | None = None
 def start_runtime(settings: Settings) -> WorkerRuntime:
     global _runtime
     _runtime = WorkerRuntime(settings)
-    _runtime.heartbeat.start()
-    _runtime.warm_up()
-    _runtime.heartbeat.beat()
+    _runtime.start()
     log.info("worker %s ready with %s", _runtime.name, _runtime.pipelines.names())
     return _runtime
 
@@ -123,5 +146,5 @@ def get_runtime() -> WorkerRuntime:
 def stop_runtime() -> None:
     global _runtime
     if _runtime is not None:
-        _runtime.heartbeat.stop()
+        _runtime.stop()
         _runtime = None

@@ -65,7 +65,7 @@ class RunningJob:
 
 
 def running_jobs(session: Session, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, RunningJob]:
-    """The jobs workers say they hold, for their progress (written to Postgres by the heartbeat)."""
+    """The jobs workers say they hold, for their progress (written to Postgres by their lease keepers)."""
     if not ids:
         return {}
     rows = session.execute(

@@ -1,7 +1,7 @@
 """Jobs as an operator sees them: every owner's, newest first, with cancel and retry.
 
-Retry renders a failed (or canceled) job again as a *new* job with the same parameters and
-owner: finished states are final (shared.jobs.states), so the old row keeps its history
+Retry renders a failed (or canceled) job again as a *new* job with the same parameters, owner and
+webhook (`shared.jobs.lifecycle.retry`): finished states are final, so the old row keeps its history
 and the new one goes through the queue like any other.
 """
 
@@ -17,18 +17,16 @@ from api.admin import queries as admin_queries
 from api.admin.views import AdminJobDetail, AdminJobList, AdminJobSummary, CancelResult, RetryResult
 from api.deps import AdminKey, SessionDep, SettingsDep, StoreDep
 from shared.db.models import Job
-from shared.jobs import repository
+from shared.jobs import lifecycle, repository
 from shared.jobs.schemas import ErrorView
 from shared.jobs.states import JobStatus
 from shared.jobs.views import job_view
-from shared.queueing.queues import QueueName, publish_render
 from shared.queueing.routing import get_router
 from shared.storage.base import ObjectStore
 from shared.storage.local import LocalObjectStore
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/admin/jobs", tags=["admin"])
-RETRYABLE = (JobStatus.FAILED, JobStatus.CANCELED)
 
 
 def thumbnail_url(store: ObjectStore, key: str, expires: int) -> str:
@@ -89,8 +87,8 @@ def cancel_any_job(
 ) -> CancelResult:
     """A queued job is canceled at once; a running one is asked to stop at its next step."""
     _job_or_404(session, job_id)
-    outcome = repository.cancel_job(session, job_id)
-    session.commit()
+    outcome = lifecycle.cancel(session, job_id)
+    lifecycle.commit(session)
     job = _job_or_404(session, job_id)
     session.refresh(job)
     return CancelResult(outcome=outcome, job=job_view(job, store, settings.url_expires_seconds))
@@ -101,21 +99,10 @@ def retry_job(
     job_id: uuid.UUID, _: AdminKey, session: SessionDep, settings: SettingsDep, store: StoreDep
 ) -> RetryResult:
     old = _job_or_404(session, job_id)
-    if old.status not in RETRYABLE:
-        raise HTTPException(status.HTTP_409_CONFLICT, detail=f"job {job_id} is {old.status}; only failed or "
-                            "canceled jobs can be retried")
-    job = repository.create_job(
-        session, owner=old.owner, api_key_id=old.api_key_id, params=dict(old.params), model_name=old.model_name,
-        model_hash=None, max_attempts=old.max_attempts, route=get_router().queue_for(old.model_name),
-    )
-    session.commit()
-    # Commit, then publish: a lost message costs a re-publish by the sweeper, never the job.
     try:
-        publish_render(job.id, job.route or QueueName.RENDER)
-        repository.mark_published(session, job.id)
-        session.commit()
-    except Exception:
-        log.exception("could not publish retry %s of %s; it stays queued for the sweeper", job.id, job_id)
-        session.rollback()
+        job = lifecycle.retry(session, old, route=get_router().queue_for(old.model_name))
+    except lifecycle.NotRetryable as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from exc
+    lifecycle.commit(session)  # commit, then publish: a lost message costs a re-publish, never the job
     session.refresh(job)
     return RetryResult(retry_of=job_id, job=job_view(job, store, settings.url_expires_seconds))

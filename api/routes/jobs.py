@@ -7,14 +7,11 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, BackgroundTasks, Header, HTTPException, Query, status
-from sqlalchemy.orm import Session
 
 from api.deps import CurrentKey, SessionDep, SettingsDep, StoreDep
 from api.submission import idempotency, submit
-from shared.db.models import Job
 from shared.db.session import get_session_factory
-from shared.jobs import repository
-from shared.jobs.events import publish_events, record_event
+from shared.jobs import lifecycle, repository
 from shared.jobs.schemas import JobListView, JobView, Txt2ImgRequest
 from shared.jobs.states import JobStatus
 from shared.jobs.views import job_view, queue_position
@@ -39,8 +36,8 @@ def submit_job(
     background: BackgroundTasks,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> JobView:
-    def mark_published_after_response(_: Session, job: Job) -> None:
-        background.add_task(_mark_published, job.id)
+    def mark_published_after_response(job_ids: list[uuid.UUID]) -> None:
+        background.add_task(_mark_published, job_ids)
 
     try:
         submitted = submit.submit_job(session, key, body, settings, store, idempotency_key=idempotency_key,
@@ -55,10 +52,10 @@ def submit_job(
     return job_view(job, store, settings.url_expires_seconds, queue_position(session, job))
 
 
-def _mark_published(job_id: uuid.UUID) -> None:
-    """After the response: the sweeper only needs this to tell published jobs from orphans."""
+def _mark_published(job_ids: list[uuid.UUID]) -> None:
+    """After the response: the recovery loop only needs this to tell published jobs from orphans."""
     with get_session_factory()() as session:
-        repository.mark_published(session, job_id)
+        lifecycle.mark_jobs_published(session, job_ids)
         session.commit()
 
 
@@ -77,12 +74,10 @@ def cancel_job(job_id: uuid.UUID, key: CurrentKey, session: SessionDep, settings
     job = repository.get_job(session, job_id, owner=key.owner)
     if job is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} not found")
-    outcome = repository.cancel_job(session, job_id)
-    deliveries = record_event(session, job_id) if outcome == repository.CancelOutcome.CANCELED else []
-    session.commit()
-    publish_events(deliveries)
+    outcome = lifecycle.cancel(session, job_id)
+    lifecycle.commit(session)
     session.refresh(job)
-    if outcome == repository.CancelOutcome.ALREADY_TERMINAL and job.status != JobStatus.CANCELED:
+    if outcome == lifecycle.CancelOutcome.ALREADY_TERMINAL and job.status != JobStatus.CANCELED:
         raise HTTPException(status.HTTP_409_CONFLICT, detail=f"job {job_id} already {job.status}; nothing to cancel")
     return job_view(job, store, settings.url_expires_seconds)
 

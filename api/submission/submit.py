@@ -8,7 +8,6 @@ event committed together, and only then the broker message (commit, then publish
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
@@ -18,10 +17,8 @@ from api.submission.inputs import stage_inputs
 from api.submission.params import JobPlan, plan_job
 from shared.db.models import ApiKey, Job
 from shared.errors import FieldError
-from shared.jobs import repository
-from shared.jobs.events import publish_events, record_event
+from shared.jobs import lifecycle, repository
 from shared.jobs.schemas import Txt2ImgRequest
-from shared.queueing.queues import publish_render
 from shared.queueing.routing import get_router
 from shared.settings import Settings
 from shared.storage.base import ObjectStore
@@ -51,11 +48,6 @@ def check_webhook(body: Txt2ImgRequest) -> list[str] | None:
         raise FieldError(("body", "webhook_events"), str(exc)) from exc
 
 
-def mark_published_now(session: Session, job: Job) -> None:
-    repository.mark_published(session, job.id)
-    session.commit()
-
-
 def submit_job(
     session: Session,
     key: ApiKey,
@@ -64,7 +56,7 @@ def submit_job(
     store: ObjectStore,
     *,
     idempotency_key: str | None = None,
-    mark_published: Callable[[Session, Job], None] = mark_published_now,
+    mark_published: lifecycle.MarkPublished | None = None,
     skipped_loras: list[str] | None = None,
 ) -> Submitted:
     """Create and enqueue a job; raises FieldError (nothing stored) on bad input and
@@ -92,28 +84,21 @@ def submit_job(
                 return Submitted(earlier, plan, replayed=True)
 
     route = get_router().queue_for(plan.checkpoint.name)
+
     try:
         inputs.write(store)  # before the row commits: a worker must find them as soon as the job exists
-        job = repository.create_job(
+        job = lifecycle.submit(
             session, owner=key.owner, api_key_id=key.id, params=params, model_name=plan.checkpoint.name,
-            model_hash=None, max_attempts=settings.max_attempts, webhook_url=body.webhook_url,
-            webhook_events=webhook_events, route=route,
+            route=route, max_attempts=settings.max_attempts, webhook_url=body.webhook_url,
+            webhook_events=webhook_events,
         )
         if idempotency_key is not None:
             idempotency.attach_job(session, key.id, idempotency_key, job.id)
-        deliveries = record_event(session, job.id)
-        session.commit()
+        lifecycle.commit(session, mark_published=mark_published)
     except Exception:
         session.rollback()
         if idempotency_key is not None:
             idempotency.release(session, key.id, idempotency_key)
         inputs.discard(store)
         raise
-    publish_events(deliveries)
-    try:
-        publish_render(job.id, route)
-        mark_published(session, job)
-    except Exception:  # the row is queued and unpublished; the sweeper publishes it
-        session.rollback()
-        log.exception("could not publish job %s; it stays queued for the sweeper", job.id)
     return Submitted(job, plan, replayed=False)

@@ -1,7 +1,7 @@
 """What Redis knows: the workers' heartbeats and the messages waiting in the render queue.
 
 Workers write their description under `renderfarm:workers:<name>` with a TTL (see
-worker/heartbeat.py), so a dead worker's key simply disappears. To show such a worker as
+worker/control/beacon.py), so a dead worker's key simply disappears. To show such a worker as
 *lost* rather than forget it silently, every read copies the live descriptions into one
 hash, `renderfarm:admin:workers_seen`, and a worker found there but no longer beating is
 reported lost until `forget_after` seconds after its last heartbeat.
@@ -20,7 +20,7 @@ import redis
 from shared.queueing.queues import QueueName
 from shared.settings import Settings, get_settings
 
-# Written by worker/heartbeat.py (shared must not import worker code).
+# Written by worker/control/beacon.py (shared must not import worker code).
 WORKER_KEY_PREFIX = "renderfarm:workers:"
 SEEN_KEY = "renderfarm:admin:workers_seen"
 # kombu's Redis transport keeps one list per priority step: "render", "render\x06\x163", ...
@@ -36,7 +36,7 @@ def get_redis() -> redis.Redis:
 
 
 def heartbeat_interval(settings: Settings) -> float:
-    """Mirrors worker.heartbeat.Heartbeat.interval: a worker beats every quarter lease."""
+    """How often a worker renews its lease and advertises itself: every quarter lease."""
     return max(1.0, settings.lease_seconds / 4)
 
 

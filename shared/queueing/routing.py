@@ -7,7 +7,7 @@ cached for a second) and publishes to the model's queue when some live worker ad
 model, to the shared queue otherwise; whichever worker takes a cold job loads the model and
 starts consuming its queue.
 
-Deferral is bounded: the sweeper (shared/jobs/sweeper.py) publishes to the shared queue every
+Deferral is bounded: the recovery loop (worker/control/recovery.py) publishes to the shared queue every
 job that has waited in a model queue longer than `affinity_max_wait_seconds`, so a busy or
 vanished holder delays a job by at most that much, and no model starves. The message left
 behind in the model queue is harmless: the claim is a compare-and-set.
@@ -93,7 +93,7 @@ def held_by_every_worker(infos: Iterable[dict]) -> set[str]:
 
 def orphan_model_queues(queue_keys: Iterable[str], infos: Iterable[dict]) -> list[str]:
     """Model queues no live worker (ready or not, paused or not) holds the model of: nobody will ever consume
-    them. Deleting them loses nothing: the sweeper re-publishes their jobs to the shared queue after the
+    them. Deleting them loses nothing: the recovery loop re-publishes their jobs to the shared queue after the
     deferral bound, from Postgres."""
     live = {model_queue(str(name)) for info in infos for name in info.get("models") or []}
     return [key for key in queue_keys if is_model_queue(key) and key.split("\x06\x16")[0] not in live]

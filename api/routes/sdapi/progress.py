@@ -19,8 +19,7 @@ from api.deps import SessionDep
 from api.sdapi.auth import SdapiKey
 from api.sdapi.info import job_timestamp
 from shared.db.models import Job
-from shared.jobs import repository
-from shared.jobs.events import publish_events, record_event
+from shared.jobs import lifecycle
 from shared.jobs.states import JobStatus
 from shared.jobs.views import eta_seconds, queue_position
 
@@ -72,12 +71,9 @@ def progress(key: SdapiKey, session: SessionDep, skip_current_image: bool = Fals
 
 def _cancel_running(key: SdapiKey, session: Session) -> dict[str, Any]:
     jobs = session.scalars(select(Job.id).where(Job.owner == key.owner, Job.status == JobStatus.RUNNING)).all()
-    deliveries: list[int] = []
     for job_id in jobs:
-        if repository.cancel_job(session, job_id) == repository.CancelOutcome.CANCELED:
-            deliveries += record_event(session, job_id)
-    session.commit()
-    publish_events(deliveries)
+        lifecycle.cancel(session, job_id)
+    lifecycle.commit(session)
     return {}
 
 

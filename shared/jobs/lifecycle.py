@@ -1,0 +1,389 @@
+"""Every job state change, one function per transition (docs/architecture.md, rule 3).
+
+Each function checks its transition against the one table (`shared.jobs.states`), writes the row
+with a compare-and-set UPDATE (a duplicate delivery, a second worker or a stale lease holder finds no
+row to change), bumps `status_seq`, records the webhook event in the same transaction and schedules
+what must be published once that transaction commits. Nothing else writes `jobs.status`.
+
+Callers end the transaction with `commit(session)`: commit, then publish (rule 2). Publishing is
+scheduled on the session, so a rollback drops it with the changes it announced.
+
+Transitions: `submit` (-> queued), `claim` (queued -> running), `report_progress` and `renew_lease`
+(running, no state change), `succeed`, `fail`, `cancel` / `finish_canceled`, `retry` (a finished job
+-> a new queued job), and recovery: `expire_leases` (running -> queued or failed), `republish_*`
+(queued, published again).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, event, func, select, update
+from sqlalchemy.orm import Session
+
+from shared.clock import utcnow
+from shared.db.models import Job, JobImage
+from shared.jobs.states import ErrorType, JobStatus, check_transition
+from shared.queueing.queues import QueueName, publish_render
+from shared.queueing.routing import MODEL_QUEUE_PREFIX
+from shared.webhooks.outbox import enqueue_job_event, event_for_status, publish_deliveries
+
+log = logging.getLogger(__name__)
+
+_PENDING = "renderfarm.lifecycle.pending"
+
+
+@dataclass
+class Pending:
+    """What committed changes must announce: webhook deliveries to nudge and render messages to send."""
+
+    deliveries: list[int] = field(default_factory=list)
+    # (job id, queue, whether `published_at` is still to be set once the message is sent)
+    renders: list[tuple[uuid.UUID, str, bool]] = field(default_factory=list)
+
+
+def _pending(session: Session) -> Pending:
+    pending = session.info.get(_PENDING)
+    if pending is None:
+        pending = session.info[_PENDING] = Pending()
+    return pending
+
+
+@event.listens_for(Session, "after_rollback")
+@event.listens_for(Session, "after_commit")
+def _drop_pending(session: Session) -> None:
+    """A rolled-back change never happened: nothing of it is published. A plain `session.commit()` (tests
+    that set rows up by hand) publishes nothing either, and leaves nothing for a later `commit` to send:
+    only `commit` below publishes, having taken the pending work off the session first."""
+    session.info.pop(_PENDING, None)
+
+
+MarkPublished = Callable[[list[uuid.UUID]], None]
+
+
+def commit(session: Session, *, mark_published: MarkPublished | None = None) -> None:
+    """Commit the transaction, then publish what its changes scheduled.
+
+    A render message that cannot be sent leaves its job queued and unpublished: the recovery loop
+    publishes it. `mark_published` records `published_at` for the jobs sent (default: right here, in a
+    second short transaction; the API defers it until after its response)."""
+    pending = session.info.pop(_PENDING, None) or Pending()
+    session.commit()
+    if pending.deliveries:
+        try:
+            publish_deliveries(pending.deliveries)
+        except Exception:  # the rows are durable: the webhook sender's poller dispatches them
+            log.exception("could not nudge the webhook queue about deliveries %s", pending.deliveries)
+    sent: list[uuid.UUID] = []
+    for job_id, queue, mark in pending.renders:
+        try:
+            publish_render(job_id, queue)
+        except Exception:  # the row is queued and unpublished; the recovery loop publishes it
+            log.exception("could not publish job %s; it stays queued for the recovery loop", job_id)
+            continue
+        if mark:
+            sent.append(job_id)
+    if sent:
+        if mark_published is not None:
+            mark_published(sent)
+        else:
+            try:
+                mark_jobs_published(session, sent)
+                session.commit()
+            except Exception:
+                session.rollback()
+                log.exception("could not record that jobs %s were published", sent)
+
+
+def mark_jobs_published(session: Session, job_ids: Sequence[uuid.UUID]) -> None:
+    """Tells the recovery loop the jobs' messages were sent (not a state change)."""
+    session.execute(update(Job).where(Job.id.in_(list(job_ids))).values(published_at=utcnow()))
+
+
+def _record_event(session: Session, job_id: uuid.UUID, event_name: str | None = None) -> None:
+    job = session.get(Job, job_id)  # webhook_url never changes; enqueue_job_event re-reads the row locked
+    if job is None or not job.webhook_url:
+        return
+    _pending(session).deliveries += enqueue_job_event(session, job, event_name or event_for_status(job.status))
+
+
+def _move(
+    session: Session,
+    source: JobStatus | Collection[JobStatus],
+    target: JobStatus,
+    where: Sequence[ColumnElement[bool]],
+    values: dict[str, Any],
+) -> list[uuid.UUID]:
+    """The one compare-and-set UPDATE behind every transition: rows in `source` matching `where` go to
+    `target`; returns the ids that changed."""
+    sources = [source] if isinstance(source, JobStatus) else list(source)
+    for src in sources:
+        check_transition(src, target)
+    return list(
+        session.execute(
+            update(Job)
+            .where(Job.status.in_([str(s) for s in sources]), *where)
+            .values(status=target, status_seq=Job.status_seq + 1, **values)
+            .returning(Job.id)
+        ).scalars()
+    )
+
+
+# --- submit ---------------------------------------------------------------------------------------
+
+
+def submit(
+    session: Session,
+    *,
+    owner: str,
+    api_key_id: int | None,
+    params: dict[str, Any],
+    model_name: str,
+    route: str,
+    max_attempts: int = 3,
+    webhook_url: str | None = None,
+    webhook_events: list[str] | None = None,
+) -> Job:
+    """A new queued job: the row, its `queued` event, and its render message once committed."""
+    job = Job(
+        id=uuid.uuid4(),
+        owner=owner,
+        api_key_id=api_key_id,
+        mode=params.get("mode", "txt2img"),
+        status=JobStatus.QUEUED,
+        status_seq=1,
+        params=params,
+        model_name=model_name,
+        model_hash=None,
+        seed=params["seed"],
+        max_attempts=max_attempts,
+        webhook_url=webhook_url,
+        webhook_events=webhook_events,
+        route=route,
+    )
+    session.add(job)
+    session.flush()
+    _record_event(session, job.id)
+    _pending(session).renders.append((job.id, route, True))
+    return job
+
+
+RETRYABLE = (JobStatus.FAILED, JobStatus.CANCELED)
+
+
+class NotRetryable(ValueError):
+    """Only failed or canceled jobs can be retried."""
+
+
+def retry(session: Session, old: Job, route: str) -> Job:
+    """A failed or canceled job rendered again as a new job: same owner, parameters and webhook.
+    Finished states are final, so the old row keeps its history."""
+    if old.status not in RETRYABLE:
+        raise NotRetryable(f"job {old.id} is {old.status}; only failed or canceled jobs can be retried")
+    return submit(
+        session, owner=old.owner, api_key_id=old.api_key_id, params=dict(old.params), model_name=old.model_name,
+        route=route, max_attempts=old.max_attempts, webhook_url=old.webhook_url,
+        webhook_events=list(old.webhook_events) if old.webhook_events is not None else None,
+    )
+
+
+# --- a worker's job -------------------------------------------------------------------------------
+
+
+def claim(session: Session, job_id: uuid.UUID, worker: str, lease_seconds: int) -> Job | None:
+    """queued -> running for exactly one caller, holding a lease; everybody else gets None."""
+    now = utcnow()
+    changed = _move(
+        session, JobStatus.QUEUED, JobStatus.RUNNING, [Job.id == job_id],
+        dict(attempt=Job.attempt + 1, lease_owner=worker, lease_until=now + timedelta(seconds=lease_seconds),
+             started_at=now, progress=0.0),
+    )
+    if not changed:
+        return None
+    session.flush()
+    job = session.get(Job, job_id, populate_existing=True)
+    _record_event(session, job_id)
+    return job
+
+
+def _held_by(job_id: uuid.UUID, worker: str) -> list[ColumnElement[bool]]:
+    return [Job.id == job_id, Job.lease_owner == worker]
+
+
+def renew_lease(session: Session, job_id: uuid.UUID, worker: str, lease_seconds: int) -> bool:
+    """The lease keeper's beat: the job stays running while its worker lives (no state change)."""
+    result = session.execute(
+        update(Job)
+        .where(Job.status == JobStatus.RUNNING, *_held_by(job_id, worker))
+        .values(lease_until=utcnow() + timedelta(seconds=lease_seconds))
+        .returning(Job.id)
+    ).scalar_one_or_none()
+    return result is not None
+
+
+def report_progress(session: Session, job_id: uuid.UUID, worker: str, progress: float) -> bool:
+    """Progress of a running job (no state change) and its throttled `progress` event."""
+    changed = session.execute(
+        update(Job)
+        .where(Job.status == JobStatus.RUNNING, *_held_by(job_id, worker))
+        .values(progress=progress)
+        .returning(Job.id)
+    ).scalar_one_or_none()
+    if changed is None:
+        return False
+    _record_event(session, job_id, "progress")
+    return True
+
+
+@dataclass(frozen=True)
+class NewImage:
+    index: int
+    key: str
+    seed: int
+    width: int
+    height: int
+    infotext: str
+
+
+def succeed(
+    session: Session, job_id: uuid.UUID, worker: str, images: Sequence[NewImage], model_hash: str | None = None
+) -> bool:
+    """running -> succeeded with its outputs, in one transaction; False if the lease was lost."""
+    extra = {"model_hash": model_hash} if model_hash else {}
+    if not _move(
+        session, JobStatus.RUNNING, JobStatus.SUCCEEDED, _held_by(job_id, worker),
+        dict(extra, finished_at=utcnow(), progress=1.0, lease_until=None),
+    ):
+        return False
+    for image in images:
+        session.add(JobImage(job_id=job_id, index=image.index, key=image.key, seed=image.seed, width=image.width,
+                             height=image.height, infotext=image.infotext))
+    session.flush()
+    _record_event(session, job_id)
+    return True
+
+
+def fail(session: Session, job_id: uuid.UUID, worker: str, error_type: ErrorType, message: str) -> bool:
+    """running -> failed with a kind and a message a user can act on; only the lease holder may fail it."""
+    if not _move(session, JobStatus.RUNNING, JobStatus.FAILED, _held_by(job_id, worker),
+                 dict(finished_at=utcnow(), error_type=error_type, error_message=message[:4000], lease_until=None)):
+        return False
+    _record_event(session, job_id)
+    return True
+
+
+class CancelOutcome(StrEnum):
+    CANCELED = "canceled"  # was queued: canceled at once, never renders
+    REQUESTED = "requested"  # is running: its worker stops at the next step
+    ALREADY_TERMINAL = "terminal"
+
+
+def cancel(session: Session, job_id: uuid.UUID) -> CancelOutcome:
+    """Cancel a queued job at once (with its `canceled` event) or ask a running one to stop; repeating a
+    cancel is harmless."""
+    now = utcnow()
+    if _move(session, JobStatus.QUEUED, JobStatus.CANCELED, [Job.id == job_id],
+             dict(finished_at=now, cancel_requested_at=now)):
+        _record_event(session, job_id)
+        return CancelOutcome.CANCELED
+    requested = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
+        .values(cancel_requested_at=func.coalesce(Job.cancel_requested_at, now))
+        .returning(Job.id)
+    ).scalar_one_or_none()
+    return CancelOutcome.REQUESTED if requested is not None else CancelOutcome.ALREADY_TERMINAL
+
+
+def cancel_requested(session: Session, job_id: uuid.UUID) -> bool:
+    return session.scalar(select(Job.cancel_requested_at).where(Job.id == job_id)) is not None
+
+
+def finish_canceled(session: Session, job_id: uuid.UUID, worker: str) -> bool:
+    """running -> canceled by the worker that stopped it; its partial images are not recorded."""
+    if not _move(session, JobStatus.RUNNING, JobStatus.CANCELED, _held_by(job_id, worker),
+                 dict(finished_at=utcnow(), lease_until=None)):
+        return False
+    _record_event(session, job_id)
+    return True
+
+
+# --- recovery (docs/architecture.md, rules 2 and 5) ------------------------------------------------
+
+
+def expire_leases(session: Session) -> tuple[list[uuid.UUID], list[uuid.UUID]]:
+    """Running jobs whose lease expired (their worker died) go back to the shared queue, or fail with
+    `worker_lost` once they have used every attempt: a poison job must not loop. Returns (requeued, failed)."""
+    now = utcnow()
+    expired = [Job.lease_until < now]
+    failed = _move(
+        session, JobStatus.RUNNING, JobStatus.FAILED, [*expired, Job.attempt >= Job.max_attempts],
+        dict(finished_at=now, lease_owner=None, lease_until=None, error_type=ErrorType.WORKER_LOST,
+             error_message="the worker rendering this job was lost on every attempt"),
+    )
+    requeued = _move(
+        session, JobStatus.RUNNING, JobStatus.QUEUED, [*expired, Job.attempt < Job.max_attempts],
+        dict(lease_owner=None, lease_until=None, published_at=now, route=QueueName.RENDER),
+    )
+    for job_id in failed:
+        log.warning("job %s failed: worker lost on every attempt", job_id)
+        _record_event(session, job_id)
+    for job_id in requeued:
+        log.warning("job %s: lease expired, back to the queue", job_id)
+    _pending(session).renders += [(job_id, QueueName.RENDER, False) for job_id in requeued]
+    return requeued, failed
+
+
+def _republish(session: Session, condition: ColumnElement[bool], limit: int) -> list[uuid.UUID]:
+    """Queued jobs matching `condition` (oldest first) published again to the shared queue. Not a state
+    change: `published_at` and `route` move, so a spare duplicate message is harmless (claims are CAS)."""
+    candidates = (select(Job.id).where(Job.status == JobStatus.QUEUED, condition).order_by(Job.created_at)
+                  .limit(limit).with_for_update(skip_locked=True))
+    ids = list(
+        session.execute(
+            update(Job).where(Job.id.in_(candidates)).values(published_at=utcnow(), route=QueueName.RENDER)
+            .returning(Job.id)
+        ).scalars()
+    )
+    _pending(session).renders += [(job_id, QueueName.RENDER, False) for job_id in ids]
+    return ids
+
+
+def republish_unpublished(session: Session, older_than_seconds: float = 5.0, limit: int = 100) -> list[uuid.UUID]:
+    """Queued jobs never published within `older_than_seconds` of their creation (the API died between
+    commit and publish, or the broker was down)."""
+    cutoff = utcnow() - timedelta(seconds=older_than_seconds)
+    return _republish(session, and_(Job.published_at.is_(None), Job.created_at < cutoff), limit)
+
+
+def queued_count(session: Session) -> int:
+    return int(session.scalar(select(func.count()).select_from(Job).where(Job.status == JobStatus.QUEUED)) or 0)
+
+
+def republish_stale(session: Session, broker_depth: int, republish_after: float, limit: int = 500) -> list[uuid.UUID]:
+    """Queued jobs whose message the broker seems to have lost (Redis restarted empty): nothing when the
+    broker holds at least as many messages as there are queued jobs."""
+    queued = queued_count(session)
+    if broker_depth >= queued:
+        return []
+    cutoff = utcnow() - timedelta(seconds=republish_after)
+    return _republish(session, Job.published_at < cutoff, min(limit, queued - broker_depth))
+
+
+def republish_deferred(
+    session: Session, max_wait_seconds: float, limit: int = 500, keep: Collection[str] = ()
+) -> list[uuid.UUID]:
+    """Queued jobs published to a model's queue more than `max_wait_seconds` ago: the bound on affinity.
+    Jobs for the models in `keep` (held by every worker: any worker that frees up takes them from their
+    model's queue anyway) stay where they are, so a backlog does not get a spare message per job."""
+    cutoff = utcnow() - timedelta(seconds=max_wait_seconds)
+    condition = and_(Job.route.startswith(MODEL_QUEUE_PREFIX, autoescape=True), Job.published_at < cutoff)
+    if keep:
+        condition = and_(condition, Job.model_name.not_in(list(keep)))
+    return _republish(session, condition, limit)
