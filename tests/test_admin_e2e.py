@@ -190,33 +190,47 @@ def test_admin_cancels_and_retries_any_owners_job(admin_farm: Farm) -> None:
         assert client.post(f"/v1/admin/jobs/{new_job['id']}/retry").status_code == 409
 
 
-def test_admin_cancel_and_retry_send_the_owners_webhooks(admin_farm: Farm) -> None:
-    """A dashboard cancel of a queued job sends its `canceled` webhook; the retry keeps the job's webhook
-    and sends `queued`, then the rest of the events the owner asked for."""
-    user_key = make_key(admin_farm.env["DATABASE_URL"], "hooked-owner")
+@pytest.fixture
+def hooked_owner(admin_farm: Farm) -> Iterator[tuple[str, Receiver]]:
+    """An owner whose jobs carry a webhook to a verifying receiver, with the farm paused so jobs stay queued."""
+    user_key = make_key(admin_farm.env["DATABASE_URL"], f"hooked-{time.monotonic_ns()}")
     with Receiver().running() as receiver:
         with admin_farm.client(user_key) as client:
             receiver.secret = client.get("/v1/webhook-secret").json()["secret"]
-
-        def events(job_id: str) -> list[str]:
-            bodies = [json.loads(r.body) for r in receiver.received("/hook") if r.verified]
-            return sorted(b["event"] for b in bodies if b["id"] == job_id)
-
         admin(admin_farm, "POST", "/v1/admin/queue/pause")
         try:
-            job = admin_farm.submit(TINY | {"seed": 77, "webhook_url": receiver.url("/hook"),
-                                            "webhook_events": ["queued", "canceled", "succeeded"]}, key=user_key)
-            canceled = admin(admin_farm, "POST", f"/v1/admin/jobs/{job['id']}/cancel")
-            assert canceled["outcome"] == "canceled"
-            wait_until(lambda: events(job["id"]) == ["canceled", "queued"], 30,
-                       message="the queued and canceled webhooks of the job the admin canceled")
-            retry = admin(admin_farm, "POST", f"/v1/admin/jobs/{job['id']}/retry")
-            new_id = retry["job"]["id"]
-            wait_until(lambda: events(new_id) == ["queued"], 30, message="the retry's queued webhook")
+            yield user_key, receiver
         finally:
             admin(admin_farm, "POST", "/v1/admin/queue/resume")
-        assert admin_farm.wait_for(new_id, key=user_key, timeout=60)["status"] == "succeeded"
-        wait_until(lambda: events(new_id) == ["queued", "succeeded"], 30, message="the retry's succeeded webhook")
+
+
+def hook_events(receiver: Receiver, job_id: str) -> list[str]:
+    bodies = [json.loads(r.body) for r in receiver.received("/hook") if r.verified]
+    return sorted(b["event"] for b in bodies if b["id"] == job_id)
+
+
+HOOKED = TINY | {"webhook_events": ["queued", "canceled", "succeeded"]}
+
+
+def test_a_dashboard_cancel_sends_the_canceled_webhook(admin_farm: Farm, hooked_owner: tuple[str, Receiver]) -> None:
+    user_key, receiver = hooked_owner
+    job = admin_farm.submit(HOOKED | {"webhook_url": receiver.url("/hook")}, key=user_key)
+    assert admin(admin_farm, "POST", f"/v1/admin/jobs/{job['id']}/cancel")["outcome"] == "canceled"
+    wait_until(lambda: hook_events(receiver, job["id"]) == ["canceled", "queued"], 30,
+               message="the canceled webhook of the job the admin canceled")
+
+
+def test_a_retry_keeps_the_webhook_and_sends_queued(admin_farm: Farm, hooked_owner: tuple[str, Receiver]) -> None:
+    user_key, receiver = hooked_owner
+    job = admin_farm.submit(HOOKED | {"seed": 78, "webhook_url": receiver.url("/hook")}, key=user_key)
+    with admin_farm.client(user_key) as client:  # the owner cancels it (that path always sent its webhook)
+        assert client.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "canceled"
+    new_id = admin(admin_farm, "POST", f"/v1/admin/jobs/{job['id']}/retry")["job"]["id"]
+    wait_until(lambda: hook_events(receiver, new_id) == ["queued"], 30, message="the retry's queued webhook")
+    admin(admin_farm, "POST", "/v1/admin/queue/resume")
+    assert admin_farm.wait_for(new_id, key=user_key, timeout=60)["status"] == "succeeded"
+    wait_until(lambda: hook_events(receiver, new_id) == ["queued", "succeeded"], 30,
+               message="the retry's succeeded webhook")
 
 
 def test_dashboard_in_a_real_browser(admin_farm: Farm, tmp_path: Path) -> None:
