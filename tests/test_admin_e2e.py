@@ -225,7 +225,10 @@ def test_a_retry_keeps_the_webhook_and_sends_queued(admin_farm: Farm, hooked_own
     job = admin_farm.submit(HOOKED | {"seed": 78, "webhook_url": receiver.url("/hook")}, key=user_key)
     with admin_farm.client(user_key) as client:  # the owner cancels it (that path always sent its webhook)
         assert client.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "canceled"
-    new_id = admin(admin_farm, "POST", f"/v1/admin/jobs/{job['id']}/retry")["job"]["id"]
+    with admin_farm.client() as client:
+        retry = client.post(f"/v1/admin/jobs/{job['id']}/retry")
+    assert retry.status_code == 202, retry.text
+    new_id = retry.json()["job"]["id"]
     wait_until(lambda: hook_events(receiver, new_id) == ["queued"], 30, message="the retry's queued webhook")
     admin(admin_farm, "POST", "/v1/admin/queue/resume")
     assert admin_farm.wait_for(new_id, key=user_key, timeout=60)["status"] == "succeeded"
