@@ -91,11 +91,12 @@ class DirectRenderer:
         self.engine = GenerationEngine(checkpoint.parent.parent)
 
     def render(self, body: dict, seed: int) -> float:
+        from shared.jobs.contract import RenderSpec
         from shared.jobs.schemas import Txt2ImgRequest, resolve_params
 
-        params = resolve_params(Txt2ImgRequest(**body, seed=seed), "bench")
+        spec = RenderSpec.from_stored(resolve_params(Txt2ImgRequest(**body, seed=seed), "bench"))
         start = time.perf_counter()
-        self.engine.render(self.pipe, params, self.config)
+        self.engine.render(self.pipe, spec, self.config)
         if self.device.startswith("cuda"):
             self.torch.cuda.synchronize()
         return time.perf_counter() - start

@@ -19,6 +19,7 @@ from api.model_catalog import list_checkpoints
 from devtools.demo_models.sd15 import build_demo_checkpoint
 from devtools.demo_models.sdxl import build_demo_sdxl_checkpoint
 from shared.errors import FieldError
+from shared.jobs.contract import RenderSpec
 from shared.models.registry import resolve_checkpoint, scan_checkpoints
 from shared.webui.hashes import HashCache, legacy_model_hash, sha256_folder
 from tests.farm_harness import Farm
@@ -76,11 +77,13 @@ def test_sdxl_folder_renders_the_same_pixels_as_the_single_file(models: Path) ->
     engine = GenerationEngine(models)
     params = {"mode": "txt2img", "prompt": "a (lighthouse:1.1)", "negative_prompt": "", "steps": 2,
               "cfg_scale": 6.0, "sampler_name": "DPM++ 2M", "scheduler": "Karras", "seed": 77, "subseed": 0,
-              "subseed_strength": 0.0, "width": 64, "height": 64, "batch_size": 1, "n_iter": 1, "vae": None}
+              "subseed_strength": 0.0, "width": 64, "height": 64, "batch_size": 1, "n_iter": 1, "vae": None,
+              "model": "xl"}
     images = []
     for path in (checkpoints / "xl.safetensors", checkpoints / "folders" / "xl-folder"):
         pipe = load_pipeline(path)
-        images.append(np.asarray(engine.render(pipe, params, dict(pipe.scheduler.config))[0].image))
+        spec = RenderSpec.from_stored(params)
+        images.append(np.asarray(engine.render(pipe, spec, dict(pipe.scheduler.config))[0].image))
     assert np.array_equal(images[0], images[1])
 
 

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from devtools.demo_models.sd15 import build_demo_checkpoint, build_demo_models
 from shared.errors import FieldError
+from shared.jobs.contract import RenderSpec
 from shared.storage.base import ObjectNotFoundError
 from shared.webui.infotext import parse_infotext
 from shared.webui.samplers import SAMPLERS
@@ -87,15 +88,19 @@ def pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
+def spec(**overrides) -> RenderSpec:
+    return RenderSpec.from_stored({**BASE, **overrides})
+
+
 def render(pipe, engine, store=None, **overrides):
-    params = {**BASE, **overrides}
+    job = spec(**overrides)
     loader = None
     if store is not None:
         def loader(key: str) -> bytes:
             if key not in store:
                 raise ObjectNotFoundError(key)
             return store[key]
-    return engine.render(pipe, params, dict(pipe.scheduler.config), load_image=loader)
+    return engine.render(pipe, job, dict(pipe.scheduler.config), load_image=loader)
 
 
 # -- seeds ------------------------------------------------------------------------------------------
@@ -169,7 +174,7 @@ def test_every_sampler_renders(pipe, engine, sampler):
 
 def test_progress_counts_every_evaluation_and_a_raise_cancels(pipe, engine):
     seen: list[tuple[int, int]] = []
-    engine.render(pipe, {**BASE, "sampler_name": "Heun", "batch_size": 2}, dict(pipe.scheduler.config),
+    engine.render(pipe, spec(sampler_name="Heun", batch_size=2), dict(pipe.scheduler.config),
                   on_step=lambda done, total: seen.append((done, total)))
     assert seen[-1] == (10, 10) and [d for d, _ in seen] == list(range(1, 11))  # 2 x (2*3 - 1)
 
@@ -181,7 +186,7 @@ def test_progress_counts_every_evaluation_and_a_raise_cancels(pipe, engine):
             raise Cancel
 
     with pytest.raises(Cancel):
-        engine.render(pipe, BASE, dict(pipe.scheduler.config), on_step=cancel)
+        engine.render(pipe, spec(), dict(pipe.scheduler.config), on_step=cancel)
 
 
 def test_scheduled_prompts_are_picked_per_model_evaluation(pipe, engine, monkeypatch):
@@ -320,11 +325,10 @@ def test_malformed_prompt_syntax_still_renders(pipe, engine, prompt):
 # -- infotext and output formats ----------------------------------------------------------------------
 
 def test_infotext_carries_the_webui_keys():
-    params = {**BASE, "enable_hr": True, "hr_scale": 2.0, "hr_upscaler": "Latent", "hr_second_pass_steps": 10,
-              "denoising_strength": 0.45, "clip_skip": 2, "eta_noise_seed_delta": 31337, "subseed_strength": 0.2,
-              "seed_resize_from_w": 512, "seed_resize_from_h": 512, "scheduler": "Karras", "sampler_name": "DPM2 a",
-              "hr_prompt": "night"}
-    text = infotext_for(params, 1234, "demo", "0123456789", subseed=99, extra={"VAE": "x.safetensors"})
+    job = spec(enable_hr=True, hr_scale=2.0, hr_upscaler="Latent", hr_second_pass_steps=10, denoising_strength=0.45,
+               clip_skip=2, eta_noise_seed_delta=31337, subseed_strength=0.2, seed_resize_from_w=512,
+               seed_resize_from_h=512, scheduler="Karras", sampler_name="DPM2 a", hr_prompt="night")
+    text = infotext_for(job, 1234, "demo", "0123456789", subseed=99, extra={"VAE": "x.safetensors"})
     parsed = parse_infotext(text)
     assert text.splitlines()[-1].startswith("Steps: 3, Sampler: DPM2 a, Schedule type: Karras, CFG scale: 7.0")
     for key, value in {"Clip skip": "2", "ENSD": "31337", "Variation seed": "99", "Variation seed strength": "0.2",
@@ -332,7 +336,7 @@ def test_infotext_carries_the_webui_keys():
                        "Hires steps": "10", "Hires upscaler": "Latent", "Hires prompt": "night", "RNG": "CPU",
                        "VAE": "x.safetensors"}.items():
         assert parsed[key] == value, key
-    plain = parse_infotext(infotext_for({**BASE, "sampler_name": "Euler", "eta_noise_seed_delta": 31337},
+    plain = parse_infotext(infotext_for(spec(sampler_name="Euler", eta_noise_seed_delta=31337),
                                         1234, "demo", "0123456789"))
     assert "ENSD" not in plain and "Denoising strength" not in plain and plain["Clip skip"] == "1"
 

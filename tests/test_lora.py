@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from devtools.demo_models.lora_sd15 import write_demo_lora
 from devtools.demo_models.sd15 import build_demo_checkpoint
 from shared.errors import FieldError
+from shared.jobs.contract import RenderSpec
 from shared.webui.hashes import lora_short_hash
 from worker.engine.checkpoint_loader import load_pipeline
 from worker.engine.engine import GenerationEngine
@@ -50,7 +51,7 @@ def fresh(checkpoint: Path):
 
 def render(engine: GenerationEngine, pipe, cache: LoraCache | None = None, **params) -> np.ndarray:
     job = {**BASE, **params}
-    image = engine.render(pipe, job, dict(pipe.scheduler.config), loras=cache)[0]
+    image = engine.render(pipe, RenderSpec.from_stored(job), dict(pipe.scheduler.config), loras=cache)[0]
     return np.asarray(image.image)
 
 
@@ -148,18 +149,20 @@ def test_ram_tier_is_bounded_by_count_and_bytes(models_dir: Path) -> None:
 def test_infotext_has_lora_hashes(models_dir: Path, checkpoint: Path) -> None:
     engine, pipe = GenerationEngine(models_dir), fresh(checkpoint)
     job = {**BASE, "prompt": "x <lora:alpha:0.7> <lora:beta>"}
-    info = engine.render(pipe, job, dict(pipe.scheduler.config))[0].infotext
+    info = engine.render(pipe, RenderSpec.from_stored(job), dict(pipe.scheduler.config))[0].infotext
     lora = models_dir / "Lora"
     assert info["Lora hashes"] == (f"alpha: {lora_short_hash(lora / 'alpha.safetensors')}, "
                                    f"beta: {lora_short_hash(lora / 'beta.safetensors')}")
     job = {**BASE, "loras": [entry("alpha")]}
-    assert engine.render(pipe, job, dict(pipe.scheduler.config))[0].infotext["Lora hashes"] == "alpha: 0123456789ab"
-    assert "Lora hashes" not in engine.render(pipe, BASE, dict(pipe.scheduler.config))[0].infotext
+    info = engine.render(pipe, RenderSpec.from_stored(job), dict(pipe.scheduler.config))[0].infotext
+    assert info["Lora hashes"] == "alpha: 0123456789ab"
+    plain = engine.render(pipe, RenderSpec.from_stored(BASE), dict(pipe.scheduler.config))[0]
+    assert "Lora hashes" not in plain.infotext
 
 
 @pytest.mark.parametrize("file", ["../alpha.safetensors", "/etc/passwd", "missing.safetensors", "alpha.ckpt"])
 def test_bad_lora_files_are_field_errors(models_dir: Path, file: str) -> None:
     with pytest.raises(FieldError):
-        job_loras({"loras": [entry("x", file=file)]}, models_dir / "Lora")
+        job_loras(RenderSpec.from_stored({**BASE, "loras": [entry("x", file=file)]}), models_dir / "Lora")
     with pytest.raises(FieldError):
-        job_loras({"prompt": "<lora:nope:1>"}, models_dir / "Lora")
+        job_loras(RenderSpec.from_stored({**BASE, "prompt": "<lora:nope:1>"}), models_dir / "Lora")

@@ -55,7 +55,8 @@ def settings(models: Path) -> Settings:
 
 
 def plan(settings: Settings, **body: object) -> dict:
-    return plan_job(Txt2ImgRequest(**body), settings).params
+    """The dict the job row stores."""
+    return plan_job(Txt2ImgRequest(**body), settings).spec.to_stored()
 
 
 def error(settings: Settings, **body: object) -> FieldError:
@@ -68,9 +69,10 @@ def error(settings: Settings, **body: object) -> FieldError:
 
 def test_defaults_fill_every_key(settings: Settings) -> None:
     params = plan(settings, prompt="a cat")
-    assert set(params) == PARAM_KEYS
+    assert set(params) == PARAM_KEYS | {"version"}
     assert params | {"seed": 0, "subseed": 0} == {
-        "mode": "txt2img", "prompt": "a cat", "negative_prompt": "", "styles": [], "steps": 20, "cfg_scale": 7.0,
+        "version": 1, "mode": "txt2img", "prompt": "a cat", "negative_prompt": "", "styles": [], "steps": 20,
+        "cfg_scale": 7.0,
         "sampler_name": "Euler", "scheduler": "Automatic", "seed": 0, "subseed": 0, "subseed_strength": 0.0,
         "seed_resize_from_w": -1, "seed_resize_from_h": -1, "width": 512, "height": 512, "batch_size": 1,
         "n_iter": 1, "model": "demo", "vae": None, "clip_skip": 1, "eta_noise_seed_delta": 0,
@@ -99,9 +101,10 @@ def test_empty_init_images_mean_txt2img(settings: Settings) -> None:
 
 def test_img2img_is_implied_by_init_images(settings: Settings) -> None:
     job = plan_job(Txt2ImgRequest(init_images=["upload:" + "0" * 32]), settings)
-    params = job.with_inputs(["inputs/x/init_0.png"], "inputs/x/mask.png")
-    assert params["mode"] == "img2img" and params["denoising_strength"] == 0.75
-    assert params["init_images"] == ["inputs/x/init_0.png"] and params["mask"] == "inputs/x/mask.png"
+    spec = job.with_inputs(["inputs/x/init_0.png"], "inputs/x/mask.png")
+    assert spec.mode == "img2img" and spec.denoising_strength == 0.75
+    assert spec.init_images == ("inputs/x/init_0.png",) and spec.mask == "inputs/x/mask.png"
+    assert spec.to_stored()["init_images"] == ["inputs/x/init_0.png"] and job.spec.init_images == ()
 
 
 @pytest.mark.parametrize(("body", "field", "message"), [
@@ -306,7 +309,7 @@ def test_img2img_infotext_fills_inpainting_fields(settings: Settings) -> None:
     text = ("a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, Denoising strength: 0.6, "
             "Mask blur: 8, Inpaint area: Only masked, Masked area padding: 48, Masked content: latent noise, "
             "Mask mode: Inpaint not masked")
-    params = plan_job(Txt2ImgRequest(infotext=text, init_images=["x"]), settings).params
+    params = plan_job(Txt2ImgRequest(infotext=text, init_images=["x"]), settings).spec.to_stored()
     assert (params["mode"], params["denoising_strength"], params["mask_blur"]) == ("img2img", 0.6, 8)
     assert (params["inpaint_full_res"], params["inpaint_full_res_padding"]) == (True, 48)
     assert (params["inpainting_fill"], params["inpainting_mask_invert"]) == (2, 1)

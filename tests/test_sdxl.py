@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from devtools.demo_models.sdxl import build_demo_sdxl_checkpoint, build_demo_sdxl_models
 from shared.errors import FieldError
+from shared.jobs.contract import RenderSpec
 from tests.test_checkpoint_loader import write_header_only
 from worker.engine import ldm_layout
 from worker.engine.checkpoint_loader import (
@@ -66,7 +67,7 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> GenerationEngine:
 def render(pipe, engine, store=None, **overrides):
     params = {**BASE, **overrides}
     loader = (lambda key: store[key]) if store else None
-    return engine.render(pipe, params, dict(pipe.scheduler.config), load_image=loader)
+    return engine.render(pipe, RenderSpec.from_stored(params), dict(pipe.scheduler.config), load_image=loader)
 
 
 def pixels(image: Image.Image) -> np.ndarray:

@@ -14,6 +14,7 @@ from devtools.demo_models.lora_sd15 import write_demo_lora
 from devtools.demo_models.lora_sdxl import write_demo_sdxl_lora
 from devtools.demo_models.sdxl import build_demo_sdxl_checkpoint
 from shared.errors import FieldError
+from shared.jobs.contract import RenderSpec
 from shared.webui.hashes import lora_short_hash
 from worker.engine.checkpoint_loader import load_pipeline
 from worker.engine.engine import GenerationEngine
@@ -57,7 +58,8 @@ def engine(models_dir: Path) -> GenerationEngine:
 
 
 def render(engine: GenerationEngine, pipe, cache: LoraCache | None, **params) -> np.ndarray:
-    image = engine.render(pipe, {**BASE, **params}, dict(pipe.scheduler.config), loras=cache)[0]
+    job = RenderSpec.from_stored({**BASE, **params})
+    image = engine.render(pipe, job, dict(pipe.scheduler.config), loras=cache)[0]
     return np.asarray(image.image)
 
 
@@ -153,11 +155,12 @@ def test_a_after_a_plus_b_equals_a_on_a_fresh_pipeline(engine: GenerationEngine,
 def test_infotext_has_lora_hashes_on_sdxl(engine: GenerationEngine, checkpoint: Path, models_dir: Path) -> None:
     pipe = load_pipeline(checkpoint)
     job = {**BASE, "prompt": "x <lora:alpha:0.7> <lora:beta>"}
-    info = engine.render(pipe, job, dict(pipe.scheduler.config))[0].infotext
+    info = engine.render(pipe, RenderSpec.from_stored(job), dict(pipe.scheduler.config))[0].infotext
     lora = models_dir / "Lora"
     assert info["Lora hashes"] == (f"alpha: {lora_short_hash(lora / 'alpha.safetensors')}, "
                                    f"beta: {lora_short_hash(lora / 'beta.safetensors')}")
-    assert "Lora hashes" not in engine.render(pipe, BASE, dict(pipe.scheduler.config))[0].infotext
+    plain = engine.render(pipe, RenderSpec.from_stored(BASE), dict(pipe.scheduler.config))[0]
+    assert "Lora hashes" not in plain.infotext
 
 
 def test_an_sd15_lora_on_sdxl_is_a_user_error_and_leaves_nothing_behind(engine: GenerationEngine,

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.errors import FieldError
 from shared.jobs import lifecycle
+from shared.jobs.contract import RenderSpec
 from shared.jobs.states import ErrorType
 from shared.settings import Settings
 from shared.storage.base import ObjectStore, StorageError, TransientStorageError
@@ -33,7 +34,7 @@ VERSION = "renderfarm-0.1.0"
 
 
 def infotext_for(
-    params: dict[str, Any],
+    spec: RenderSpec,
     seed: int,
     model_name: str,
     model_hash: str,
@@ -44,33 +45,30 @@ def infotext_for(
     from shared.webui.samplers import resolve_sampler
     from worker.engine.hires import infotext_fields as hires_fields
 
-    mode = params.get("mode", "txt2img")
-    enable_hr = mode == "txt2img" and bool(params.get("enable_hr"))
-    strength = float(params.get("subseed_strength", 0) or 0)
-    ensd = int(params.get("eta_noise_seed_delta", 0) or 0)
-    resize_w, resize_h = int(params.get("seed_resize_from_w", 0) or 0), int(params.get("seed_resize_from_h", 0) or 0)
+    strength, ensd = spec.subseed_strength, spec.eta_noise_seed_delta
+    resize_w, resize_h = spec.seed_resize_from_w, spec.seed_resize_from_h
     fields: dict[str, object] = {
-        "Steps": params["steps"],
-        "Sampler": params["sampler_name"],
-        "Schedule type": params["scheduler"] if params["scheduler"] != "Automatic" else None,
-        "CFG scale": params["cfg_scale"],
+        "Steps": spec.steps,
+        "Sampler": spec.sampler_name,
+        "Schedule type": spec.scheduler if spec.scheduler != "Automatic" else None,
+        "CFG scale": spec.cfg_scale,
         "Seed": seed,
-        "Size": f"{params['width']}x{params['height']}",
+        "Size": f"{spec.width}x{spec.height}",
         "Model hash": model_hash,
         "Model": model_name.rsplit("/", 1)[-1],
-        "Variation seed": (subseed if subseed is not None else params.get("subseed")) if strength else None,
+        "Variation seed": (subseed if subseed is not None else spec.subseed) if strength else None,
         "Variation seed strength": strength or None,
         "Seed resize from": f"{resize_w}x{resize_h}" if resize_w > 0 and resize_h > 0 else None,
         # txt2img writes it only with hires fix: the WebUI's txt2img passes None without it.
-        "Denoising strength": params.get("denoising_strength") if mode == "img2img" or enable_hr else None,
-        "Clip skip": params.get("clip_skip"),
-        "ENSD": ensd if ensd and resolve_sampler(params["sampler_name"], params["scheduler"]).stochastic else None,
+        "Denoising strength": spec.denoising_strength if spec.mode == "img2img" or spec.hires_enabled else None,
+        "Clip skip": spec.clip_skip,
+        "ENSD": ensd if ensd and resolve_sampler(spec.sampler_name, spec.scheduler).stochastic else None,
         "RNG": "CPU",
-        **(hires_fields(params) if enable_hr else {}),
+        **(hires_fields(spec) if spec.hires_enabled else {}),
         **(extra or {}),
         "Version": VERSION,
     }
-    return format_infotext(params["prompt"], params["negative_prompt"], fields)
+    return format_infotext(spec.prompt, spec.negative_prompt, fields)
 
 
 # output_format -> (PIL format, file extension, content type)
@@ -206,7 +204,7 @@ class JobRunner:
             return "skipped"
         self.control.begin(jid)
         try:
-            return self._render_and_record(jid, params)
+            return self._render_and_record(jid, RenderSpec.from_stored(params))
         except JobCanceled:
             self._write(lambda session: lifecycle.finish_canceled(session, jid, self.worker), "canceling")
             log.info("job %s canceled; partial images discarded", job_id)
@@ -222,19 +220,18 @@ class JobRunner:
         finally:
             self.control.end()
 
-    def _render_and_record(self, jid: uuid.UUID, params: dict[str, Any]) -> str:
-        model = self.pipelines.get(params["model"])
+    def _render_and_record(self, jid: uuid.UUID, spec: RenderSpec) -> str:
+        model = self.pipelines.get(spec.model)
         rendered = self.engine.render(
-            model.pipeline, params, model.scheduler_config, load_image=self.store.get, on_step=self.control.on_step,
+            model.pipeline, spec, model.scheduler_config, load_image=self.store.get, on_step=self.control.on_step,
             loras=model.loras,
         )
-        output_format = params.get("output_format") or "png"
-        _, extension, content_type = OUTPUT_FORMATS.get(output_format, OUTPUT_FORMATS["png"])
+        _, extension, content_type = OUTPUT_FORMATS[spec.output_format]
         images = []
         for item in rendered:
-            infotext = infotext_for(params, item.seed, model.name, model.short_hash, item.subseed, item.infotext)
+            infotext = infotext_for(spec, item.seed, model.name, model.short_hash, item.subseed, item.infotext)
             key = image_key(jid, item.index, extension)
-            data = encode_image(item.image, infotext, output_format)
+            data = encode_image(item.image, infotext, spec.output_format)
             put_with_retry(self.store, key, data, content_type=content_type)
             images.append(
                 lifecycle.NewImage(item.index, key, item.seed, item.image.width, item.image.height, infotext)

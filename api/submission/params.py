@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from api.model_catalog import hash_cache_for, resolve_job_loras, vae_hash
 from shared.errors import FieldError
+from shared.jobs.contract import RenderSpec
 from shared.jobs.schemas import Txt2ImgRequest, check_limits, check_mode, resolve_params
 from shared.models.files import find_infotext_checkpoint, resolve_hr_upscaler, resolve_vae
 from shared.models.registry import CheckpointFile, default_checkpoint, resolve_checkpoint, scan_checkpoints
@@ -211,10 +212,20 @@ class JobPlan:
 
     request: Txt2ImgRequest
     checkpoint: CheckpointFile
-    params: dict[str, Any]
+    spec: RenderSpec
 
-    def with_inputs(self, init_images: list[str], mask: str | None) -> dict[str, Any]:
-        return {**self.params, "init_images": list(init_images), "mask": mask}
+    def with_inputs(self, init_images: list[str], mask: str | None) -> RenderSpec:
+        """The spec to store (``spec.to_stored()``), with the object-store keys of the staged inputs."""
+        return self.spec.model_copy(update={"init_images": tuple(init_images), "mask": mask})
+
+
+def _render_spec(params: dict[str, Any]) -> RenderSpec:
+    """The contract of resolved params; a value it refuses is named like any other request error."""
+    try:
+        return RenderSpec.model_validate(params)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        raise FieldError(("body", *error["loc"][:1]), f"{error['msg']} (got {error.get('input')!r})") from exc
 
 
 def plan_job(req: Txt2ImgRequest, settings: Settings, style_book: StyleBook | None = None,
@@ -241,6 +252,7 @@ def plan_job(req: Txt2ImgRequest, settings: Settings, style_book: StyleBook | No
                                             [(lora.name, lora.weight) for lora in resolved.loras], cache,
                                             skipped_loras)
         params["vae_hash"] = vae_hash(settings.models_dir, params["vae"], cache)
+        spec = _render_spec(params)
     except FieldError as exc:
         raise _blame(exc, origins) from exc
-    return JobPlan(resolved, checkpoint, params)
+    return JobPlan(resolved, checkpoint, spec)

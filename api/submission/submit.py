@@ -67,7 +67,7 @@ def submit_job(
     # Input images last: the costliest check. Nothing is stored until every check has passed.
     inputs = stage_inputs(plan.request.init_images, plan.request.mask, owner=key.owner, store=store,
                           settings=settings)
-    params = plan.with_inputs(inputs.init_keys, inputs.mask_key)
+    params = plan.with_inputs(inputs.init_keys, inputs.mask_key).to_stored()
 
     if idempotency_key is not None:
         try:

@@ -30,6 +30,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from shared.errors import FieldError
+from shared.jobs.contract import RenderSpec
 from shared.storage.base import ObjectNotFoundError
 from worker.engine import hires as hires_fix
 from worker.engine.conditioning import JobConditioning, PromptEncoder, build_conditioning
@@ -72,7 +73,7 @@ class RenderedImage:
 class _Job:
     """A job's resolved plan: passes, conditioning, VAE and inputs, shared by all its images."""
 
-    params: dict[str, Any]
+    spec: RenderSpec
     scheduler_config: dict[str, Any]
     first: PhasePlan
     cond: JobConditioning
@@ -104,7 +105,7 @@ class GenerationEngine:
     def render(
         self,
         pipe: Any,
-        params: dict[str, Any],
+        spec: RenderSpec,
         scheduler_config: dict[str, Any],
         load_image: ImageLoader | None = None,
         on_step: StepCallback | None = None,
@@ -113,12 +114,12 @@ class GenerationEngine:
         """Every image of a job, in order. ``on_step(done, total)`` counts model evaluations and may raise
         to cancel; ``load_image(key)`` returns the bytes of an uploaded init image or mask. ``loras`` is the
         pipeline's LoRA cache; the job's exact LoRA set (or none) is made active before anything is encoded."""
-        requests = job_loras(params, self.models_dir / "Lora")
+        requests = job_loras(spec, self.models_dir / "Lora")
         cache = loras if loras is not None else self.lora_cache(pipe)
         cache.apply(pipe, requests)
-        job, count = self._plan(pipe, params, scheduler_config, load_image)
+        job, count = self._plan(pipe, spec, scheduler_config, load_image)
         job.extras.update(lora_infotext(requests, cache))
-        plans = job_seed_plans(params, count)
+        plans = job_seed_plans(spec, count)
         per_image = job.first.evals + (job.second.evals if job.second else 0)
         total, done = max(1, per_image * len(plans)), 0
 
@@ -128,7 +129,7 @@ class GenerationEngine:
             if on_step is not None:
                 on_step(done, total)
 
-        batch = count // max(1, int(params.get("n_iter", 1)))
+        batch = count // max(1, spec.n_iter)
         results = []
         for k, plan in enumerate(plans):
             with torch.no_grad():
@@ -138,57 +139,51 @@ class GenerationEngine:
 
     # -- check inputs, encode prompts --------------------------------------------------------------
 
-    def _plan(self, pipe: Any, params: dict[str, Any], scheduler_config: dict[str, Any],
+    def _plan(self, pipe: Any, spec: RenderSpec, scheduler_config: dict[str, Any],
               load_image: ImageLoader | None) -> tuple[_Job, int]:
-        mode = params.get("mode", "txt2img")
-        if mode not in ("txt2img", "img2img"):
-            raise FieldError(("body", "mode"), f"mode must be txt2img or img2img, got {mode!r}")
-        steps, batch = int(params["steps"]), int(params.get("batch_size", 1))
-        is_img2img = mode == "img2img"
-        strength = float(params.get("denoising_strength", 0.75) if params.get("denoising_strength") is not None
-                         else 0.75)
-        first = plan_phase(scheduler_config, params["sampler_name"], params["scheduler"], steps,
-                           strength if is_img2img else None)
-        vae = self.vaes.choose(params.get("vae"), pipe.vae)
+        batch = spec.batch_size
+        is_img2img = spec.mode == "img2img"
+        first = plan_phase(scheduler_config, spec.sampler_name, spec.scheduler, spec.steps,
+                           spec.denoising_strength if is_img2img else None)
+        vae = self.vaes.choose(spec.vae, pipe.vae)
         inputs = None
         if is_img2img:
-            inputs = _load_inputs(params, load_image)
+            inputs = _load_inputs(spec, load_image)
             if len(inputs.images) > 1:
                 if len(inputs.images) > batch:
                     raise FieldError(("body", "init_images"), f"init_images: {len(inputs.images)} images given; "
                                      f"expected 1 or at most batch_size ({batch})")
                 batch = len(inputs.images)
         hires = second = None
-        if not is_img2img and params.get("enable_hr"):
-            hires = hires_fix.hires_plan(params)
+        if spec.hires_enabled:
+            hires = hires_fix.hires_plan(spec)
             if hires.denoising_strength > 0:
                 second = plan_phase(scheduler_config, hires.sampler_name, hires.scheduler, hires.steps,
                                     hires.denoising_strength, fixed_steps=True)
 
-        encoder = self._prompt_encoder(pipe, params, hires)
-        cond = build_conditioning(encoder, params["prompt"], params["negative_prompt"], first.schedule_steps)
+        encoder = self._prompt_encoder(pipe, spec, hires)
+        cond = build_conditioning(encoder, spec.prompt, spec.negative_prompt, first.schedule_steps)
         sdxl = is_sdxl_pipeline(pipe)
         if sdxl:
-            cond.time_ids = sdxl_time_ids(int(params["width"]), int(params["height"]))
-        job = _Job(params, dict(scheduler_config), first, cond, vae, hires, second, inputs=inputs)
+            cond.time_ids = sdxl_time_ids(spec.width, spec.height)
+        job = _Job(spec, dict(scheduler_config), first, cond, vae, hires, second, inputs=inputs)
         if hires is not None and second is not None:
             job.hr_cond = build_conditioning(encoder, hires.prompt, hires.negative_prompt, second.schedule_steps,
                                              hires_base_steps=first.schedule_steps)
             if sdxl:
                 job.hr_cond.time_ids = sdxl_time_ids(hires.target_width, hires.target_height)
         job.extras = _engine_infotext(vae, encoder, inputs)
-        return job, batch * int(params.get("n_iter", 1))
+        return job, batch * spec.n_iter
 
-    def _prompt_encoder(self, pipe: Any, params: dict[str, Any],
+    def _prompt_encoder(self, pipe: Any, spec: RenderSpec,
                         hires: hires_fix.HiresPlan | None) -> PromptEncoder | SdxlPromptEncoder:
         if is_sdxl_pipeline(pipe):
-            prompts = {"prompt": params["prompt"], "negative_prompt": params["negative_prompt"]}
+            prompts = {"prompt": spec.prompt, "negative_prompt": spec.negative_prompt}
             if hires is not None:
                 prompts.update(hr_prompt=hires.prompt, hr_negative_prompt=hires.negative_prompt)
             return sdxl_prompt_encoder(pipe, self.sdxl_embeddings, self.embeddings.names(), prompts)
         width = int(pipe.text_encoder.get_input_embeddings().weight.shape[-1])
-        return PromptEncoder(pipe.tokenizer, pipe.text_encoder, self.embeddings.available(width),
-                             int(params.get("clip_skip", 1) or 1))
+        return PromptEncoder(pipe.tokenizer, pipe.text_encoder, self.embeddings.available(width), spec.clip_skip)
 
     # -- prepare latents, denoise, decode ----------------------------------------------------------
 
@@ -196,13 +191,13 @@ class GenerationEngine:
                     on_eval: Callable[[], None]) -> Image.Image:
         if job.inputs is not None:
             return self._img2img_one(pipe, job, plan, batch_index, on_eval)
-        params, device = job.params, pipe.unet.device
-        shape = (LATENT_CHANNELS, int(params["height"]) // LATENT_FACTOR, int(params["width"]) // LATENT_FACTOR)
+        spec, device = job.spec, pipe.unet.device
+        shape = (LATENT_CHANNELS, spec.height // LATENT_FACTOR, spec.width // LATENT_FACTOR)
         noise = ImageNoise(plan, shape)
         initial = noise.initial()[None].to(device)
         scheduler, timesteps = new_scheduler(job.scheduler_config, job.first, plan.seed, device)
         latents = start_latents(scheduler, timesteps, initial, None)
-        latents = run_phase(pipe.unet, scheduler, timesteps, latents, job.cond, float(params["cfg_scale"]),
+        latents = run_phase(pipe.unet, scheduler, timesteps, latents, job.cond, spec.cfg_scale,
                             noise.step_generator(), on_eval)
         if job.hires is not None:
             latents = self._hires_pass(pipe, job, plan, latents, on_eval)
@@ -225,23 +220,23 @@ class GenerationEngine:
         initial = noise.initial()[None].to(pipe.unet.device)
         scheduler, timesteps = new_scheduler(job.scheduler_config, job.second, plan.seed, pipe.unet.device)
         start = start_latents(scheduler, timesteps, initial, upscaled)
-        return run_phase(pipe.unet, scheduler, timesteps, start, job.hr_cond, float(job.params["cfg_scale"]),
+        return run_phase(pipe.unet, scheduler, timesteps, start, job.hr_cond, job.spec.cfg_scale,
                          noise.step_generator(), on_eval)
 
     def _img2img_one(self, pipe: Any, job: _Job, plan: SeedPlan, batch_index: int,
                      on_eval: Callable[[], None]) -> Image.Image:
-        params, inputs, vae, device = job.params, job.inputs, job.vae.module, pipe.unet.device
+        spec, inputs, vae, device = job.spec, job.inputs, job.vae.module, pipe.unet.device
         assert inputs is not None
         source = inputs.images[batch_index if len(inputs.images) > 1 else 0]
         init_latent = encode_image(vae, source, plan.seed)
-        if int(params.get("resize_mode", 0) or 0) == 3:  # "just resize (latent upscale)"
-            size = (int(params["height"]) // LATENT_FACTOR, int(params["width"]) // LATENT_FACTOR)
+        if spec.resize_mode == 3:  # "just resize (latent upscale)"
+            size = (spec.height // LATENT_FACTOR, spec.width // LATENT_FACTOR)
             init_latent = torch.nn.functional.interpolate(init_latent, size=size, mode="bilinear")
         shape = tuple(init_latent.shape[1:])
         blend = None
         if inputs.latent_mask is not None:
             keep, regenerate = latent_mask_tensors(inputs.latent_mask, shape)
-            fill = int(params.get("inpainting_fill", 1) if params.get("inpainting_fill") is not None else 1)
+            fill = spec.inpainting_fill
             if fill == 2:  # latent noise: the seed's own noise (the WebUI's create_random_tensors)
                 init_latent = init_latent * keep + cpu_randn(plan.seed, shape) * regenerate
             elif fill == 3:  # latent nothing
@@ -251,7 +246,7 @@ class GenerationEngine:
         initial = noise.initial()[None].to(device)
         scheduler, timesteps = new_scheduler(job.scheduler_config, job.first, plan.seed, device)
         latents = start_latents(scheduler, timesteps, initial, init_latent.to(device))
-        latents = run_phase(pipe.unet, scheduler, timesteps, latents, job.cond, float(params["cfg_scale"]),
+        latents = run_phase(pipe.unet, scheduler, timesteps, latents, job.cond, spec.cfg_scale,
                             noise.step_generator(), on_eval, blend)
         if blend is not None:
             latents = latents * blend.regenerate + blend.init_latent * blend.keep
@@ -275,15 +270,15 @@ def _read_image(key: str, load_image: ImageLoader, field_name: str) -> Image.Ima
     return image
 
 
-def _load_inputs(params: dict[str, Any], load_image: ImageLoader | None) -> Img2ImgInputs:
-    keys = list(params.get("init_images") or [])
+def _load_inputs(spec: RenderSpec, load_image: ImageLoader | None) -> Img2ImgInputs:
+    keys = spec.init_images
     if not keys:
         raise FieldError(("body", "init_images"), "init_images: img2img needs at least one init image")
     if load_image is None:
         raise FieldError(("body", "init_images"), "init_images: this worker was given no image store to read them from")
     images = [_read_image(key, load_image, "init_images") for key in keys]
-    mask = _read_image(params["mask"], load_image, "mask") if params.get("mask") else None
-    return prepare_img2img(images, mask, params)
+    mask = _read_image(spec.mask, load_image, "mask") if spec.mask else None
+    return prepare_img2img(images, mask, spec)
 
 
 def _engine_infotext(vae: VaeChoice, encoder: PromptEncoder | SdxlPromptEncoder,

@@ -13,11 +13,11 @@ torchvision is not a dependency of this project, so those names are refused with
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from shared.errors import FieldError
+from shared.jobs.contract import RenderSpec
 
 # shared.latent_upscale_modes in the WebUI.
 LATENT_UPSCALE_MODES: dict[str, tuple[str, bool]] = {
@@ -50,10 +50,10 @@ class HiresPlan:
     scheduler: str
 
 
-def hires_plan(params: dict[str, Any]) -> HiresPlan:
+def hires_plan(spec: RenderSpec) -> HiresPlan:
     """Resolve the second pass; raises FieldError for an upscaler this worker cannot run."""
-    width, height = int(params["width"]), int(params["height"])
-    upscaler = params.get("hr_upscaler") or "Latent"
+    width, height = spec.width, spec.height
+    upscaler = spec.hr_upscaler
     latent_mode = LATENT_UPSCALE_MODES.get(upscaler)
     if latent_mode is None and upscaler not in IMAGE_UPSCALERS:
         raise FieldError(
@@ -62,11 +62,10 @@ def hires_plan(params: dict[str, Any]) -> HiresPlan:
             "spandrel loader, which requires torchvision (not installed). Use one of "
             f"{', '.join([*LATENT_UPSCALE_MODES, *IMAGE_UPSCALERS])}",
         )
-    resize_x, resize_y = int(params.get("hr_resize_x", 0) or 0), int(params.get("hr_resize_y", 0) or 0)
+    resize_x, resize_y = spec.hr_resize_x, spec.hr_resize_y
     truncate_x = truncate_y = 0
     if resize_x == 0 and resize_y == 0:
-        scale = float(params.get("hr_scale", 2.0) or 2.0)
-        to_x, to_y = int(width * scale), int(height * scale)
+        to_x, to_y = int(width * spec.hr_scale), int(height * spec.hr_scale)
     elif resize_y == 0:
         to_x, to_y = resize_x, resize_x * height // width
     elif resize_x == 0:
@@ -84,13 +83,12 @@ def hires_plan(params: dict[str, Any]) -> HiresPlan:
         truncate_y=truncate_y,
         upscaler=upscaler,
         latent_mode=latent_mode,
-        steps=int(params.get("hr_second_pass_steps", 0) or 0) or int(params["steps"]),
-        denoising_strength=float(params.get("denoising_strength", 0.7) if params.get("denoising_strength")
-                                 is not None else 0.7),
-        prompt=params.get("hr_prompt") or params["prompt"],
-        negative_prompt=params.get("hr_negative_prompt") or params["negative_prompt"],
-        sampler_name=params.get("hr_sampler_name") or params["sampler_name"],
-        scheduler=params.get("hr_scheduler") or params["scheduler"],
+        steps=spec.hr_second_pass_steps or spec.steps,
+        denoising_strength=spec.denoising_strength,
+        prompt=spec.hr_prompt or spec.prompt,
+        negative_prompt=spec.hr_negative_prompt or spec.negative_prompt,
+        sampler_name=spec.hires_sampler[0],
+        scheduler=spec.hires_sampler[1],
     )
 
 
@@ -108,27 +106,24 @@ def truncate_latent(latent: torch.Tensor, plan: HiresPlan) -> torch.Tensor:
     return latent[:, :, ty // 2 : latent.shape[2] - (ty + 1) // 2, tx // 2 : latent.shape[3] - (tx + 1) // 2]
 
 
-def infotext_fields(params: dict[str, Any]) -> dict[str, object]:
+def infotext_fields(spec: RenderSpec) -> dict[str, object]:
     """The hires keys the WebUI adds to ``extra_generation_params`` (txt2img ``init``)."""
-    if not params.get("enable_hr"):
+    if not spec.enable_hr:
         return {}
     fields: dict[str, object] = {}
-    hr_sampler = params.get("hr_sampler_name")
-    if hr_sampler and hr_sampler != params["sampler_name"]:
-        fields["Hires sampler"] = hr_sampler
-    hr_scheduler = params.get("hr_scheduler")
-    if hr_scheduler and hr_scheduler != params["scheduler"]:
-        fields["Hires schedule type"] = hr_scheduler
-    if params.get("hr_prompt") and params["hr_prompt"] != params["prompt"]:
-        fields["Hires prompt"] = params["hr_prompt"]
-    if params.get("hr_negative_prompt") and params["hr_negative_prompt"] != params["negative_prompt"]:
-        fields["Hires negative prompt"] = params["hr_negative_prompt"]
-    resize_x, resize_y = int(params.get("hr_resize_x", 0) or 0), int(params.get("hr_resize_y", 0) or 0)
-    if resize_x == 0 and resize_y == 0:
-        fields["Hires upscale"] = params.get("hr_scale", 2.0)
+    if spec.hr_sampler_name and spec.hr_sampler_name != spec.sampler_name:
+        fields["Hires sampler"] = spec.hr_sampler_name
+    if spec.hr_scheduler and spec.hr_scheduler != spec.scheduler:
+        fields["Hires schedule type"] = spec.hr_scheduler
+    if spec.hr_prompt and spec.hr_prompt != spec.prompt:
+        fields["Hires prompt"] = spec.hr_prompt
+    if spec.hr_negative_prompt and spec.hr_negative_prompt != spec.negative_prompt:
+        fields["Hires negative prompt"] = spec.hr_negative_prompt
+    if spec.hr_resize_x == 0 and spec.hr_resize_y == 0:
+        fields["Hires upscale"] = spec.hr_scale
     else:
-        fields["Hires resize"] = f"{resize_x}x{resize_y}"
-    if int(params.get("hr_second_pass_steps", 0) or 0):
-        fields["Hires steps"] = int(params["hr_second_pass_steps"])
-    fields["Hires upscaler"] = params.get("hr_upscaler") or "Latent"
+        fields["Hires resize"] = f"{spec.hr_resize_x}x{spec.hr_resize_y}"
+    if spec.hr_second_pass_steps:
+        fields["Hires steps"] = spec.hr_second_pass_steps
+    fields["Hires upscaler"] = spec.hr_upscaler
     return fields

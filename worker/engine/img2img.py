@@ -13,11 +13,12 @@ kernel in float32 with the same reflect-101 border, so a pixel may differ by one
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
+
+from shared.jobs.contract import RenderSpec
 
 LANCZOS = Image.Resampling.LANCZOS
 BACKGROUND = "#ffffff"  # opts.img2img_background_color
@@ -167,19 +168,16 @@ class Img2ImgInputs:
     infotext: dict[str, object] = field(default_factory=dict)
 
 
-def prepare_img2img(init_images: list[Image.Image], mask: Image.Image | None, params: dict[str, Any]) -> Img2ImgInputs:
-    width, height = int(params["width"]), int(params["height"])
-    resize_mode = int(params.get("resize_mode", 0) or 0)
-    blur = int(params.get("mask_blur", 4) if params.get("mask_blur") is not None else 4)
-    inpainting_fill = int(params.get("inpainting_fill", 1) if params.get("inpainting_fill") is not None else 1)
-    full_res = bool(params.get("inpaint_full_res", False))
-    padding = int(params.get("inpaint_full_res_padding", 32) or 0)
+def prepare_img2img(init_images: list[Image.Image], mask: Image.Image | None, spec: RenderSpec) -> Img2ImgInputs:
+    width, height = spec.width, spec.height
+    resize_mode, blur, inpainting_fill = spec.resize_mode, spec.mask_blur, spec.inpainting_fill
+    full_res, padding = spec.inpaint_full_res, spec.inpaint_full_res_padding
     out = Img2ImgInputs(images=[])
     crop = None
     image_mask = mask_for_overlay = None
     if mask is not None:
         image_mask = create_binary_mask(mask)
-        if int(params.get("inpainting_mask_invert", 0) or 0):
+        if spec.inpainting_mask_invert:
             image_mask = ImageOps.invert(image_mask)
             out.infotext["Mask mode"] = "Inpaint not masked"
         if blur > 0:

@@ -34,8 +34,8 @@ import torch
 from safetensors.torch import load_file
 
 from shared.errors import FieldError
+from shared.jobs.contract import RenderSpec
 from shared.webui.hashes import HashCache
-from shared.webui.prompts import extract_lora_tags
 
 log = logging.getLogger(__name__)
 
@@ -66,28 +66,14 @@ def _resolve_file(lora_dir: Path, file_name: str, field: tuple[str, ...]) -> Pat
     return path
 
 
-def job_loras(params: dict[str, Any], lora_dir: Path) -> list[LoraRequest]:
-    """The job's LoRA set: ``params["loras"]`` (the API's merged list), else the prompt's ``<lora:>`` tags.
-
-    Older jobs carry no ``loras`` key; their tags name files ``Lora/<name>.safetensors``.
-    """
+def job_loras(spec: RenderSpec, lora_dir: Path) -> list[LoraRequest]:
+    """The job's LoRA set (``spec.loras``: the API's merged list; for older rows, the prompt's tags)."""
     lora_dir = Path(lora_dir)
-    entries = params.get("loras")
-    if entries is None:
-        try:
-            tags = extract_lora_tags(str(params.get("prompt") or ""))[1]
-        except ValueError:  # malformed tags render without LoRA, as the prompt stripper treats them
-            log.warning("malformed <lora:...> tag in an old job's prompt; rendering without LoRA")
-            return []
-        return [LoraRequest(name, float(weight), _resolve_file(lora_dir, f"{name}.safetensors", ("body", "prompt")))
-                for name, weight in tags]
-    requests = []
-    for i, entry in enumerate(entries):
-        field = ("body", "loras", str(i))
-        name = str(entry["name"])
-        path = _resolve_file(lora_dir, str(entry.get("file") or f"{name}.safetensors"), field)
-        requests.append(LoraRequest(name, float(entry.get("weight", 1.0)), path, entry.get("hash") or None))
-    return requests
+    return [
+        LoraRequest(lora.name, lora.weight, _resolve_file(lora_dir, lora.file, ("body", "loras", str(i))),
+                    lora.hash or None)
+        for i, lora in enumerate(spec.loras)
+    ]
 
 
 class StateDictCache:

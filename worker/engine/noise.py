@@ -11,9 +11,10 @@ does for every sampler (only the stochastic ones actually draw from it).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
+
+from shared.jobs.contract import RenderSpec
 
 LATENT_CHANNELS = 4
 LATENT_FACTOR = 8  # the WebUI's opt_f
@@ -52,25 +53,23 @@ class SeedPlan:
     eta_noise_seed_delta: int = 0
 
 
-def job_seed_plans(params: dict[str, Any], count: int | None = None) -> list[SeedPlan]:
+def job_seed_plans(spec: RenderSpec, count: int | None = None) -> list[SeedPlan]:
     """Seeds of the job's ``count`` images (default batch_size x n_iter), in output order.
 
     With a variation strength of 0, image k uses seed + k; with variations every image keeps the seed
     and the variation seed counts up instead, exactly as the WebUI assigns ``all_seeds``.
     """
     if count is None:
-        count = int(params.get("batch_size", 1)) * int(params.get("n_iter", 1))
-    seed = int(params["seed"])
-    subseed = int(params.get("subseed", -1) if params.get("subseed") is not None else -1)
-    strength = float(params.get("subseed_strength", 0.0) or 0.0)
+        count = spec.image_count
+    strength = spec.subseed_strength
     return [
         SeedPlan(
-            seed=seed + (k if strength == 0 else 0),
-            subseed=subseed + k,
+            seed=spec.seed + (k if strength == 0 else 0),
+            subseed=spec.subseed + k,
             subseed_strength=strength,
-            seed_resize_from_w=int(params.get("seed_resize_from_w", 0) or 0),
-            seed_resize_from_h=int(params.get("seed_resize_from_h", 0) or 0),
-            eta_noise_seed_delta=int(params.get("eta_noise_seed_delta", 0) or 0),
+            seed_resize_from_w=spec.seed_resize_from_w,
+            seed_resize_from_h=spec.seed_resize_from_h,
+            eta_noise_seed_delta=spec.eta_noise_seed_delta,
         )
         for k in range(count)
     ]
