@@ -37,14 +37,14 @@ class Heartbeat:
         self.runtime = runtime
         self.session_factory = session_factory
         self.settings = settings
-        self.interval = max(1.0, settings.lease_seconds / 4)
+        self.interval = max(1.0, settings.jobs.lease_seconds / 4)
         self.current_job_id: str | None = None
         self.progress: float = 0.0
         self.cancel_event = threading.Event()
         self._written_progress: float = -1.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
-        self._redis = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+        self._redis = redis.Redis.from_url(settings.services.redis_url, socket_timeout=5)
 
     def start(self) -> None:
         self._thread.start()
@@ -67,7 +67,7 @@ class Heartbeat:
         if job_id is not None:
             deliveries: list[int] = []
             with self.session_factory() as session:
-                repository.renew_lease(session, uuid.UUID(job_id), self.runtime.name, self.settings.lease_seconds)
+                repository.renew_lease(session, uuid.UUID(job_id), self.runtime.name, self.settings.jobs.lease_seconds)
                 if self.progress != self._written_progress:
                     repository.set_progress(session, uuid.UUID(job_id), self.runtime.name, self.progress)
                     self._written_progress = self.progress
@@ -104,8 +104,8 @@ class Heartbeat:
         # A job for a model every worker holds gains nothing by moving to the shared queue: it is not deferred.
         held_everywhere = held_by_every_worker(live_worker_infos(self._redis))
         with self.session_factory() as session:
-            sweep(session, publish_render, self.broker_depth, self.settings.republish_after_seconds,
-                  affinity_max_wait=self.settings.affinity_max_wait_seconds, keep_deferred=held_everywhere)
+            sweep(session, publish_render, self.broker_depth, self.settings.jobs.republish_after_seconds,
+                  affinity_max_wait=self.settings.routing.affinity_max_wait_seconds, keep_deferred=held_everywhere)
 
     def _loop(self) -> None:
         next_beat = time.monotonic() + self.interval

@@ -180,7 +180,7 @@ class JobRunner:
         if self._engine is None:
             from worker.engine.engine import GenerationEngine
 
-            self._engine = GenerationEngine(self.settings.models_dir)
+            self._engine = GenerationEngine(self.settings.models.models_dir)
         return self._engine
 
     def run(self, job_id: str) -> str:
@@ -189,7 +189,7 @@ class JobRunner:
 
         def claim() -> tuple[dict[str, Any] | None, list[int]]:
             with self.session_factory() as session:
-                job = repository.claim_job(session, jid, self.runtime.name, self.settings.lease_seconds)
+                job = repository.claim_job(session, jid, self.runtime.name, self.settings.jobs.lease_seconds)
                 if job is None:
                     return None, []
                 params = dict(job.params)

@@ -61,8 +61,8 @@ class WorkerRuntime:
     def __init__(self, settings: Settings) -> None:
         import torch
 
-        self.device, self.dtype = pick_device(settings.device)
-        torch.set_num_threads(torch_threads_for(settings.torch_threads, self.device))
+        self.device, self.dtype = pick_device(settings.worker.device)
+        torch.set_num_threads(torch_threads_for(settings.worker.torch_threads, self.device))
         self.settings = settings
         self.name = worker_process_name(settings, os.getpid())
         self.pipelines = PipelineCache(settings, self.device, self.dtype, on_change=lambda: self.heartbeat.advertise())
@@ -76,8 +76,8 @@ class WorkerRuntime:
 
     def warm_up(self) -> None:
         """Load the configured models before taking the first job."""
-        names = self.settings.worker_model_names() or [
-            default_checkpoint(self.settings.models_dir, self.settings.default_model)
+        names = self.settings.worker.worker_model_names() or [
+            default_checkpoint(self.settings.models.models_dir, self.settings.models.default_model)
         ]
         for name in names:
             if name:

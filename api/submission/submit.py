@@ -96,7 +96,7 @@ def submit_job(
         inputs.write(store)  # before the row commits: a worker must find them as soon as the job exists
         job = repository.create_job(
             session, owner=key.owner, api_key_id=key.id, params=params, model_name=plan.checkpoint.name,
-            model_hash=None, max_attempts=settings.max_attempts, webhook_url=body.webhook_url,
+            model_hash=None, max_attempts=settings.jobs.max_attempts, webhook_url=body.webhook_url,
             webhook_events=webhook_events, route=route,
         )
         if idempotency_key is not None:
