@@ -34,12 +34,12 @@ from shared.settings import get_settings
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = get_settings()
-    if settings.admin_key:
+    if settings.admin.admin_key:
         from shared.auth import create_api_key
         from shared.db.session import session_scope
 
         with session_scope() as session:
-            create_api_key(session, "admin", is_admin=True, name="RENDERFARM_ADMIN_KEY", key=settings.admin_key)
+            create_api_key(session, "admin", is_admin=True, name="RENDERFARM_ADMIN_KEY", key=settings.admin.admin_key)
     async with run_sampler():  # queue samples for the admin dashboard's charts
         yield
 

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "migrate":
         from shared.db.migrate import upgrade
 
-        upgrade(get_settings().database_url)
+        upgrade(get_settings().services.database_url)
         return 0
     if args.command == "create-key":
         from shared.auth import create_api_key

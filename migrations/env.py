@@ -20,7 +20,7 @@ target_metadata = Base.metadata
 
 
 def database_url() -> str:
-    return config.attributes.get("database_url") or get_settings().database_url
+    return config.attributes.get("database_url") or get_settings().services.database_url
 
 
 def run_migrations_offline() -> None:

@@ -1,7 +1,14 @@
-"""One settings object for API, worker and launcher, read from the environment.
+"""One settings object for API, worker, webhook sender and launcher, read from the environment.
 
-Nothing connects at import time: callers reach settings through the cached
-`get_settings()`, and tests clear the cache after changing the environment.
+`Settings` is a tree of groups (`settings.services.database_url`, `settings.jobs.lease_seconds`,
+`settings.webhooks.retry_schedule`, ...). Each group is its own pydantic-settings class, so every
+environment variable keeps its flat name: `RENDERFARM_` + the field name (`RENDERFARM_LEASE_SECONDS`),
+`RENDERFARM_WEBHOOK_` + the field name for the webhook group, plus the few names set by other tools
+(`DATABASE_URL`, `REDIS_URL`, `STORAGE_URL`) and `RENDERFARM_WEBHOOK_REDISPATCH_SECONDS`.
+
+Nothing connects at import time: callers reach settings through the cached `get_settings()`, so a process
+reads its environment once, when it first asks. Tests that change the environment in-process call
+`get_settings.cache_clear()`; tests build a `Settings(models=ModelSettings(models_dir=...))` by hand.
 """
 
 from __future__ import annotations
@@ -9,13 +16,18 @@ from __future__ import annotations
 import socket
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import AliasChoices, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+_FLAT = SettingsConfigDict(env_prefix="RENDERFARM_", extra="ignore", frozen=True)
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="RENDERFARM_", extra="ignore")
+class ServiceSettings(BaseSettings):
+    """Where the backing services are (Postgres, Redis, the object store) and how stored files are served."""
+
+    model_config = SettingsConfigDict(_FLAT, populate_by_name=True)
 
     database_url: str = Field(
         "postgresql+psycopg://renderfarm@127.0.0.1:55432/renderfarm",
@@ -29,34 +41,61 @@ class Settings(BaseSettings):
     )
     # Signs local-store URLs; `make up` generates one under ./var when unset.
     secret_key: str = "dev-insecure-secret-change-me"
-    admin_key: str | None = None
     public_url: str = "http://127.0.0.1:7861"
+    url_expires_seconds: int = 3600
+
+
+class ModelSettings(BaseSettings):
+    """The WebUI-style models folder and what a job uses when it names no checkpoint."""
+
+    model_config = _FLAT
+
     models_dir: Path = Path("models")
     default_model: str | None = None
+    # Extra prompt styles in the WebUI's styles.csv format; unset: <models_dir>/styles.csv when present.
+    styles_file: Path | None = None
+
+
+class WorkerSettings(BaseSettings):
+    """One render worker: its name, device, the checkpoints it warms and how many it keeps loaded."""
+
+    model_config = _FLAT
+
+    worker_name: str | None = None
     # Checkpoints a worker loads before it takes jobs (names, comma separated); empty = default model.
     worker_models: str = ""
     device: str = "auto"
-    worker_name: str | None = None
     torch_threads: int = 0
     # The warm pipeline cache: bytes of model weights a worker keeps loaded (least recently used evicted);
     # 0 = automatic (85% of the GPU's memory, or half the RAM on a CPU worker). A count limit too (0 = none).
     pipeline_cache_bytes: int = 0
     pipeline_cache_models: int = 0
 
-    # Routing by model affinity (shared/queueing/routing.py): jobs go to a worker holding their checkpoint warm,
-    # but never wait longer than this for one before any worker may take them.
-    affinity_routing: bool = True
-    affinity_max_wait_seconds: float = 15.0
+    def worker_model_names(self) -> list[str]:
+        return [name.strip() for name in self.worker_models.split(",") if name.strip()]
 
-    # Limits on what a job may ask for.
+
+class LimitSettings(BaseSettings):
+    """Limits on what a job may ask for, checked by the API before anything is enqueued."""
+
+    model_config = _FLAT
+
     max_pixels: int = 2048 * 2048
     max_side: int = 2048
     max_steps: int = 150
     max_batch_size: int = 8
     max_n_iter: int = 16
     max_images_per_job: int = 32
+    # Input images (img2img, masks, uploads, png-info). Checked on the header, before any pixel is decoded.
+    max_input_pixels: int = 4096 * 4096
+    max_upload_bytes: int = 32 * 1024 * 1024
 
-    # Reliability.
+
+class JobSettings(BaseSettings):
+    """Reliability of a job's run: time limit, leases, attempts, re-publishing, how long the WebUI API waits."""
+
+    model_config = _FLAT
+
     job_time_limit: int = 600
     lease_seconds: int = 60
     # A job whose worker is lost this many times fails with worker_lost instead of looping.
@@ -66,27 +105,150 @@ class Settings(BaseSettings):
     republish_after_seconds: float = 30.0
     # How long a /sdapi/v1 txt2img/img2img call waits for its job; None: long enough for every retry.
     sdapi_timeout: float | None = None
-    url_expires_seconds: int = 3600
-
-    # Input images (img2img, masks, uploads, png-info). Checked on the header, before any pixel is decoded.
-    max_input_pixels: int = 4096 * 4096
-    max_upload_bytes: int = 32 * 1024 * 1024
-    # Extra prompt styles in the WebUI's styles.csv format; unset: <models_dir>/styles.csv when present.
-    styles_file: Path | None = None
 
     @property
     def broker_visibility_timeout(self) -> int:
         """Well above the hard time limit so Redis never redelivers a job that is still running."""
         return self.job_time_limit * 2 + 60
 
-    def worker_model_names(self) -> list[str]:
-        return [name.strip() for name in self.worker_models.split(",") if name.strip()]
+
+class RoutingSettings(BaseSettings):
+    """Routing by model affinity (shared/queueing/routing.py): jobs go to a worker holding their checkpoint
+    warm, but never wait longer than `affinity_max_wait_seconds` for one before any worker may take them."""
+
+    model_config = _FLAT
+
+    affinity_routing: bool = True
+    affinity_max_wait_seconds: float = 15.0
+
+
+class AdminSettings(BaseSettings):
+    """The admin dashboard, /metrics and pause."""
+
+    model_config = _FLAT
+
+    # Created as an admin API key when the API starts.
+    admin_key: str | None = None
+    sample_seconds: float = 10.0  # queue sample period of the API's sampler; 0 turns the sampler off
+    sample_retention_hours: int = 48
+    forget_lost_worker_seconds: int = 3600  # a lost worker stays on the page this long
+    metrics_public: bool = False  # True: /metrics answers without an admin key (a private scrape network)
+    # A render worker re-reads the pause flag this often by itself, so a broadcast it missed costs seconds.
+    pause_poll_seconds: float = 5.0
+
+
+# Roughly exponential, about 2.8 days in all: 5s 30s 2m 10m 30m 1h 2h 4h 8h 12h 16h 24h.
+DEFAULT_RETRY_SCHEDULE: tuple[float, ...] = (
+    5, 30, 120, 600, 1800, 3600, 7200, 14400, 28800, 43200, 57600, 86400,
+)
+_WEBHOOK_PREFIX = "RENDERFARM_WEBHOOK_"
+
+
+class WebhookSettings(BaseSettings):
+    """Webhook delivery: retries, timeouts, throttling of progress events, the SSRF allowlist.
+
+    Every variable is optional; an empty one means its default. Seconds are never negative.
+    """
+
+    model_config = SettingsConfigDict(env_prefix=_WEBHOOK_PREFIX, extra="ignore", frozen=True, populate_by_name=True)
+
+    # Delay before retry n (after the n-th failed attempt); its length is the number of retries.
+    retry_schedule: Annotated[tuple[float, ...], NoDecode] = DEFAULT_RETRY_SCHEDULE
+    # Each delay is drawn from [d * (1 - jitter), d * (1 + jitter)] so failed receivers are not hit in waves.
+    jitter: float = 0.2
+    timeout_seconds: float = 15.0
+    # At most one `progress` event per job in this window.
+    progress_interval_seconds: float = 0.5
+    # How often the webhook worker looks for due deliveries.
+    poll_seconds: float = 1.0
+    # A delivery whose broker message was lost is dispatched again by the poller after this long.
+    redispatch_after_seconds: float = Field(10.0, validation_alias=_WEBHOOK_PREFIX + "REDISPATCH_SECONDS")
+    # A `Retry-After` longer than this is cut down to it.
+    max_retry_after_seconds: float = 86400.0
+    # Finished deliveries are kept this long for the listing (finished progress events: one day).
+    keep_days: float = 30.0
+    # Hosts, addresses or CIDR networks exempt from the SSRF address check (local testing only).
+    allow_hosts: Annotated[tuple[str, ...], NoDecode] = ()
+
+    @property
+    def lease_seconds(self) -> float:
+        """How long an attempt may hold its delivery before another worker may try it again."""
+        return self.timeout_seconds * 2 + 30
+
+    @classmethod
+    def _env_name(cls, field: str) -> str:
+        alias = cls.model_fields[field].validation_alias
+        return alias if isinstance(alias, str) else _WEBHOOK_PREFIX + field.upper()
+
+    @field_validator("jitter", "timeout_seconds", "progress_interval_seconds", "poll_seconds",
+                     "redispatch_after_seconds", "max_retry_after_seconds", "keep_days", mode="before")
+    @classmethod
+    def _seconds(cls, value: Any, info: ValidationInfo) -> Any:
+        assert info.field_name is not None
+        name, raw = cls._env_name(info.field_name), value
+        if isinstance(value, str):
+            if not value.strip():
+                return cls.model_fields[info.field_name].default
+            try:
+                value = float(value.strip())
+            except ValueError as exc:
+                raise ValueError(f"{name} must be a number of seconds, got {raw!r}") from exc
+        if isinstance(value, int | float) and value < 0:
+            raise ValueError(f"{name} must not be negative, got {raw!r}")
+        return value
+
+    @field_validator("jitter")
+    @classmethod
+    def _at_most_one(cls, value: float) -> float:
+        return min(value, 1.0)
+
+    @field_validator("poll_seconds")
+    @classmethod
+    def _not_busy(cls, value: float) -> float:
+        return max(value, 0.05)
+
+    @field_validator("retry_schedule", mode="before")
+    @classmethod
+    def _schedule(cls, value: Any) -> Any:
+        name, raw = cls._env_name("retry_schedule"), value
+        if isinstance(value, str):
+            if not value.strip():
+                return DEFAULT_RETRY_SCHEDULE
+            try:
+                value = tuple(float(part) for part in value.strip().split(",") if part.strip())
+            except ValueError as exc:
+                raise ValueError(f"{name} must be comma-separated seconds like '5,30,120', got {raw!r}") from exc
+        if any(isinstance(d, int | float) and d < 0 for d in value):
+            raise ValueError(f"{name} must not contain negative delays, got {raw!r}")
+        return value
+
+    @field_validator("allow_hosts", mode="before")
+    @classmethod
+    def _hosts(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip().lower() for part in value.split(",") if part.strip())
+        return value
+
+
+class Settings(BaseModel):
+    """Everything a process is configured with, one group per concern; each group reads its variables."""
+
+    model_config = ConfigDict(frozen=True)
+
+    services: ServiceSettings = Field(default_factory=ServiceSettings)
+    models: ModelSettings = Field(default_factory=ModelSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    jobs: JobSettings = Field(default_factory=JobSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    admin: AdminSettings = Field(default_factory=AdminSettings)
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
 
 
 def worker_process_name(settings: Settings, pid: int) -> str:
     """One name per render process: a lease names the exact process that holds it, and its heartbeat key is
     `renderfarm:workers:<name>`."""
-    return f"{settings.worker_name or socket.gethostname()}:{pid}"
+    return f"{settings.worker.worker_name or socket.gethostname()}:{pid}"
 
 
 @lru_cache

@@ -24,7 +24,7 @@ from api.submission.images import (
 from api.submission.inputs import stage_inputs
 from api.submission.uploads import read_upload, save_upload
 from shared.errors import FieldError
-from shared.settings import Settings
+from shared.settings import LimitSettings, Settings
 from shared.storage.local import LocalObjectStore
 
 FIELD = ("body", "init_images", 0)
@@ -211,7 +211,7 @@ def stored_keys(store: LocalObjectStore) -> set[str]:
     return {p.relative_to(store.root).as_posix() for p in store.root.rglob("*") if p.is_file()}
 
 
-SETTINGS = Settings(max_input_pixels=LIMIT, max_upload_bytes=1_000_000)
+SETTINGS = Settings(limits=LimitSettings(max_input_pixels=LIMIT, max_upload_bytes=1_000_000))
 
 
 def test_staged_inputs_are_written_only_on_request(store: LocalObjectStore) -> None:

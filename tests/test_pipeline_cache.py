@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from devtools.demo_models.sd15 import build_demo_checkpoint
-from shared.settings import Settings
+from shared.settings import ModelSettings, Settings, WorkerSettings
 from worker.engine.pipeline_cache import PipelineCache, estimate_checkpoint_bytes, pipeline_bytes
 
 
@@ -21,7 +21,8 @@ def three_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def cache(models: Path, budget: int = 0, max_models: int = 0) -> PipelineCache:
-    settings = Settings(models_dir=models, pipeline_cache_bytes=budget, pipeline_cache_models=max_models)
+    settings = Settings(models=ModelSettings(models_dir=models),
+                        worker=WorkerSettings(pipeline_cache_bytes=budget, pipeline_cache_models=max_models))
     changes: list[list[str]] = []
     pipelines = PipelineCache(settings, "cpu", torch.float32)
     pipelines.on_change = lambda: changes.append(pipelines.names())

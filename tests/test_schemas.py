@@ -10,7 +10,7 @@ import pytest
 from api.submission.params import infotext_fields, plan_job
 from shared.errors import FieldError
 from shared.jobs.schemas import MAX_SEED, Txt2ImgRequest, hires_target_size, resolve_params
-from shared.settings import Settings
+from shared.settings import LimitSettings, ModelSettings, Settings
 
 PARAM_KEYS = {
     "mode", "prompt", "negative_prompt", "styles", "steps", "cfg_scale", "sampler_name", "scheduler", "seed",
@@ -51,7 +51,8 @@ def models(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def settings(models: Path) -> Settings:
-    return Settings(models_dir=models, default_model="demo", max_pixels=1024 * 1024, max_side=2048)
+    return Settings(models=ModelSettings(models_dir=models, default_model="demo"),
+                    limits=LimitSettings(max_pixels=1024 * 1024, max_side=2048))
 
 
 def plan(settings: Settings, **body: object) -> dict:

@@ -10,7 +10,7 @@ import pytest
 
 import shared.webui.styles
 from shared.errors import FieldError
-from shared.settings import Settings
+from shared.settings import ModelSettings, Settings
 from shared.webui.styles import BUILTIN_STYLES_FILE, StyleBook, load_style_book, merge_prompts, read_styles_csv
 
 # The presets from our users' notes (../shared/webui-reference.md), verbatim.
@@ -87,7 +87,7 @@ def test_webui_file_formats(tmp_path: Path) -> None:
 
 def test_user_file_adds_and_replaces(tmp_path: Path) -> None:
     (tmp_path / "styles.csv").write_text("name,prompt,negative_prompt\nPortrait quality,mine,\nInk,ink,\n")
-    book = load_style_book(Settings(models_dir=tmp_path))
+    book = load_style_book(Settings(models=ModelSettings(models_dir=tmp_path)))
     assert book.styles["Portrait quality"].prompt == "mine"
     assert book.names()[-1] == "Ink" and "Common negative" in book.names()
 
@@ -95,10 +95,10 @@ def test_user_file_adds_and_replaces(tmp_path: Path) -> None:
 def test_configured_file_and_reload_on_change(tmp_path: Path) -> None:
     path = tmp_path / "elsewhere.csv"
     path.write_text("name,prompt,negative_prompt\nInk,ink,\n")
-    settings = Settings(models_dir=tmp_path / "models", styles_file=path)
+    settings = Settings(models=ModelSettings(models_dir=tmp_path / "models", styles_file=path))
     assert load_style_book(settings).styles["Ink"].prompt == "ink"
     path.write_text("name,prompt,negative_prompt\nInk,ink v2,\n")
     os.utime(path, ns=(1, 1))
     assert load_style_book(settings).styles["Ink"].prompt == "ink v2"
-    missing = Settings(models_dir=tmp_path, styles_file=tmp_path / "missing.csv")
+    missing = Settings(models=ModelSettings(models_dir=tmp_path, styles_file=tmp_path / "missing.csv"))
     assert "Ink" not in load_style_book(missing).names()

@@ -24,7 +24,7 @@ from devtools.embedded import EmbeddedPostgres, EmbeddedRedis
 from shared.auth import create_api_key
 from shared.db.models import ApiKey, Job, JobImage
 from shared.jobs import lifecycle
-from shared.webhooks.config import DEFAULT_RETRY_SCHEDULE, WebhookConfig
+from shared.settings import DEFAULT_RETRY_SCHEDULE, WebhookSettings
 from shared.webhooks.models import DeliveryStatus, WebhookAttempt, WebhookDelivery, WebhookGoneEndpoint
 from shared.webhooks.outbox import enqueue_job_event, publish_deliveries, redeliver
 from shared.webhooks.signing import get_or_create_secret
@@ -316,7 +316,7 @@ def test_finished_deliveries_are_pruned_after_their_keeping_time(session: Sessio
 
 
 def test_retry_schedule_jitter_and_retry_after() -> None:
-    cfg = WebhookConfig(retry_schedule=(10, 100), jitter=0.2, max_retry_after_seconds=60)
+    cfg = WebhookSettings(retry_schedule=(10, 100), jitter=0.2, max_retry_after_seconds=60)
     failure = HttpResult(500, "HTTP 500", None, 5)
     assert 8 <= next_delay(failure, 0, cfg) <= 12 and 80 <= next_delay(failure, 1, cfg) <= 120
     assert next_delay(failure, 2, cfg) is None  # the schedule is spent

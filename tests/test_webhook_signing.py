@@ -13,7 +13,7 @@ from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from shared.auth import create_api_key
-from shared.webhooks.config import WebhookConfig
+from shared.settings import WebhookSettings
 from shared.webhooks.signing import generate_secret, get_or_create_secret, rotate_secret, signed_headers
 from tests.webhook_receiver import Receiver
 from worker.webhook_sender.delivery import post_signed
@@ -42,7 +42,7 @@ def test_receiver_library_accepts_our_signature_and_rejects_tampering() -> None:
 
 def test_signed_request_over_http_verifies_and_a_tampered_one_does_not() -> None:
     secret = generate_secret()
-    cfg = WebhookConfig(allow_hosts=("127.0.0.1",), timeout_seconds=5)
+    cfg = WebhookSettings(allow_hosts=("127.0.0.1",), timeout_seconds=5)
     with Receiver().running() as receiver:
         receiver.secret = secret
         headers = signed_headers(secret, "msg_http", BODY)

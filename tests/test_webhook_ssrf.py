@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
+from shared.settings import WebhookSettings, get_settings
 from shared.webhooks import ssrf
-from shared.webhooks.config import WebhookConfig
 from shared.webhooks.signing import generate_secret, signed_headers
 from shared.webhooks.ssrf import UnresolvableHostError, WebhookUrlError, check_webhook_url
 from tests.webhook_receiver import Receiver
@@ -13,8 +15,11 @@ from worker.webhook_sender.delivery import post_signed
 
 
 @pytest.fixture(autouse=True)
-def _no_env_allowlist(monkeypatch: pytest.MonkeyPatch) -> None:
+def _no_env_allowlist(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.delenv(ssrf.ALLOW_HOSTS_ENV, raising=False)
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
 
 
 @pytest.mark.parametrize(
@@ -94,6 +99,7 @@ def test_allowlist_lets_local_targets_through(monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(WebhookUrlError):
         check_webhook_url("http://10.0.0.1/h", allow_hosts=["127.0.0.1"])  # only what is listed
     monkeypatch.setenv(ssrf.ALLOW_HOSTS_ENV, "127.0.0.1, localhost")
+    get_settings.cache_clear()  # a process reads its environment once
     check_webhook_url("http://127.0.0.1:9000/h")
     check_webhook_url("http://localhost:9000/h")
 
@@ -103,7 +109,7 @@ def test_delivery_connects_to_the_checked_address_not_a_new_dns_answer(monkeypat
     answers = iter([["127.0.0.1"], ["10.9.9.9"]])
     monkeypatch.setattr(ssrf, "system_resolver", lambda host, port: next(answers))
     secret = generate_secret()
-    cfg = WebhookConfig(allow_hosts=("127.0.0.1",), timeout_seconds=5)
+    cfg = WebhookSettings(allow_hosts=("127.0.0.1",), timeout_seconds=5)
     with Receiver().running() as receiver:
         receiver.secret = secret
         url = f"http://hooks.rebind.test:{receiver.port}/in"

@@ -61,8 +61,6 @@ def _follow_flags_from_start(sender: Any = None, **_: object) -> None:
     """A worker that starts while the farm is paused missed the broadcast: it reads the flag itself, then
     re-reads it periodically so that a broadcast missed later costs seconds, not a paused farm at work. The
     queues of the models its render process holds are followed every second (routing by model affinity)."""
-    from shared.admin_settings import get_admin_settings
-
     sync = _queue_sync(sender)
     if not sync.serves_render:
         return
@@ -85,7 +83,7 @@ def _follow_flags_from_start(sender: Any = None, **_: object) -> None:
         except Exception:
             log.warning("could not follow the held models' queues", exc_info=True)
 
-    sender.timer.call_repeatedly(get_admin_settings().pause_poll_seconds, poll_pause)
+    sender.timer.call_repeatedly(get_settings().admin.pause_poll_seconds, poll_pause)
     sender.timer.call_repeatedly(1.0, poll_models)
 
 

@@ -41,11 +41,11 @@ class QueueSync:
         self.settings = settings
         self.paused = False
         self._target: set[str] | None = None  # the queues last asked for (changes are applied on the loop)
-        self._redis = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        self._redis = redis.Redis.from_url(settings.services.redis_url, socket_timeout=2, socket_connect_timeout=2)
         self.serves_render = QueueName.RENDER in consumer.app.amqp.queues.consume_from
 
     def read_pause_flag(self) -> bool:
-        self.paused = read_paused_flag(self.settings.database_url)
+        self.paused = read_paused_flag(self.settings.services.database_url)
         return self.paused
 
     def held_models(self) -> list[str]:
@@ -74,7 +74,7 @@ class QueueSync:
         if _shutting_down(self.consumer):  # a worker in warm shutdown must not start consuming again
             return {"ok": "shutting down"}
         models = [] if self.paused else self.held_models()
-        wanted = desired_queues(self.paused, models, self.settings.affinity_routing)
+        wanted = desired_queues(self.paused, models, self.settings.routing.affinity_routing)
         task_consumer = self.consumer.task_consumer
         current = {q.name for q in task_consumer.queues if q.name == QueueName.RENDER or is_model_queue(q.name)}
         run = (lambda fn, *args: fn(*args)) if at_start else self.consumer.call_soon

@@ -184,7 +184,7 @@ class JobRunner:
         if self._engine is None:
             from worker.engine.engine import GenerationEngine
 
-            self._engine = GenerationEngine(self.settings.models_dir)
+            self._engine = GenerationEngine(self.settings.models.models_dir)
         return self._engine
 
     def run(self, job_id: str) -> str:
@@ -193,7 +193,7 @@ class JobRunner:
 
         def claim() -> dict[str, Any] | None:
             with self.session_factory() as session:
-                job = lifecycle.claim(session, jid, self.worker, self.settings.lease_seconds)
+                job = lifecycle.claim(session, jid, self.worker, self.settings.jobs.lease_seconds)
                 params = dict(job.params) if job is not None else None
                 lifecycle.commit(session)
                 return params

@@ -70,21 +70,21 @@ class WorkerRuntime:
     def __init__(self, settings: Settings) -> None:
         import torch
 
-        self.device, self.dtype = pick_device(settings.device)
-        torch.set_num_threads(torch_threads_for(settings.torch_threads, self.device))
+        self.device, self.dtype = pick_device(settings.worker.device)
+        torch.set_num_threads(torch_threads_for(settings.worker.torch_threads, self.device))
         self.settings = settings
         self.name = worker_process_name(settings, os.getpid())
         self.ready = threading.Event()
         self.control = JobControl()
         session_factory = get_session_factory()
         beat = heartbeat_interval(settings)
-        self.beacon = FleetBeacon(self.name, self.describe, settings.redis_url, beat)
+        self.beacon = FleetBeacon(self.name, self.describe, settings.services.redis_url, beat)
         self.pipelines = PipelineCache(settings, self.device, self.dtype, on_change=self.beacon.advertise)
         self.runner = JobRunner(self.name, self.control, self.pipelines, session_factory, get_object_store(),
                                 settings)
-        self.lease_keeper = LeaseKeeper(self.control, session_factory, self.name, settings.lease_seconds, beat)
-        self.recovery = RecoveryLoop(session_factory, settings.redis_url, beat, settings.republish_after_seconds,
-                                     settings.affinity_max_wait_seconds)
+        self.lease_keeper = LeaseKeeper(self.control, session_factory, self.name, settings.jobs.lease_seconds, beat)
+        self.recovery = RecoveryLoop(session_factory, settings.services.redis_url, beat,
+                                     settings.jobs.republish_after_seconds, settings.routing.affinity_max_wait_seconds)
 
     def start(self) -> None:
         """Start the control threads, load the configured models, then say so: the first job costs no more
@@ -100,8 +100,8 @@ class WorkerRuntime:
 
     def warm_up(self) -> None:
         """Load the configured models before taking the first job."""
-        names = self.settings.worker_model_names() or [
-            default_checkpoint(self.settings.models_dir, self.settings.default_model)
+        names = self.settings.worker.worker_model_names() or [
+            default_checkpoint(self.settings.models.models_dir, self.settings.models.default_model)
         ]
         for name in names:
             if name:

@@ -19,7 +19,6 @@ from datetime import UTC, datetime, timedelta
 
 from api.admin import metrics_rollup
 from api.admin import queries as admin_queries
-from shared.admin_settings import get_admin_settings
 from shared.db.session import get_session_factory
 from shared.queueing.fleet import broker_queue, get_redis, lost_after, read_fleet
 from shared.settings import get_settings
@@ -29,7 +28,8 @@ log = logging.getLogger(__name__)
 
 def sample_once(now: datetime | None = None) -> bool:
     """One period's work; True when this replica wrote the sample."""
-    settings, admin = get_settings(), get_admin_settings()
+    settings = get_settings()
+    admin = settings.admin
     now = now or datetime.now(UTC)
     broker_waiting: int | None = None
     workers_alive: int | None = None
@@ -65,7 +65,7 @@ async def _loop(period: float) -> None:
 @asynccontextmanager
 async def run_sampler() -> AsyncIterator[None]:
     """Sample for as long as the API runs (used in its lifespan)."""
-    period = get_admin_settings().sample_seconds
+    period = get_settings().admin.sample_seconds
     task = asyncio.create_task(_loop(period), name="queue-sampler") if period > 0 else None
     try:
         yield

@@ -33,13 +33,12 @@ from api.admin.views import (
     WorkerView,
 )
 from api.deps import AdminKey, SessionDep, SettingsDep, require_admin, require_key
-from shared.admin_settings import get_admin_settings
 from shared.db.models import ApiKey
 from shared.errors import FieldError
 from shared.queueing.farm_state import broadcast_pause_sync, get_pause_state, set_paused
 from shared.queueing.fleet import WorkerSighting, broker_queue, get_redis, lost_after, read_fleet
 from shared.queueing.queues import QueueName
-from shared.settings import Settings
+from shared.settings import Settings, get_settings
 
 PAGE_DIR = Path(__file__).resolve().parent.parent / "admin_page"
 PAGE_HEADERS = {
@@ -108,7 +107,7 @@ def resume_queue(key: AdminKey, session: SessionDep) -> PauseResult:
 
 def _fleet(settings: Settings) -> list[WorkerSighting]:
     return read_fleet(get_redis(), lost_after_seconds=lost_after(settings),
-                      forget_after_seconds=get_admin_settings().forget_lost_worker_seconds)
+                      forget_after_seconds=settings.admin.forget_lost_worker_seconds)
 
 
 def _worker_view(sighting: WorkerSighting, jobs: dict[uuid.UUID, RunningJob]) -> WorkerView:
@@ -176,7 +175,7 @@ def get_stats(
     since = now - span
     seconds = int(span.total_seconds())
     throughput_bucket = max(60, seconds // 60 // 60 * 60)  # a minute up to 1 h, then ~60 bars
-    queue_bucket = max(int(get_admin_settings().sample_seconds) or 10, seconds // 360)
+    queue_bucket = max(int(get_settings().admin.sample_seconds) or 10, seconds // 360)
     by_status, by_error, images = admin_queries.finished_counts(session, since)
     durations, waits = admin_queries.timing_percentiles(session, since)
     return StatsView(

@@ -60,7 +60,7 @@ def list_recent_jobs(
     limit: Annotated[int, Query(ge=1, le=200)] = 25,
 ) -> AdminJobList:
     jobs = admin_queries.recent_jobs(session, limit=limit, status=status_filter)
-    return AdminJobList(jobs=[summary(j, store, settings.url_expires_seconds) for j in jobs], limit=limit)
+    return AdminJobList(jobs=[summary(j, store, settings.services.url_expires_seconds) for j in jobs], limit=limit)
 
 
 def _job_or_404(session: SessionDep, job_id: uuid.UUID) -> Job:
@@ -75,9 +75,9 @@ def get_any_job(
     job_id: uuid.UUID, _: AdminKey, session: SessionDep, settings: SettingsDep, store: StoreDep
 ) -> AdminJobDetail:
     job = _job_or_404(session, job_id)
-    view = job_view(job, store, settings.url_expires_seconds)
+    view = job_view(job, store, settings.services.url_expires_seconds)
     for image, row in zip(view.images, job.images, strict=True):
-        image.url = thumbnail_url(store, row.key, settings.url_expires_seconds)
+        image.url = thumbnail_url(store, row.key, settings.services.url_expires_seconds)
     return AdminJobDetail(owner=job.owner, cancel_requested=job.cancel_requested_at is not None, job=view)
 
 
@@ -91,7 +91,7 @@ def cancel_any_job(
     lifecycle.commit(session)
     job = _job_or_404(session, job_id)
     session.refresh(job)
-    return CancelResult(outcome=outcome, job=job_view(job, store, settings.url_expires_seconds))
+    return CancelResult(outcome=outcome, job=job_view(job, store, settings.services.url_expires_seconds))
 
 
 @router.post("/{job_id}/retry", response_model=RetryResult, status_code=status.HTTP_202_ACCEPTED)
@@ -105,4 +105,4 @@ def retry_job(
         raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from exc
     lifecycle.commit(session)  # commit, then publish: a lost message costs a re-publish, never the job
     session.refresh(job)
-    return RetryResult(retry_of=job_id, job=job_view(job, store, settings.url_expires_seconds))
+    return RetryResult(retry_of=job_id, job=job_view(job, store, settings.services.url_expires_seconds))

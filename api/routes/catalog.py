@@ -45,22 +45,22 @@ def _views(entries: list[CatalogEntry]) -> list[FileView]:
 @router.get("/loras", response_model=list[FileView])
 def get_loras(key: CurrentKey, settings: SettingsDep) -> list[FileView]:
     """``hash`` is the WebUI's 12-hex LoRA short hash."""
-    return _views(list_loras(settings.models_dir, hash_cache_for(settings.models_dir)))
+    return _views(list_loras(settings.models.models_dir, hash_cache_for(settings.models.models_dir)))
 
 
 @router.get("/vaes", response_model=list[FileView])
 def get_vaes(key: CurrentKey, settings: SettingsDep) -> list[FileView]:
     """``hash`` is the 10-hex "VAE hash"."""
-    return _views(list_vaes(settings.models_dir, hash_cache_for(settings.models_dir)))
+    return _views(list_vaes(settings.models.models_dir, hash_cache_for(settings.models.models_dir)))
 
 
 @router.get("/embeddings", response_model=list[FileView])
 def get_embeddings(key: CurrentKey, settings: SettingsDep) -> list[FileView]:
     """``hash`` is the 12-hex SHA-256 prefix of "TI hashes"."""
-    return _views(list_embeddings(settings.models_dir, hash_cache_for(settings.models_dir)))
+    return _views(list_embeddings(settings.models.models_dir, hash_cache_for(settings.models.models_dir)))
 
 
 @router.post("/models/refresh", response_model=RefreshView)
 def refresh_models(key: AdminKey, settings: SettingsDep) -> RefreshView:
     """Admin only: rescan the models folder; what a client will now see, counted per folder."""
-    return RefreshView(**refresh(settings.models_dir))
+    return RefreshView(**refresh(settings.models.models_dir))

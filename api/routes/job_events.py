@@ -59,7 +59,7 @@ async def job_events(
             job = repository.get_job(session, job_id, owner=key.owner)
             if job is None:
                 return None
-            return job_view(job, store, settings.url_expires_seconds, queue_position(session, job))
+            return job_view(job, store, settings.services.url_expires_seconds, queue_position(session, job))
 
     first = await run_in_threadpool(snapshot)
     if first is None:

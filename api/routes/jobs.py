@@ -48,8 +48,8 @@ def submit_job(
         ) from exc
     job = submitted.job
     if submitted.replayed:
-        return job_view(job, store, settings.url_expires_seconds)
-    return job_view(job, store, settings.url_expires_seconds, queue_position(session, job))
+        return job_view(job, store, settings.services.url_expires_seconds)
+    return job_view(job, store, settings.services.url_expires_seconds, queue_position(session, job))
 
 
 def _mark_published(job_ids: list[uuid.UUID]) -> None:
@@ -64,7 +64,7 @@ def get_job(job_id: uuid.UUID, key: CurrentKey, session: SessionDep, settings: S
     job = repository.get_job(session, job_id, owner=key.owner)
     if job is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} not found")
-    return job_view(job, store, settings.url_expires_seconds, queue_position(session, job))
+    return job_view(job, store, settings.services.url_expires_seconds, queue_position(session, job))
 
 
 @router.post("/{job_id}/cancel", response_model=JobView)
@@ -79,7 +79,7 @@ def cancel_job(job_id: uuid.UUID, key: CurrentKey, session: SessionDep, settings
     session.refresh(job)
     if outcome == lifecycle.CancelOutcome.ALREADY_TERMINAL and job.status != JobStatus.CANCELED:
         raise HTTPException(status.HTTP_409_CONFLICT, detail=f"job {job_id} already {job.status}; nothing to cancel")
-    return job_view(job, store, settings.url_expires_seconds)
+    return job_view(job, store, settings.services.url_expires_seconds)
 
 
 @router.get("", response_model=JobListView)
@@ -94,5 +94,6 @@ def list_jobs(
 ) -> JobListView:
     jobs, total = repository.list_jobs(session, key.owner, status=status_filter, limit=limit, offset=offset)
     return JobListView(
-        jobs=[job_view(j, store, settings.url_expires_seconds) for j in jobs], total=total, limit=limit, offset=offset
+        jobs=[job_view(j, store, settings.services.url_expires_seconds) for j in jobs], total=total, limit=limit,
+        offset=offset,
     )

@@ -15,7 +15,6 @@ from prometheus_client.registry import CollectorRegistry
 
 from api.admin.metrics import FarmCollector, farm_registry
 from api.deps import SessionDep, require_admin, require_key
-from shared.admin_settings import get_admin_settings
 from shared.db.session import get_session_factory
 from shared.queueing.fleet import get_redis, lost_after
 from shared.settings import get_settings
@@ -27,7 +26,7 @@ router = APIRouter(tags=["metrics"])
 def get_registry() -> CollectorRegistry:
     collector = FarmCollector(
         get_session_factory(), get_redis, lost_after_seconds=lost_after(get_settings()),
-        forget_after_seconds=get_admin_settings().forget_lost_worker_seconds,
+        forget_after_seconds=get_settings().admin.forget_lost_worker_seconds,
     )
     return farm_registry(collector)
 
@@ -39,6 +38,6 @@ def get_registry() -> CollectorRegistry:
 )
 def metrics(request: Request, session: SessionDep) -> Response:
     """Jobs by state, queue depth per model, job duration and queue wait histograms, images, failures, workers."""
-    if not get_admin_settings().metrics_public:
+    if not get_settings().admin.metrics_public:
         require_admin(require_key(request, session))
     return Response(generate_latest(get_registry()), media_type=CONTENT_TYPE_LATEST)

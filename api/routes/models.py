@@ -36,7 +36,7 @@ class SamplerView(BaseModel):
 @router.get("/models", response_model=list[ModelView])
 def list_models(key: CurrentKey, settings: SettingsDep) -> list[ModelView]:
     """Checkpoints with the WebUI's hashes (10-hex and pre-2023 8-hex) and the architecture from the header."""
-    default = default_checkpoint(settings.models_dir, settings.default_model)
+    default = default_checkpoint(settings.models.models_dir, settings.models.default_model)
     return [
         ModelView(
             name=ckpt.name,
@@ -51,7 +51,7 @@ def list_models(key: CurrentKey, settings: SettingsDep) -> list[ModelView]:
             loadable=ckpt.refused_reason is None,
             refused_reason=ckpt.refused_reason,
         )
-        for ckpt in list_checkpoints(settings.models_dir, hash_cache_for(settings.models_dir))
+        for ckpt in list_checkpoints(settings.models.models_dir, hash_cache_for(settings.models.models_dir))
     ]
 
 

@@ -28,6 +28,6 @@ async def png_info(request: Request, key: CurrentKey, settings: SettingsDep) -> 
 
     Paste ``info`` into a job's ``infotext`` field to render the same picture again.
     """
-    data, field = await read_image_request(request, settings.max_upload_bytes)
-    info, items = await run_in_threadpool(read_generation_info, data, field, settings.max_input_pixels)
+    data, field = await read_image_request(request, settings.limits.max_upload_bytes)
+    info, items = await run_in_threadpool(read_generation_info, data, field, settings.limits.max_input_pixels)
     return PngInfoView(info=info, items=items, parameters=parse_infotext(info))

@@ -25,13 +25,13 @@ class UploadView(BaseModel):
 
 def _store_upload(data: bytes, field: tuple[str, ...], owner: str, store: ObjectStore, settings: Settings) -> Upload:
     """Checked and re-encoded before it is stored, exactly like an init image sent inline."""
-    image = decode_image(data, field, settings.max_input_pixels)
+    image = decode_image(data, field, settings.limits.max_input_pixels)
     return save_upload(store, owner, encode_png(for_upload(image)))
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=UploadView, openapi_extra=IMAGE_REQUEST_BODY)
 async def create_upload(request: Request, key: CurrentKey, settings: SettingsDep, store: StoreDep) -> UploadView:
     """Multipart form data (field ``file``) or JSON ``{"image": "<base64>"}``; usable by this key's owner only."""
-    data, field = await read_image_request(request, settings.max_upload_bytes)
+    data, field = await read_image_request(request, settings.limits.max_upload_bytes)
     upload = await run_in_threadpool(_store_upload, data, field, key.owner, store, settings)
     return UploadView(id=upload.id, ref=upload.ref, width=upload.width, height=upload.height)

@@ -34,7 +34,7 @@ _MAX_HEADER = 16 * 1024 * 1024
 
 
 def hash_cache(settings: Settings) -> HashCache:
-    return HashCache(settings.models_dir / ".hashes.json")
+    return HashCache(settings.models.models_dir / ".hashes.json")
 
 
 def checkpoint_title(ckpt: CheckpointFile, cache: HashCache) -> str:
@@ -44,16 +44,16 @@ def checkpoint_title(ckpt: CheckpointFile, cache: HashCache) -> str:
 
 def current_checkpoint(settings: Settings, chosen: str | None) -> CheckpointFile | None:
     """The key's chosen checkpoint, else the farm's default; None when nothing is installed."""
-    name = chosen or default_checkpoint(settings.models_dir, settings.default_model)
+    name = chosen or default_checkpoint(settings.models.models_dir, settings.models.default_model)
     if name is None:
         return None
-    return resolve_checkpoint(settings.models_dir, name)
+    return resolve_checkpoint(settings.models.models_dir, name)
 
 
 def sd_models(settings: Settings) -> list[dict[str, Any]]:
     cache = hash_cache(settings)
     models = []
-    for ckpt in scan_checkpoints(settings.models_dir):
+    for ckpt in scan_checkpoints(settings.models.models_dir):
         if not ckpt.loadable:
             continue
         sha = cache.sha256(ckpt.path)
@@ -69,7 +69,7 @@ def sd_models(settings: Settings) -> list[dict[str, Any]]:
 
 
 def _loadable(settings: Settings, folder: str) -> list[str]:
-    return [name for name, refused in list_model_files(settings.models_dir, folder) if refused is None]
+    return [name for name, refused in list_model_files(settings.models.models_dir, folder) if refused is None]
 
 
 def vaes(settings: Settings) -> list[dict[str, Any]]:
@@ -93,7 +93,7 @@ def loras(settings: Settings) -> list[dict[str, Any]]:
     found = []
     for name in _loadable(settings, LORA_DIR):
         stem = name.rsplit(".", 1)[0]
-        metadata = safetensors_header(settings.models_dir / LORA_DIR / name).get("__metadata__") or {}
+        metadata = safetensors_header(settings.models.models_dir / LORA_DIR / name).get("__metadata__") or {}
         found.append({"name": stem, "alias": metadata.get("ss_output_name") or stem,
                       "path": f"{LORA_DIR}/{name}", "metadata": metadata})
     return found
@@ -103,7 +103,7 @@ def embeddings(settings: Settings) -> dict[str, dict[str, Any]]:
     """``loaded``/``skipped`` like the WebUI; shape and vector count come from the file header."""
     loaded: dict[str, Any] = {}
     for name in _loadable(settings, EMBEDDINGS_DIR):
-        header = safetensors_header(settings.models_dir / EMBEDDINGS_DIR / name)
+        header = safetensors_header(settings.models.models_dir / EMBEDDINGS_DIR / name)
         shapes = [t.get("shape") for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)]
         shape = shapes[0] if shapes and shapes[0] else [0]
         loaded[name.rsplit(".", 1)[0].rsplit("/", 1)[-1]] = {
@@ -111,7 +111,7 @@ def embeddings(settings: Settings) -> dict[str, dict[str, Any]]:
             "shape": int(shape[-1]), "vectors": int(shape[0]) if len(shape) > 1 else 1,
         }
     skipped = {name.rsplit(".", 1)[0]: {"reason": refused}
-               for name, refused in list_model_files(settings.models_dir, EMBEDDINGS_DIR) if refused}
+               for name, refused in list_model_files(settings.models.models_dir, EMBEDDINGS_DIR) if refused}
     return {"loaded": loaded, "skipped": skipped}
 
 

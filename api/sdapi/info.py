@@ -40,7 +40,7 @@ def _extra_params(parsed: dict[str, object]) -> dict[str, object]:
 def _vae_hash(settings: Settings, vae: str | None) -> str | None:
     if not vae:
         return None
-    path = settings.models_dir / VAE_DIR / vae
+    path = settings.models.models_dir / VAE_DIR / vae
     return hash_cache(settings).checkpoint(path) if path.is_file() else None
 
 

@@ -51,11 +51,11 @@ def _checked(key: str, value: Any, settings: Settings) -> Any:
     if key == "sd_model_checkpoint":
         if not isinstance(value, str):
             raise FieldError(("body", key), "sd_model_checkpoint must be a checkpoint title or name (a string)")
-        return resolve_checkpoint(settings.models_dir, value, ("body", key)).name
+        return resolve_checkpoint(settings.models.models_dir, value, ("body", key)).name
     if key == "sd_vae":
         if not isinstance(value, str):
             raise FieldError(("body", key), "sd_vae must be a file name in models/VAE, 'Automatic' or 'None'")
-        resolved = resolve_vae(settings.models_dir, value, ("body", key))
+        resolved = resolve_vae(settings.models.models_dir, value, ("body", key))
         return resolved if resolved is not None else ("None" if value.strip().lower() == "none" else "Automatic")
     if key == "CLIP_stop_at_last_layers":
         return _int_option(key, value, 1, 12)

@@ -60,7 +60,7 @@ def read_image_value(value: str, field_loc: tuple[str | int, ...], owner: str, s
     """The encoded bytes an image field names: an upload of this owner, or base64 (data: prefix allowed)."""
     if is_upload_ref(value):
         return read_upload(store, owner, value, field_loc)
-    return decode_base64_image(value, field_loc, settings.max_upload_bytes)
+    return decode_base64_image(value, field_loc, settings.limits.max_upload_bytes)
 
 
 def stage_inputs(init_images: list[str] | None, mask: str | None, *, owner: str, store: ObjectStore,
@@ -73,14 +73,15 @@ def stage_inputs(init_images: list[str] | None, mask: str | None, *, owner: str,
     init_keys = []
     for index, value in enumerate(init_images or []):
         loc = ("body", "init_images", index)
-        image = decode_image(read_image_value(value, loc, owner, store, settings), loc, settings.max_input_pixels)
+        image = decode_image(read_image_value(value, loc, owner, store, settings), loc,
+                             settings.limits.max_input_pixels)
         key = f"{prefix}/init_{index}.png"
         blobs[key] = encode_png(for_init_image(image)).png
         init_keys.append(key)
     mask_key = None
     if mask is not None:
         loc = ("body", "mask")
-        image = decode_image(read_image_value(mask, loc, owner, store, settings), loc, settings.max_input_pixels)
+        image = decode_image(read_image_value(mask, loc, owner, store, settings), loc, settings.limits.max_input_pixels)
         mask_key = f"{prefix}/mask.png"
         blobs[mask_key] = encode_png(for_mask(image)).png
     return StagedInputs(init_keys, mask_key, blobs)

@@ -144,11 +144,11 @@ def _apply_overrides(req: Txt2ImgRequest, explicit: dict[str, Any], origins: dic
 
 def _infotext_model(parsed: Mapping[str, object], settings: Settings) -> str:
     model, model_hash = parsed.get("Model"), parsed.get("Model hash")
-    found = find_infotext_checkpoint(settings.models_dir, str(model) if model else None,
+    found = find_infotext_checkpoint(settings.models.models_dir, str(model) if model else None,
                                      str(model_hash) if model_hash else None,
-                                     HashCache(settings.models_dir / ".hashes.json"))
+                                     HashCache(settings.models.models_dir / ".hashes.json"))
     if found is None:
-        installed = ", ".join(c.name for c in scan_checkpoints(settings.models_dir) if c.loadable) or "none"
+        installed = ", ".join(c.name for c in scan_checkpoints(settings.models.models_dir) if c.loadable) or "none"
         raise FieldError(("body", "infotext"), f"the infotext's model {model!r} (hash {model_hash}) is not "
                                                f"installed; set model to one of: {installed}")
     return found
@@ -196,14 +196,14 @@ def _blame(exc: FieldError, origins: Mapping[str, _Origin]) -> FieldError:
 def _checkpoint(requested: str, settings: Settings) -> CheckpointFile:
     """By name, file name or title; then, like the WebUI's checkpoint aliases, by base name or by hash."""
     try:
-        return resolve_checkpoint(settings.models_dir, requested)
+        return resolve_checkpoint(settings.models.models_dir, requested)
     except FieldError:
         name = _TITLE_HASH.sub("", requested.strip())
-        found = find_infotext_checkpoint(settings.models_dir, name, requested.strip(),
-                                         HashCache(settings.models_dir / ".hashes.json"))
+        found = find_infotext_checkpoint(settings.models.models_dir, name, requested.strip(),
+                                         HashCache(settings.models.models_dir / ".hashes.json"))
         if found is None:
             raise
-        return resolve_checkpoint(settings.models_dir, found)
+        return resolve_checkpoint(settings.models.models_dir, found)
 
 
 @dataclass(frozen=True)
@@ -235,23 +235,23 @@ def plan_job(req: Txt2ImgRequest, settings: Settings, style_book: StyleBook | No
     try:
         check_mode(merged)
         check_limits(merged, settings)
-        requested = merged.model or default_checkpoint(settings.models_dir, settings.default_model)
+        requested = merged.model or default_checkpoint(settings.models.models_dir, settings.models.default_model)
         if requested is None:
             raise FieldError(("body", "model"),
                              "no checkpoint is installed; put a .safetensors file in Stable-diffusion/")
         checkpoint = _checkpoint(requested, settings)
         resolved = merged.model_copy(update={
-            "vae": resolve_vae(settings.models_dir, merged.vae),
-            "hr_upscaler": resolve_hr_upscaler(settings.models_dir, merged.hr_upscaler),
+            "vae": resolve_vae(settings.models.models_dir, merged.vae),
+            "hr_upscaler": resolve_hr_upscaler(settings.models.models_dir, merged.hr_upscaler),
         })
         book = style_book if style_book is not None else load_style_book(settings)
         params = resolve_params(resolved, checkpoint.name, style_book=book)
         # After styles, so a style's <lora:> tags count too; the tags stay in the prompt text.
-        cache = hash_cache_for(settings.models_dir)
-        params["loras"] = resolve_job_loras(settings.models_dir, params["prompt"], params["hr_prompt"],
+        cache = hash_cache_for(settings.models.models_dir)
+        params["loras"] = resolve_job_loras(settings.models.models_dir, params["prompt"], params["hr_prompt"],
                                             [(lora.name, lora.weight) for lora in resolved.loras], cache,
                                             skipped_loras)
-        params["vae_hash"] = vae_hash(settings.models_dir, params["vae"], cache)
+        params["vae_hash"] = vae_hash(settings.models.models_dir, params["vae"], cache)
         spec = _render_spec(params)
     except FieldError as exc:
         raise _blame(exc, origins) from exc

@@ -89,7 +89,7 @@ def submit_job(
         inputs.write(store)  # before the row commits: a worker must find them as soon as the job exists
         job = lifecycle.submit(
             session, owner=key.owner, api_key_id=key.id, params=params, model_name=plan.checkpoint.name,
-            route=route, max_attempts=settings.max_attempts, webhook_url=body.webhook_url,
+            route=route, max_attempts=settings.jobs.max_attempts, webhook_url=body.webhook_url,
             webhook_events=webhook_events,
         )
         if idempotency_key is not None:

@@ -18,7 +18,7 @@ def make_engine(database_url: str) -> Engine:
 
 @lru_cache
 def get_engine() -> Engine:
-    return make_engine(get_settings().database_url)
+    return make_engine(get_settings().services.database_url)
 
 
 @lru_cache

@@ -134,10 +134,10 @@ def hires_target_size(width: int, height: int, hr_scale: float, hr_resize_x: int
 def _check_size(w: int, h: int, field: tuple[str, ...], what: str, settings: Settings) -> None:
     if w % 8 or h % 8:
         raise FieldError(field, f"{what} {w}x{h} must be a multiple of 8 on both sides")
-    if max(w, h) > settings.max_side:
-        raise FieldError(field, f"{what} {w}x{h} must be at most {settings.max_side} on each side")
-    if w * h > settings.max_pixels:
-        raise FieldError(field, f"{what} {w}x{h} = {w * h} pixels exceeds the limit of {settings.max_pixels}")
+    if max(w, h) > settings.limits.max_side:
+        raise FieldError(field, f"{what} {w}x{h} must be at most {settings.limits.max_side} on each side")
+    if w * h > settings.limits.max_pixels:
+        raise FieldError(field, f"{what} {w}x{h} = {w * h} pixels exceeds the limit of {settings.limits.max_pixels}")
 
 
 def check_limits(req: Txt2ImgRequest, settings: Settings) -> None:
@@ -146,37 +146,37 @@ def check_limits(req: Txt2ImgRequest, settings: Settings) -> None:
         value = getattr(req, name)
         if value % 8:
             raise FieldError(("body", name), f"{name} must be a multiple of 8, got {value}")
-        if value > settings.max_side:
-            raise FieldError(("body", name), f"{name} must be at most {settings.max_side}, got {value}")
-    if req.width * req.height > settings.max_pixels:
+        if value > settings.limits.max_side:
+            raise FieldError(("body", name), f"{name} must be at most {settings.limits.max_side}, got {value}")
+    if req.width * req.height > settings.limits.max_pixels:
         raise FieldError(
             ("body", "width"),
-            f"width x height = {req.width * req.height} pixels exceeds the limit of {settings.max_pixels}",
+            f"width x height = {req.width * req.height} pixels exceeds the limit of {settings.limits.max_pixels}",
         )
-    if req.steps > settings.max_steps:
-        raise FieldError(("body", "steps"), f"steps must be between 1 and {settings.max_steps}")
-    if req.batch_size > settings.max_batch_size:
-        raise FieldError(("body", "batch_size"), f"batch_size must be between 1 and {settings.max_batch_size}")
-    if req.n_iter > settings.max_n_iter:
-        raise FieldError(("body", "n_iter"), f"n_iter must be between 1 and {settings.max_n_iter}")
-    if req.batch_size * req.n_iter > settings.max_images_per_job:
+    if req.steps > settings.limits.max_steps:
+        raise FieldError(("body", "steps"), f"steps must be between 1 and {settings.limits.max_steps}")
+    if req.batch_size > settings.limits.max_batch_size:
+        raise FieldError(("body", "batch_size"), f"batch_size must be between 1 and {settings.limits.max_batch_size}")
+    if req.n_iter > settings.limits.max_n_iter:
+        raise FieldError(("body", "n_iter"), f"n_iter must be between 1 and {settings.limits.max_n_iter}")
+    if req.batch_size * req.n_iter > settings.limits.max_images_per_job:
         raise FieldError(
             ("body", "n_iter"),
-            f"batch_size x n_iter must be at most {settings.max_images_per_job} images per job",
+            f"batch_size x n_iter must be at most {settings.limits.max_images_per_job} images per job",
         )
     for name in ("seed_resize_from_w", "seed_resize_from_h"):
-        if getattr(req, name) > settings.max_side:
-            raise FieldError(("body", name), f"{name} must be at most {settings.max_side}")
-    if req.init_images is not None and len(req.init_images) > settings.max_batch_size:
-        raise FieldError(("body", "init_images"), f"at most {settings.max_batch_size} init images per job")
+        if getattr(req, name) > settings.limits.max_side:
+            raise FieldError(("body", name), f"{name} must be at most {settings.limits.max_side}")
+    if req.init_images is not None and len(req.init_images) > settings.limits.max_batch_size:
+        raise FieldError(("body", "init_images"), f"at most {settings.limits.max_batch_size} init images per job")
     if req.enable_hr:
         _check_hires(req, settings)
 
 
 def _check_hires(req: Txt2ImgRequest, settings: Settings) -> None:
-    if req.hr_second_pass_steps > settings.max_steps:
+    if req.hr_second_pass_steps > settings.limits.max_steps:
         raise FieldError(("body", "hr_second_pass_steps"),
-                         f"hr_second_pass_steps must be between 0 and {settings.max_steps}")
+                         f"hr_second_pass_steps must be between 0 and {settings.limits.max_steps}")
     up_w, up_h, final_w, final_h = hires_target_size(req.width, req.height, req.hr_scale, req.hr_resize_x,
                                                      req.hr_resize_y)
     field = ("body", "hr_scale") if req.hr_resize_x == 0 and req.hr_resize_y == 0 else ("body", "hr_resize_x")

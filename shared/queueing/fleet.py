@@ -32,12 +32,12 @@ _UNACKED_KEY = "unacked"
 @lru_cache
 def get_redis() -> redis.Redis:
     """One client per process for admin reads; short timeouts so a sick broker cannot hang the dashboard."""
-    return redis.Redis.from_url(get_settings().redis_url, socket_timeout=2, socket_connect_timeout=2)
+    return redis.Redis.from_url(get_settings().services.redis_url, socket_timeout=2, socket_connect_timeout=2)
 
 
 def heartbeat_interval(settings: Settings) -> float:
     """How often a worker renews its lease and advertises itself: every quarter lease."""
-    return max(1.0, settings.lease_seconds / 4)
+    return max(1.0, settings.jobs.lease_seconds / 4)
 
 
 def lost_after(settings: Settings) -> float:

@@ -29,15 +29,15 @@ class TaskName(StrEnum):
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Settings for long GPU tasks (design notes, rule 6)."""
     return {
-        "broker_url": settings.redis_url,
+        "broker_url": settings.services.redis_url,
         "result_backend": None,
         "task_ignore_result": True,
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "task_time_limit": settings.job_time_limit,
-        "task_soft_time_limit": max(settings.job_time_limit - 30, 30),
-        "broker_transport_options": {"visibility_timeout": settings.broker_visibility_timeout},
+        "task_time_limit": settings.jobs.job_time_limit,
+        "task_soft_time_limit": max(settings.jobs.job_time_limit - 30, 30),
+        "broker_transport_options": {"visibility_timeout": settings.jobs.broker_visibility_timeout},
         "broker_connection_retry_on_startup": True,
         "task_default_queue": QueueName.RENDER,
         "task_routes": {

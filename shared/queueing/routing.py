@@ -52,7 +52,7 @@ def advertised_models(infos: Iterable[dict]) -> set[str]:
 @lru_cache
 def get_router() -> AffinityRouter:
     """The API process's router, reading heartbeats through the admin Redis client (short timeouts)."""
-    return AffinityRouter(get_redis(), enabled=get_settings().affinity_routing)
+    return AffinityRouter(get_redis(), enabled=get_settings().routing.affinity_routing)
 
 
 class AffinityRouter:

@@ -11,9 +11,9 @@ from shared.storage.factory import store_from_url
 
 @lru_cache
 def get_object_store() -> ObjectStore:
-    settings = get_settings()
+    services = get_settings().services
     return store_from_url(
-        settings.storage_url, secret=settings.secret_key.encode(), public_base_url=settings.public_url
+        services.storage_url, secret=services.secret_key.encode(), public_base_url=services.public_url
     )
 
 

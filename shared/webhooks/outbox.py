@@ -27,7 +27,6 @@ from shared.queueing.queues import QueueName, TaskName, get_producer
 from shared.settings import get_settings
 from shared.storage.base import ObjectStore
 from shared.storage.object_store import get_object_store
-from shared.webhooks.config import webhook_config
 from shared.webhooks.models import DeliveryStatus, WebhookDelivery, WebhookGoneEndpoint
 
 log = logging.getLogger(__name__)
@@ -122,7 +121,7 @@ def _create_delivery(
                 WebhookDelivery.job_id == job.id, WebhookDelivery.event == PROGRESS_EVENT
             )
         )
-        if last is not None and now - last < timedelta(seconds=webhook_config().progress_interval_seconds):
+        if last is not None and now - last < timedelta(seconds=get_settings().webhooks.progress_interval_seconds):
             return None
     gone = is_gone(session, job.owner, job.webhook_url)
     if gone and progress:
@@ -130,7 +129,8 @@ def _create_delivery(
     sequence = session.scalar(
         select(func.coalesce(func.max(WebhookDelivery.sequence), 0) + 1).where(WebhookDelivery.job_id == job.id)
     )
-    view = job_view(job, store or get_object_store(), get_settings().url_expires_seconds).model_dump(mode="json")
+    expires = get_settings().services.url_expires_seconds
+    view = job_view(job, store or get_object_store(), expires).model_dump(mode="json")
     webhook_id = f"msg_{uuid.uuid4().hex}" if progress else _state_event_id(job, event)
     values = {
         "webhook_id": webhook_id,

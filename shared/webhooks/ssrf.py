@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from shared.webhooks.config import allow_hosts_from_env
+from shared.settings import get_settings
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], list[str]]
@@ -88,7 +88,9 @@ def check_webhook_url(
     `allow_hosts` defaults to RENDERFARM_WEBHOOK_ALLOW_HOSTS: host names, addresses or CIDR networks.
     """
     scheme, hostname, port, path = _parse(url)
-    allowed_names, allowed_networks = _parse_allowlist(allow_hosts_from_env() if allow_hosts is None else allow_hosts)
+    if allow_hosts is None:
+        allow_hosts = get_settings().webhooks.allow_hosts
+    allowed_names, allowed_networks = _parse_allowlist(allow_hosts)
     try:
         addresses = [ipaddress.ip_address(hostname)]
         literal = True

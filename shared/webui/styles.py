@@ -107,13 +107,13 @@ def _read_cached(path: Path) -> dict[str, PromptStyle]:
 
 def user_styles_file(settings: Settings) -> Path | None:
     """The user's style file; a configured file that is missing is logged, not fatal, like the WebUI."""
-    if settings.styles_file is not None:
-        if settings.styles_file.is_file():
-            return settings.styles_file
+    if settings.models.styles_file is not None:
+        if settings.models.styles_file.is_file():
+            return settings.models.styles_file
         log.warning("RENDERFARM_STYLES_FILE %s does not exist; only the shipped styles are available",
-                    settings.styles_file)
+                    settings.models.styles_file)
         return None
-    path = settings.models_dir / "styles.csv"
+    path = settings.models.models_dir / "styles.csv"
     return path if path.is_file() else None
 
 

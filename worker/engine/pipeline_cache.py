@@ -106,9 +106,9 @@ class PipelineCache:
         self.settings = settings
         self.device = device
         self.dtype = dtype
-        self.budget = settings.pipeline_cache_bytes or default_budget(device)
-        self.max_models = settings.pipeline_cache_models
-        self.hashes = HashCache(settings.models_dir / ".hashes.json")
+        self.budget = settings.worker.pipeline_cache_bytes or default_budget(device)
+        self.max_models = settings.worker.pipeline_cache_models
+        self.hashes = HashCache(settings.models.models_dir / ".hashes.json")
         self.on_change = on_change
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
         self.loads = 0
@@ -129,7 +129,7 @@ class PipelineCache:
         if name in self._models:
             self._models.move_to_end(name)
             return self._models[name]
-        ckpt = resolve_checkpoint(self.settings.models_dir, name)
+        ckpt = resolve_checkpoint(self.settings.models.models_dir, name)
         if ckpt.name in self._models:  # asked for by file name or title: the same pipeline
             self._models.move_to_end(ckpt.name)
             return self._models[ckpt.name]

@@ -20,7 +20,6 @@ from celery.signals import worker_process_init, worker_process_shutdown
 from shared.db.session import get_session_factory, session_scope
 from shared.queueing.queues import QueueName, TaskName, celery_config
 from shared.settings import get_settings
-from shared.webhooks.config import webhook_config
 from shared.webhooks.outbox import publish_deliveries
 from worker.webhook_sender.delivery import attempt_delivery, dispatch_due, prune_deliveries
 
@@ -87,7 +86,7 @@ _poller: DuePoller | None = None
 @worker_process_init.connect
 def _start_poller(**_: object) -> None:
     global _poller
-    _poller = DuePoller(webhook_config().poll_seconds)
+    _poller = DuePoller(get_settings().webhooks.poll_seconds)
     _poller.start()
 
 

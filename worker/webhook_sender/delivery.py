@@ -25,10 +25,9 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from shared.db.models import ApiKey, JobImage
-from shared.settings import get_settings
+from shared.settings import WebhookSettings, get_settings
 from shared.storage.base import ObjectStore
 from shared.storage.object_store import get_object_store
-from shared.webhooks.config import WebhookConfig, webhook_config
 from shared.webhooks.models import DeliveryStatus, WebhookAttempt, WebhookDelivery, WebhookGoneEndpoint
 from shared.webhooks.outbox import PROGRESS_EVENT, is_gone, url_hash
 from shared.webhooks.signing import get_or_create_secret, signed_headers
@@ -67,10 +66,10 @@ def utcnow() -> datetime:
 
 def attempt_delivery(
     session: Session, delivery_id: int, *, now: datetime | None = None, store: ObjectStore | None = None,
-    config: WebhookConfig | None = None,
+    config: WebhookSettings | None = None,
 ) -> DeliveryOutcome:
     """Make one attempt at a due delivery and record it; commits as it goes."""
-    cfg = config or webhook_config()
+    cfg = config or get_settings().webhooks
     started = now or utcnow()
     token = uuid.uuid4()
     claimed = session.execute(
@@ -96,7 +95,7 @@ def attempt_delivery(
     return _record(session, delivery, token, result, started, cfg)
 
 
-def _send(session: Session, delivery: WebhookDelivery, store: ObjectStore | None, cfg: WebhookConfig) -> HttpResult:
+def _send(session: Session, delivery: WebhookDelivery, store: ObjectStore | None, cfg: WebhookSettings) -> HttpResult:
     try:
         secret = _signing_secret(session, delivery)
         body = _request_body(session, delivery, store or get_object_store())
@@ -110,7 +109,7 @@ def _send(session: Session, delivery: WebhookDelivery, store: ObjectStore | None
     return post_signed(delivery.url, body, signed_headers(secret, delivery.webhook_id, body), cfg)
 
 
-def post_signed(url: str, body: str, headers: dict[str, str], cfg: WebhookConfig) -> HttpResult:
+def post_signed(url: str, body: str, headers: dict[str, str], cfg: WebhookSettings) -> HttpResult:
     """POST to a checked address of `url` (never to a fresh DNS answer), without following redirects."""
     clock = time.monotonic()
 
@@ -150,7 +149,7 @@ def dispatch_due(session: Session, *, now: datetime | None = None, limit: int = 
     A row dispatched recently is left alone unless its message evidently got lost.
     """
     now = now or utcnow()
-    resend_before = now - timedelta(seconds=webhook_config().redispatch_after_seconds)
+    resend_before = now - timedelta(seconds=get_settings().webhooks.redispatch_after_seconds)
     due = (
         select(WebhookDelivery.id)
         .where(
@@ -178,7 +177,7 @@ def prune_deliveries(session: Session, *, now: datetime | None = None) -> int:
     now = now or utcnow()
     finished = WebhookDelivery.finished_at.is_not(None)
     old_progress = (WebhookDelivery.event == PROGRESS_EVENT) & (WebhookDelivery.finished_at < now - timedelta(days=1))
-    old_any = WebhookDelivery.finished_at < now - timedelta(days=webhook_config().keep_days)
+    old_any = WebhookDelivery.finished_at < now - timedelta(days=get_settings().webhooks.keep_days)
     result = session.execute(
         delete(WebhookDelivery).where(finished, WebhookDelivery.status != DeliveryStatus.PENDING,
                                       old_progress | old_any).execution_options(synchronize_session=False)
@@ -202,7 +201,7 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
     return max((when - (now or utcnow())).total_seconds(), 0.0)
 
 
-def next_delay(result: HttpResult, step: int, cfg: WebhookConfig) -> float | None:
+def next_delay(result: HttpResult, step: int, cfg: WebhookSettings) -> float | None:
     """Seconds until the next attempt after failed attempt number `step` (0-based), or None: give up."""
     if step >= len(cfg.retry_schedule):
         return None
@@ -248,7 +247,7 @@ def _request_body(session: Session, delivery: WebhookDelivery, store: ObjectStor
         keys = dict(
             session.execute(select(JobImage.index, JobImage.key).where(JobImage.job_id == delivery.job_id)).all()
         )
-        expires = get_settings().url_expires_seconds
+        expires = get_settings().services.url_expires_seconds
         payload["images"] = [
             {**image, "url": store.url(keys[image["index"]], expires)} if image.get("index") in keys else image
             for image in payload["images"]
@@ -258,7 +257,7 @@ def _request_body(session: Session, delivery: WebhookDelivery, store: ObjectStor
 
 def _record(
     session: Session, delivery: WebhookDelivery, token: uuid.UUID, result: HttpResult, started: datetime,
-    cfg: WebhookConfig,
+    cfg: WebhookSettings,
 ) -> DeliveryOutcome:
     finished = started + timedelta(milliseconds=result.duration_ms)
     session.add(

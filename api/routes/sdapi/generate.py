@@ -44,9 +44,9 @@ class GenerationResponse(BaseModel):
 
 def wait_timeout(settings: Settings) -> float:
     """How long a call waits: ``RENDERFARM_SDAPI_TIMEOUT``, else long enough for every retry of a job."""
-    if settings.sdapi_timeout:
-        return settings.sdapi_timeout
-    return float(settings.job_time_limit * settings.max_attempts + 60)
+    if settings.jobs.sdapi_timeout:
+        return settings.jobs.sdapi_timeout
+    return float(settings.jobs.job_time_limit * settings.jobs.max_attempts + 60)
 
 
 def _submit(body: WebuiBody, key: ApiKey, settings: Settings, store: ObjectStore,

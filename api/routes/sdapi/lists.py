@@ -96,14 +96,14 @@ def hypernetworks(key: SdapiKey) -> list[dict[str, Any]]:
 @router.get("/cmd-flags")
 def cmd_flags(key: SdapiKey, settings: SettingsDep) -> dict[str, Any]:
     """The WebUI flags that describe this server; it runs API-only, with keys as auth, across a farm."""
-    models = settings.models_dir
+    models = settings.models.models_dir
     return {
         "api": True, "nowebui": True, "api_auth": "API keys", "listen": True, "skip_torch_cuda_test": True,
         "data_dir": str(models.parent), "models_dir": str(models),
         "ckpt_dir": str(models / CHECKPOINT_DIR), "vae_dir": str(models / VAE_DIR),
         "lora_dir": str(models / catalog.LORA_DIR), "embeddings_dir": str(models / catalog.EMBEDDINGS_DIR),
-        "esrgan_models_path": str(models / ESRGAN_DIR), "styles_file": [str(settings.styles_file or "")],
-        "max_pixels": settings.max_pixels, "max_steps": settings.max_steps,
+        "esrgan_models_path": str(models / ESRGAN_DIR), "styles_file": [str(settings.models.styles_file or "")],
+        "max_pixels": settings.limits.max_pixels, "max_steps": settings.limits.max_steps,
     }
 
 

@@ -28,8 +28,8 @@ class PngInfoResponse(BaseModel):
 
 
 def _read(image: str, settings: Settings) -> PngInfoResponse:
-    data = decode_base64_image(image, ("body", "image"), settings.max_upload_bytes)
-    info, items = read_generation_info(data, ("body", "image"), settings.max_input_pixels)
+    data = decode_base64_image(image, ("body", "image"), settings.limits.max_upload_bytes)
+    info, items = read_generation_info(data, ("body", "image"), settings.limits.max_input_pixels)
     return PngInfoResponse(info=info, items=items, parameters=parse_infotext(info) if info else {})
 
 
