@@ -6,7 +6,6 @@ deterministic keys, then record the outputs and `succeeded` in one transaction.
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 import uuid
@@ -23,6 +22,7 @@ from shared.jobs.states import ErrorType
 from shared.settings import Settings
 from shared.storage.base import ObjectStore, StorageError, TransientStorageError
 from shared.storage.object_store import image_key
+from shared.webui.image_metadata import OUTPUT_FORMATS, encode_image
 from shared.webui.infotext import format_infotext
 
 if TYPE_CHECKING:
@@ -75,62 +75,6 @@ def infotext_for(
         "Version": VERSION,
     }
     return format_infotext(params["prompt"], params["negative_prompt"], fields)
-
-
-# output_format -> (PIL format, file extension, content type)
-OUTPUT_FORMATS = {
-    "png": ("PNG", "png", "image/png"),
-    "jpeg": ("JPEG", "jpg", "image/jpeg"),
-    "webp": ("WEBP", "webp", "image/webp"),
-}
-EXIF_IFD = 0x8769
-EXIF_USER_COMMENT = 0x9286
-USER_COMMENT_UNICODE = b"UNICODE\0"
-
-
-def encode_png(image: Any, infotext: str) -> bytes:
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    info.add_text("parameters", infotext)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
-    return buffer.getvalue()
-
-
-def encode_image(image: Any, infotext: str, output_format: str = "png") -> bytes:
-    """PNG keeps the ``parameters`` chunk; JPEG/WebP (quality 80, the WebUI's default) carry the infotext in
-    EXIF UserComment exactly as the WebUI writes it through piexif: ``UNICODE\\0`` + UTF-16 big-endian."""
-    if output_format not in ("jpeg", "webp"):
-        return encode_png(image, infotext)
-    from PIL import Image
-
-    exif = Image.Exif()
-    exif.get_ifd(EXIF_IFD)[EXIF_USER_COMMENT] = USER_COMMENT_UNICODE + infotext.encode("utf_16_be")
-    pil_format = OUTPUT_FORMATS[output_format][0]
-    buffer = io.BytesIO()
-    try:
-        image.convert("RGB").save(buffer, format=pil_format, quality=80, exif=exif.tobytes())
-    except ValueError:
-        # A JPEG segment holds at most 64 KiB, and UTF-16 doubles the text: a prompt of ~30000 characters
-        # does not fit. The image is still worth having; its infotext stays on the job's image record.
-        log.warning("infotext of %d characters does not fit in JPEG EXIF; image saved without it", len(infotext))
-        buffer = io.BytesIO()
-        image.convert("RGB").save(buffer, format=pil_format, quality=80)
-    return buffer.getvalue()
-
-
-def read_exif_infotext(data: bytes) -> str | None:
-    """The infotext in a JPEG/WebP's EXIF UserComment, decoded like the WebUI's ``read_info_from_image``."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as image:
-        comment = image.getexif().get_ifd(EXIF_IFD).get(EXIF_USER_COMMENT)
-    if not isinstance(comment, bytes) or len(comment) < 8:
-        return None
-    if comment[:8] == USER_COMMENT_UNICODE:
-        return comment[8:].decode("utf_16_be", errors="replace")
-    return comment[8:].decode("utf8", errors="ignore")
 
 
 T = TypeVar("T")
