@@ -46,7 +46,7 @@ def infotext_for(
 ) -> str:
     """The WebUI's infotext for one image (``create_infotext``); ``extra`` holds keys the engine reported."""
     from shared.webui.samplers import resolve_sampler
-    from worker.engine.hires import infotext_fields as hires_fields
+    from worker.engine.hires import hires_infotext_fields
 
     mode = params.get("mode", "txt2img")
     enable_hr = mode == "txt2img" and bool(params.get("enable_hr"))
@@ -70,7 +70,7 @@ def infotext_for(
         "Clip skip": params.get("clip_skip"),
         "ENSD": ensd if ensd and resolve_sampler(params["sampler_name"], params["scheduler"]).stochastic else None,
         "RNG": "CPU",
-        **(hires_fields(params) if enable_hr else {}),
+        **(hires_infotext_fields(params) if enable_hr else {}),
         **(extra or {}),
         "Version": VERSION,
     }
