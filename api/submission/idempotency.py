@@ -19,8 +19,8 @@ from sqlalchemy import delete, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from shared.clock import utcnow
 from shared.db.models import IdempotencyKey
-from shared.jobs.repository import utcnow
 
 RETENTION = timedelta(hours=24)
 STALE_AFTER = timedelta(seconds=60)

@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from shared.clock import utcnow
 from shared.db.models import Job, JobImage
 from shared.jobs.states import ALLOWED_TRANSITIONS, JobStatus
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)
@@ -134,10 +131,6 @@ def set_progress(session: Session, job_id: uuid.UUID, worker: str, progress: flo
         .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.lease_owner == worker)
         .values(progress=progress)
     )
-
-
-def record_model_hash(session: Session, job_id: uuid.UUID, model_hash: str) -> None:
-    session.execute(update(Job).where(Job.id == job_id).values(model_hash=model_hash))
 
 
 def complete_job(

@@ -7,8 +7,8 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from shared.clock import utcnow
 from shared.db.models import Job
-from shared.jobs.repository import utcnow
 from shared.jobs.schemas import ErrorView, ImageView, JobView
 from shared.jobs.states import JobStatus
 from shared.storage.base import ObjectStore

@@ -24,6 +24,7 @@ from sqlalchemy import delete, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from shared.clock import utcnow
 from shared.db.models import ApiKey, JobImage
 from shared.settings import get_settings
 from shared.storage.base import ObjectStore
@@ -59,10 +60,6 @@ class HttpResult:
     @property
     def ok(self) -> bool:
         return self.status_code is not None and 200 <= self.status_code < 300
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def attempt_delivery(
