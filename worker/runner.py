@@ -1,4 +1,5 @@
-"""Runs one job from claim to outputs. Knows nothing of Celery, so tests can call it directly.
+"""Runs one job from claim to outputs. Knows nothing of Celery (but the soft time limit's exception),
+so tests can call it directly.
 
 The order follows the design notes: claim by compare-and-set, render, upload to
 deterministic keys, then record the outputs and `succeeded` in one transaction.
@@ -10,8 +11,10 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -34,6 +37,16 @@ VERSION = "renderfarm-0.1.0"
 
 class JobCanceled(Exception):
     """Raised from the step callback when the job's cancel was requested."""
+
+
+class RunOutcome(StrEnum):
+    """What :meth:`JobRunner.run` did with a job (the Celery task's return value)."""
+
+    SKIPPED = "skipped"  # not queued any more: a duplicate delivery, or already done
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    LOST = "lost"  # the lease was lost before the outputs were recorded
 
 
 def infotext_for(
@@ -127,8 +140,8 @@ class JobRunner:
             self._engine = GenerationEngine(self.settings.models_dir)
         return self._engine
 
-    def run(self, job_id: str) -> str:
-        """Render a job if it can be claimed; returns the outcome ('skipped', 'succeeded', 'failed', 'lost')."""
+    def run(self, job_id: str) -> RunOutcome:
+        """Render a job if it can be claimed, and say what became of it."""
         jid = uuid.UUID(job_id)
 
         def claim() -> tuple[dict[str, Any] | None, list[int]]:
@@ -145,16 +158,21 @@ class JobRunner:
         publish_events(deliveries)
         if params is None:
             log.info("job %s is not queued any more (duplicate delivery or done); nothing to do", job_id)
-            return "skipped"
+            return RunOutcome.SKIPPED
         self.runtime.heartbeat.track(job_id)
         try:
             return self._render_and_record(jid, params)
         except JobCanceled:
             self._write(jid, lambda session: repository.finish_canceled(session, jid, self.runtime.name), "canceling")
             log.info("job %s canceled; partial images discarded", job_id)
-            return "canceled"
+            return RunOutcome.CANCELED
         except FieldError as exc:
             return self._fail(jid, ErrorType.INVALID_INPUT, exc.message)
+        except SoftTimeLimitExceeded:
+            # Celery's soft time limit, raised inside the render (the one Celery name the runner knows).
+            log.warning("job %s: time limit reached", job_id)
+            limit = self.settings.job_time_limit
+            return self._fail(jid, ErrorType.TIMEOUT, f"the job ran past its time limit of {limit} s and was stopped")
         except StorageError as exc:
             log.exception("job %s: storage failed", job_id)
             return self._fail(jid, ErrorType.STORAGE_ERROR, f"could not store the images: {exc}")
@@ -165,7 +183,7 @@ class JobRunner:
             self.runtime.heartbeat.untrack()
             self.runtime.jobs_done += 1
 
-    def _render_and_record(self, jid: uuid.UUID, params: dict[str, Any]) -> str:
+    def _render_and_record(self, jid: uuid.UUID, params: dict[str, Any]) -> RunOutcome:
         model = self.runtime.pipelines.get(params["model"])
         heartbeat = self.runtime.heartbeat
 
@@ -194,8 +212,8 @@ class JobRunner:
         )
         if not self._write(jid, record, "recording the outputs"):
             log.warning("job %s: lease lost before completion; outputs not recorded", jid)
-            return "lost"
-        return "succeeded"
+            return RunOutcome.LOST
+        return RunOutcome.SUCCEEDED
 
     def _write(self, jid: uuid.UUID, change: Callable[[Session], bool], what: str) -> bool:
         """One state change and its webhook event in one transaction, retried through database outages."""
@@ -213,7 +231,7 @@ class JobRunner:
         publish_events(deliveries)
         return changed
 
-    def _fail(self, jid: uuid.UUID, error_type: str, message: str) -> str:
+    def _fail(self, jid: uuid.UUID, error_type: str, message: str) -> RunOutcome:
         worker = self.runtime.name
         self._write(jid, lambda s: repository.fail_job(s, jid, error_type, message, worker=worker), "failing")
-        return "failed"
+        return RunOutcome.FAILED
