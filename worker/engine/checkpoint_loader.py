@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -37,7 +37,12 @@ from worker.engine import ldm_layout
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
-CONFIG_ROOT = Path(__file__).resolve().parent.parent / "assets" / "configs"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+CONFIG_ROOT = ASSETS / "configs"
+# The one copy of the CLIP BPE tokenizer every bundled architecture uses (SD1.x, and both of SDXL's).
+CLIP_TOKENIZER_DIR = ASSETS / "clip_tokenizer"
+# SDXL's second tokenizer (OpenCLIP ViT-bigG) is the same BPE padded with "!" (id 0), as open_clip pads.
+SDXL_SECOND_PAD_TOKEN = "!"
 
 
 def checkpoint_config_dir(arch: str) -> Path:
@@ -97,6 +102,22 @@ def check_weights_present(path: Path, config_dir: Path) -> None:
         raise UnsupportedCheckpointError(f"{Path(path).name}: incomplete checkpoint for {config_dir.name}: {details}")
 
 
+def bundled_tokenizers(arch: str) -> dict[str, Any]:
+    """The tokenizers of a bundled architecture, from the one copy in ``worker/assets/clip_tokenizer``.
+
+    The config folders hold no tokenizer files: ``from_single_file`` would read them from
+    ``<config>/tokenizer*/``, so they are loaded here and passed in instead.
+    """
+    from transformers import CLIPTokenizer
+
+    tokenizers = {"tokenizer": CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_DIR, local_files_only=True)}
+    if is_sdxl(arch):
+        tokenizers["tokenizer_2"] = CLIPTokenizer.from_pretrained(
+            CLIP_TOKENIZER_DIR, pad_token=SDXL_SECOND_PAD_TOKEN, local_files_only=True
+        )
+    return tokenizers
+
+
 def load_pipeline(path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> DiffusionPipeline:
     """Load a checkpoint file or diffusers folder into a diffusers pipeline using only local files.
 
@@ -118,7 +139,7 @@ def load_pipeline(path: Path, device: str = "cpu", dtype: torch.dtype = torch.fl
         from diffusers import StableDiffusionXLPipeline
 
         pipe = StableDiffusionXLPipeline.from_single_file(
-            str(path), config=str(config_dir), local_files_only=True, torch_dtype=dtype
+            str(path), config=str(config_dir), local_files_only=True, torch_dtype=dtype, **bundled_tokenizers(arch)
         )
     else:
         from diffusers import StableDiffusionPipeline
@@ -131,6 +152,7 @@ def load_pipeline(path: Path, device: str = "cpu", dtype: torch.dtype = torch.fl
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
+            **bundled_tokenizers(arch),
         )
     return finish_pipeline(pipe, device)
 
