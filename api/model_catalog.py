@@ -6,9 +6,10 @@ scan of the folder, so a file copied in while the farm runs is visible at once (
 /v1/models/refresh`` has no scan cache to clear). What is expensive, the SHA-256 of a large file,
 is remembered by :class:`~shared.webui.hashes.HashCache` per path, size and modification time.
 
-Architecture detection reads only the safetensors JSON header (plain ``json``/``struct``): the
-API must stay torch-free, and a header is all that is needed to tell SD1.5 from SDXL. A diffusers
-folder's architecture comes from its ``model_index.json`` (``StableDiffusionXLPipeline`` is SDXL).
+Architecture detection (:func:`shared.models.architecture.checkpoint_architecture`, the worker's
+detector too) reads only the safetensors JSON header: the API must stay torch-free, and a header is
+all that is needed to tell SD1.5 from SDXL. A diffusers folder's architecture comes from its
+``model_index.json`` (``StableDiffusionXLPipeline`` is SDXL).
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from api.sdapi.catalog import EMBEDDINGS_DIR, LORA_DIR, safetensors_header
+from api.sdapi.catalog import EMBEDDINGS_DIR, LORA_DIR
 from shared.errors import FieldError
+from shared.models.architecture import checkpoint_architecture
 from shared.models.files import VAE_DIR, list_model_files, resolve_model_file
-from shared.models.registry import inspect_diffusers_folder, scan_checkpoints
+from shared.models.registry import scan_checkpoints
 from shared.webui.hashes import HashCache, legacy_model_hash
 from shared.webui.prompts import extract_lora_tags
 
@@ -42,10 +44,6 @@ __all__ = [
 ]
 
 Field = tuple[str | int, ...]
-METADATA_ARCH_KEY = "renderfarm_arch"
-_SDXL_PREFIX = "conditioner.embedders.1."
-_SD_UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
-_SD2_OPEN_CLIP = "cond_stage_model.model.token_embedding.weight"
 
 
 @dataclass(frozen=True)
@@ -71,34 +69,6 @@ class CheckpointEntry:
     legacy_hash: str | None
     architecture: str | None
     refused_reason: str | None
-
-
-def checkpoint_architecture(path: Path) -> str | None:
-    """``"demo-tiny"``, ``"demo-tiny-sdxl"``, ``"sd15"`` or ``"sdxl"`` from the header alone; None when
-    it is none of them.
-
-    Same order as the worker's loader: our metadata tag, then SDXL's second text encoder, then the
-    SD1.x UNet input conv (4 latent channels, 320 wide). Unknown is None rather than an error, since a
-    list should show every file and the worker gives the precise refusal when a job uses it. A
-    diffusers folder reports the family of its pipeline class (``sd15`` or ``sdxl``).
-    """
-    if path.is_dir():
-        return inspect_diffusers_folder(path).architecture
-    if path.suffix.lower() != ".safetensors":
-        return None
-    header = safetensors_header(path)
-    metadata = header.get("__metadata__")
-    tagged = metadata.get(METADATA_ARCH_KEY) if isinstance(metadata, dict) else None
-    if isinstance(tagged, str) and tagged:
-        return tagged
-    keys = [key for key in header if key != "__metadata__"]
-    if any(key.startswith(_SDXL_PREFIX) for key in keys):
-        return "sdxl"
-    unet_in = header.get(_SD_UNET_IN)
-    shape = unet_in.get("shape") if isinstance(unet_in, dict) else None
-    if isinstance(shape, list) and shape[:2] == [320, 4] and _SD2_OPEN_CLIP not in header:
-        return "sd15"
-    return None
 
 
 def list_checkpoints(models_dir: Path, cache: HashCache) -> list[CheckpointEntry]:

@@ -11,7 +11,3 @@ class FieldError(ValueError):
         self.field = field
         self.message = message
         self.status_code = status_code
-
-
-class NotFound(LookupError):
-    pass

@@ -111,6 +111,12 @@ class JobSettings(BaseSettings):
         """Well above the hard time limit so Redis never redelivers a job that is still running."""
         return self.job_time_limit * 2 + 60
 
+    @property
+    def render_time_limit(self) -> int:
+        """When the runner stops a render at its next step and fails the job as `timeout`: before Celery's
+        hard limit (`job_time_limit`), which kills the process and leaves the job to lease expiry."""
+        return max(self.job_time_limit - 30, self.job_time_limit * 3 // 4)
+
 
 class RoutingSettings(BaseSettings):
     """Routing by model affinity (shared/queueing/routing.py): jobs go to a worker holding their checkpoint

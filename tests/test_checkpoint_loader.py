@@ -196,10 +196,10 @@ def test_config_dirs_are_bundled() -> None:
             "vae/config.json",
             "text_encoder/config.json",
             "scheduler/scheduler_config.json",
-            "tokenizer/vocab.json",
-            "tokenizer/merges.txt",
         ):
             assert (folder / part).is_file(), f"{arch}: {part}"
+        # The tokenizers come from the one copy in worker/assets/clip_tokenizer (bundled_tokenizers).
+        assert not (folder / "tokenizer").exists()
     with pytest.raises(UnsupportedCheckpointError):
         checkpoint_config_dir("sd3")
 

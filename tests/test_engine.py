@@ -17,13 +17,14 @@ from devtools.demo_models.sd15 import build_demo_checkpoint, build_demo_models
 from shared.errors import FieldError
 from shared.jobs.contract import RenderSpec
 from shared.storage.base import ObjectNotFoundError
+from shared.webui.image_metadata import encode_image, read_exif_infotext
 from shared.webui.infotext import parse_infotext
 from shared.webui.samplers import SAMPLERS
 from worker.engine import ldm_layout
 from worker.engine.checkpoint_loader import load_pipeline
 from worker.engine.engine import GenerationEngine
 from worker.engine.noise import ImageNoise, SeedPlan, cpu_randn
-from worker.runner import encode_image, infotext_for, read_exif_infotext
+from worker.runner import infotext_for
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -13,9 +13,9 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from api.submission.images import (
+    checked_png,
     decode_base64_image,
     decode_image,
-    encode_png,
     for_init_image,
     for_mask,
     probe_image,
@@ -160,7 +160,7 @@ def test_exif_orientation_is_applied() -> None:
 
 
 def test_reencoded_png_carries_no_metadata() -> None:
-    checked = encode_png(decode_image(png_bytes(text="secret prompt"), FIELD, LIMIT))
+    checked = checked_png(decode_image(png_bytes(text="secret prompt"), FIELD, LIMIT))
     assert "parameters" not in Image.open(io.BytesIO(checked.png)).info
     assert (checked.width, checked.height) == (16, 8)
 
@@ -240,7 +240,7 @@ def test_one_bad_image_stages_nothing(store: LocalObjectStore) -> None:
 
 
 def test_uploads_are_owner_scoped(store: LocalObjectStore) -> None:
-    upload = save_upload(store, "ann", encode_png(decode_image(png_bytes(), FIELD, LIMIT)))
+    upload = save_upload(store, "ann", checked_png(decode_image(png_bytes(), FIELD, LIMIT)))
     assert upload.ref == f"upload:{upload.id}" and (upload.width, upload.height) == (16, 8)
     assert Image.open(io.BytesIO(read_upload(store, "ann", upload.ref, FIELD))).size == (16, 8)
     staged = stage_inputs([upload.ref], None, owner="ann", store=store, settings=SETTINGS)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from api.submission.params import infotext_fields, plan_job
+from api.submission.params import plan_job, request_fields_from_infotext
 from shared.errors import FieldError
 from shared.jobs.schemas import MAX_SEED, Txt2ImgRequest, hires_target_size, resolve_params
 from shared.settings import LimitSettings, ModelSettings, Settings
@@ -331,14 +331,14 @@ def test_infotext_hires_sampler_and_resize(settings: Settings) -> None:
     assert (params["enable_hr"], params["hr_resize_x"], params["hr_resize_y"]) == (True, 1024, 1024)
 
 
-def test_infotext_fields_map_like_the_webui_paste() -> None:
+def test_request_fields_from_infotext_map_like_the_webui_paste() -> None:
     parsed = {"Steps": "20", "Size-1": "512", "Size-2": "768", "Hires sampler": "Use same sampler",
               "Masked content": "fill"}
-    assert infotext_fields(parsed, "txt2img") == {
+    assert request_fields_from_infotext(parsed, "txt2img") == {
         "steps": ("20", "Steps"), "width": ("512", "Size-1"), "height": ("768", "Size-2"),
         "hr_sampler_name": (None, "Hires sampler"),
     }
-    assert infotext_fields(parsed, "img2img")["inpainting_fill"] == (0, "Masked content")
+    assert request_fields_from_infotext(parsed, "img2img")["inpainting_fill"] == (0, "Masked content")
 
 
 # --- styles -----------------------------------------------------------------------------------------

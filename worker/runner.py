@@ -1,16 +1,17 @@
 """Runs one job from claim to outputs. Knows nothing of Celery, so tests can call it directly.
 
-The order follows the design notes: claim by compare-and-set, render, upload to
-deterministic keys, then record the outputs and `succeeded` in one transaction.
+The order follows docs/architecture.md (rules 3, 4 and 6): claim by compare-and-set, render, upload to
+deterministic keys, then record the outputs and `succeeded` in one transaction. A render stops at its
+next step when its cancel is requested or its time limit passes (`worker/control/job_control.py`).
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 import uuid
 from collections.abc import Callable
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.exc import InterfaceError, OperationalError
@@ -23,14 +24,25 @@ from shared.jobs.states import ErrorType
 from shared.settings import Settings
 from shared.storage.base import ObjectStore, StorageError, TransientStorageError
 from shared.storage.object_store import image_key
+from shared.webui.image_metadata import OUTPUT_FORMATS, encode_image
 from shared.webui.infotext import format_infotext
-from worker.control.job_control import JobCanceled, JobControl
+from worker.control.job_control import JobCanceled, JobControl, JobTimedOut
 
 if TYPE_CHECKING:
     from worker.engine.pipeline_cache import PipelineCache
 
 log = logging.getLogger(__name__)
 VERSION = "renderfarm-0.1.0"
+
+
+class RunOutcome(StrEnum):
+    """What :meth:`JobRunner.run` did with a job (the Celery task's return value)."""
+
+    SKIPPED = "skipped"  # not queued any more: a duplicate delivery, or already done
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    LOST = "lost"  # the lease was lost before the outputs were recorded
 
 
 def infotext_for(
@@ -43,7 +55,7 @@ def infotext_for(
 ) -> str:
     """The WebUI's infotext for one image (``create_infotext``); ``extra`` holds keys the engine reported."""
     from shared.webui.samplers import resolve_sampler
-    from worker.engine.hires import infotext_fields as hires_fields
+    from worker.engine.hires import hires_infotext_fields
 
     strength, ensd = spec.subseed_strength, spec.eta_noise_seed_delta
     resize_w, resize_h = spec.seed_resize_from_w, spec.seed_resize_from_h
@@ -64,67 +76,11 @@ def infotext_for(
         "Clip skip": spec.clip_skip,
         "ENSD": ensd if ensd and resolve_sampler(spec.sampler_name, spec.scheduler).stochastic else None,
         "RNG": "CPU",
-        **(hires_fields(spec) if spec.hires_enabled else {}),
+        **(hires_infotext_fields(spec) if spec.hires_enabled else {}),
         **(extra or {}),
         "Version": VERSION,
     }
     return format_infotext(spec.prompt, spec.negative_prompt, fields)
-
-
-# output_format -> (PIL format, file extension, content type)
-OUTPUT_FORMATS = {
-    "png": ("PNG", "png", "image/png"),
-    "jpeg": ("JPEG", "jpg", "image/jpeg"),
-    "webp": ("WEBP", "webp", "image/webp"),
-}
-EXIF_IFD = 0x8769
-EXIF_USER_COMMENT = 0x9286
-USER_COMMENT_UNICODE = b"UNICODE\0"
-
-
-def encode_png(image: Any, infotext: str) -> bytes:
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    info.add_text("parameters", infotext)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
-    return buffer.getvalue()
-
-
-def encode_image(image: Any, infotext: str, output_format: str = "png") -> bytes:
-    """PNG keeps the ``parameters`` chunk; JPEG/WebP (quality 80, the WebUI's default) carry the infotext in
-    EXIF UserComment exactly as the WebUI writes it through piexif: ``UNICODE\\0`` + UTF-16 big-endian."""
-    if output_format not in ("jpeg", "webp"):
-        return encode_png(image, infotext)
-    from PIL import Image
-
-    exif = Image.Exif()
-    exif.get_ifd(EXIF_IFD)[EXIF_USER_COMMENT] = USER_COMMENT_UNICODE + infotext.encode("utf_16_be")
-    pil_format = OUTPUT_FORMATS[output_format][0]
-    buffer = io.BytesIO()
-    try:
-        image.convert("RGB").save(buffer, format=pil_format, quality=80, exif=exif.tobytes())
-    except ValueError:
-        # A JPEG segment holds at most 64 KiB, and UTF-16 doubles the text: a prompt of ~30000 characters
-        # does not fit. The image is still worth having; its infotext stays on the job's image record.
-        log.warning("infotext of %d characters does not fit in JPEG EXIF; image saved without it", len(infotext))
-        buffer = io.BytesIO()
-        image.convert("RGB").save(buffer, format=pil_format, quality=80)
-    return buffer.getvalue()
-
-
-def read_exif_infotext(data: bytes) -> str | None:
-    """The infotext in a JPEG/WebP's EXIF UserComment, decoded like the WebUI's ``read_info_from_image``."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as image:
-        comment = image.getexif().get_ifd(EXIF_IFD).get(EXIF_USER_COMMENT)
-    if not isinstance(comment, bytes) or len(comment) < 8:
-        return None
-    if comment[:8] == USER_COMMENT_UNICODE:
-        return comment[8:].decode("utf_16_be", errors="replace")
-    return comment[8:].decode("utf8", errors="ignore")
 
 
 T = TypeVar("T")
@@ -187,8 +143,8 @@ class JobRunner:
             self._engine = GenerationEngine(self.settings.models.models_dir)
         return self._engine
 
-    def run(self, job_id: str) -> str:
-        """Render a job if it can be claimed; returns the outcome ('skipped', 'succeeded', 'failed', 'lost')."""
+    def run(self, job_id: str) -> RunOutcome:
+        """Render a job if it can be claimed, and say what became of it."""
         jid = uuid.UUID(job_id)
 
         def claim() -> dict[str, Any] | None:
@@ -201,16 +157,19 @@ class JobRunner:
         params = with_db_retry(claim, "claiming a job")
         if params is None:
             log.info("job %s is not queued any more (duplicate delivery or done); nothing to do", job_id)
-            return "skipped"
-        self.control.begin(jid)
+            return RunOutcome.SKIPPED
+        self.control.begin(jid, self.settings.jobs.render_time_limit)
         try:
             return self._render_and_record(jid, RenderSpec.from_stored(params))
         except JobCanceled:
             self._write(lambda session: lifecycle.finish_canceled(session, jid, self.worker), "canceling")
             log.info("job %s canceled; partial images discarded", job_id)
-            return "canceled"
+            return RunOutcome.CANCELED
         except FieldError as exc:
             return self._fail(jid, ErrorType.INVALID_INPUT, exc.message)
+        except JobTimedOut as exc:
+            log.warning("job %s: time limit reached", job_id)
+            return self._fail(jid, ErrorType.TIMEOUT, str(exc))
         except StorageError as exc:
             log.exception("job %s: storage failed", job_id)
             return self._fail(jid, ErrorType.STORAGE_ERROR, f"could not store the images: {exc}")
@@ -241,8 +200,8 @@ class JobRunner:
         )
         if not self._write(record, "recording the outputs"):
             log.warning("job %s: lease lost before completion; outputs not recorded", jid)
-            return "lost"
-        return "succeeded"
+            return RunOutcome.LOST
+        return RunOutcome.SUCCEEDED
 
     def _write(self, change: Callable[[Session], bool], what: str) -> bool:
         """One lifecycle transition in its own transaction, retried through database outages."""
@@ -257,6 +216,6 @@ class JobRunner:
 
         return with_db_retry(attempt, what)
 
-    def _fail(self, jid: uuid.UUID, error_type: ErrorType, message: str) -> str:
+    def _fail(self, jid: uuid.UUID, error_type: ErrorType, message: str) -> RunOutcome:
         self._write(lambda s: lifecycle.fail(s, jid, self.worker, error_type, message), "failing")
-        return "failed"
+        return RunOutcome.FAILED

@@ -8,7 +8,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import CurrentKey, SettingsDep, StoreDep
 from api.submission.form_data import IMAGE_REQUEST_BODY, read_image_request
-from api.submission.images import decode_image, encode_png, for_upload
+from api.submission.images import checked_png, decode_image, for_upload
 from api.submission.uploads import Upload, save_upload
 from shared.settings import Settings
 from shared.storage.base import ObjectStore
@@ -26,7 +26,7 @@ class UploadView(BaseModel):
 def _store_upload(data: bytes, field: tuple[str, ...], owner: str, store: ObjectStore, settings: Settings) -> Upload:
     """Checked and re-encoded before it is stored, exactly like an init image sent inline."""
     image = decode_image(data, field, settings.limits.max_input_pixels)
-    return save_upload(store, owner, encode_png(for_upload(image)))
+    return save_upload(store, owner, checked_png(for_upload(image)))
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=UploadView, openapi_extra=IMAGE_REQUEST_BODY)

@@ -7,9 +7,6 @@ Hashes come from the shared on-disk cache, so a checkpoint is hashed once, not o
 
 from __future__ import annotations
 
-import json
-import struct
-from pathlib import Path
 from typing import Any
 
 from shared.models.files import ESRGAN_DIR, LATENT_UPSCALERS, PIXEL_UPSCALERS, VAE_DIR, list_model_files
@@ -20,6 +17,7 @@ from shared.models.registry import (
     resolve_checkpoint,
     scan_checkpoints,
 )
+from shared.models.safetensors_header import safetensors_header_or_none
 from shared.settings import Settings
 from shared.webui.hashes import HashCache
 
@@ -30,7 +28,6 @@ __all__ = [
 
 LORA_DIR = "Lora"
 EMBEDDINGS_DIR = "embeddings"
-_MAX_HEADER = 16 * 1024 * 1024
 
 
 def hash_cache(settings: Settings) -> HashCache:
@@ -76,24 +73,12 @@ def vaes(settings: Settings) -> list[dict[str, Any]]:
     return [{"model_name": name, "filename": f"{VAE_DIR}/{name}"} for name in _loadable(settings, VAE_DIR)]
 
 
-def safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a .safetensors file (tensor shapes, ``__metadata__``) without reading any tensor."""
-    try:
-        with open(path, "rb") as file:
-            (length,) = struct.unpack("<Q", file.read(8))
-            if length > _MAX_HEADER:
-                return {}
-            header = json.loads(file.read(length))
-    except (OSError, ValueError, struct.error):
-        return {}
-    return header if isinstance(header, dict) else {}
-
-
 def loras(settings: Settings) -> list[dict[str, Any]]:
     found = []
     for name in _loadable(settings, LORA_DIR):
         stem = name.rsplit(".", 1)[0]
-        metadata = safetensors_header(settings.models.models_dir / LORA_DIR / name).get("__metadata__") or {}
+        header = safetensors_header_or_none(settings.models.models_dir / LORA_DIR / name)
+        metadata = header.metadata if header is not None else {}
         found.append({"name": stem, "alias": metadata.get("ss_output_name") or stem,
                       "path": f"{LORA_DIR}/{name}", "metadata": metadata})
     return found
@@ -103,8 +88,8 @@ def embeddings(settings: Settings) -> dict[str, dict[str, Any]]:
     """``loaded``/``skipped`` like the WebUI; shape and vector count come from the file header."""
     loaded: dict[str, Any] = {}
     for name in _loadable(settings, EMBEDDINGS_DIR):
-        header = safetensors_header(settings.models.models_dir / EMBEDDINGS_DIR / name)
-        shapes = [t.get("shape") for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)]
+        header = safetensors_header_or_none(settings.models.models_dir / EMBEDDINGS_DIR / name)
+        shapes = list(header.shapes.values()) if header is not None else []
         shape = shapes[0] if shapes and shapes[0] else [0]
         loaded[name.rsplit(".", 1)[0].rsplit("/", 1)[-1]] = {
             "step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from api.submission.params import OVERRIDE_SETTINGS, infotext_fields
+from api.submission.params import OVERRIDE_SETTINGS, request_fields_from_infotext
 from shared.errors import FieldError
 from shared.jobs.schemas import Txt2ImgRequest
 from shared.webui.infotext import parse_infotext
@@ -203,7 +203,7 @@ def _given_by_infotext(fields: dict[str, Any]) -> set[str]:
     if not fields.get("infotext"):
         return set()
     parsed = parse_infotext(str(fields["infotext"]))
-    found = set(infotext_fields(parsed, str(fields.get("mode", "txt2img"))))
+    found = set(request_fields_from_infotext(parsed, str(fields.get("mode", "txt2img"))))
     if "Model" in parsed or "Model hash" in parsed:
         found.add("model")
     return found

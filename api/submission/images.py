@@ -23,14 +23,15 @@ from dataclasses import dataclass
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from shared.errors import FieldError
+from shared.webui.image_metadata import encode_png, exif_infotext
 
 __all__ = [
     "ACCEPTED_FORMATS",
     "CheckedImage",
     "ImageHeader",
+    "checked_png",
     "decode_base64_image",
     "decode_image",
-    "encode_png",
     "for_init_image",
     "for_mask",
     "for_upload",
@@ -176,11 +177,9 @@ def for_upload(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def encode_png(image: Image.Image) -> CheckedImage:
+def checked_png(image: Image.Image) -> CheckedImage:
     """Plain PNG without metadata; fast compression, since inputs are read once by a worker."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=1)
-    return CheckedImage(buffer.getvalue(), image.width, image.height)
+    return CheckedImage(encode_png(image, compress_level=1), image.width, image.height)
 
 
 # Metadata keys that are not generation info (the WebUI's IGNORED_INFO_KEYS in modules/images.py).
@@ -188,25 +187,6 @@ _IGNORED_INFO_KEYS = frozenset({
     "jfif", "jfif_version", "jfif_unit", "jfif_density", "dpi", "exif", "loop", "background", "timestamp",
     "duration", "progressive", "progression", "icc_profile", "chromaticity", "photoshop",
 })
-_EXIF_IFD = 0x8769
-_USER_COMMENT = 0x9286
-
-
-def _decode_user_comment(raw: bytes | str) -> str:
-    """EXIF UserComment: an 8-byte charset header, then text (piexif's ``UserComment.load``, more lenient).
-
-    The WebUI writes ``UNICODE\\0`` + UTF-16 big-endian; some tools write little-endian, which shows as
-    zero bytes in the odd positions, so the byte order is taken from where the zeros are.
-    """
-    if isinstance(raw, str):
-        return raw
-    header, body = raw[:8], raw[8:]
-    if header == b"UNICODE\x00":
-        little = len(body) >= 2 and body[1::2].count(0) > body[0::2].count(0)
-        return body.decode("utf-16-le" if little else "utf-16-be", errors="ignore")
-    if header in (b"ASCII\x00\x00\x00", b"\x00" * 8):
-        return body.decode("utf-8", errors="ignore")
-    return raw.decode("utf-8", errors="ignore")
 
 
 def _json_safe(value: object) -> object:
@@ -223,20 +203,18 @@ def read_generation_info(data: bytes, field: Field, max_pixels: int) -> tuple[st
     """(infotext, other metadata) of an image, as the WebUI's ``read_info_from_image`` returns them.
 
     The infotext is the PNG ``parameters`` text chunk, or the EXIF UserComment of a JPEG or WebP
-    (which wins, as in the WebUI). The image is decoded because PNG text chunks may follow the pixel
-    data; the header checks run first as for any input.
+    (which wins, as in the WebUI; decoded by :mod:`shared.webui.image_metadata`). The image is
+    decoded because PNG text chunks may follow the pixel data; the header checks run first as for
+    any input.
     """
     with _load(data, field, max_pixels) as image:
         items: dict[str, object] = dict(image.info or {})
-        exif = image.getexif()
+        decoded = exif_infotext(image)
     geninfo = items.pop("parameters", "")
     text = geninfo.decode("utf-8", errors="ignore") if isinstance(geninfo, bytes) else str(geninfo)
-    comment = exif.get_ifd(_EXIF_IFD).get(_USER_COMMENT)
-    if comment:
-        decoded = _decode_user_comment(comment)
-        if decoded:
-            items["exif comment"] = decoded
-            text = decoded
+    if decoded:
+        items["exif comment"] = decoded
+        text = decoded
     for key in _IGNORED_INFO_KEYS:
         items.pop(key, None)
     return text, {str(key): _json_safe(value) for key, value in items.items()}

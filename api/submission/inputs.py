@@ -13,7 +13,7 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 
-from api.submission.images import decode_base64_image, decode_image, encode_png, for_init_image, for_mask
+from api.submission.images import checked_png, decode_base64_image, decode_image, for_init_image, for_mask
 from api.submission.uploads import is_upload_ref, read_upload
 from shared.settings import Settings
 from shared.storage.base import ObjectStore, StorageError
@@ -76,12 +76,12 @@ def stage_inputs(init_images: list[str] | None, mask: str | None, *, owner: str,
         image = decode_image(read_image_value(value, loc, owner, store, settings), loc,
                              settings.limits.max_input_pixels)
         key = f"{prefix}/init_{index}.png"
-        blobs[key] = encode_png(for_init_image(image)).png
+        blobs[key] = checked_png(for_init_image(image)).png
         init_keys.append(key)
     mask_key = None
     if mask is not None:
         loc = ("body", "mask")
         image = decode_image(read_image_value(mask, loc, owner, store, settings), loc, settings.limits.max_input_pixels)
         mask_key = f"{prefix}/mask.png"
-        blobs[mask_key] = encode_png(for_mask(image)).png
+        blobs[mask_key] = checked_png(for_mask(image)).png
     return StagedInputs(init_keys, mask_key, blobs)

@@ -31,7 +31,7 @@ from shared.webui.hashes import HashCache
 from shared.webui.infotext import parse_infotext
 from shared.webui.styles import StyleBook, load_style_book
 
-__all__ = ["OVERRIDE_SETTINGS", "JobPlan", "infotext_fields", "merge_request", "plan_job"]
+__all__ = ["OVERRIDE_SETTINGS", "JobPlan", "request_fields_from_infotext", "merge_request", "plan_job"]
 
 Field = tuple[str | int, ...]
 _TITLE_HASH = re.compile(r"\s*\[[0-9a-fA-F]{8,10}\]\s*$")
@@ -106,7 +106,7 @@ def _hires_enabled(parsed: Mapping[str, object]) -> bool:
     return "Denoising strength" in parsed and ("Hires upscale" in parsed or "Hires upscaler" in parsed or resize)
 
 
-def infotext_fields(parsed: Mapping[str, object], mode: str) -> dict[str, tuple[object, str]]:
+def request_fields_from_infotext(parsed: Mapping[str, object], mode: str) -> dict[str, tuple[object, str]]:
     """Request field -> (value, infotext key) for every field an infotext gives, in the job's mode."""
     keys = _COMMON_KEYS + (_TXT2IMG_KEYS if mode == "txt2img" else _IMG2IMG_KEYS)
     found: dict[str, tuple[object, str]] = {field: (parsed[key], key) for key, field in keys if key in parsed}
@@ -163,7 +163,7 @@ def merge_request(req: Txt2ImgRequest, settings: Settings) -> tuple[Txt2ImgReque
     if req.infotext and req.infotext.strip():
         parsed = parse_infotext(req.infotext)
         mode = "img2img" if req.init_images or req.mode == "img2img" else "txt2img"
-        for field, (value, key) in infotext_fields(parsed, mode).items():
+        for field, (value, key) in request_fields_from_infotext(parsed, mode).items():
             if field not in explicit:
                 filled[field] = value
                 origins[field] = _Origin(("body", "infotext"), f"infotext {key!r}")

@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import save_file
 
+from shared.models.architecture import METADATA_ARCH_KEY
 from worker.engine import ldm_layout
-from worker.engine.checkpoint_loader import METADATA_ARCH_KEY, checkpoint_config_dir
+from worker.engine.checkpoint_loader import checkpoint_config_dir
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, UNet2DConditionModel

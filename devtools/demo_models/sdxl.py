@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from devtools.demo_models.sd15 import save_safetensors_atomically
+from shared.models.architecture import METADATA_ARCH_KEY
 from worker.engine import ldm_layout
-from worker.engine.checkpoint_loader import METADATA_ARCH_KEY, checkpoint_config_dir
+from worker.engine.checkpoint_loader import checkpoint_config_dir
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, UNet2DConditionModel

@@ -8,7 +8,9 @@ wheel (no install: installing would pull torchvision) and rebuilds the vocabular
 open_clip's ``tokenizer.py`` does, then writes it in the Hugging Face ``CLIPTokenizer`` layout
 (vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json).
 
-The output is committed under ``worker/assets/clip_tokenizer/``; re-run only to regenerate it:
+The output is committed under ``worker/assets/clip_tokenizer/``, the one copy every bundled config
+uses (the worker passes it to ``from_single_file``; SDXL's second tokenizer is the same files padded
+with "!"). Re-run only to regenerate it:
 
     pip download --no-deps open-clip-torch==3.3.0 -d /tmp/x
     python devtools/scripts/build_clip_tokenizer.py /tmp/x/open_clip_torch-3.3.0-py3-none-any.whl
@@ -19,17 +21,11 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import shutil
 import zipfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = REPO_ROOT / "worker" / "assets" / "clip_tokenizer"
-# Folders that carry their own copy of the tokenizer (diffusers wants it under <config>/tokenizer/).
-CONFIG_TOKENIZER_DIRS = [
-    REPO_ROOT / "worker" / "assets" / "configs" / "sd15" / "tokenizer",
-    REPO_ROOT / "worker" / "assets" / "configs" / "demo-tiny" / "tokenizer",
-]
 BPE_MEMBER = "open_clip/bpe_simple_vocab_16e6.txt.gz"
 
 BOS = "<|startoftext|>"
@@ -110,22 +106,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("wheel", type=Path, help="path to the downloaded open_clip_torch-*.whl")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument(
-        "--no-config-copies", action="store_true", help="do not refresh worker/assets/configs/*/tokenizer/"
-    )
     args = parser.parse_args()
 
     vocab, merges = build_vocab(read_bpe_lines(args.wheel))
     write_tokenizer(args.out, vocab, merges)
     print(f"wrote {len(vocab)} tokens and {len(merges)} merges to {args.out}")
-    if not args.no_config_copies:
-        for target in CONFIG_TOKENIZER_DIRS:
-            if target.resolve() == args.out.resolve():
-                continue
-            target.mkdir(parents=True, exist_ok=True)
-            for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
-                shutil.copyfile(args.out / name, target / name)
-            print(f"copied to {target}")
 
 
 if __name__ == "__main__":

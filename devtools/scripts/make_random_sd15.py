@@ -28,12 +28,9 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from shared.models.architecture import detect_architecture  # noqa: E402
 from worker.engine import ldm_layout  # noqa: E402
-from worker.engine.checkpoint_loader import (  # noqa: E402
-    checkpoint_config_dir,
-    detect_architecture,
-    load_pipeline,
-)
+from worker.engine.checkpoint_loader import checkpoint_config_dir, load_pipeline  # noqa: E402
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline

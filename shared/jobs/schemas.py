@@ -108,9 +108,6 @@ class Txt2ImgRequest(BaseModel):
     )
 
 
-JobRequest = Txt2ImgRequest
-
-
 def hires_target_size(width: int, height: int, hr_scale: float, hr_resize_x: int,
                       hr_resize_y: int) -> tuple[int, int, int, int]:
     """(upscale_w, upscale_h, final_w, final_h) of the hires fix, as the WebUI computes them.

@@ -48,5 +48,4 @@ class ErrorType(StrEnum):
     RENDER_ERROR = "render_error"
     STORAGE_ERROR = "storage_error"
     WORKER_LOST = "worker_lost"
-    TIMEOUT = "timeout"
-    INTERNAL = "internal"
+    TIMEOUT = "timeout"  # the render ran past its time limit (RENDERFARM_JOB_TIME_LIMIT, less a margin)

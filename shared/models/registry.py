@@ -20,7 +20,6 @@ from pathlib import Path
 from shared.errors import FieldError
 
 CHECKPOINT_DIR = "Stable-diffusion"
-WEBUI_FOLDERS = ("Stable-diffusion", "Lora", "VAE", "embeddings")
 LOADABLE_SUFFIXES = (".safetensors",)
 REFUSED_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 _TITLE_HASH = re.compile(r"\s*\[[0-9a-fA-F]{8,10}\]\s*$")

@@ -36,7 +36,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "task_time_limit": settings.jobs.job_time_limit,
-        "task_soft_time_limit": max(settings.jobs.job_time_limit - 30, 30),
         "broker_transport_options": {"visibility_timeout": settings.jobs.broker_visibility_timeout},
         "broker_connection_retry_on_startup": True,
         "task_default_queue": QueueName.RENDER,

@@ -12,7 +12,7 @@ import hashlib
 import logging
 import uuid
 from collections.abc import Iterable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
@@ -20,6 +20,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from shared.clock import utcnow
 from shared.db.models import Job
 from shared.jobs.states import JobStatus
 from shared.jobs.views import job_view
@@ -48,10 +49,6 @@ _ID_NAMESPACE = uuid.UUID("6f1c2d8e-5b7a-4c1e-9d3f-2a8b7c6d5e4f")
 
 class NothingToRedeliver(LookupError):
     """A redelivery was asked for but there is no event to send again; the message says why."""
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def event_for_status(status: str) -> str:

@@ -249,11 +249,6 @@ def entry_at(schedule: list[ScheduledCond], step: int) -> ScheduledCond:
     return schedule[0]
 
 
-def cond_at(schedule: list[ScheduledCond], step: int) -> torch.Tensor:
-    """The conditioning for model evaluation ``step`` (0-based), as ``reconstruct_cond_batch`` picks it."""
-    return entry_at(schedule, step).cond
-
-
 @dataclass(frozen=True)
 class StepConditioning:
     uncond: torch.Tensor  # (tokens_u, width)

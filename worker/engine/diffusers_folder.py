@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from shared.models.architecture import UnsupportedCheckpointError
 from shared.models.registry import WEIGHT_COMPONENTS, inspect_diffusers_folder
-from worker.engine.checkpoint_loader import UnsupportedCheckpointError, finish_pipeline, read_safetensors_header
+from shared.models.safetensors_header import read_safetensors_header
+from worker.engine.checkpoint_loader import finish_pipeline
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline

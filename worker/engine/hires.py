@@ -106,7 +106,7 @@ def truncate_latent(latent: torch.Tensor, plan: HiresPlan) -> torch.Tensor:
     return latent[:, :, ty // 2 : latent.shape[2] - (ty + 1) // 2, tx // 2 : latent.shape[3] - (tx + 1) // 2]
 
 
-def infotext_fields(spec: RenderSpec) -> dict[str, object]:
+def hires_infotext_fields(spec: RenderSpec) -> dict[str, object]:
     """The hires keys the WebUI adds to ``extra_generation_params`` (txt2img ``init``)."""
     if not spec.enable_hr:
         return {}

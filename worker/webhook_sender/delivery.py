@@ -24,6 +24,7 @@ from sqlalchemy import delete, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from shared.clock import utcnow
 from shared.db.models import ApiKey, JobImage
 from shared.settings import WebhookSettings, get_settings
 from shared.storage.base import ObjectStore
@@ -58,10 +59,6 @@ class HttpResult:
     @property
     def ok(self) -> bool:
         return self.status_code is not None and 200 <= self.status_code < 300
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def attempt_delivery(
