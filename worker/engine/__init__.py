@@ -1,9 +1,11 @@
-"""Checkpoint loading for the GPU worker: single-file SD checkpoints, bundled configs, key layouts.
+"""The generation engine: the only package that imports torch and diffusers.
 
-Why a package of its own: everything here must work with no model hub in reach, and it is the
-only place that knows how original (LDM / WebUI) checkpoint files map onto diffusers pipelines.
-Header-only helpers (architecture detection) do not import diffusers, so the worker can vet a
-model folder cheaply before it loads anything.
+It takes a typed `shared.jobs.contract.RenderSpec` and returns images. In diffusers' order: checkpoint
+loading with bundled configs (`checkpoint_loader`, `ldm_layout`, `diffusers_folder`) kept warm under a
+memory budget (`pipeline_cache`), prompt conditioning (`conditioning`, `sdxl_conditioning`,
+`embeddings`, `lora`), noise and seeds (`noise`), samplers (`scheduling`), the denoising loop
+(`denoise`, `img2img`, `hires`), decoding (`vae`), orchestrated by `engine.GenerationEngine`.
+Everything here works with no model hub in reach.
 """
 
 from worker.engine.checkpoint_loader import (

@@ -44,7 +44,7 @@ class LoadedModel:
 
 def estimate_checkpoint_bytes(path: Path, float_bytes: int) -> int:
     """Bytes the weights of a checkpoint file (or diffusers folder) take once loaded with floats of `float_bytes`."""
-    from worker.engine.checkpoint_loader import read_safetensors_header
+    from shared.models.safetensors_header import read_safetensors_header
 
     files = _loaded_weight_files(Path(path)) if Path(path).is_dir() else [Path(path)]
     total = 0
