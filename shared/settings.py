@@ -27,7 +27,7 @@ _FLAT = SettingsConfigDict(env_prefix="RENDERFARM_", extra="ignore", frozen=True
 class ServiceSettings(BaseSettings):
     """Where the backing services are (Postgres, Redis, the object store) and how stored files are served."""
 
-    model_config = SettingsConfigDict(_FLAT, populate_by_name=True)
+    model_config = SettingsConfigDict(**_FLAT, populate_by_name=True)
 
     database_url: str = Field(
         "postgresql+psycopg://renderfarm@127.0.0.1:55432/renderfarm",

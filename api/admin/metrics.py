@@ -153,16 +153,16 @@ def families(snap: Snapshot) -> Iterator[Metric]:
                             histograms(snap.counters, "wait", WAIT_BUCKETS), WAIT_BUCKETS)
     finished = CounterMetricFamily("renderfarm_jobs_finished", "Finished jobs by model and final state",
                                    labels=["model", "status"])
-    for (model, status), count in sorted(_labelled(snap.counters, "jobs_finished").items()):
-        finished.add_metric([model, status], count)
+    for (model, status), total in sorted(_labelled(snap.counters, "jobs_finished").items()):
+        finished.add_metric([model, status], total)
     yield finished
     images = CounterMetricFamily("renderfarm_images_rendered", "Images rendered and stored", labels=["model"])
-    for (model, _), count in sorted(_labelled(snap.counters, "images").items()):
-        images.add_metric([model], count)
+    for (model, _), total in sorted(_labelled(snap.counters, "images").items()):
+        images.add_metric([model], total)
     yield images
     failures = CounterMetricFamily("renderfarm_job_failures", "Failed jobs by error type", labels=["error_type"])
-    for (_, error_type), count in sorted(_labelled(snap.counters, "failures").items()):
-        failures.add_metric([error_type], count)
+    for (_, error_type), total in sorted(_labelled(snap.counters, "failures").items()):
+        failures.add_metric([error_type], total)
     yield failures
     hooks = CounterMetricFamily("renderfarm_webhook_deliveries", "Webhook deliveries by final outcome",
                                 labels=["outcome"])

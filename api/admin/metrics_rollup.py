@@ -15,7 +15,7 @@ Run by the API's sampler every period and by `/metrics` before it reads.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import defaultdict
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
@@ -42,12 +42,15 @@ _NEW_FINISHED = text(
 )
 
 
+# (name, model, key) -> total: counts and sums of seconds alike
+Totals = defaultdict[tuple[str, str, str], float]
+
 def le(bound: float) -> str:
     """A bucket bound as Prometheus writes it (`0.5`, `10.0`)."""
     return repr(float(bound))
 
 
-def _observe(totals: Counter[tuple[str, str, str]], prefix: str, model: str, value: float,
+def _observe(totals: Totals, prefix: str, model: str, value: float,
              bounds: Sequence[float]) -> None:
     for bound in bounds:
         if value <= bound:
@@ -56,9 +59,9 @@ def _observe(totals: Counter[tuple[str, str, str]], prefix: str, model: str, val
     totals[(f"{prefix}_sum", model, "")] += value
 
 
-def increments(rows: Sequence[tuple]) -> Counter[tuple[str, str, str]]:
+def increments(rows: Sequence[tuple]) -> Totals:
     """What a batch of finished jobs adds to each (name, model, key) total; bucket counts are cumulative."""
-    totals: Counter[tuple[str, str, str]] = Counter()
+    totals: Totals = defaultdict(float)
     for _id, model, status, error_type, created, started, finished, images in rows:
         totals[("jobs_finished", model, status)] += 1
         if images:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import func, select, text
+from sqlalchemy import delete, func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -37,12 +37,12 @@ def queue_depth(session: Session, now: datetime | None = None) -> DatabaseDepth:
             entry.queued, entry.oldest_queued_at = count, oldest
         else:
             entry.running = count
-    oldest = min((m.oldest_queued_at for m in models.values() if m.oldest_queued_at), default=None)
+    oldest_queued = min((m.oldest_queued_at for m in models.values() if m.oldest_queued_at), default=None)
     return DatabaseDepth(
         queued=sum(m.queued for m in models.values()),
         running=sum(m.running for m in models.values()),
-        oldest_queued_at=oldest,
-        oldest_queued_age_seconds=(now - oldest).total_seconds() if oldest else None,
+        oldest_queued_at=oldest_queued,
+        oldest_queued_age_seconds=(now - oldest_queued).total_seconds() if oldest_queued else None,
         by_model=sorted(models.values(), key=lambda m: (-(m.queued + m.running), m.model)),
     )
 
@@ -192,6 +192,6 @@ def record_sample(
         .returning(QueueSample.sampled_at)
     ).first()
     if inserted is not None:
-        session.execute(QueueSample.__table__.delete().where(QueueSample.sampled_at < slot - retention))
+        session.execute(delete(QueueSample).where(QueueSample.sampled_at < slot - retention))
     return inserted is not None
 

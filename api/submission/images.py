@@ -208,7 +208,7 @@ def read_generation_info(data: bytes, field: Field, max_pixels: int) -> tuple[st
     any input.
     """
     with _load(data, field, max_pixels) as image:
-        items: dict[str, object] = dict(image.info or {})
+        items: dict[str | tuple[int, int], object] = dict(image.info or {})
         decoded = exif_infotext(image)
     geninfo = items.pop("parameters", "")
     text = geninfo.decode("utf-8", errors="ignore") if isinstance(geninfo, bytes) else str(geninfo)

@@ -80,8 +80,9 @@ def stage_inputs(init_images: list[str] | None, mask: str | None, *, owner: str,
         init_keys.append(key)
     mask_key = None
     if mask is not None:
-        loc = ("body", "mask")
-        image = decode_image(read_image_value(mask, loc, owner, store, settings), loc, settings.limits.max_input_pixels)
+        mask_loc = ("body", "mask")
+        image = decode_image(read_image_value(mask, mask_loc, owner, store, settings), mask_loc,
+                             settings.limits.max_input_pixels)
         mask_key = f"{prefix}/mask.png"
         blobs[mask_key] = checked_png(for_mask(image)).png
     return StagedInputs(init_keys, mask_key, blobs)

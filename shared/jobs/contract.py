@@ -63,7 +63,7 @@ class RenderSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    version: Literal[1] = CONTRACT_VERSION
+    version: Literal[1] = 1  # CONTRACT_VERSION
     mode: Literal["txt2img", "img2img"] = "txt2img"
     model: str = Field(description="checkpoint name in models/Stable-diffusion")
     prompt: str

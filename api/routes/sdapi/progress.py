@@ -48,7 +48,8 @@ def progress(key: SdapiKey, session: SessionDep, skip_current_image: bool = Fals
     job = session.scalar(select(Job).where(Job.owner == key.owner).order_by(Job.created_at.desc()).limit(1))
     active = session.scalar(select(func.count()).select_from(Job)
                             .where(Job.owner == key.owner, Job.status.in_([str(s) for s in _ACTIVE])))
-    running = job is not None and job.status == JobStatus.RUNNING
+    running_job = job if job is not None and job.status == JobStatus.RUNNING else None
+    running = running_job is not None
     total = int(job.params.get("steps", 0)) * int(job.params.get("n_iter", 1)) if job is not None else 0
     state = {
         "skipped": False,
@@ -58,12 +59,12 @@ def progress(key: SdapiKey, session: SessionDep, skip_current_image: bool = Fals
         "job_count": int(active or 0),
         "job_timestamp": job_timestamp(job) if job is not None else "0",
         "job_no": 0,
-        "sampling_step": round(job.progress * total) if running else 0,
+        "sampling_step": round(running_job.progress * total) if running_job is not None else 0,
         "sampling_steps": total if job is not None else 0,
     }
     return ProgressResponse(
-        progress=job.progress if running else 0.0,
-        eta_relative=(eta_seconds(job) or 0.0) if running else 0.0,
+        progress=running_job.progress if running_job is not None else 0.0,
+        eta_relative=(eta_seconds(running_job) or 0.0) if running_job is not None else 0.0,
         state=state,
         textinfo=_textinfo(session, job) if job is not None else None,
     )
