@@ -1,4 +1,4 @@
-"""The deployment files encode reliability decisions (design rules 6 and 7); keep them honest.
+"""The deployment files encode reliability decisions (docs/architecture.md, rules 7 and 8); keep them honest.
 
 The compose file is checked structurally with PyYAML everywhere. ``docker compose config``
 validates it against the real schema only where the compose plugin exists (this project's

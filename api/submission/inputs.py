@@ -1,6 +1,6 @@
 """A job's input images: checked in memory first, written to the object store only when all passed.
 
-The order matters for design rule 7 (bad input leaves nothing behind): every init image and the mask
+The order matters for docs/architecture.md, rule 8 (bad input leaves nothing behind): every init image and the mask
 are read (base64 or ``upload:<id>``), checked and re-encoded before a single byte is stored, so a bad
 second image leaves no orphaned first one. The keys are deterministic under a fresh id
 (``inputs/<id>/init_<k>.png``, ``inputs/<id>/mask.png``): a worker finds them from the job's params,

@@ -27,7 +27,7 @@ class TaskName(StrEnum):
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
-    """Settings for long GPU tasks (design notes, rule 6)."""
+    """Settings for long GPU tasks (docs/architecture.md, rule 7)."""
     return {
         "broker_url": settings.services.redis_url,
         "result_backend": None,

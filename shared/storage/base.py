@@ -6,7 +6,7 @@ on S3. ``validate_key`` is the single gate both adapters pass every key through,
 that could escape a directory or alias another key (``../x``, ``a//b``, ``a\\b``) is refused
 before it reaches a filesystem path or a URL.
 
-Errors come in two kinds because callers treat them differently (design rule 7):
+Errors come in two kinds because callers treat them differently (docs/architecture.md, rule 8):
 ``TransientStorageError`` (network trouble, 5xx, throttling) is retried with backoff;
 any other ``StorageError`` (bad credentials, missing bucket, missing object) is not.
 """

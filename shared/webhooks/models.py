@@ -1,7 +1,7 @@
 """Tables of the webhook outbox: one row per event to deliver, one row per HTTP attempt.
 
 A delivery row is written in the same transaction as the job state change it reports, so an
-event exists exactly when the change commits (design rule 1); the sender only ever reads rows.
+event exists exactly when the change commits (docs/architecture.md, rule 1); the sender only ever reads rows.
 """
 
 from __future__ import annotations

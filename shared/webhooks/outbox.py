@@ -1,7 +1,7 @@
 """The producer side of webhooks: a delivery row per event, written with the job change it reports.
 
 `enqueue_job_event` runs inside the transaction that changes the job, so an event exists exactly
-when its state change commits (design rule 1), with the job as `GET /v1/jobs/{id}` showed it at
+when its state change commits (docs/architecture.md, rule 1), with the job as `GET /v1/jobs/{id}` showed it at
 that moment. `publish_deliveries` runs after the commit (rule 2) and only nudges the webhook
 queue; if that message is lost, the webhook worker's poller finds the row anyway.
 """

@@ -1,6 +1,6 @@
 """The sender side of webhooks: one HTTP attempt per call, and the scan for due retries.
 
-An attempt claims its delivery with a compare-and-set lease (design rule 3) and commits before it
+An attempt claims its delivery with a compare-and-set lease (docs/architecture.md, rule 4) and commits before it
 sends, so no transaction stays open across a slow receiver and two workers never send the same
 attempt; a worker that dies mid-attempt only delays the retry until the lease runs out. Retries
 are rows with `next_attempt_at`, found by `dispatch_due`, never Celery ETAs held in the broker.
