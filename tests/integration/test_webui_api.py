@@ -19,7 +19,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from tests.conftest import make_key
 from tests.farm_harness import Farm
-from tests.test_images import png_bytes, png_header_claiming
+from tests.unit.test_images import png_bytes, png_header_claiming
 
 pytestmark = pytest.mark.e2e
 

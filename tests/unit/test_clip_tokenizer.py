@@ -15,7 +15,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER_DIR = ROOT / "worker" / "assets" / "clip_tokenizer"
 CONFIGS = ROOT / "worker" / "assets" / "configs"
 # SDXL's second tokenizer is the same BPE with "!" as its padding token, so only its vocabulary is a copy.
