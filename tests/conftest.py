@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import itertools
 import os
 import subprocess
@@ -190,7 +189,7 @@ def reset_process_caches() -> None:
         if module is None or name.split(".")[0] not in ("api", "shared"):
             continue
         for value in list(vars(module).values()):
-            if isinstance(value, functools._lru_cache_wrapper) and getattr(value, "__module__", None) == name:
+            if callable(getattr(value, "cache_clear", None)) and getattr(value, "__module__", None) == name:
                 value.cache_clear()
 
 
