@@ -26,7 +26,8 @@ REDIS_DATABASES = 128  # handed out one per user by `redis_db_url`, never named 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark every test with its kind, taken from the folder it lives in."""
     for item in items:
-        parts = item.path.resolve().relative_to(TESTS).parts
+        path = item.path.resolve()
+        parts = path.relative_to(TESTS).parts if path.is_relative_to(TESTS) else ()
         if len(parts) > 1 and parts[0] in KINDS:
             item.add_marker(parts[0])
 
