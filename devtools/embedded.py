@@ -158,10 +158,11 @@ def redis_server_binary() -> str:
 class EmbeddedRedis:
     """A redis-server in `data_dir` on 127.0.0.1:`port`, never evicting keys (queue messages are data)."""
 
-    def __init__(self, data_dir: Path, port: int, persist: bool = True) -> None:
+    def __init__(self, data_dir: Path, port: int, persist: bool = True, databases: int = 16) -> None:
         self.data_dir = data_dir.resolve()
         self.port = port
         self.persist = persist
+        self.databases = databases  # redis-server's own default is 16
         self.proc: subprocess.Popen | None = None
         self.log_path = self.data_dir.parent / f"{self.data_dir.name}.log"
 
@@ -173,7 +174,7 @@ class EmbeddedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
                 "--maxmemory-policy", "noeviction", "--save", "", "--protected-mode", "yes"]
-        args += ["--appendonly", "yes" if self.persist else "no"]
+        args += ["--appendonly", "yes" if self.persist else "no", "--databases", str(self.databases)]
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         _wait_for_port(self.port, self.proc, "redis-server", self.log_path)

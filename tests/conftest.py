@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,19 @@ from tests.farm_harness import ROOT, Farm, start_api, start_webhook_worker, star
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RENDERFARM_PG_FSYNC_OFF", "1")
+
+TESTS = Path(__file__).resolve().parent
+KINDS = ("unit", "integration", "e2e")  # tests/<kind>/..., each a marker: `pytest -m unit`, `-m "not e2e"`
+REDIS_DATABASES = 128  # handed out one per user by `redis_db_url`, never named by hand
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test with its kind, taken from the folder it lives in."""
+    for item in items:
+        path = item.path.resolve()
+        parts = path.relative_to(TESTS).parts if path.is_relative_to(TESTS) else ()
+        if len(parts) > 1 and parts[0] in KINDS:
+            item.add_marker(parts[0])
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +58,24 @@ def postgres(servers_dir: Path) -> Iterator[EmbeddedPostgres]:
 
 @pytest.fixture(scope="session")
 def redis_server(servers_dir: Path) -> Iterator[EmbeddedRedis]:
-    server = EmbeddedRedis(servers_dir / "redis", free_port(), persist=False).start()
+    server = EmbeddedRedis(servers_dir / "redis", free_port(), persist=False, databases=REDIS_DATABASES).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_db_url(redis_server: EmbeddedRedis) -> Callable[[], str]:
+    """A factory: each call returns the URL of a Redis database no other caller in this session was given
+    (database 0 is left to `redis_server.url`). Every farm, API and test client takes its own."""
+    indexes = itertools.count(1)
+
+    def allocate() -> str:
+        index = next(indexes)
+        if index >= redis_server.databases:
+            raise RuntimeError(f"all {redis_server.databases} Redis databases handed out; raise REDIS_DATABASES")
+        return f"redis://127.0.0.1:{redis_server.port}/{index}"
+
+    return allocate
 
 
 def _fresh_database(postgres: EmbeddedPostgres, name: str) -> str:
@@ -121,10 +150,11 @@ def farm_env(*, database_url: str, redis_url: str, storage_url: str, models_dir:
 
 
 ADMIN_KEY = "rf_test_admin_key_0123456789abcdef"
+IN_PROCESS_URL = "http://testserver"  # the host FastAPI's TestClient answers as
 
 
 @pytest.fixture(scope="session", params=["local", "s3"])
-def farm(request: pytest.FixtureRequest, postgres: EmbeddedPostgres, redis_server: EmbeddedRedis,
+def farm(request: pytest.FixtureRequest, postgres: EmbeddedPostgres, redis_db_url: Callable[[], str],
          models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
     """The whole farm: API + one Celery worker, with images in a local folder or in S3 (moto)."""
     backend = request.param
@@ -134,10 +164,9 @@ def farm(request: pytest.FixtureRequest, postgres: EmbeddedPostgres, redis_serve
         storage_url = f"s3://renderfarm-test?endpoint={endpoint}&create_bucket=1"
     else:
         storage_url = str(logs / "objects")
-    db_index = 2 if backend == "local" else 3
     env = farm_env(
         database_url=_fresh_database(postgres, f"farm_{backend}"),
-        redis_url=f"redis://127.0.0.1:{redis_server.port}/{db_index}",
+        redis_url=redis_db_url(),
         storage_url=storage_url, models_dir=models_dir, admin_key=ADMIN_KEY,
         # Test receivers listen on loopback, which the SSRF guard refuses unless allowed.
         RENDERFARM_WEBHOOK_ALLOW_HOSTS="127.0.0.1", RENDERFARM_WEBHOOK_RETRY_SCHEDULE="1,1,2",
@@ -154,21 +183,66 @@ def farm(request: pytest.FixtureRequest, postgres: EmbeddedPostgres, redis_serve
         farm.stop()
 
 
+def reset_process_caches() -> None:
+    """Forget what this process cached from the environment: the settings, engines, the Celery producer,
+    Redis clients, the object store (every `functools.lru_cache` of a loaded `api`/`shared` module)."""
+    for name, module in list(sys.modules.items()):
+        if module is None or name.split(".")[0] not in ("api", "shared"):
+            continue
+        for value in list(vars(module).values()):
+            if callable(getattr(value, "cache_clear", None)) and getattr(value, "__module__", None) == name:
+                value.cache_clear()
+
+
 @pytest.fixture(scope="session")
-def api_only(postgres: EmbeddedPostgres, redis_server: EmbeddedRedis, models_dir: Path,
-             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
-    """An API with no worker behind it, so a queue message it publishes stays visible in Redis."""
-    logs = tmp_path_factory.mktemp("api-only")
-    env = farm_env(
-        database_url=_fresh_database(postgres, "farm_api_only"),
-        redis_url=f"redis://127.0.0.1:{redis_server.port}/5",
-        storage_url=str(logs / "objects"), models_dir=models_dir, admin_key=ADMIN_KEY,
-        RENDERFARM_MAX_PIXELS=str(1024 * 1024),
+def api_only_env(postgres: EmbeddedPostgres, redis_db_url: Callable[[], str], models_dir: Path,
+                 tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Settings of the worker-less API: its own database, Redis database and objects folder."""
+    objects = tmp_path_factory.mktemp("api-only") / "objects"
+    return farm_env(
+        database_url=_fresh_database(postgres, "farm_api_only"), redis_url=redis_db_url(),
+        storage_url=str(objects), models_dir=models_dir, admin_key=ADMIN_KEY,
+        RENDERFARM_MAX_PIXELS=str(1024 * 1024), RENDERFARM_PUBLIC_URL=IN_PROCESS_URL,
     )
-    api, base_url = start_api(env, logs)
-    farm = Farm(base_url=base_url, admin_key=ADMIN_KEY, env=env, procs=[api])
-    yield farm
-    farm.stop()
+
+
+@pytest.fixture(scope="module")
+def api_only(api_only_env: dict[str, str]) -> Iterator[Farm]:
+    """The API with no worker behind it, so a queue message it publishes stays visible in Redis.
+
+    It runs in this process: `api.main:app` behind FastAPI's TestClient (lifespan included), with this
+    process's environment pointing at the test servers for the module's duration. `client()` and
+    `anonymous()` talk to it without a socket."""
+    from fastapi.testclient import TestClient
+
+    class Session(TestClient):
+        """A client of the app the fixture started: `with` does not run the app's lifespan again."""
+
+        def __enter__(self) -> Session:
+            return self
+
+        def __exit__(self, *args: object) -> None:
+            pass
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in api_only_env.items():
+            if os.environ.get(name) != value:
+                mp.setenv(name, value)
+        reset_process_caches()
+        try:
+            from api.main import app
+
+            with TestClient(app, base_url=IN_PROCESS_URL) as started:  # runs the lifespan once
+
+                def session(headers: dict[str, str]) -> Session:
+                    # Like the httpx.Client of a subprocess API: redirects are answers, not followed.
+                    client = Session(app, base_url=IN_PROCESS_URL, headers=headers, follow_redirects=False)
+                    client.portal = started.portal  # the app's event loop, where its lifespan tasks run
+                    return client
+
+                yield Farm(base_url=IN_PROCESS_URL, admin_key=ADMIN_KEY, env=api_only_env, in_process=session)
+        finally:
+            reset_process_caches()
 
 
 def make_key(database_url: str, owner: str, admin: bool = False) -> str:

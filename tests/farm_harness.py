@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,10 +128,20 @@ class Farm:
     admin_key: str
     env: dict[str, str]
     procs: list[Proc] = field(default_factory=list)
+    # Set when the API runs in this process: makes a client (FastAPI's TestClient) from request headers.
+    in_process: Callable[[dict[str, str]], httpx.Client] | None = None
 
     def client(self, key: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key or self.admin_key}"}
+        if self.in_process is not None:
+            return self.in_process(headers)
         return httpx.Client(base_url=self.base_url, headers=headers, timeout=30)
+
+    def anonymous(self) -> httpx.Client:
+        """A client that sends no API key."""
+        if self.in_process is not None:
+            return self.in_process({})
+        return httpx.Client(base_url=self.base_url, timeout=30)
 
     def submit(self, body: dict[str, Any], key: str | None = None) -> dict[str, Any]:
         with self.client(key) as c:

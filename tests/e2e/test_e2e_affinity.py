@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
-from devtools.embedded import EmbeddedPostgres, EmbeddedRedis
+from devtools.embedded import EmbeddedPostgres
 from shared.queueing.routing import model_queue
 from tests.conftest import ADMIN_KEY, _fresh_database, farm_env
 from tests.farm_harness import ROOT, Farm, Proc, start_api, start_worker, wait_until
@@ -44,12 +44,12 @@ def two_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def affinity_farm(postgres: EmbeddedPostgres, redis_server: EmbeddedRedis, two_models: Path,
+def affinity_farm(postgres: EmbeddedPostgres, redis_db_url: Callable[[], str], two_models: Path,
                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Farm, Proc, Proc]]:
     logs = tmp_path_factory.mktemp("affinity")
     env = farm_env(
         database_url=_fresh_database(postgres, "farm_affinity"),
-        redis_url=f"redis://127.0.0.1:{redis_server.port}/11",  # a database no other test uses
+        redis_url=redis_db_url(),
         storage_url=str(logs / "objects"), models_dir=two_models, admin_key=ADMIN_KEY,
         RENDERFARM_DEFAULT_MODEL=MODEL_A, RENDERFARM_PIPELINE_CACHE_BYTES=str(ONE_TINY_MODEL),
         RENDERFARM_AFFINITY_MAX_WAIT_SECONDS="2",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from api.admin import metrics, metrics_rollup
 from api.admin import queries as admin_queries
-from devtools.embedded import EmbeddedPostgres, EmbeddedRedis
+from devtools.embedded import EmbeddedPostgres
 from shared.db.models import Job, JobImage, QueueSample
 from shared.queueing.farm_state import get_pause_state, read_paused_flag, set_paused
 from shared.queueing.fleet import SEEN_KEY, WORKER_KEY_PREFIX, broker_queue, read_fleet
@@ -165,8 +165,8 @@ def test_pause_flag_round_trip(session: Session, db_url: str) -> None:
 
 
 @pytest.fixture
-def redis_client(redis_server: EmbeddedRedis) -> Iterator[redis.Redis]:
-    client = redis.Redis(port=redis_server.port, db=9)
+def redis_client(redis_db_url: Callable[[], str]) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_db_url())
     client.flushdb()
     yield client
     client.flushdb()

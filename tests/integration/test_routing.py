@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 
 import pytest
@@ -11,7 +11,7 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from devtools.embedded import EmbeddedRedis, free_port
+from devtools.embedded import free_port
 from shared.clock import utcnow
 from shared.jobs import lifecycle
 from shared.queueing.fleet import WORKER_KEY_PREFIX, broker_queue
@@ -59,8 +59,8 @@ def test_desired_queues_follow_pause_and_models() -> None:
 
 
 @pytest.fixture
-def client(redis_server: EmbeddedRedis) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(f"redis://127.0.0.1:{redis_server.port}/9")
+def client(redis_db_url: Callable[[], str]) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_db_url())
     client.flushdb()
     yield client
     client.flushdb()

@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from devtools.embedded import EmbeddedPostgres, EmbeddedRedis
+from devtools.embedded import EmbeddedPostgres
 from shared.auth import create_api_key
 from shared.db.models import ApiKey, Job, JobImage
 from shared.jobs import lifecycle
@@ -40,7 +40,7 @@ PARAMS = {"mode": "txt2img", "prompt": "a lighthouse", "seed": 7, "batch_size": 
 
 
 @pytest.fixture(scope="module")
-def hooks_env(postgres: EmbeddedPostgres, redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory
+def hooks_env(postgres: EmbeddedPostgres, redis_db_url: Callable[[], str], tmp_path_factory: pytest.TempPathFactory
               ) -> Iterator[dict[str, str]]:
     """Settings for this process (which enqueues and publishes) and for the webhook worker."""
     from shared.queueing.queues import get_producer
@@ -49,7 +49,7 @@ def hooks_env(postgres: EmbeddedPostgres, redis_server: EmbeddedRedis, tmp_path_
 
     env = {
         "DATABASE_URL": _fresh_database(postgres, "webhooks_test"),
-        "REDIS_URL": f"redis://127.0.0.1:{redis_server.port}/8",
+        "REDIS_URL": redis_db_url(),
         "STORAGE_URL": str(tmp_path_factory.mktemp("hook-objects")),
         "RENDERFARM_SECRET_KEY": "test-secret",
         "RENDERFARM_PUBLIC_URL": "http://files.test",

@@ -16,7 +16,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER_DIR = ROOT / "worker" / "assets" / "clip_tokenizer"
 ASSETS = ROOT / "worker" / "assets"
 CONFIGS = ASSETS / "configs"

@@ -1,7 +1,7 @@
 """SDXL: detection from real-layout headers, the tiny SDXL single file (bit-identical load), the WebUI's
 SDXL conditioning (two encoders, pooled embedding, size conditioning, zeroed empty negative) and renders
 through the engine at 64x64 (seeds, batches, img2img, hires fix) plus the user errors it gives. LoRAs on SDXL:
-tests/test_sdxl_lora.py."""
+tests/unit/test_sdxl_lora.py."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from devtools.demo_models.sdxl import build_demo_sdxl_checkpoint, build_demo_sdxl_models
 from shared.errors import FieldError
 from shared.jobs.contract import RenderSpec
-from tests.test_checkpoint_loader import write_header_only
+from tests.unit.test_checkpoint_loader import write_header_only
 from worker.engine import ldm_layout
 from worker.engine.checkpoint_loader import (
     UnsupportedCheckpointError,
@@ -237,7 +237,7 @@ def test_img2img_and_hires_fix_render_on_sdxl(pipe, engine) -> None:
 
 def test_broken_loras_and_sd15_embeddings_on_sdxl_are_user_errors(pipe, engine) -> None:
     before = pixels(render(pipe, engine, steps=2)[0].image)
-    with pytest.raises(FieldError) as err:  # LoRAs load on SDXL (tests/test_sdxl_lora.py); a broken file is refused
+    with pytest.raises(FieldError) as err:  # LoRAs load on SDXL (unit/test_sdxl_lora.py); a broken file is refused
         render(pipe, engine, loras=[{"name": "cat", "weight": 0.5, "file": "cat.safetensors", "hash": "0" * 12}])
     assert err.value.field == ("body", "loras") and "cat.safetensors" in err.value.message
     assert np.array_equal(pixels(render(pipe, engine, steps=2)[0].image), before)  # nothing half-loaded stays

@@ -155,7 +155,6 @@ def _counts(farm: Farm) -> tuple[int, int]:
     return rows, redis.Redis.from_url(farm.env["REDIS_URL"]).llen("render")
 
 
-@pytest.mark.e2e
 def test_lists_and_refresh(api_only: Farm, farm_loras: Path) -> None:
     with api_only.client() as client:
         models = client.get("/v1/models").json()
@@ -175,7 +174,6 @@ def test_lists_and_refresh(api_only: Farm, farm_loras: Path) -> None:
         assert client.get("/v1/loras").status_code == 200
 
 
-@pytest.mark.e2e
 @pytest.mark.parametrize(("change", "loc", "message"), [
     ({"prompt": "a <lora:no-such-lora:1>"}, ["body", "prompt"], "cat-detail"),
     ({"loras": [{"name": "no-such-lora"}]}, ["body", "loras", 0, "name"], "cat-detail"),
@@ -193,7 +191,6 @@ def test_bad_lora_is_422_and_leaves_nothing(api_only: Farm, farm_loras: Path, ch
     assert _counts(api_only) == before
 
 
-@pytest.mark.e2e
 def test_tag_and_field_merged_into_params(api_only: Farm, farm_loras: Path) -> None:
     body = {**VALID, "prompt": "a cat <lora:cat-detail:0.6>", "loras": [{"name": "cat-style", "weight": 0.4}]}
     with api_only.client() as client:

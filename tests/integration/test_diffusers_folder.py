@@ -178,7 +178,6 @@ def farm_folder(api_only: Farm, models_dir: Path, models: Path) -> Iterator[Path
     shutil.rmtree(target.parent)
 
 
-@pytest.mark.e2e
 def test_api_lists_the_folder_with_its_architecture(api_only: Farm, farm_folder: Path) -> None:
     with api_only.client() as client:
         models = {m["name"]: m for m in client.get("/v1/models").json()}

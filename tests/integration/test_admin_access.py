@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import uuid
 
-import httpx
 import pytest
 
 from tests.conftest import make_key
@@ -33,7 +32,7 @@ def user_key(api_only: Farm) -> str:
 
 @pytest.mark.parametrize("method,path", [("GET", p) for p in GET_ROUTES] + [("POST", p) for p in POST_ROUTES])
 def test_admin_routes_refuse_non_admin_keys(api_only: Farm, user_key: str, method: str, path: str) -> None:
-    with httpx.Client(base_url=api_only.base_url, timeout=10) as client:
+    with api_only.anonymous() as client:
         anonymous = client.request(method, path)
         non_admin = client.request(method, path, headers={"Authorization": f"Bearer {user_key}"})
         unknown = client.request(method, path, headers={"Authorization": "Bearer rf_not_a_real_key"})
@@ -43,7 +42,7 @@ def test_admin_routes_refuse_non_admin_keys(api_only: Farm, user_key: str, metho
 
 
 def test_admin_page_refuses_non_admin_keys_and_holds_no_data(api_only: Farm, user_key: str) -> None:
-    with httpx.Client(base_url=api_only.base_url, timeout=10) as client:
+    with api_only.anonymous() as client:
         non_admin = client.get("/admin", headers={"Authorization": f"Bearer {user_key}"})
         admin = client.get("/admin", headers={"Authorization": f"Bearer {api_only.admin_key}"})
         # A browser cannot send the key when it navigates: it gets the static shell with the login form.
@@ -57,7 +56,7 @@ def test_admin_page_refuses_non_admin_keys_and_holds_no_data(api_only: Farm, use
 
 
 def test_admin_assets_are_served_locally(api_only: Farm) -> None:
-    with httpx.Client(base_url=api_only.base_url, timeout=10) as client:
+    with api_only.anonymous() as client:
         for path in ("/admin/static/admin.js", "/admin/static/admin.css",
                      "/admin/static/vendor/uplot/uPlot.iife.min.js", "/admin/static/vendor/uplot/LICENSE"):
             assert client.get(path).status_code == 200, path
@@ -74,7 +73,7 @@ def test_admin_routes_answer_an_admin(api_only: Farm) -> None:
 
 
 def test_admin_routes_are_documented(api_only: Farm) -> None:
-    with httpx.Client(base_url=api_only.base_url, timeout=10) as client:
+    with api_only.anonymous() as client:
         spec = client.get("/openapi.json").json()
     paths = spec["paths"]
     for path in ("/v1/admin/queue", "/v1/admin/workers", "/v1/admin/stats", "/v1/admin/queue/pause",

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import uuid
 
-import pytest
 import redis
 import sqlalchemy as sa
 
 from tests.conftest import make_key
 from tests.farm_harness import Farm
-
-pytestmark = pytest.mark.e2e
 
 BODY = {"prompt": "once only", "width": 64, "height": 64, "steps": 2, "seed": 11}
 

@@ -11,13 +11,13 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from devtools.embedded import EmbeddedPostgres, EmbeddedRedis
+from devtools.embedded import EmbeddedPostgres
 from tests.conftest import ADMIN_KEY, _fresh_database, farm_env, make_key
 from tests.farm_harness import Farm, Proc, start_api, start_webhook_worker, start_worker, wait_until
 from tests.webhook_receiver import Receiver
@@ -31,12 +31,12 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 
 @pytest.fixture(scope="module")
-def admin_farm(postgres: EmbeddedPostgres, redis_server: EmbeddedRedis, models_dir: Path,
+def admin_farm(postgres: EmbeddedPostgres, redis_db_url: Callable[[], str], models_dir: Path,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
     logs = tmp_path_factory.mktemp("admin-farm")
     env = farm_env(
         database_url=_fresh_database(postgres, "farm_admin"),
-        redis_url=f"redis://127.0.0.1:{redis_server.port}/7",
+        redis_url=redis_db_url(),
         storage_url=str(logs / "objects"), models_dir=models_dir, admin_key=ADMIN_KEY,
         RENDERFARM_SAMPLE_SECONDS="2", RENDERFARM_PAUSE_POLL_SECONDS="1",
         # The admin's cancel and retry send the owner's webhooks to a receiver on loopback.

@@ -18,7 +18,7 @@ import yaml
 
 from shared.storage import S3ObjectStore, store_from_url
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 JOB_TIME_LIMIT_S = 600
 

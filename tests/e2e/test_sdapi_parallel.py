@@ -8,7 +8,7 @@ not asserted here.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,7 +16,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from devtools.embedded import EmbeddedPostgres, EmbeddedRedis
+from devtools.embedded import EmbeddedPostgres
 from tests.conftest import ADMIN_KEY, _fresh_database, farm_env
 from tests.farm_harness import Farm, start_api, start_worker
 
@@ -24,12 +24,12 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def two_worker_farm(postgres: EmbeddedPostgres, redis_server: EmbeddedRedis, models_dir: Path,
+def two_worker_farm(postgres: EmbeddedPostgres, redis_db_url: Callable[[], str], models_dir: Path,
                     tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
     """API + two render workers (w1, w2) on a database and Redis db of their own."""
     logs = tmp_path_factory.mktemp("sdapi-two-workers")
     env = farm_env(database_url=_fresh_database(postgres, "farm_sdapi_parallel"),
-                   redis_url=f"redis://127.0.0.1:{redis_server.port}/7", storage_url=str(logs / "objects"),
+                   redis_url=redis_db_url(), storage_url=str(logs / "objects"),
                    models_dir=models_dir, admin_key=ADMIN_KEY)
     api, base_url = start_api(env, logs)
     farm = Farm(base_url=base_url, admin_key=ADMIN_KEY, env=env, procs=[api])

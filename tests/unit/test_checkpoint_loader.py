@@ -32,7 +32,7 @@ from worker.engine import (
 from worker.engine.checkpoint_loader import expected_weights
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 SD15_PROBES = {
     "model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),

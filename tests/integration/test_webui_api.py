@@ -19,9 +19,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from tests.conftest import make_key
 from tests.farm_harness import Farm
-from tests.test_images import png_bytes, png_header_claiming
-
-pytestmark = pytest.mark.e2e
+from tests.unit.test_images import png_bytes, png_header_claiming
 
 VALID = {"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 2}
 INFOTEXT = ("a lighthouse at dusk, (storm:1.2)\nNegative prompt: blurry\n"
@@ -163,7 +161,7 @@ def test_upload_as_json_and_bad_uploads(api_only: Farm, client: httpx.Client) ->
         resp = client.post("/v1/uploads", **kwargs)
         assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == loc, resp.text
     assert client.post("/v1/uploads", content=b"raw", headers={"Content-Type": "image/png"}).status_code == 415
-    assert httpx.post(api_only.base_url + "/v1/uploads", json={"image": GOOD}).status_code == 401
+    assert api_only.anonymous().post("/v1/uploads", json={"image": GOOD}).status_code == 401
     assert _objects(api_only) == before
 
 

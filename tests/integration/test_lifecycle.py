@@ -1,5 +1,6 @@
-"""The job lifecycle against a real PostgreSQL: every transition is a compare-and-set, checked against
-the one table of allowed transitions, with its webhook event and its publish scheduled on the session."""
+"""The job lifecycle (shared/jobs/lifecycle.py) against a real PostgreSQL: every transition is a
+compare-and-set, checked against the one table of allowed transitions, with its webhook event and its
+publish scheduled on the session."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from shared.jobs import lifecycle, repository
 from shared.jobs.states import ErrorType, InvalidTransition, JobStatus, check_transition
 
 PARAMS = {"mode": "txt2img", "prompt": "p", "seed": 5, "batch_size": 1, "n_iter": 1}
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

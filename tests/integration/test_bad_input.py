@@ -11,8 +11,6 @@ import sqlalchemy as sa
 
 from tests.farm_harness import Farm
 
-pytestmark = pytest.mark.e2e
-
 VALID = {"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 2}
 
 BAD_CASES = [
@@ -88,7 +86,7 @@ def test_malformed_json_is_422(api_only: Farm, client: httpx.Client) -> None:
 
 def test_unauthenticated_submit_leaves_nothing(api_only: Farm) -> None:
     before = _counts(api_only)
-    assert httpx.post(api_only.base_url + "/v1/jobs", json=VALID).status_code == 401
+    assert api_only.anonymous().post("/v1/jobs", json=VALID).status_code == 401
     assert _counts(api_only) == before
 
 
