@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.orm import Session
 
 from devtools.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 from tests.farm_harness import ROOT, Farm, start_api, start_webhook_worker, start_worker, wait_until
@@ -95,6 +96,15 @@ def _fresh_database(postgres: EmbeddedPostgres, name: str) -> str:
 @pytest.fixture(scope="session")
 def database_url(postgres: EmbeddedPostgres) -> str:
     return _fresh_database(postgres, "farm_test")
+
+
+@pytest.fixture
+def session(database_url: str) -> Iterator[Session]:
+    """A session on the shared test database (farm_test)."""
+    engine = sa.create_engine(database_url)
+    with Session(engine) as s:
+        yield s
+    engine.dispose()
 
 
 @pytest.fixture(scope="session")
@@ -246,8 +256,6 @@ def api_only(api_only_env: dict[str, str]) -> Iterator[Farm]:
 
 
 def make_key(database_url: str, owner: str, admin: bool = False) -> str:
-    from sqlalchemy.orm import Session
-
     from shared.auth import create_api_key
 
     engine = sa.create_engine(database_url)

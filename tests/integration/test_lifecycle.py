@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ast
 import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -21,14 +20,6 @@ from shared.jobs.states import ErrorType, InvalidTransition, JobStatus, check_tr
 
 PARAMS = {"mode": "txt2img", "prompt": "p", "seed": 5, "batch_size": 1, "n_iter": 1}
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def session(database_url: str) -> Iterator[Session]:
-    engine = sa.create_engine(database_url)
-    with Session(engine) as s:
-        yield s
-    engine.dispose()
 
 
 @pytest.fixture

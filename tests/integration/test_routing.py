@@ -8,7 +8,6 @@ from datetime import timedelta
 
 import pytest
 import redis
-import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from devtools.embedded import free_port
@@ -88,14 +87,6 @@ def test_broker_depth_counts_model_queues(client: redis.Redis) -> None:
     client.rpush(model_queue("a"), "m2", "m3")
     client.rpush(f"{model_queue('a')}\x06\x163", "m4")
     assert broker_queue(client).waiting == 4
-
-
-@pytest.fixture
-def session(database_url: str) -> Iterator[Session]:
-    engine = sa.create_engine(database_url)
-    with Session(engine) as s:
-        yield s
-    engine.dispose()
 
 
 def test_deferral_is_bounded(session: Session) -> None:

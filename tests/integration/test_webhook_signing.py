@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
 
 import httpx
 import pytest
-import sqlalchemy as sa
 from sqlalchemy.orm import Session
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
@@ -50,14 +48,6 @@ def test_signed_request_over_http_verifies_and_a_tampered_one_does_not() -> None
         tampered = httpx.post(receiver.url("/tampered"), content=BODY.replace("3", "4"), headers=headers)
         assert tampered.status_code == 400
         assert [r.verified for r in receiver.requests] == [True, False]
-
-
-@pytest.fixture
-def session(database_url: str) -> Iterator[Session]:
-    engine = sa.create_engine(database_url)
-    with Session(engine) as s:
-        yield s
-    engine.dispose()
 
 
 def test_secret_per_key_created_once_and_rotated(session: Session) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -29,7 +30,7 @@ class LeaseKeeper(Periodic):
         self.lease_seconds = lease_seconds
         self.beat_seconds = beat_seconds
         self._next_beat = time.monotonic() + beat_seconds
-        self._written_progress = -1.0
+        self._written: tuple[uuid.UUID | None, float] = (None, 0.0)  # the progress last written, and of which job
 
     def tick(self) -> None:
         try:
@@ -52,11 +53,10 @@ class LeaseKeeper(Periodic):
         """Renew the lease and write progress when it moved (with its throttled webhook event)."""
         job_id, progress = self.control.job_id, self.control.progress
         if job_id is None:
-            self._written_progress = -1.0
             return
         with self.session_factory() as session:
             lifecycle.renew_lease(session, job_id, self.worker, self.lease_seconds)
-            if progress != self._written_progress and progress > 0:
+            if (job_id, progress) != self._written and progress > 0:
                 lifecycle.report_progress(session, job_id, self.worker, progress)
-                self._written_progress = progress
+                self._written = (job_id, progress)
             lifecycle.commit(session)
