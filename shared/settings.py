@@ -113,8 +113,9 @@ class JobSettings(BaseSettings):
 
     @property
     def render_time_limit(self) -> int:
-        """When the runner stops a render at its next step and fails the job as `timeout`: before Celery's
-        hard limit (`job_time_limit`), which kills the process and leaves the job to lease expiry."""
+        """When a job is stopped and fails as `timeout` (at its next denoising step, or by Celery's soft time
+        limit elsewhere): 30 s before the hard limit (`job_time_limit`, which kills the process and leaves the
+        job to lease expiry), or a quarter of it for limits under two minutes."""
         return max(self.job_time_limit - 30, self.job_time_limit * 3 // 4)
 
 

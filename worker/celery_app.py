@@ -35,9 +35,11 @@ app.conf.update(
 
 @worker_process_init.connect
 def _start_runtime(**_: object) -> None:
+    from celery.exceptions import SoftTimeLimitExceeded
+
     from worker.runtime import start_runtime
 
-    start_runtime(get_settings())
+    start_runtime(get_settings(), time_limit_errors=(SoftTimeLimitExceeded,))
 
 
 @worker_process_shutdown.connect

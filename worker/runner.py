@@ -14,6 +14,7 @@ from collections.abc import Callable
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from pydantic import ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -125,8 +126,12 @@ class JobRunner:
         session_factory: sessionmaker[Session],
         store: ObjectStore,
         settings: Settings,
+        time_limit_errors: tuple[type[BaseException], ...] = (),
     ) -> None:
+        """`time_limit_errors`: exceptions the host process raises when a job runs out of time anywhere (the
+        Celery app passes its soft time limit's), failed as `timeout` like the step deadline."""
         self.worker = worker
+        self.time_limit_errors = time_limit_errors
         self.control = control
         self.pipelines = pipelines
         self.session_factory = session_factory
@@ -167,9 +172,16 @@ class JobRunner:
             return RunOutcome.CANCELED
         except FieldError as exc:
             return self._fail(jid, ErrorType.INVALID_INPUT, exc.message)
+        except ValidationError as exc:  # a row this worker cannot read (a newer API, or a damaged row)
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3])
+            message = f"this worker cannot render the job's parameters: {problems}"
+            return self._fail(jid, ErrorType.INVALID_INPUT, message)
         except JobTimedOut as exc:
             log.warning("job %s: time limit reached", job_id)
             return self._fail(jid, ErrorType.TIMEOUT, str(exc))
+        except self.time_limit_errors:  # the process's own backstop (Celery's soft limit), outside a step
+            log.warning("job %s: time limit reached outside a denoising step", job_id)
+            return self._fail(jid, ErrorType.TIMEOUT, str(JobTimedOut(self.settings.jobs.render_time_limit)))
         except StorageError as exc:
             log.exception("job %s: storage failed", job_id)
             return self._fail(jid, ErrorType.STORAGE_ERROR, f"could not store the images: {exc}")

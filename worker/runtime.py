@@ -67,7 +67,7 @@ class WorkerRuntime:
     """The render process: warm pipelines, the job runner, and the control threads beside it. The runner
     and the threads share only a `JobControl`; none of them knows this object."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, time_limit_errors: tuple[type[BaseException], ...] = ()) -> None:
         import torch
 
         self.device, self.dtype = pick_device(settings.worker.device)
@@ -81,7 +81,7 @@ class WorkerRuntime:
         self.beacon = FleetBeacon(self.name, self.describe, settings.services.redis_url, beat)
         self.pipelines = PipelineCache(settings, self.device, self.dtype, on_change=self.beacon.advertise)
         self.runner = JobRunner(self.name, self.control, self.pipelines, session_factory, get_object_store(),
-                                settings)
+                                settings, time_limit_errors)
         self.lease_keeper = LeaseKeeper(self.control, session_factory, self.name, settings.jobs.lease_seconds, beat)
         self.recovery = RecoveryLoop(session_factory, settings.services.redis_url, beat,
                                      settings.jobs.republish_after_seconds, settings.routing.affinity_max_wait_seconds)
@@ -129,9 +129,9 @@ class WorkerRuntime:
 _runtime: WorkerRuntime | None = None
 
 
-def start_runtime(settings: Settings) -> WorkerRuntime:
+def start_runtime(settings: Settings, time_limit_errors: tuple[type[BaseException], ...] = ()) -> WorkerRuntime:
     global _runtime
-    _runtime = WorkerRuntime(settings)
+    _runtime = WorkerRuntime(settings, time_limit_errors)
     _runtime.start()
     log.info("worker %s ready with %s", _runtime.name, _runtime.pipelines.names())
     return _runtime

@@ -1,7 +1,7 @@
 """Counts finished jobs into `metric_counters` once each, so a scrape reads a few rows, not every job.
 
 Counting all jobs at every scrape costs time in proportion to the table (about 0.5 s per
-scrape at 100,000 jobs, see docs/benchmarks-admin.md). Instead, newly finished jobs are
+scrape at 100,000 jobs, see docs/benchmarks.md). Instead, newly finished jobs are
 added to running totals: jobs by model and status, images by model, failures by error type,
 and the render-time and queue-wait histograms by model.
 

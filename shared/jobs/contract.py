@@ -120,7 +120,10 @@ class RenderSpec(BaseModel):
         if version != CONTRACT_VERSION:
             raise ValueError(f"render contract version {version!r} is not supported by this worker "
                              f"(it reads version {CONTRACT_VERSION}); upgrade the worker")
-        filled = dict(data)
+        # A None where the field has a default of its own (an old row's "unset") takes that default.
+        filled = {key: value for key, value in data.items()
+                  if value is not None or key not in cls.model_fields
+                  or cls.model_fields[key].is_required() or cls.model_fields[key].default is None}
         if filled.get("denoising_strength") is None:
             img2img = filled.get("mode") == "img2img"
             filled["denoising_strength"] = IMG2IMG_DENOISING if img2img else HIRES_DENOISING

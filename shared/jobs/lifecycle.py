@@ -70,7 +70,8 @@ MarkPublished = Callable[[list[uuid.UUID]], None]
 def commit(session: Session, *, mark_published: MarkPublished | None = None) -> None:
     """Commit the transaction, then publish what its changes scheduled.
 
-    A render message that cannot be sent leaves its job queued and unpublished: the recovery loop
+    Only the commit itself can raise: once it succeeded, nothing that follows undoes or hides it. A
+    render message that cannot be sent leaves its job queued and unpublished: the recovery loop
     publishes it. `mark_published` records `published_at` for the jobs sent (default: right here, in a
     second short transaction; the API defers it until after its response)."""
     pending = session.info.pop(_PENDING, None) or Pending()
@@ -89,16 +90,17 @@ def commit(session: Session, *, mark_published: MarkPublished | None = None) -> 
             continue
         if mark:
             sent.append(job_id)
-    if sent:
+    if not sent:
+        return
+    try:
         if mark_published is not None:
             mark_published(sent)
         else:
-            try:
-                mark_jobs_published(session, sent)
-                session.commit()
-            except Exception:
-                session.rollback()
-                log.exception("could not record that jobs %s were published", sent)
+            mark_jobs_published(session, sent)
+            session.commit()
+    except Exception:  # the recovery loop publishes them once more: harmless, claims are compare-and-set
+        session.rollback()
+        log.exception("could not record that jobs %s were published", sent)
 
 
 def mark_jobs_published(session: Session, job_ids: Sequence[uuid.UUID]) -> None:

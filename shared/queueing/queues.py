@@ -36,6 +36,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "task_time_limit": settings.jobs.job_time_limit,
+        # A backstop for the runner's own step deadline (the same limit): it also stops a job stuck
+        # outside the denoising loop, which then fails as `timeout` instead of losing its process.
+        "task_soft_time_limit": settings.jobs.render_time_limit,
         "broker_transport_options": {"visibility_timeout": settings.jobs.broker_visibility_timeout},
         "broker_connection_retry_on_startup": True,
         "task_default_queue": QueueName.RENDER,

@@ -4,7 +4,7 @@ Users keep their presets as WebUI style files (``name,prompt,negative_prompt``, 
 ``{prompt}`` placeholder), so we read that format unchanged and merge exactly like
 ``modules/styles.py``: a style with ``{prompt}`` wraps the prompt, one without is appended after a
 comma, and styles apply in the order given. The farm ships the presets our users rely on in
-``shared/assets/styles.csv``; a user file (``RENDERFARM_STYLES_FILE``, else ``models/styles.csv``)
+``shared/webui/assets/styles.csv``; a user file (``RENDERFARM_STYLES_FILE``, else ``models/styles.csv``)
 adds styles and replaces shipped ones of the same name.
 
 >>> merge_prompts("{prompt}, masterpiece", "a cat")

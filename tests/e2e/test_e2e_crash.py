@@ -136,7 +136,7 @@ def test_job_that_keeps_killing_its_worker_fails_as_worker_lost(crash_farm: Cras
         wait_until(lambda a=attempt: crash_farm.job_row(job_id)["attempt"] == a
                    and crash_farm.job_row(job_id)["status"] == "running", 120, message=f"attempt {attempt}")
         kill_worker(worker)
-    crash_farm.add_worker("sweeper")  # a live worker's sweeper notices the second expired lease
+    crash_farm.add_worker("sweeper")  # a live worker's recovery loop notices the second expired lease
     job = crash_farm.farm.wait_for(job_id, timeout=120)
     assert job["status"] == "failed"
     assert job["error"]["type"] == "worker_lost"

@@ -1,4 +1,4 @@
-"""Jobs left behind by a crash are recovered by the sweeper the workers run."""
+"""Jobs left behind by a crash are recovered by the recovery loop every worker runs."""
 
 from __future__ import annotations
 

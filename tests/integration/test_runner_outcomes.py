@@ -13,6 +13,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import sqlalchemy as sa
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import sessionmaker
 
 from shared.jobs import lifecycle, repository
@@ -27,21 +28,23 @@ PARAMS = {"mode": "txt2img", "prompt": "p", "negative_prompt": "", "seed": 5, "b
           "width": 64, "height": 64}
 
 
-def _runner(database_url: str, tmp_path: Path, render: Any, time_limit: int = 90) -> tuple[JobRunner, sessionmaker]:
+def _runner(database_url: str, tmp_path: Path, render: Any, time_limit: int = 90,
+            time_limit_errors: tuple[type[BaseException], ...] = ()) -> tuple[JobRunner, sessionmaker]:
     factory = sessionmaker(sa.create_engine(database_url))
     model = SimpleNamespace(name="m", short_hash="0123456789", pipeline=None, scheduler_config={}, loras=None)
     store = LocalObjectStore(tmp_path / "objects", "http://127.0.0.1:1", b"secret")
     settings = Settings(services=ServiceSettings(database_url=database_url),
                         jobs=JobSettings(job_time_limit=time_limit), models=ModelSettings(models_dir=tmp_path))
     pipelines = SimpleNamespace(get=lambda name: model)
-    runner = JobRunner("worker-1", JobControl(), pipelines, factory, store, settings)  # type: ignore[arg-type]
+    runner = JobRunner("worker-1", JobControl(), pipelines, factory, store, settings,  # type: ignore[arg-type]
+                       time_limit_errors)
     runner._engine = SimpleNamespace(render=render)
     return runner, factory
 
 
-def _queued_job(factory: sessionmaker) -> uuid.UUID:
+def _queued_job(factory: sessionmaker, params: dict[str, Any] = PARAMS) -> uuid.UUID:
     with factory() as session:
-        job = lifecycle.submit(session, owner="t", api_key_id=None, params=PARAMS, model_name="m", route="render")
+        job = lifecycle.submit(session, owner="t", api_key_id=None, params=params, model_name="m", route="render")
         session.commit()  # not lifecycle.commit: no broker here, the runner is called directly
         return job.id
 
@@ -96,3 +99,27 @@ def test_other_render_errors_stay_render_errors(database_url: str, tmp_path: Pat
     assert runner.run(str(job_id)) == "failed"
     job = _job(factory, job_id)
     assert job.error_type == ErrorType.RENDER_ERROR and job.error_message == "RuntimeError: device fault"
+
+
+def test_the_hosts_time_limit_outside_a_step_fails_as_timeout(database_url: str, tmp_path: Path) -> None:
+    """Celery's soft time limit (passed in by the Celery app) can fire outside the denoising loop."""
+    def render(*args: object, **kwargs: object) -> list:
+        raise SoftTimeLimitExceeded()
+
+    runner, factory = _runner(database_url, tmp_path, render, 600, time_limit_errors=(SoftTimeLimitExceeded,))
+    job_id = _queued_job(factory)
+    assert runner.run(str(job_id)) == RunOutcome.FAILED
+    job = _job(factory, job_id)
+    assert job.error_type == ErrorType.TIMEOUT and "time limit of 570 s" in (job.error_message or "")
+
+
+def test_parameters_this_worker_cannot_read_fail_as_invalid_input(database_url: str, tmp_path: Path) -> None:
+    def render(*args: object, **kwargs: object) -> list:
+        raise AssertionError("nothing renders from a row the worker cannot read")
+
+    runner, factory = _runner(database_url, tmp_path, render)
+    job_id = _queued_job(factory, PARAMS | {"version": 2})
+    assert runner.run(str(job_id)) == RunOutcome.FAILED
+    job = _job(factory, job_id)
+    assert job.error_type == ErrorType.INVALID_INPUT
+    assert "cannot render the job's parameters" in (job.error_message or "") and "version 2" in job.error_message

@@ -3,7 +3,7 @@
 Every module of `api/` and `shared/` is parsed with `ast`; every import counts, including those inside
 functions and under `if TYPE_CHECKING:`, with relative imports resolved against the module's package,
 and `importlib.import_module("...")` / `__import__("...")` calls with a literal name. Rules (docs in
-shared/design.md, "Layers"):
+docs/architecture.md, "Deployables and packages"):
 
 - `api/` never imports `worker`, `torch`, `diffusers`, `transformers` or `devtools`;
 - `shared/` imports none of `api`, `worker`, `devtools`, `torch`, `diffusers`, `transformers`.

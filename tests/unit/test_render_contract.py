@@ -59,6 +59,15 @@ def test_an_old_row_parses_with_the_defaults_the_worker_always_gave() -> None:
     assert RenderSpec.from_stored({**OLDEST_ROW, "prompt": "<lora:bad:x>"}).loras == ()
 
 
+def test_a_none_in_an_old_row_takes_the_fields_default() -> None:
+    old = RenderSpec.from_stored({**OLDEST_ROW, "subseed": None, "subseed_strength": None, "clip_skip": None,
+                                  "eta_noise_seed_delta": None, "mask_blur": None, "vae": None})
+    assert (old.subseed, old.subseed_strength, old.clip_skip, old.eta_noise_seed_delta, old.mask_blur, old.vae) == (
+        -1, 0.0, 1, 0, 4, None)
+    with pytest.raises(ValidationError):  # a required field stays required
+        RenderSpec.from_stored({**OLDEST_ROW, "steps": None})
+
+
 def test_json_numbers_coerce_to_the_field_types() -> None:
     parsed = spec(cfg_scale=7, hr_scale=2, steps=4.0)
     assert isinstance(parsed.cfg_scale, float) and isinstance(parsed.hr_scale, float) and parsed.steps == 4
