@@ -115,6 +115,16 @@ def put_with_retry(
             time.sleep(0.5 * 2**attempt)
 
 
+def read_spec(params: dict[str, Any]) -> RenderSpec:
+    """The job's render contract, parsed once; a row this worker cannot read (written by a newer API, or
+    damaged) is the job's input error, named field by field."""
+    try:
+        return RenderSpec.from_stored(params)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3])
+        raise FieldError(("params",), f"this worker cannot render the job's parameters: {problems}") from exc
+
+
 class JobRunner:
     """One job from claim to outputs; every state change is a `shared.jobs.lifecycle` transition."""
 
@@ -165,17 +175,13 @@ class JobRunner:
             return RunOutcome.SKIPPED
         self.control.begin(jid, self.settings.jobs.render_time_limit)
         try:
-            return self._render_and_record(jid, RenderSpec.from_stored(params))
+            return self._render_and_record(jid, read_spec(params))
         except JobCanceled:
             self._write(lambda session: lifecycle.finish_canceled(session, jid, self.worker), "canceling")
             log.info("job %s canceled; partial images discarded", job_id)
             return RunOutcome.CANCELED
         except FieldError as exc:
             return self._fail(jid, ErrorType.INVALID_INPUT, exc.message)
-        except ValidationError as exc:  # a row this worker cannot read (a newer API, or a damaged row)
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3])
-            message = f"this worker cannot render the job's parameters: {problems}"
-            return self._fail(jid, ErrorType.INVALID_INPUT, message)
         except JobTimedOut as exc:
             log.warning("job %s: time limit reached", job_id)
             return self._fail(jid, ErrorType.TIMEOUT, str(exc))
@@ -191,7 +197,7 @@ class JobRunner:
         finally:
             self.control.end()
 
-    def _render_and_record(self, jid: uuid.UUID, spec: RenderSpec) -> str:
+    def _render_and_record(self, jid: uuid.UUID, spec: RenderSpec) -> RunOutcome:
         model = self.pipelines.get(spec.model)
         rendered = self.engine.render(
             model.pipeline, spec, model.scheduler_config, load_image=self.store.get, on_step=self.control.on_step,
