@@ -35,7 +35,6 @@ __all__ = [
     "list_checkpoints",
     "list_embeddings",
     "list_loras",
-    "hash_cache_for",
     "list_vaes",
     "refresh",
     "resolve_job_loras",
@@ -167,7 +166,7 @@ def resolve_job_loras(models_dir: Path, prompt: str, hr_prompt: str, requested: 
     With ``skipped`` given, an unknown LoRA named by a prompt tag is left out and its name appended
     there instead of a 422 (what the WebUI's own API does: it warns and renders).
     """
-    cache = cache or hash_cache_for(models_dir)
+    cache = cache or HashCache.of_models_dir(models_dir)
     chosen: dict[str, dict[str, Any]] = {}
     mentions: list[tuple[str, float, Field, Field]] = []
     for text, loc in ((prompt, ("body", "prompt")), (hr_prompt, ("body", "hr_prompt"))):
@@ -196,11 +195,8 @@ def vae_hash(models_dir: Path, vae_file: str | None, cache: HashCache | None = N
     """The "VAE hash" (10 hex) of a resolved VAE file name; None for the checkpoint's own VAE."""
     if not vae_file:
         return None
-    cache = cache or hash_cache_for(models_dir)
+    cache = cache or HashCache.of_models_dir(models_dir)
     return cache.checkpoint(models_dir / VAE_DIR / vae_file)
 
 
-def hash_cache_for(models_dir: Path) -> HashCache:
-    """The shared on-disk hash cache of a models folder (the same file ``api.sdapi.catalog`` uses)."""
-    return HashCache(models_dir / ".hashes.json")
 

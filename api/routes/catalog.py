@@ -12,12 +12,12 @@ from pydantic import BaseModel
 from api.deps import AdminKey, CurrentKey, SettingsDep
 from api.model_catalog import (
     CatalogEntry,
-    hash_cache_for,
     list_embeddings,
     list_loras,
     list_vaes,
     refresh,
 )
+from shared.webui.hashes import HashCache
 
 router = APIRouter(prefix="/v1", tags=["models"])
 
@@ -45,19 +45,19 @@ def _views(entries: list[CatalogEntry]) -> list[FileView]:
 @router.get("/loras", response_model=list[FileView])
 def get_loras(key: CurrentKey, settings: SettingsDep) -> list[FileView]:
     """``hash`` is the WebUI's 12-hex LoRA short hash."""
-    return _views(list_loras(settings.models.models_dir, hash_cache_for(settings.models.models_dir)))
+    return _views(list_loras(settings.models.models_dir, HashCache.of_models_dir(settings.models.models_dir)))
 
 
 @router.get("/vaes", response_model=list[FileView])
 def get_vaes(key: CurrentKey, settings: SettingsDep) -> list[FileView]:
     """``hash`` is the 10-hex "VAE hash"."""
-    return _views(list_vaes(settings.models.models_dir, hash_cache_for(settings.models.models_dir)))
+    return _views(list_vaes(settings.models.models_dir, HashCache.of_models_dir(settings.models.models_dir)))
 
 
 @router.get("/embeddings", response_model=list[FileView])
 def get_embeddings(key: CurrentKey, settings: SettingsDep) -> list[FileView]:
     """``hash`` is the 12-hex SHA-256 prefix of "TI hashes"."""
-    return _views(list_embeddings(settings.models.models_dir, hash_cache_for(settings.models.models_dir)))
+    return _views(list_embeddings(settings.models.models_dir, HashCache.of_models_dir(settings.models.models_dir)))
 
 
 @router.post("/models/refresh", response_model=RefreshView)

@@ -6,8 +6,9 @@ from fastapi import APIRouter
 from pydantic import BaseModel
 
 from api.deps import CurrentKey, SettingsDep
-from api.model_catalog import hash_cache_for, list_checkpoints
+from api.model_catalog import list_checkpoints
 from shared.models.registry import default_checkpoint
+from shared.webui.hashes import HashCache
 from shared.webui.samplers import SAMPLERS, SCHEDULE_TYPES
 
 router = APIRouter(prefix="/v1", tags=["models"])
@@ -51,7 +52,7 @@ def list_models(key: CurrentKey, settings: SettingsDep) -> list[ModelView]:
             loadable=ckpt.refused_reason is None,
             refused_reason=ckpt.refused_reason,
         )
-        for ckpt in list_checkpoints(settings.models.models_dir, hash_cache_for(settings.models.models_dir))
+        for ckpt in list_checkpoints(settings.models.models_dir, HashCache.of_models_dir(settings.models.models_dir))
     ]
 
 

@@ -31,7 +31,7 @@ EMBEDDINGS_DIR = "embeddings"
 
 
 def hash_cache(settings: Settings) -> HashCache:
-    return HashCache(settings.models.models_dir / ".hashes.json")
+    return HashCache.of_models_dir(settings.models.models_dir)
 
 
 def checkpoint_title(ckpt: CheckpointFile, cache: HashCache) -> str:

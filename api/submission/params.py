@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from api.model_catalog import hash_cache_for, resolve_job_loras, vae_hash
+from api.model_catalog import resolve_job_loras, vae_hash
 from shared.errors import FieldError
 from shared.jobs.contract import RenderSpec
 from shared.jobs.schemas import Txt2ImgRequest, check_limits, check_mode, resolve_params
@@ -146,7 +146,7 @@ def _infotext_model(parsed: Mapping[str, object], settings: Settings) -> str:
     model, model_hash = parsed.get("Model"), parsed.get("Model hash")
     found = find_infotext_checkpoint(settings.models.models_dir, str(model) if model else None,
                                      str(model_hash) if model_hash else None,
-                                     HashCache(settings.models.models_dir / ".hashes.json"))
+                                     HashCache.of_models_dir(settings.models.models_dir))
     if found is None:
         installed = ", ".join(c.name for c in scan_checkpoints(settings.models.models_dir) if c.loadable) or "none"
         raise FieldError(("body", "infotext"), f"the infotext's model {model!r} (hash {model_hash}) is not "
@@ -200,7 +200,7 @@ def _checkpoint(requested: str, settings: Settings) -> CheckpointFile:
     except FieldError:
         name = _TITLE_HASH.sub("", requested.strip())
         found = find_infotext_checkpoint(settings.models.models_dir, name, requested.strip(),
-                                         HashCache(settings.models.models_dir / ".hashes.json"))
+                                         HashCache.of_models_dir(settings.models.models_dir))
         if found is None:
             raise
         return resolve_checkpoint(settings.models.models_dir, found)
@@ -247,7 +247,7 @@ def plan_job(req: Txt2ImgRequest, settings: Settings, style_book: StyleBook | No
         book = style_book if style_book is not None else load_style_book(settings)
         params = resolve_params(resolved, checkpoint.name, style_book=book)
         # After styles, so a style's <lora:> tags count too; the tags stay in the prompt text.
-        cache = hash_cache_for(settings.models.models_dir)
+        cache = HashCache.of_models_dir(settings.models.models_dir)
         params["loras"] = resolve_job_loras(settings.models.models_dir, params["prompt"], params["hr_prompt"],
                                             [(lora.name, lora.weight) for lora in resolved.loras], cache,
                                             skipped_loras)

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.errors import FieldError
+from shared.jobs.contract import HIRES_DENOISING, IMG2IMG_DENOISING
 from shared.jobs.states import JobStatus
 from shared.settings import Settings
 from shared.webui.samplers import SamplerChoice, resolve_sampler
@@ -23,8 +24,6 @@ from shared.webui.styles import BUILTIN_STYLES_FILE, StyleBook, read_styles_csv
 
 MAX_SEED = 2**32 - 1
 # The WebUI's defaults: img2img's denoising slider, and txt2img's hires fix slider.
-IMG2IMG_DENOISING = 0.75
-HIRES_DENOISING = 0.7
 _PROMPT = Field("", max_length=20000)
 
 

@@ -155,6 +155,12 @@ class HashCache:
     """
 
     _FORMAT = 1
+    FILE_NAME = ".hashes.json"  # in the models folder, shared by the API's lists, submission and the workers
+
+    @classmethod
+    def of_models_dir(cls, models_dir: Path) -> HashCache:
+        """The on-disk cache of a WebUI models folder: one file, whichever process hashes first."""
+        return cls(Path(models_dir) / cls.FILE_NAME)
 
     def __init__(self, path: Path | None = None) -> None:
         self.path = Path(path) if path is not None else None

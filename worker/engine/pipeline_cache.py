@@ -108,7 +108,7 @@ class PipelineCache:
         self.dtype = dtype
         self.budget = settings.worker.pipeline_cache_bytes or default_budget(device)
         self.max_models = settings.worker.pipeline_cache_models
-        self.hashes = HashCache(settings.models.models_dir / ".hashes.json")
+        self.hashes = HashCache.of_models_dir(settings.models.models_dir)
         self.on_change = on_change
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
         self.loads = 0
