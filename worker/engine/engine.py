@@ -20,8 +20,9 @@ WebUI options that change sampling.
 from __future__ import annotations
 
 import io
+import uuid
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from shared.errors import FieldError
 from shared.jobs.contract import RenderSpec
 from shared.storage.base import ObjectNotFoundError
 from worker.engine import hires as hires_fix
+from worker.engine.batch import BatchJob, BatchLimits, JobStep
 from worker.engine.conditioning import JobConditioning, PromptEncoder, build_conditioning
 from worker.engine.denoise import (
     InpaintBlend,
@@ -65,6 +67,7 @@ class RenderedImage:
     seed: int
     image: Image.Image
     subseed: int = -1
+    batch_images: int = 1  # images in the UNet calls that rendered it (its effective batch size)
     # Infotext keys only the engine knows (VAE, TI hashes, inpainting facts), in WebUI spelling.
     infotext: dict[str, object] = field(default_factory=dict)
 
@@ -136,6 +139,28 @@ class GenerationEngine:
                 image = self._render_one(pipe, job, plan, k % batch, on_eval)
             results.append(RenderedImage(k, plan.seed, image, plan.subseed, dict(job.extras)))
         return results
+
+    def render_batch(
+        self,
+        pipe: Any,
+        jobs: Sequence[BatchJob],
+        scheduler_config: dict[str, Any],
+        load_image: ImageLoader | None = None,
+        on_step: JobStep | None = None,
+        loras: LoraCache | None = None,
+        limits: BatchLimits | None = None,
+    ) -> dict[uuid.UUID, list[RenderedImage] | Exception]:
+        """Every job of a claimed batch (one batch key): each job's images in order, or the exception that
+        ended that job alone (a FieldError found late, or whatever its ``on_step`` raised). An exception
+        that escapes (a broken pipeline) ended the whole batch."""
+        outcomes: dict[uuid.UUID, list[RenderedImage] | Exception] = {}
+        for job in jobs:  # provisional: one job after the other
+            step = (lambda done, total, jid=job.job_id: on_step(jid, done, total)) if on_step else None
+            try:
+                outcomes[job.job_id] = self.render(pipe, job.spec, scheduler_config, load_image, step, loras)
+            except Exception as exc:  # noqa: BLE001 - the job's own outcome
+                outcomes[job.job_id] = exc
+        return outcomes
 
     # -- check inputs, encode prompts --------------------------------------------------------------
 
