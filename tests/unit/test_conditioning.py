@@ -138,7 +138,7 @@ def test_composable_guidance_combines_like_the_webui():
 
     cond = StepConditioning(torch.full((3, 4), 1.0), torch.stack([torch.full((3, 4), 2.0), torch.full((3, 4), 5.0)]),
                             [1.0, 0.5])
-    eps = guided_noise(StubUnet(), torch.zeros(1, 4, 2, 2), 10, cond, cfg_scale=7.0)
+    eps = guided_noise(StubUnet(), torch.zeros(1, 4, 2, 2), 10, [cond], [7.0])
     expected = 1.0 + 1.0 * 7.0 * (2.0 - 1.0) + 0.5 * 7.0 * (5.0 - 1.0)
     assert torch.allclose(eps, torch.full((1, 4, 2, 2), expected))
 

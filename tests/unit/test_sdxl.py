@@ -20,6 +20,7 @@ from shared.errors import FieldError
 from shared.jobs.contract import RenderSpec
 from tests.unit.test_checkpoint_loader import write_header_only
 from worker.engine import ldm_layout
+from worker.engine.batch import BatchLimits
 from worker.engine.checkpoint_loader import (
     UnsupportedCheckpointError,
     check_weights_present,
@@ -64,10 +65,11 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> GenerationEngine:
     return GenerationEngine(root)
 
 
-def render(pipe, engine, store=None, **overrides):
+def render(pipe, engine, store=None, limits=None, **overrides):
     params = {**BASE, **overrides}
     loader = (lambda key: store[key]) if store else None
-    return engine.render(pipe, RenderSpec.from_stored(params), dict(pipe.scheduler.config), load_image=loader)
+    return engine.render(pipe, RenderSpec.from_stored(params), dict(pipe.scheduler.config), load_image=loader,
+                         limits=limits)
 
 
 def pixels(image: Image.Image) -> np.ndarray:
@@ -197,11 +199,12 @@ def test_empty_negative_prompt_is_zeros_like_the_webui(pipe, engine) -> None:
 
 # -- rendering ---------------------------------------------------------------------------------------
 
-def test_render_is_deterministic_and_batch_image_k_equals_seed_plus_k(pipe, engine) -> None:
-    batch = render(pipe, engine, batch_size=2, n_iter=2)
+def test_render_is_deterministic_and_batch_image_k_equals_seed_plus_k_when_invariant(pipe, engine) -> None:
+    invariant = BatchLimits(invariant=True)
+    batch = render(pipe, engine, batch_size=2, n_iter=2, limits=invariant)
     assert [item.seed for item in batch] == [1234, 1235, 1236, 1237]
     assert all(item.image.size == (64, 64) for item in batch)
-    again = render(pipe, engine, batch_size=2, n_iter=2)
+    again = render(pipe, engine, batch_size=2, n_iter=2, limits=invariant)
     for k, item in enumerate(batch):
         assert np.array_equal(pixels(item.image), pixels(again[k].image))
         (single,) = render(pipe, engine, seed=1234 + k)

@@ -1,22 +1,33 @@
-"""The denoising loop: one image at a time, classifier-free guidance the WebUI's way.
+"""The denoising loop: every image of a batch in one UNet call per step, guidance the WebUI's way.
 
-Why one image at a time: batched CPU matmuls are not bit-identical to unbatched ones, and image k of
-a batch must equal a one-image job with its seed. Each image gets its own scheduler (multistep
-solvers keep per-sample history) and its own noise generator; the UNet sees the same batch
-composition ``[cond_1 .. cond_n, uncond]`` whatever the job's batch size, so results never depend on
-it. The price is GPU throughput on large batches; the WebUI's own ``batch_cond_uncond`` layout is kept.
+Layout (the WebUI's ``batch_cond_uncond``): the rows of one call are every image's cond rows (one per
+``AND`` sub-prompt) followed by every image's uncond row. Rows whose conditioning has a different
+number of tokens (prompts of different 75-token chunk counts) cannot share a tensor: they go in one call
+per length, in order of first appearance. The WebUI pads instead (``stack_conds`` repeats the last
+vector; ``pad_cond_uncond`` adds empty chunks) only among images of one WebUI batch, which share a
+prompt; padding another user's prompt would change that user's image, so we never pad across images.
+
+Each image keeps what it owns: its conditioning schedule (scheduled prompts are picked per model
+evaluation, counted from 0 as ``CFGDenoiser.step`` counts them), its CFG scale and ``AND`` weights, its
+CPU noise generator (diffusers' schedulers draw per-sample noise from a list of generators, the
+Brownian tree of DPM++ SDE is seeded per sample) and its inpainting blend. The scheduler state is one
+for the batch: all images share timesteps, and multistep history is kept per row. An image leaves the
+batch between two evaluations (its job was canceled or ran out of time) by dropping its row from the
+latents, the generators and every per-sample tensor of the scheduler (:func:`drop_rows`).
 
 Guidance is composable diffusion: ``uncond + sum(w_i * cfg * (cond_i - uncond))``
-(``CFGDenoiser.combine_denoised``). The step counter that picks scheduled prompts counts model
-evaluations from 0, as ``CFGDenoiser.step`` does. For inpainting, the WebUI blends the *denoised*
-prediction with the original latent after every evaluation; diffusers schedulers take the noise
-prediction, so the blend is done on x0 and converted back to the noise it implies.
+(``CFGDenoiser.combine_denoised``). For inpainting, the WebUI blends the *denoised* prediction with the
+original latent after every evaluation; diffusers schedulers take the noise prediction, so the blend is
+done on x0 and converted back to the noise it implies.
+
+Batched kernels are not bit-identical to unbatched ones, so an image in a batch matches its solo render
+within the tolerance the README states; a batch of one is the solo render, pixel for pixel.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,9 +79,10 @@ def plan_phase(
 
 
 def new_scheduler(
-    scheduler_config: dict[str, Any], plan: PhasePlan, seed: int, device: torch.device | str = "cpu"
+    scheduler_config: dict[str, Any], plan: PhasePlan, seeds: Sequence[int], device: torch.device | str = "cpu"
 ) -> tuple[Any, torch.Tensor]:
-    """A fresh scheduler for one image, positioned at the plan's start, and the timesteps to run."""
+    """A fresh scheduler for a batch (one seed per image), positioned at the plan's start, and the
+    timesteps to run."""
     scheduler = build_scheduler(scheduler_config, plan.choice.sampler_name, plan.choice.schedule_type)
     scheduler.set_timesteps(plan.steps, device=device)
     start_index = plan.start * int(getattr(scheduler, "order", 1))
@@ -78,17 +90,28 @@ def new_scheduler(
         scheduler.set_begin_index(start_index)
     if hasattr(scheduler, "noise_sampler_seed"):
         # DPM++ SDE's Brownian tree is seeded with the image's seed, as the WebUI seeds it.
-        scheduler.noise_sampler_seed = [int(seed)]
+        scheduler.noise_sampler_seed = [int(seed) for seed in seeds]
     return scheduler, scheduler.timesteps[start_index:]
 
 
 @dataclass
 class InpaintBlend:
-    """Keep ``init_latent`` where ``keep`` is 1; regenerate where ``regenerate`` is 1 (both (C, h, w))."""
+    """Keep ``init_latent`` where ``keep`` is 1; regenerate where ``regenerate`` is 1 (each (C, h, w))."""
 
     init_latent: torch.Tensor
     keep: torch.Tensor
     regenerate: torch.Tensor
+
+
+@dataclass
+class DenoiseItem:
+    """One image of a denoising pass: what it is conditioned on, its guidance scale and its noise."""
+
+    key: Hashable
+    conditioning: JobConditioning
+    cfg_scale: float
+    generator: torch.Generator
+    blend: InpaintBlend | None = None
 
 
 def noise_levels(scheduler: Any, timestep: Any, device: torch.device) -> tuple[float, float]:
@@ -118,66 +141,136 @@ def blend_noise_prediction(
     return (sample - alpha * blended) / sigma
 
 
-def added_cond_kwargs(cond: StepConditioning, rows: str, dtype: torch.dtype, device: torch.device
-                      ) -> dict[str, Any]:
-    """SDXL's ``added_cond_kwargs`` (pooled text embeds, size ``time_ids``) for the ``rows`` of a UNet batch:
-    ``"all"`` (conds then uncond), ``"conds"`` or ``"uncond"``; empty for SD1.x conditioning."""
-    if cond.conds_pooled is None or cond.uncond_pooled is None or cond.time_ids is None:
-        return {}
-    parts = {"conds": [cond.conds_pooled], "uncond": [cond.uncond_pooled[None]],
-             "all": [cond.conds_pooled, cond.uncond_pooled[None]]}[rows]
-    pooled = torch.cat(parts).to(device=device, dtype=dtype)
-    time_ids = cond.time_ids.to(device=device, dtype=dtype)[None].repeat(pooled.shape[0], 1)
-    return {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+@dataclass(frozen=True)
+class _Row:
+    """One row of a UNet call: which image it belongs to and what it is conditioned on."""
+
+    image: int
+    hidden: torch.Tensor  # (tokens, width)
+    pooled: torch.Tensor | None  # SDXL
+    time_ids: torch.Tensor | None  # SDXL
 
 
-def guided_noise(unet: Any, model_input: torch.Tensor, timestep: Any, cond: StepConditioning,
-                 cfg_scale: float) -> torch.Tensor:
-    """Composable classifier-free guidance for one image ``(1, C, h, w)``."""
+def _rows(steps: Sequence[StepConditioning]) -> list[_Row]:
+    """Every image's cond rows, then every image's uncond row (``batch_cond_uncond``)."""
+    rows = []
+    for image, cond in enumerate(steps):
+        for j in range(cond.conds.shape[0]):
+            pooled = cond.conds_pooled[j] if cond.conds_pooled is not None else None
+            rows.append(_Row(image, cond.conds[j], pooled, cond.time_ids))
+    rows += [_Row(image, cond.uncond, cond.uncond_pooled, cond.time_ids) for image, cond in enumerate(steps)]
+    return rows
+
+
+def _unet_call(unet: Any, x: torch.Tensor, timestep: Any, rows: Sequence[_Row]) -> torch.Tensor:
     dtype = unet.dtype
-    conds = cond.conds.to(dtype)
-    uncond = cond.uncond.to(dtype)[None]
-    n = conds.shape[0]
-    x = model_input.to(dtype)
-    if conds.shape[1] == uncond.shape[1]:
-        out = unet(x.repeat(n + 1, 1, 1, 1), timestep, encoder_hidden_states=torch.cat([conds, uncond]),
-                   **added_cond_kwargs(cond, "all", dtype, x.device)).sample
-    else:  # different token counts: the WebUI runs cond and uncond as separate batches
-        out = torch.cat([
-            unet(x.repeat(n, 1, 1, 1), timestep, encoder_hidden_states=conds,
-                 **added_cond_kwargs(cond, "conds", dtype, x.device)).sample,
-            unet(x, timestep, encoder_hidden_states=uncond,
-                 **added_cond_kwargs(cond, "uncond", dtype, x.device)).sample,
-        ])
-    out = out.float()
-    denoised_uncond = out[-1:]
-    result = denoised_uncond.clone()
-    for index, weight in enumerate(cond.weights):
-        result += (out[index : index + 1] - denoised_uncond) * (weight * cfg_scale)
-    return result
+    hidden = torch.stack([row.hidden for row in rows]).to(dtype)
+    kwargs: dict[str, Any] = {}
+    if all(row.pooled is not None and row.time_ids is not None for row in rows):
+        pooled = torch.stack([row.pooled for row in rows if row.pooled is not None]).to(device=x.device, dtype=dtype)
+        time_ids = torch.stack([row.time_ids for row in rows if row.time_ids is not None]).to(device=x.device,
+                                                                                             dtype=dtype)
+        kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
+    inputs = x[[row.image for row in rows]]
+    return unet(inputs, timestep, encoder_hidden_states=hidden, **kwargs).sample.float()
 
 
-def _step_kwargs(scheduler: Any, generator: torch.Generator) -> dict[str, Any]:
-    return {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+def guided_noise(unet: Any, model_input: torch.Tensor, timestep: Any, steps: Sequence[StepConditioning],
+                 cfg_scales: Sequence[float]) -> torch.Tensor:
+    """Composable classifier-free guidance for a batch ``(n, C, h, w)``: image i conditioned on ``steps[i]``
+    with scale ``cfg_scales[i]``; one UNet call per conditioning length (one in the common case)."""
+    rows = _rows(steps)
+    by_length: dict[int, list[int]] = {}
+    for index, row in enumerate(rows):
+        by_length.setdefault(int(row.hidden.shape[0]), []).append(index)
+    x = model_input.to(unet.dtype)
+    out: list[torch.Tensor] = [x[:0]] * len(rows)
+    for indices in by_length.values():
+        result = _unet_call(unet, x, timestep, [rows[i] for i in indices])
+        for position, index in enumerate(indices):
+            out[index] = result[position : position + 1]
+    uncond_start = len(rows) - len(steps)
+    guided, cond_row = [], 0
+    for image, cond in enumerate(steps):
+        denoised_uncond = out[uncond_start + image]
+        combined = denoised_uncond.clone()
+        for weight in cond.weights:
+            combined += (out[cond_row] - denoised_uncond) * (weight * cfg_scales[image])
+            cond_row += 1
+        guided.append(combined)
+    return torch.cat(guided)
+
+
+def _step_kwargs(scheduler: Any, generators: list[torch.Generator]) -> dict[str, Any]:
+    return {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
+
+
+def _take(value: Any, keep: list[int], rows: int) -> Any:
+    if isinstance(value, torch.Tensor) and value.ndim == 4 and value.shape[0] == rows:
+        return value[keep]
+    if isinstance(value, list) and any(isinstance(v, torch.Tensor) and v.ndim == 4 for v in value):
+        return [_take(v, keep, rows) for v in value]
+    return value
+
+
+def drop_rows(scheduler: Any, keep: list[int], rows: int) -> None:
+    """Keep only rows ``keep`` of every per-sample tensor the scheduler holds (multistep history, the
+    stored sample of second-order solvers, DPM++ SDE's per-seed Brownian trees)."""
+    for name, value in list(vars(scheduler).items()):
+        taken = _take(value, keep, rows)
+        if taken is not value:
+            setattr(scheduler, name, taken)
+    seeds = getattr(scheduler, "noise_sampler_seed", None)
+    if isinstance(seeds, list) and len(seeds) == rows:
+        scheduler.noise_sampler_seed = [seeds[i] for i in keep]
+    tree = getattr(getattr(scheduler, "noise_sampler", None), "tree", None)
+    trees = getattr(tree, "trees", None)
+    if isinstance(trees, list) and len(trees) == rows:
+        tree.trees = [trees[i] for i in keep]
+
+
+AfterEval = Callable[[list[Hashable]], set[Hashable]]
+
+
+def _blended(scheduler: Any, latents: torch.Tensor, timestep: Any, eps: torch.Tensor,
+             items: Sequence[DenoiseItem]) -> torch.Tensor:
+    masked = [i for i, item in enumerate(items) if item.blend is not None]
+    if not masked:
+        return eps
+    blends = [item.blend for item in items if item.blend is not None]
+    stacked = InpaintBlend(torch.stack([b.init_latent for b in blends]), torch.stack([b.keep for b in blends]),
+                           torch.stack([b.regenerate for b in blends]))
+    if len(masked) == len(items):
+        return blend_noise_prediction(scheduler, latents, timestep, eps, stacked)
+    eps = eps.clone()
+    eps[masked] = blend_noise_prediction(scheduler, latents[masked], timestep, eps[masked], stacked)
+    return eps
 
 
 @torch.no_grad()
 def run_phase(
-    unet: Any, scheduler: Any, timesteps: torch.Tensor, latents: torch.Tensor, conditioning: JobConditioning,
-    cfg_scale: float, generator: torch.Generator, on_eval: Callable[[], None],
-    blend: InpaintBlend | None = None,
-) -> torch.Tensor:
-    """Denoise one image's float32 latents over ``timesteps``; ``on_eval`` runs after each evaluation."""
-    kwargs = _step_kwargs(scheduler, generator)
+    unet: Any, scheduler: Any, timesteps: torch.Tensor, latents: torch.Tensor, items: list[DenoiseItem],
+    after_eval: AfterEval,
+) -> tuple[torch.Tensor, list[DenoiseItem]]:
+    """Denoise a batch's float32 latents ``(n, C, h, w)`` (row i is ``items[i]``) over ``timesteps``.
+
+    After each evaluation ``after_eval(keys still in the batch)`` names the keys to drop; their rows leave
+    the batch before the next one. Returns the latents of the images that stayed, and their items."""
     for index, timestep in enumerate(timesteps):
-        step_cond = conditioning.at_step(index)
+        if not items:
+            break
         model_input = scheduler.scale_model_input(latents, timestep)
-        eps = guided_noise(unet, model_input, timestep, step_cond, cfg_scale)
-        if blend is not None:
-            eps = blend_noise_prediction(scheduler, latents, timestep, eps, blend)
+        steps = [item.conditioning.at_step(index) for item in items]
+        eps = guided_noise(unet, model_input, timestep, steps, [item.cfg_scale for item in items])
+        eps = _blended(scheduler, latents, timestep, eps, items)
+        kwargs = _step_kwargs(scheduler, [item.generator for item in items])
         latents = scheduler.step(eps, timestep, latents, return_dict=False, **kwargs)[0].float()
-        on_eval()
-    return latents
+        dropped = after_eval([item.key for item in items])
+        if dropped:
+            keep = [i for i, item in enumerate(items) if item.key not in dropped]
+            drop_rows(scheduler, keep, len(items))
+            latents, items = latents[keep], [items[i] for i in keep]
+    return latents, items
 
 
 def start_latents(scheduler: Any, timesteps: torch.Tensor, noise: torch.Tensor,

@@ -20,9 +20,10 @@ WebUI options that change sampling.
 from __future__ import annotations
 
 import io
+import logging
 import uuid
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from worker.engine import hires as hires_fix
 from worker.engine.batch import BatchJob, BatchLimits, JobStep
 from worker.engine.conditioning import JobConditioning, PromptEncoder, build_conditioning
 from worker.engine.denoise import (
+    DenoiseItem,
     InpaintBlend,
     PhasePlan,
     new_scheduler,
@@ -55,8 +57,9 @@ from worker.engine.sdxl_conditioning import (
     sdxl_prompt_encoder,
     sdxl_time_ids,
 )
-from worker.engine.vae import VaeChoice, VaeLibrary, decode_to_image, encode_image
+from worker.engine.vae import VaeChoice, VaeLibrary, decode_images, encode_image
 
+log = logging.getLogger(__name__)
 StepCallback = Callable[[int, int], None]
 ImageLoader = Callable[[str], bytes]
 
@@ -96,6 +99,8 @@ class GenerationEngine:
         self.embeddings = EmbeddingLibrary(self.models_dir / "embeddings")
         self.sdxl_embeddings = SdxlEmbeddingLibrary(self.models_dir / "embeddings")
         self.vaes = VaeLibrary(self.models_dir / "VAE")
+        # Lowered after a CUDA out-of-memory error: images per UNet call this process found to fit.
+        self.max_images_learned: int | None = None
         # Callers that hold no LoraCache of their own (tests, tools) get one per pipeline, weakly keyed.
         self._loras: weakref.WeakKeyDictionary[Any, LoraCache] = weakref.WeakKeyDictionary()
 
@@ -113,32 +118,17 @@ class GenerationEngine:
         load_image: ImageLoader | None = None,
         on_step: StepCallback | None = None,
         loras: LoraCache | None = None,
+        limits: BatchLimits | None = None,
     ) -> list[RenderedImage]:
-        """Every image of a job, in order. ``on_step(done, total)`` counts model evaluations and may raise
-        to cancel; ``load_image(key)`` returns the bytes of an uploaded init image or mask. ``loras`` is the
-        pipeline's LoRA cache; the job's exact LoRA set (or none) is made active before anything is encoded."""
-        requests = job_loras(spec, self.models_dir / "Lora")
-        cache = loras if loras is not None else self.lora_cache(pipe)
-        cache.apply(pipe, requests)
-        job, count = self._plan(pipe, spec, scheduler_config, load_image)
-        job.extras.update(lora_infotext(requests, cache))
-        plans = job_seed_plans(spec, count)
-        per_image = job.first.evals + (job.second.evals if job.second else 0)
-        total, done = max(1, per_image * len(plans)), 0
-
-        def on_eval() -> None:
-            nonlocal done
-            done += 1
-            if on_step is not None:
-                on_step(done, total)
-
-        batch = count // max(1, spec.n_iter)
-        results = []
-        for k, plan in enumerate(plans):
-            with torch.no_grad():
-                image = self._render_one(pipe, job, plan, k % batch, on_eval)
-            results.append(RenderedImage(k, plan.seed, image, plan.subseed, dict(job.extras)))
-        return results
+        """Every image of one job, in order (a batch of one job; see :meth:`render_batch`). ``on_step(done,
+        total)`` counts model evaluations and may raise to cancel; what it raises is raised here."""
+        job_id = uuid.uuid4()
+        step = (lambda _job, done, total: on_step(done, total)) if on_step is not None else None
+        outcome = self.render_batch(pipe, [BatchJob(job_id, spec)], scheduler_config, load_image, step, loras, limits)
+        result = outcome[job_id]
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     def render_batch(
         self,
@@ -150,17 +140,39 @@ class GenerationEngine:
         loras: LoraCache | None = None,
         limits: BatchLimits | None = None,
     ) -> dict[uuid.UUID, list[RenderedImage] | Exception]:
-        """Every job of a claimed batch (one batch key): each job's images in order, or the exception that
-        ended that job alone (a FieldError found late, or whatever its ``on_step`` raised). An exception
-        that escapes (a broken pipeline) ended the whole batch."""
-        outcomes: dict[uuid.UUID, list[RenderedImage] | Exception] = {}
-        for job in jobs:  # provisional: one job after the other
-            step = (lambda done, total, jid=job.job_id: on_step(jid, done, total)) if on_step else None
-            try:
-                outcomes[job.job_id] = self.render(pipe, job.spec, scheduler_config, load_image, step, loras)
-            except Exception as exc:  # noqa: BLE001 - the job's own outcome
-                outcomes[job.job_id] = exc
-        return outcomes
+        """Every job of a claimed batch: each job's images in order, or the exception that ended that job
+        alone (a FieldError found late, or whatever its ``on_step`` raised). An exception that escapes (a
+        broken pipeline) ended the whole batch.
+
+        Jobs are grouped by batch key (a claimed batch is one group); a group's images are denoised
+        together, ``limits.images_per_call`` at a time; a ``batch_invariant`` job's images one at a time.
+        ``loras`` is the pipeline's LoRA cache: each group's exact LoRA set (or none) is made active before
+        anything is encoded."""
+        limits = limits or BatchLimits()
+        cache = loras if loras is not None else self.lora_cache(pipe)
+        run = _BatchRun(on_step)
+        groups: dict[object, list[BatchJob]] = {}
+        for job in jobs:
+            key = ("invariant", job.job_id) if _invariant(job.spec) else job.spec.batch_key
+            groups.setdefault(key, []).append(job)
+        for group in groups.values():
+            requests = job_loras(group[0].spec, self.models_dir / "Lora")
+            cache.apply(pipe, requests)
+            slots: list[_Slot] = []
+            for job in group:
+                try:
+                    plan, count = self._plan(pipe, job.spec, scheduler_config, load_image)
+                except FieldError as exc:
+                    run.outcomes[job.job_id] = exc
+                    continue
+                plan.extras.update(lora_infotext(requests, cache))
+                slots += run.add_job(job.job_id, plan, count)
+            spec = group[0].spec
+            per_call = 1 if _invariant(spec) else min(limits.images_per_call(spec.width, spec.height),
+                                                      self.max_images_learned or limits.max_images)
+            for start in range(0, len(slots), per_call):
+                self._render_chunk(pipe, slots[start : start + per_call], run)
+        return run.results()
 
     # -- check inputs, encode prompts --------------------------------------------------------------
 
@@ -212,74 +224,208 @@ class GenerationEngine:
 
     # -- prepare latents, denoise, decode ----------------------------------------------------------
 
-    def _render_one(self, pipe: Any, job: _Job, plan: SeedPlan, batch_index: int,
-                    on_eval: Callable[[], None]) -> Image.Image:
-        if job.inputs is not None:
-            return self._img2img_one(pipe, job, plan, batch_index, on_eval)
-        spec, device = job.spec, pipe.unet.device
-        shape = (LATENT_CHANNELS, spec.height // LATENT_FACTOR, spec.width // LATENT_FACTOR)
-        noise = ImageNoise(plan, shape)
-        initial = noise.initial()[None].to(device)
-        scheduler, timesteps = new_scheduler(job.scheduler_config, job.first, plan.seed, device)
-        latents = start_latents(scheduler, timesteps, initial, None)
-        latents = run_phase(pipe.unet, scheduler, timesteps, latents, job.cond, spec.cfg_scale,
-                            noise.step_generator(), on_eval)
-        if job.hires is not None:
-            latents = self._hires_pass(pipe, job, plan, latents, on_eval)
-        return decode_to_image(job.vae.module, latents)
+    def _render_chunk(self, pipe: Any, slots: list[_Slot], run: _BatchRun) -> None:
+        """One batch of images through both passes and the VAE; on a CUDA out-of-memory error the batch is
+        split in halves and each half rendered again, and later batches are no larger than a half."""
+        slots = [slot for slot in slots if slot.job_id not in run.outcomes]
+        if not slots:
+            return
+        try:
+            with torch.no_grad():
+                images = self._denoise_chunk(pipe, slots, run)
+        except _OUT_OF_MEMORY:
+            if len(slots) == 1:
+                raise
+            half = len(slots) // 2
+            self.max_images_learned = max(1, half)
+            log.warning("out of GPU memory with %d images in one call; splitting, and calling with at most %d "
+                        "from now on", len(slots), half)
+            _empty_device_cache()
+            self._render_chunk(pipe, slots[:half], run)
+            self._render_chunk(pipe, slots[half:], run)
+            return
+        for slot, image in images.items():
+            run.finish(slot, image, len(slots))
 
-    def _hires_pass(self, pipe: Any, job: _Job, plan: SeedPlan, latents: torch.Tensor,
-                    on_eval: Callable[[], None]) -> torch.Tensor:
-        hires, vae = job.hires, job.vae.module
+    def _denoise_chunk(self, pipe: Any, slots: list[_Slot], run: _BatchRun) -> dict[_Slot, Image.Image]:
+        job, device = slots[0].job, pipe.unet.device
+        shape = (LATENT_CHANNELS, job.spec.height // LATENT_FACTOR, job.spec.width // LATENT_FACTOR)
+        prepared = [self._prepare(pipe, slot, shape, run) for slot in slots]
+        slots = [slot for slot, ok in zip(slots, prepared, strict=True) if ok]
+        if not slots:
+            return {}
+        scheduler, timesteps = new_scheduler(job.scheduler_config, job.first, [s.plan.seed for s in slots], device)
+        initial = torch.stack([slot.initial for slot in slots]).to(device)
+        init = torch.stack([slot.init_latent for slot in slots]).to(device) if job.inputs is not None else None
+        latents = start_latents(scheduler, timesteps, initial, init)
+        items = [DenoiseItem(slot, slot.job.cond, slot.job.spec.cfg_scale, slot.noise.step_generator(), slot.blend)
+                 for slot in slots]
+        latents, items = run_phase(pipe.unet, scheduler, timesteps, latents, items, run.after_eval)
+        slots = [item.key for item in items]  # type: ignore[misc]
+        if job.hires is not None and slots:
+            latents, slots = self._hires_pass(pipe, slots, latents, run)
+        if job.inputs is not None:
+            latents = torch.cat([
+                latent[None] * slot.blend.regenerate + slot.blend.init_latent * slot.blend.keep
+                if slot.blend is not None else latent[None]
+                for slot, latent in zip(slots, latents, strict=True)
+            ]) if slots else latents
+        per_call = max(1, len(slots))
+        decoded = decode_images(job.vae.module, latents, per_call)
+        return {slot: _finish_image(slot, image) for slot, image in zip(slots, decoded, strict=True)}
+
+    def _prepare(self, pipe: Any, slot: _Slot, shape: tuple[int, int, int], run: _BatchRun) -> bool:
+        """An image's starting point: its noise, and for img2img its init latent and inpainting blend. False
+        when its job failed here (the failure is the job's outcome)."""
+        job, device = slot.job, pipe.unet.device
+        if job.inputs is None:
+            slot.noise = ImageNoise(slot.plan, shape)
+            slot.initial = slot.noise.initial()
+            return True
+        try:
+            inputs = job.inputs
+            source = inputs.images[slot.batch_index if len(inputs.images) > 1 else 0]
+            init_latent = encode_image(job.vae.module, source, slot.plan.seed)
+            if job.spec.resize_mode == 3:  # "just resize (latent upscale)"
+                init_latent = torch.nn.functional.interpolate(init_latent, size=shape[1:], mode="bilinear")
+            latent_shape = tuple(init_latent.shape[1:])
+            if inputs.latent_mask is not None:
+                keep, regenerate = latent_mask_tensors(inputs.latent_mask, latent_shape)
+                fill = job.spec.inpainting_fill
+                if fill == 2:  # latent noise: the seed's own noise (the WebUI's create_random_tensors)
+                    init_latent = init_latent * keep + cpu_randn(slot.plan.seed, latent_shape) * regenerate
+                elif fill == 3:  # latent nothing
+                    init_latent = init_latent * keep
+                slot.blend = InpaintBlend(init_latent[0].to(device), keep.to(device), regenerate.to(device))
+        except FieldError as exc:
+            run.fail(slot.job_id, exc)
+            return False
+        slot.init_latent = init_latent[0]
+        slot.noise = ImageNoise(slot.plan, latent_shape)  # type: ignore[arg-type]
+        slot.initial = slot.noise.initial()
+        return True
+
+    def _hires_pass(self, pipe: Any, slots: list[_Slot], latents: torch.Tensor, run: _BatchRun
+                    ) -> tuple[torch.Tensor, list[_Slot]]:
+        job = slots[0].job
+        hires, vae, device = job.hires, job.vae.module, pipe.unet.device
         assert hires is not None
         if hires.latent_mode is not None:
             upscaled = hires_fix.upscale_latent(latents, hires)
         else:
-            image = decode_to_image(vae, latents)
-            image = resize_image(0, image, hires.target_width, hires.target_height, upscaler=hires.upscaler)
-            upscaled = encode_image(vae, image, plan.seed)
-        upscaled = hires_fix.truncate_latent(upscaled.float(), hires).to(pipe.unet.device)
+            images = decode_images(vae, latents, len(slots))
+            upscaled = torch.cat([
+                encode_image(vae, resize_image(0, image, hires.target_width, hires.target_height,
+                                               upscaler=hires.upscaler), slot.plan.seed)
+                for slot, image in zip(slots, images, strict=True)
+            ])
+        upscaled = hires_fix.truncate_latent(upscaled.float(), hires).to(device)
         if job.second is None or job.hr_cond is None:
-            return upscaled
-        noise = ImageNoise(plan, tuple(upscaled.shape[1:]))
-        initial = noise.initial()[None].to(pipe.unet.device)
-        scheduler, timesteps = new_scheduler(job.scheduler_config, job.second, plan.seed, pipe.unet.device)
+            return upscaled, slots
+        shape = tuple(upscaled.shape[1:])
+        noises = [ImageNoise(slot.plan, shape) for slot in slots]  # type: ignore[arg-type]
+        initial = torch.stack([noise.initial() for noise in noises]).to(device)
+        scheduler, timesteps = new_scheduler(job.scheduler_config, job.second, [s.plan.seed for s in slots], device)
         start = start_latents(scheduler, timesteps, initial, upscaled)
-        return run_phase(pipe.unet, scheduler, timesteps, start, job.hr_cond, job.spec.cfg_scale,
-                         noise.step_generator(), on_eval)
+        items = [DenoiseItem(slot, slot.job.hr_cond, slot.job.spec.cfg_scale, noise.step_generator())
+                 for slot, noise in zip(slots, noises, strict=True) if slot.job.hr_cond is not None]
+        latents, items = run_phase(pipe.unet, scheduler, timesteps, start, items, run.after_eval)
+        return latents, [item.key for item in items]  # type: ignore[misc]
 
-    def _img2img_one(self, pipe: Any, job: _Job, plan: SeedPlan, batch_index: int,
-                     on_eval: Callable[[], None]) -> Image.Image:
-        spec, inputs, vae, device = job.spec, job.inputs, job.vae.module, pipe.unet.device
-        assert inputs is not None
-        source = inputs.images[batch_index if len(inputs.images) > 1 else 0]
-        init_latent = encode_image(vae, source, plan.seed)
-        if spec.resize_mode == 3:  # "just resize (latent upscale)"
-            size = (spec.height // LATENT_FACTOR, spec.width // LATENT_FACTOR)
-            init_latent = torch.nn.functional.interpolate(init_latent, size=size, mode="bilinear")
-        shape = tuple(init_latent.shape[1:])
-        blend = None
-        if inputs.latent_mask is not None:
-            keep, regenerate = latent_mask_tensors(inputs.latent_mask, shape)
-            fill = spec.inpainting_fill
-            if fill == 2:  # latent noise: the seed's own noise (the WebUI's create_random_tensors)
-                init_latent = init_latent * keep + cpu_randn(plan.seed, shape) * regenerate
-            elif fill == 3:  # latent nothing
-                init_latent = init_latent * keep
-            blend = InpaintBlend(init_latent.to(device), keep.to(device), regenerate.to(device))
-        noise = ImageNoise(plan, shape)
-        initial = noise.initial()[None].to(device)
-        scheduler, timesteps = new_scheduler(job.scheduler_config, job.first, plan.seed, device)
-        latents = start_latents(scheduler, timesteps, initial, init_latent.to(device))
-        latents = run_phase(pipe.unet, scheduler, timesteps, latents, job.cond, spec.cfg_scale,
-                            noise.step_generator(), on_eval, blend)
-        if blend is not None:
-            latents = latents * blend.regenerate + blend.init_latent * blend.keep
-        image = decode_to_image(vae, latents)
-        overlay = None
-        if inputs.overlays:
-            overlay = inputs.overlays[batch_index if len(inputs.overlays) > 1 else 0]
-        return apply_overlay(image, inputs.paste_to, overlay)
+
+_OUT_OF_MEMORY: tuple[type[BaseException], ...] = tuple(
+    cls for cls in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None))
+    if isinstance(cls, type)
+)
+
+
+def _empty_device_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _invariant(spec: RenderSpec) -> bool:
+    return bool(getattr(spec, "batch_invariant", False))
+
+
+def _finish_image(slot: _Slot, image: Image.Image) -> Image.Image:
+    inputs = slot.job.inputs
+    if inputs is None:
+        return image
+    overlay = None
+    if inputs.overlays:
+        overlay = inputs.overlays[slot.batch_index if len(inputs.overlays) > 1 else 0]
+    return apply_overlay(image, inputs.paste_to, overlay)
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One image of a batch: its job, its place in the job, its seeds and its starting point."""
+
+    job_id: uuid.UUID
+    job: _Job
+    index: int  # the image's index in its job's outputs
+    plan: SeedPlan
+    batch_index: int  # which init image / overlay of the job it uses
+    noise: ImageNoise = field(init=False)
+    initial: torch.Tensor = field(init=False)
+    init_latent: torch.Tensor | None = None
+    blend: InpaintBlend | None = None
+
+
+class _BatchRun:
+    """The jobs of one render_batch call: their images, evaluation counts and outcomes."""
+
+    def __init__(self, on_step: JobStep | None) -> None:
+        self.on_step = on_step
+        self.outcomes: dict[uuid.UUID, Exception] = {}
+        self.images: dict[uuid.UUID, list[RenderedImage | None]] = {}
+        self.done: dict[uuid.UUID, int] = {}
+        self.total: dict[uuid.UUID, int] = {}
+        self.order: list[uuid.UUID] = []
+
+    def add_job(self, job_id: uuid.UUID, job: _Job, count: int) -> list[_Slot]:
+        plans = job_seed_plans(job.spec, count)
+        per_image = job.first.evals + (job.second.evals if job.second else 0)
+        self.order.append(job_id)
+        self.images[job_id] = [None] * len(plans)
+        self.done[job_id], self.total[job_id] = 0, max(1, per_image * len(plans))
+        batch = count // max(1, job.spec.n_iter)
+        return [_Slot(job_id, job, k, plan, k % batch) for k, plan in enumerate(plans)]
+
+    def fail(self, job_id: uuid.UUID, exc: Exception) -> None:
+        self.outcomes.setdefault(job_id, exc)
+
+    def after_eval(self, keys: list[Hashable]) -> set[Hashable]:
+        """Count one evaluation for every image still in the batch; a job whose step callback raises leaves
+        the batch (all its images) with that exception as its outcome."""
+        slots = [key for key in keys if isinstance(key, _Slot)]
+        for slot in slots:
+            self.done[slot.job_id] += 1
+        for job_id in dict.fromkeys(slot.job_id for slot in slots):
+            if self.on_step is None or job_id in self.outcomes:
+                continue
+            try:
+                self.on_step(job_id, min(self.done[job_id], self.total[job_id]), self.total[job_id])
+            except Exception as exc:  # noqa: BLE001 - the job's own outcome (cancel, time limit)
+                self.fail(job_id, exc)
+        return {slot for slot in slots if slot.job_id in self.outcomes}
+
+    def finish(self, slot: _Slot, image: Image.Image, batch_images: int) -> None:
+        if slot.job_id in self.outcomes:
+            return
+        self.images[slot.job_id][slot.index] = RenderedImage(
+            slot.index, slot.plan.seed, image, slot.plan.subseed, batch_images, dict(slot.job.extras))
+
+    def results(self) -> dict[uuid.UUID, list[RenderedImage] | Exception]:
+        results: dict[uuid.UUID, list[RenderedImage] | Exception] = dict(self.outcomes)
+        for job_id in self.order:
+            if job_id not in results:
+                images = self.images[job_id]
+                if any(image is None for image in images):  # cannot happen: every slot either finished or failed
+                    raise RuntimeError(f"job {job_id}: images missing from its batch")
+                results[job_id] = [image for image in images if image is not None]
+        return results
 
 
 def _read_image(key: str, load_image: ImageLoader, field_name: str) -> Image.Image:

@@ -105,15 +105,19 @@ class VaeLibrary:
 
 
 @torch.no_grad()
-def decode_to_image(vae: Any, latent: torch.Tensor) -> Any:
-    """One latent ``(1, C, h, w)`` to a PIL image the way the WebUI does (clamp, x255, truncate)."""
+def decode_images(vae: Any, latents: torch.Tensor, per_call: int) -> list[Any]:
+    """Latents ``(n, C, h, w)`` to PIL images the way the WebUI does (clamp, x255, truncate), ``per_call``
+    latents per VAE call (the batch's memory budget)."""
     from PIL import Image
 
-    latent = latent.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor
-    x = vae.decode(latent).sample[0].float()
-    x = torch.clamp((x + 1.0) / 2.0, min=0.0, max=1.0)
-    array = (255.0 * x.cpu().permute(1, 2, 0).numpy()).astype("uint8")
-    return Image.fromarray(array)
+    images = []
+    for start in range(0, latents.shape[0], max(1, per_call)):
+        chunk = latents[start : start + max(1, per_call)].to(device=vae.device, dtype=vae.dtype)
+        x = vae.decode(chunk / vae.config.scaling_factor).sample.float()
+        x = torch.clamp((x + 1.0) / 2.0, min=0.0, max=1.0)
+        for sample in x:
+            images.append(Image.fromarray((255.0 * sample.cpu().permute(1, 2, 0).numpy()).astype("uint8")))
+    return images
 
 
 @torch.no_grad()
