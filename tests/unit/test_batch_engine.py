@@ -178,3 +178,28 @@ def test_out_of_memory_splits_the_batch_and_lowers_the_limit(pipe: Any, tmp_path
     monkeypatch.setattr(pipe, "unet", small)
     engine.render_batch(pipe, jobs, dict(pipe.scheduler.config), limits=BatchLimits(max_images=8))
     assert small.calls and max(small.calls) == 4  # later batches start at the learned size: no more errors
+
+
+def test_a_vae_decode_out_of_memory_decodes_in_smaller_calls(pipe: Any) -> None:
+    from worker.engine.vae import decode_images
+
+    latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    whole = decode_images(pipe.vae, latents, 3)
+    calls: list[int] = []
+    real_decode = pipe.vae.decode
+
+    def small_decode(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        calls.append(int(x.shape[0]))
+        if x.shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_decode(x, *args, **kwargs)
+
+    pipe.vae.decode = small_decode
+    try:
+        split = decode_images(pipe.vae, latents, 3)
+    finally:
+        del pipe.vae.decode
+    assert calls == [3, 1, 1, 1]  # three did not fit; then one at a time
+    assert len(split) == 3
+    for a, b in zip(whole, split, strict=True):
+        assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= 1

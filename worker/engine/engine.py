@@ -57,7 +57,7 @@ from worker.engine.sdxl_conditioning import (
     sdxl_prompt_encoder,
     sdxl_time_ids,
 )
-from worker.engine.vae import VaeChoice, VaeLibrary, decode_images, encode_image
+from worker.engine.vae import OUT_OF_MEMORY, VaeChoice, VaeLibrary, decode_images, encode_image
 
 log = logging.getLogger(__name__)
 StepCallback = Callable[[int, int], None]
@@ -233,7 +233,7 @@ class GenerationEngine:
         try:
             with torch.no_grad():
                 images = self._denoise_chunk(pipe, slots, run)
-        except _OUT_OF_MEMORY:
+        except OUT_OF_MEMORY:
             if len(slots) == 1:
                 raise
             half = len(slots) // 2
@@ -331,12 +331,6 @@ class GenerationEngine:
                  for slot, noise in zip(slots, noises, strict=True) if slot.job.hr_cond is not None]
         latents, items = run_phase(pipe.unet, scheduler, timesteps, start, items, run.after_eval)
         return latents, [item.key for item in items]  # type: ignore[misc]
-
-
-_OUT_OF_MEMORY: tuple[type[BaseException], ...] = tuple(
-    cls for cls in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None))
-    if isinstance(cls, type)
-)
 
 
 def _empty_device_cache() -> None:

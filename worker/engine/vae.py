@@ -38,6 +38,13 @@ class VaeChoice:
     short_hash: str | None = None
 
 
+# What torch raises when a CUDA allocation fails (``torch.cuda.OutOfMemoryError`` on older releases).
+OUT_OF_MEMORY: tuple[type[BaseException], ...] = tuple(
+    cls for cls in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None))
+    if isinstance(cls, type)
+)
+
+
 def resolve_vae_file(folder: Path, requested: str) -> Path:
     """Find ``requested`` (file name, with or without extension) inside the VAE folder, or raise FieldError."""
     name = requested.strip()
@@ -107,13 +114,20 @@ class VaeLibrary:
 @torch.no_grad()
 def decode_images(vae: Any, latents: torch.Tensor, per_call: int) -> list[Any]:
     """Latents ``(n, C, h, w)`` to PIL images the way the WebUI does (clamp, x255, truncate), ``per_call``
-    latents per VAE call (the batch's memory budget)."""
+    latents per VAE call (the batch's memory budget); a call that runs out of GPU memory is split."""
     from PIL import Image
 
     images = []
-    for start in range(0, latents.shape[0], max(1, per_call)):
-        chunk = latents[start : start + max(1, per_call)].to(device=vae.device, dtype=vae.dtype)
-        x = vae.decode(chunk / vae.config.scaling_factor).sample.float()
+    per_call = max(1, per_call)
+    for start in range(0, latents.shape[0], per_call):
+        chunk = latents[start : start + per_call]
+        try:
+            x = vae.decode(chunk.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor).sample.float()
+        except OUT_OF_MEMORY:
+            if chunk.shape[0] == 1:
+                raise
+            images += decode_images(vae, chunk, chunk.shape[0] // 2)
+            continue
         x = torch.clamp((x + 1.0) / 2.0, min=0.0, max=1.0)
         for sample in x:
             images.append(Image.fromarray((255.0 * sample.cpu().permute(1, 2, 0).numpy()).astype("uint8")))
