@@ -156,14 +156,19 @@ class GenerationEngine:
             key = ("invariant", job.job_id) if _invariant(job.spec) else job.spec.batch_key
             groups.setdefault(key, []).append(job)
         for group in groups.values():
-            requests = job_loras(group[0].spec, self.models_dir / "Lora")
-            cache.apply(pipe, requests)
+            try:  # the group's one LoRA set: a missing or broken file is every one of its jobs' input error
+                requests = job_loras(group[0].spec, self.models_dir / "Lora")
+                cache.apply(pipe, requests)
+            except FieldError as exc:
+                for job in group:
+                    run.fail(job.job_id, exc)
+                continue
             slots: list[_Slot] = []
             for job in group:
                 try:
                     plan, count = self._plan(pipe, job.spec, scheduler_config, load_image)
                 except FieldError as exc:
-                    run.outcomes[job.job_id] = exc
+                    run.fail(job.job_id, exc)
                     continue
                 plan.extras.update(lora_infotext(requests, cache))
                 slots += run.add_job(job.job_id, plan, count)
