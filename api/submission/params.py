@@ -41,6 +41,8 @@ OVERRIDE_SETTINGS: dict[str, str] = {
     "sd_vae": "vae",
     "CLIP_stop_at_last_layers": "clip_skip",
     "eta_noise_seed_delta": "eta_noise_seed_delta",
+    # Not a WebUI setting: the farm's batch_invariant job field, for clients that only speak the WebUI API.
+    "renderfarm_batch_invariant": "batch_invariant",
 }
 
 # Infotext key -> request field, as the WebUI's paste fields map them (modules/ui.py, scripts' infotext_fields).

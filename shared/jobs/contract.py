@@ -19,6 +19,8 @@ of meaning of an existing field bumps ``version``; a worker refuses versions it 
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -109,6 +111,8 @@ class RenderSpec(BaseModel):
     hr_scheduler: str | None = Field(None, description="None: the first pass's schedule type")
     output_format: Literal["png", "jpeg", "webp"] = "png"
     loras: tuple[LoraSpec, ...] = Field((), description="every LoRA the job applies (prompt tags and the field)")
+    batch_invariant: bool = Field(False, description="images denoised one at a time, never with other jobs': "
+                                                     "image k is pixel-identical to a single job with seed + k")
 
     @model_validator(mode="before")
     @classmethod
@@ -157,23 +161,40 @@ class RenderSpec(BaseModel):
         return self.hr_sampler_name or self.sampler_name, self.hr_scheduler or self.scheduler
 
     @property
-    def batch_key(self) -> BatchKey:
-        """What jobs must share to be denoised in one batch (the micro-batching claim groups on it).
+    def batch_key(self) -> BatchKey | None:
+        """What jobs must share to be denoised in one batch; None: this job is never batched with others
+        (``batch_invariant``). The one definition the claim groups on (stored digested, see
+        :attr:`batch_key_digest`) and the engine groups a batch by.
 
-        Same model, VAE, latent size, sampler and schedule, step plan (steps and, where it shapes the
-        schedule, the denoising strength), mode, hires pass, clip skip and LoRA set with weights.
-        Prompts, seeds, CFG scale, embeddings (named per prompt), init images and masks are per image.
+        Shared: the checkpoint (by the name the worker loads it under), VAE and its hash, latent size,
+        sampler and schedule type, the step plan (steps and, where it shapes the schedule, the denoising
+        strength), mode, the hires pass, clip skip, and the LoRA set with weights in its order (LoRAs are
+        merged into the shared weights, and their order changes the floating-point sums). Per image, so
+        free to differ: prompts and negative prompts (embeddings only change their own prompt's
+        encoding), seeds, variation seeds, ENSD, CFG scale, batch size and count, init images, masks
+        and the inpainting settings (they prepare each image's latents at the shared size), styles
+        (already in the prompt) and the output format.
         """
+        if self.batch_invariant:
+            return None
         hires: BatchKey = ()
         if self.hires_enabled:
             hires = (self.hr_scale, self.hr_resize_x, self.hr_resize_y, self.hr_upscaler,
                      self.hr_second_pass_steps or self.steps, *self.hires_sampler)
         strength = self.denoising_strength if self.mode == "img2img" or self.hires_enabled else None
-        loras = tuple(sorted((lora.file, lora.hash or "", lora.weight) for lora in self.loras))
+        loras = tuple((lora.file, lora.hash or "", lora.weight) for lora in self.loras)
         return (
             CONTRACT_VERSION, self.model, self.vae, self.vae_hash, self.mode, self.width, self.height,
             self.sampler_name, self.scheduler, self.steps, strength, hires, self.clip_skip, loras,
         )
+
+    @property
+    def batch_key_digest(self) -> str | None:
+        """:attr:`batch_key` as the short stable string ``jobs.batch_key`` stores and the claim compares."""
+        key = self.batch_key
+        if key is None:
+            return None
+        return hashlib.sha256(json.dumps(key, separators=(",", ":")).encode()).hexdigest()[:32]
 
 
 def _prompt_tag_loras(prompt: str) -> list[dict[str, Any]]:

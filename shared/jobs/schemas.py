@@ -96,8 +96,12 @@ class Txt2ImgRequest(BaseModel):
     infotext: str | None = Field(None, max_length=50000,
                                  description="a WebUI infotext; its values fill every field not given")
     override_settings: dict[str, Any] | None = Field(
-        None, description="sd_model_checkpoint, sd_vae, CLIP_stop_at_last_layers, eta_noise_seed_delta"
+        None, description="sd_model_checkpoint, sd_vae, CLIP_stop_at_last_layers, eta_noise_seed_delta, "
+                          "renderfarm_batch_invariant"
     )
+    batch_invariant: bool = Field(False, description="render this job's images one at a time and never in a batch "
+                                                     "with other jobs: image k is pixel-identical to a single job "
+                                                     "with seed + k (default: batched, within the stated tolerance)")
     override_settings_restore_afterwards: bool = Field(
         True, description="accepted for WebUI clients: jobs never change global settings, nothing to restore"
     )
@@ -282,6 +286,7 @@ def resolve_params(
         "vae": vae,
         "clip_skip": req.clip_skip,
         "eta_noise_seed_delta": req.eta_noise_seed_delta,
+        "batch_invariant": req.batch_invariant,
         "denoising_strength": denoising,
         "init_images": list(init_images or []),
         "mask": mask,

@@ -203,3 +203,19 @@ def test_a_vae_decode_out_of_memory_decodes_in_smaller_calls(pipe: Any) -> None:
     assert len(split) == 3
     for a, b in zip(whole, split, strict=True):
         assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= 1
+
+
+def test_a_batch_invariant_job_is_never_batched_and_equals_seed_plus_k(pipe: Any, engine: GenerationEngine,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    counting = CountingUnet(pipe.unet)
+    monkeypatch.setattr(pipe, "unet", counting)
+    strict, other = job(batch_invariant=True, batch_size=2, seed=40), job(seed=41)
+    out = engine.render_batch(pipe, [strict, other], dict(pipe.scheduler.config))
+    steps = BASE["steps"]
+    assert counting.calls == [2] * steps * 2 + [2] * steps  # its two images one at a time; the other alone too
+    images = out[strict.job_id]
+    assert not isinstance(images, Exception) and [i.batch_images for i in images] == [1, 1]
+    for k, item in enumerate(images):
+        single = strict.spec.model_copy(update={"seed": 40 + k, "batch_size": 1})
+        (alone_item,) = engine.render(pipe, single, dict(pipe.scheduler.config))
+        assert np.array_equal(pixels(item), pixels(alone_item))

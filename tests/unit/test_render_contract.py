@@ -125,6 +125,16 @@ def test_batch_key_differs_for_what_the_batch_shares(changes: dict[str, Any]) ->
     assert spec(**changes).batch_key != spec().batch_key
 
 
+def test_lora_order_is_part_of_the_key_and_invariant_jobs_have_none() -> None:
+    a = {"name": "alpha", "weight": 1.0, "file": "alpha.safetensors", "hash": "0123456789ab"}
+    b = {"name": "beta", "weight": 0.5, "file": "beta.safetensors", "hash": "ba9876543210"}
+    assert spec(loras=[a, b]).batch_key != spec(loras=[b, a]).batch_key
+    assert spec(batch_invariant=True).batch_key is None and spec(batch_invariant=True).batch_key_digest is None
+    digest = spec().batch_key_digest
+    assert digest is not None and len(digest) == 32 and digest == spec(seed=5, prompt="other").batch_key_digest
+    assert digest != spec(steps=5).batch_key_digest
+
+
 def test_batch_key_of_hires_and_img2img_jobs() -> None:
     hires = spec(enable_hr=True, hr_scale=2.0)
     assert spec(enable_hr=True, hr_scale=2.0, hr_prompt="night").batch_key == hires.batch_key
@@ -137,8 +147,3 @@ def test_batch_key_of_hires_and_img2img_jobs() -> None:
     assert spec(mode="img2img", init_images=["b"], mask="m", denoising_strength=0.5).batch_key == img2img.batch_key
     assert spec(mode="img2img", init_images=["a"], denoising_strength=0.6).batch_key != img2img.batch_key
 
-
-def test_lora_order_does_not_split_a_batch() -> None:
-    alpha = {"name": "alpha", "weight": 0.5, "file": "alpha.safetensors", "hash": "0123456789ab"}
-    beta = {"name": "beta", "weight": 1.0, "file": "beta.safetensors", "hash": "ba9876543210"}
-    assert spec(loras=[alpha, beta]).batch_key == spec(loras=[beta, alpha]).batch_key

@@ -153,7 +153,7 @@ class GenerationEngine:
         run = _BatchRun(on_step)
         groups: dict[object, list[BatchJob]] = {}
         for job in jobs:
-            key = ("invariant", job.job_id) if _invariant(job.spec) else job.spec.batch_key
+            key = job.spec.batch_key or ("alone", job.job_id)  # batch_invariant jobs have no key
             groups.setdefault(key, []).append(job)
         for group in groups.values():
             try:  # the group's one LoRA set: a missing or broken file is every one of its jobs' input error
@@ -173,8 +173,8 @@ class GenerationEngine:
                 plan.extras.update(lora_infotext(requests, cache))
                 slots += run.add_job(job.job_id, plan, count)
             spec = group[0].spec
-            per_call = 1 if _invariant(spec) else min(limits.images_per_call(spec.width, spec.height),
-                                                      self.max_images_learned or limits.max_images)
+            per_call = 1 if spec.batch_invariant else min(limits.images_per_call(spec.width, spec.height),
+                                                          self.max_images_learned or limits.max_images)
             for start in range(0, len(slots), per_call):
                 self._render_chunk(pipe, slots[start : start + per_call], run)
         return run.results()
@@ -341,10 +341,6 @@ class GenerationEngine:
 def _empty_device_cache() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _invariant(spec: RenderSpec) -> bool:
-    return bool(getattr(spec, "batch_invariant", False))
 
 
 def _finish_image(slot: _Slot, image: Image.Image) -> Image.Image:
