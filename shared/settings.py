@@ -129,6 +129,21 @@ class RoutingSettings(BaseSettings):
     affinity_max_wait_seconds: float = 15.0
 
 
+class BatchingSettings(BaseSettings):
+    """Micro-batching (docs/architecture.md, "Batches"): a worker's claim takes queued jobs with the same
+    batch key along with the one its message named, and the engine denoises their images together."""
+
+    model_config = _FLAT
+
+    batching: bool = True  # off: one job per claim (a job's own batch_size images are still one batch)
+    # How long a claim waits for more partners when the batch has room (0: take what is already queued).
+    batch_window_ms: int = Field(0, ge=0, le=10_000)
+    # Images per UNet call; 0: the worker decides (from free GPU memory on CUDA, a small number on CPU).
+    max_batch_images: int = Field(0, ge=0, le=256)
+    # Pixels (images x width x height) per UNet call, so a batch of large images fits; 0: the worker decides.
+    batch_pixel_budget: int = Field(0, ge=0)
+
+
 class AdminSettings(BaseSettings):
     """The admin dashboard, /metrics and pause."""
 
@@ -248,6 +263,7 @@ class Settings(BaseModel):
     limits: LimitSettings = Field(default_factory=LimitSettings)
     jobs: JobSettings = Field(default_factory=JobSettings)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    batching: BatchingSettings = Field(default_factory=BatchingSettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
 

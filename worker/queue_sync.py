@@ -23,16 +23,10 @@ import redis
 from shared.queueing.farm_state import read_paused_flag
 from shared.queueing.fleet import WORKER_KEY_PREFIX
 from shared.queueing.queues import QueueName
-from shared.queueing.routing import is_model_queue, model_queue
+from shared.queueing.routing import desired_queues, is_model_queue
 from shared.settings import Settings, worker_process_name
 
 log = logging.getLogger(__name__)
-
-
-def desired_queues(paused: bool, models: list[str], affinity: bool) -> set[str]:
-    if paused:
-        return set()
-    return {str(QueueName.RENDER)} | ({model_queue(name) for name in models} if affinity else set())
 
 
 class QueueSync:

@@ -11,6 +11,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -21,15 +22,19 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared.errors import FieldError
 from shared.jobs import lifecycle
 from shared.jobs.contract import RenderSpec
+from shared.jobs.repository import held_job
 from shared.jobs.states import ErrorType
+from shared.queueing.routing import desired_queues
 from shared.settings import Settings
 from shared.storage.base import ObjectStore, StorageError, TransientStorageError
 from shared.storage.object_store import image_key
 from shared.webui.image_metadata import OUTPUT_FORMATS, encode_image
 from shared.webui.infotext import format_infotext
 from worker.control.job_control import JobCanceled, JobControl, JobTimedOut
+from worker.engine.batch import BatchJob, BatchLimits
 
 if TYPE_CHECKING:
+    from worker.engine.engine import RenderedImage
     from worker.engine.pipeline_cache import PipelineCache
 
 log = logging.getLogger(__name__)
@@ -125,8 +130,21 @@ def read_spec(params: dict[str, Any]) -> RenderSpec:
         raise FieldError(("params",), f"this worker cannot render the job's parameters: {problems}") from exc
 
 
+@dataclass
+class _Claimed:
+    """A job of the batch in hand: its id and its row's params (parsed after the claim's transaction)."""
+
+    job_id: uuid.UUID
+    params: dict[str, Any]
+
+
 class JobRunner:
-    """One job from claim to outputs; every state change is a `shared.jobs.lifecycle` transition."""
+    """A batch of jobs from claim to outputs; every state change is a `shared.jobs.lifecycle` transition.
+
+    A message names one job; the claim takes it and, with batching on, queued jobs with its batch key
+    (docs/architecture.md, "Batches"). Each job of the batch keeps its own life: its spec is read alone,
+    its images are uploaded and recorded alone, and a late input error, a cancel or its time limit ends
+    it alone while the others go on."""
 
     def __init__(
         self,
@@ -137,9 +155,11 @@ class JobRunner:
         store: ObjectStore,
         settings: Settings,
         time_limit_errors: tuple[type[BaseException], ...] = (),
+        limits: BatchLimits | None = None,
     ) -> None:
         """`time_limit_errors`: exceptions the host process raises when a job runs out of time anywhere (the
-        Celery app passes its soft time limit's), failed as `timeout` like the step deadline."""
+        Celery app passes its soft time limit's), failed as `timeout` like the step deadline. `limits`: the
+        images and pixels per UNet call (default: fitted to the device, `worker.engine.batch`)."""
         self.worker = worker
         self.time_limit_errors = time_limit_errors
         self.control = control
@@ -147,6 +167,7 @@ class JobRunner:
         self.session_factory = session_factory
         self.store = store
         self.settings = settings
+        self._limits = limits
         self._engine: Any = None
 
     @property
@@ -158,51 +179,140 @@ class JobRunner:
             self._engine = GenerationEngine(self.settings.models.models_dir)
         return self._engine
 
+    @property
+    def limits(self) -> BatchLimits:
+        if self._limits is None:
+            from worker.engine.batch import device_batch_limits
+
+            batching = self.settings.batching
+            self._limits = device_batch_limits(self.pipelines.device, batching.max_batch_images,
+                                               batching.batch_pixel_budget)
+        return self._limits
+
+    def claim_limit(self) -> int:
+        """Images a claim may take in all: none beside the named job's with batching off."""
+        if not self.settings.batching.batching:
+            return 0
+        learned = getattr(self._engine, "max_images_learned", None)
+        return min(self.limits.max_images, learned or self.limits.max_images)
+
+    def queues(self) -> list[str]:
+        """The render queues this worker consumes: partners come only from these."""
+        return sorted(desired_queues(False, self.pipelines.names(), self.settings.routing.affinity_routing))
+
     def run(self, job_id: str) -> RunOutcome:
-        """Render a job if it can be claimed, and say what became of it."""
+        """Render the batch a message's job leads, if that job can be claimed; say what became of that job."""
         jid = uuid.UUID(job_id)
-
-        def claim() -> dict[str, Any] | None:
-            with self.session_factory() as session:
-                job = lifecycle.claim(session, jid, self.worker, self.settings.jobs.lease_seconds)
-                params = dict(job.params) if job is not None else None
-                lifecycle.commit(session)
-                return params
-
-        params = with_db_retry(claim, "claiming a job")
-        if params is None:
+        batch = with_db_retry(lambda: self._claim(jid), "claiming a job")
+        if not batch:
             log.info("job %s is not queued any more (duplicate delivery or done); nothing to do", job_id)
             return RunOutcome.SKIPPED
-        self.control.begin(jid, self.settings.jobs.render_time_limit)
+        self.control.begin([job.job_id for job in batch], self.settings.jobs.render_time_limit)
         try:
-            return self._render_and_record(jid, read_spec(params))
-        except JobCanceled:
-            self._write(lambda session: lifecycle.finish_canceled(session, jid, self.worker), "canceling")
-            log.info("job %s canceled; partial images discarded", job_id)
-            return RunOutcome.CANCELED
-        except FieldError as exc:
-            return self._fail(jid, ErrorType.INVALID_INPUT, exc.message)
-        except JobTimedOut as exc:
-            log.warning("job %s: time limit reached", job_id)
-            return self._fail(jid, ErrorType.TIMEOUT, str(exc))
-        except self.time_limit_errors:  # the process's own backstop (Celery's soft limit), outside a step
-            log.warning("job %s: time limit reached outside a denoising step", job_id)
-            return self._fail(jid, ErrorType.TIMEOUT, str(JobTimedOut(self.settings.jobs.render_time_limit)))
-        except StorageError as exc:
-            log.exception("job %s: storage failed", job_id)
-            return self._fail(jid, ErrorType.STORAGE_ERROR, f"could not store the images: {exc}")
-        except Exception as exc:
-            log.exception("job %s: render failed", job_id)
-            return self._fail(jid, ErrorType.RENDER_ERROR, f"{exc.__class__.__name__}: {exc}")
+            batch += self._wait_for_partners(jid, batch)
+            if len(batch) > 1:
+                log.info("job %s: batch of %d jobs (%s)", job_id, len(batch), ", ".join(str(j.job_id) for j in batch))
+            outcomes = self._run_batch(batch)
         finally:
             self.control.end()
+        return outcomes[jid]
 
-    def _render_and_record(self, jid: uuid.UUID, spec: RenderSpec) -> RunOutcome:
-        model = self.pipelines.get(spec.model)
-        rendered = self.engine.render(
-            model.pipeline, spec, model.scheduler_config, load_image=self.store.get, on_step=self.control.on_step,
-            loras=model.loras,
-        )
+    def _claim(self, jid: uuid.UUID) -> list[_Claimed]:
+        with self.session_factory() as session:
+            jobs = lifecycle.claim_batch(session, jid, self.worker, self.settings.jobs.lease_seconds, self.queues(),
+                                         self.claim_limit())
+            claimed = [_Claimed(job.id, dict(job.params)) for job in jobs]
+            lifecycle.commit(session)
+            return claimed
+
+    def _wait_for_partners(self, jid: uuid.UUID, batch: list[_Claimed]) -> list[_Claimed]:
+        """With a batch window, claim more partners until the window closes or the batch is full."""
+        window = self.settings.batching.batch_window_ms / 1000
+        limit = self.claim_limit()
+        images = sum(lifecycle.image_count(job.params) for job in batch)
+        if window <= 0 or images >= limit:
+            return []
+        deadline, more = time.monotonic() + window, []
+        while images < limit and time.monotonic() < deadline:
+            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+
+            def claim_more(room: int = limit - images) -> list[_Claimed]:
+                with self.session_factory() as session:
+                    leader = held_job(session, jid, self.worker)
+                    if leader is None:
+                        return []
+                    jobs = lifecycle.claim_partners(session, leader, self.worker, self.settings.jobs.lease_seconds,
+                                                    self.queues(), room)
+                    claimed = [_Claimed(job.id, dict(job.params)) for job in jobs]
+                    lifecycle.commit(session)
+                    return claimed
+
+            joined = with_db_retry(claim_more, "claiming batch partners")
+            if joined:
+                self.control.add([job.job_id for job in joined])
+                more += joined
+                images += sum(lifecycle.image_count(job.params) for job in joined)
+        return more
+
+    def _run_batch(self, batch: list[_Claimed]) -> dict[uuid.UUID, RunOutcome]:
+        outcomes: dict[uuid.UUID, RunOutcome] = {}
+        jobs = []
+        for claimed in batch:
+            try:
+                jobs.append(BatchJob(claimed.job_id, read_spec(claimed.params)))
+            except FieldError as exc:
+                outcomes[claimed.job_id] = self._fail(claimed.job_id, ErrorType.INVALID_INPUT, exc.message)
+        if not jobs:
+            return outcomes
+        try:
+            model = self.pipelines.get(jobs[0].spec.model)
+            started = time.monotonic()
+            results = self.engine.render_batch(
+                model.pipeline, jobs, model.scheduler_config, load_image=self.store.get, on_step=self.control.on_step,
+                loras=model.loras, limits=self.limits,
+            )
+            elapsed = time.monotonic() - started
+        except (Exception, *self.time_limit_errors) as exc:  # the whole batch: pipeline, time limit, engine fault
+            for job in jobs:
+                outcomes[job.job_id] = self._end_with(job.job_id, exc, batch_wide=True)
+            return outcomes
+        images_in_all = sum(len(r) for r in results.values() if not isinstance(r, Exception)) or 1
+        for job in jobs:
+            result = results[job.job_id]
+            if isinstance(result, Exception):
+                outcomes[job.job_id] = self._end_with(job.job_id, result)
+                continue
+            share = elapsed * len(result) / images_in_all
+            try:
+                outcomes[job.job_id] = self._record(job, result, model, share)
+            except Exception as exc:
+                outcomes[job.job_id] = self._end_with(job.job_id, exc)
+        return outcomes
+
+    def _end_with(self, jid: uuid.UUID, exc: BaseException, batch_wide: bool = False) -> RunOutcome:
+        """A job that did not succeed: canceled, or failed with the kind its exception means."""
+        if isinstance(exc, JobCanceled):
+            self._write(lambda session: lifecycle.finish_canceled(session, jid, self.worker), "canceling")
+            log.info("job %s canceled; partial images discarded", jid)
+            return RunOutcome.CANCELED
+        if isinstance(exc, FieldError):
+            return self._fail(jid, ErrorType.INVALID_INPUT, exc.message)
+        if isinstance(exc, JobTimedOut):
+            log.warning("job %s: time limit reached", jid)
+            return self._fail(jid, ErrorType.TIMEOUT, str(exc))
+        if self.time_limit_errors and isinstance(exc, self.time_limit_errors):
+            log.warning("job %s: time limit reached outside a denoising step", jid)
+            return self._fail(jid, ErrorType.TIMEOUT, str(JobTimedOut(self.settings.jobs.render_time_limit)))
+        if isinstance(exc, StorageError):
+            log.error("job %s: storage failed: %s", jid, exc)
+            return self._fail(jid, ErrorType.STORAGE_ERROR, f"could not store the images: {exc}")
+        log.error("job %s: render failed%s", jid, " (its whole batch)" if batch_wide else "", exc_info=exc)
+        return self._fail(jid, ErrorType.RENDER_ERROR, f"{exc.__class__.__name__}: {exc}")
+
+    def _record(self, job: BatchJob, rendered: list[RenderedImage], model: Any, render_seconds: float
+                ) -> RunOutcome:
+        """Upload a job's images to their deterministic keys, then record them and `succeeded` at once."""
+        spec, jid = job.spec, job.job_id
         _, extension, content_type = OUTPUT_FORMATS[spec.output_format]
         images = []
         for item in rendered:
@@ -213,12 +323,14 @@ class JobRunner:
             images.append(
                 lifecycle.NewImage(item.index, key, item.seed, item.image.width, item.image.height, infotext)
             )
+        batch_images = max((item.batch_images for item in rendered), default=1)
         record = lambda session: lifecycle.succeed(  # noqa: E731
-            session, jid, self.worker, images, model.short_hash
+            session, jid, self.worker, images, model.short_hash, batch_images, round(render_seconds, 4)
         )
         if not self._write(record, "recording the outputs"):
             log.warning("job %s: lease lost before completion; outputs not recorded", jid)
             return RunOutcome.LOST
+        self.control.images_done += len(images)
         return RunOutcome.SUCCEEDED
 
     def _write(self, change: Callable[[Session], bool], what: str) -> bool:

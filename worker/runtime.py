@@ -122,7 +122,10 @@ class WorkerRuntime:
             "model_loads": self.pipelines.loads,
             "ready": self.ready.is_set(),
             "current_job": str(job_id) if job_id is not None else None,
+            "current_batch": [str(job) for job in self.control.job_ids],
             "jobs_done": self.control.jobs_done,
+            "images_done": self.control.images_done,
+            "busy_seconds": round(self.control.busy_seconds, 3),
         }
 
 

@@ -81,6 +81,13 @@ class Job(Base):
     # Webhook target and the events it wants (subset of queued/started/progress/succeeded/failed/canceled).
     webhook_url: Mapped[str | None] = mapped_column(Text, nullable=True)
     webhook_events: Mapped[list[str] | None] = mapped_column(JSONB, nullable=True)
+    # Micro-batching: the render contract's batch key digest (None: never batched), the batch the job was
+    # claimed in (shared by the jobs that rode together), the images per UNet call that rendered it, and
+    # its share of the batch's render time.
+    batch_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    batch_id: Mapped[uuid.UUID | None] = mapped_column(nullable=True)
+    batch_images: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    render_seconds: Mapped[float | None] = mapped_column(nullable=True)
 
     images: Mapped[list[JobImage]] = relationship(
         back_populates="job", order_by="JobImage.index", lazy="selectin"
@@ -92,6 +99,7 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_owner_created", "owner", text("created_at DESC")),
         Index("ix_jobs_status_created", "status", "created_at"),
+        Index("ix_jobs_queued_batch_key", "batch_key", "created_at", postgresql_where=text("status = 'queued'")),
     )
 
 

@@ -8,7 +8,8 @@ what must be published once that transaction commits. Nothing else writes `jobs.
 Callers end the transaction with `commit(session)`: commit, then publish (rule 2). Publishing is
 scheduled on the session, so a rollback drops it with the changes it announced.
 
-Transitions: `submit` (-> queued), `claim` (queued -> running), `report_progress` and `renew_lease`
+Transitions: `submit` (-> queued), `claim` / `claim_batch` / `claim_partners` (queued -> running, a batch
+claimed in one transaction), `report_progress` and `renew_lease(s)`
 (running, no state change), `succeed`, `fail`, `cancel` / `finish_canceled`, `retry` (a finished job
 -> a new queued job), and recovery: `expire_leases` (running -> queued or failed), `republish_*`
 (queued, published again).
@@ -24,11 +25,13 @@ from datetime import timedelta
 from enum import StrEnum
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import ColumnElement, and_, event, func, select, update
 from sqlalchemy.orm import Session
 
 from shared.clock import utcnow
 from shared.db.models import Job, JobImage
+from shared.jobs.contract import RenderSpec
 from shared.jobs.states import ErrorType, JobStatus, check_transition
 from shared.queueing.queues import QueueName, publish_render
 from shared.queueing.routing import MODEL_QUEUE_PREFIX
@@ -168,12 +171,21 @@ def submit(
         webhook_url=webhook_url,
         webhook_events=webhook_events,
         route=route,
+        batch_key=_batch_key(params),
     )
     session.add(job)
     session.flush()
     _record_event(session, job.id)
     _pending(session).renders.append((job.id, route, True))
     return job
+
+
+def _batch_key(params: dict[str, Any]) -> str | None:
+    """The stored batch key of a job's contract; a row the contract cannot read is never batched."""
+    try:
+        return RenderSpec.from_stored(params).batch_key_digest
+    except ValidationError:
+        return None
 
 
 RETRYABLE = (JobStatus.FAILED, JobStatus.CANCELED)
@@ -198,20 +210,78 @@ def retry(session: Session, old: Job, route: str) -> Job:
 # --- a worker's job -------------------------------------------------------------------------------
 
 
-def claim(session: Session, job_id: uuid.UUID, worker: str, lease_seconds: int) -> Job | None:
+def claim(session: Session, job_id: uuid.UUID, worker: str, lease_seconds: int,
+          batch_id: uuid.UUID | None = None) -> Job | None:
     """queued -> running for exactly one caller, holding a lease; everybody else gets None."""
+    claimed = _claim_where(session, [Job.id == job_id], worker, lease_seconds, batch_id)
+    return claimed[0] if claimed else None
+
+
+def _claim_where(session: Session, where: Sequence[ColumnElement[bool]], worker: str, lease_seconds: int,
+                 batch_id: uuid.UUID | None) -> list[Job]:
     now = utcnow()
     changed = _move(
-        session, JobStatus.QUEUED, JobStatus.RUNNING, [Job.id == job_id],
+        session, JobStatus.QUEUED, JobStatus.RUNNING, where,
         dict(attempt=Job.attempt + 1, lease_owner=worker, lease_until=now + timedelta(seconds=lease_seconds),
-             started_at=now, progress=0.0),
+             started_at=now, progress=0.0, batch_id=batch_id, batch_images=None, render_seconds=None),
     )
     if not changed:
-        return None
+        return []
     session.flush()
-    job = session.get(Job, job_id, populate_existing=True)
-    _record_event(session, job_id)
-    return job
+    jobs = []
+    for job_id in changed:
+        job = session.get(Job, job_id, populate_existing=True)
+        assert job is not None
+        _record_event(session, job_id)
+        jobs.append(job)
+    return jobs
+
+
+def image_count(params: dict[str, Any] | None) -> int:
+    """Images a job's params render (batch_size x n_iter, as its contract reads missing keys)."""
+    params = params or {}
+    return max(1, int(params.get("batch_size") or 1)) * max(1, int(params.get("n_iter") or 1))
+
+
+def claim_batch(session: Session, job_id: uuid.UUID, worker: str, lease_seconds: int, queues: Collection[str],
+                max_images: int) -> list[Job]:
+    """Claim the job a message named and, in the same transaction, its partners (:func:`claim_partners`):
+    the batch, its first job first; empty when that job is not queued any more (a duplicate message).
+    The named job is always in its batch, whatever its size: partners join it, never replace it."""
+    leader = claim(session, job_id, worker, lease_seconds, batch_id=uuid.uuid4())
+    if leader is None:
+        return []
+    room = max_images - image_count(leader.params)
+    return [leader, *claim_partners(session, leader, worker, lease_seconds, queues, room)]
+
+
+def claim_partners(session: Session, leader: Job, worker: str, lease_seconds: int, queues: Collection[str],
+                   room: int) -> list[Job]:
+    """Queued jobs with ``leader``'s batch key from the queues this worker consumes, oldest first, up to
+    ``room`` images, claimed into ``leader``'s batch (``FOR UPDATE SKIP LOCKED``: jobs another claim is
+    taking are skipped, never waited for or taken twice). Their messages then find nothing to claim."""
+    if leader.batch_key is None or room <= 0 or not queues:
+        return []
+    candidates = session.execute(
+        select(Job.id, Job.params)
+        .where(Job.status == JobStatus.QUEUED, Job.batch_key == leader.batch_key, Job.route.in_(list(queues)),
+               Job.id != leader.id)
+        .order_by(Job.created_at, Job.id)
+        .limit(room)
+        .with_for_update(skip_locked=True)
+    ).all()
+    chosen: list[uuid.UUID] = []
+    for candidate_id, params in candidates:
+        images = image_count(params)
+        if images > room:
+            break  # oldest first: a younger, smaller job does not overtake an older one into this batch
+        chosen.append(candidate_id)
+        room -= images
+    if not chosen:
+        return []
+    jobs = _claim_where(session, [Job.id.in_(chosen)], worker, lease_seconds, leader.batch_id)
+    order = {job_id: i for i, job_id in enumerate(chosen)}
+    return sorted(jobs, key=lambda job: order[job.id])
 
 
 def _held_by(job_id: uuid.UUID, worker: str) -> list[ColumnElement[bool]]:
@@ -220,13 +290,20 @@ def _held_by(job_id: uuid.UUID, worker: str) -> list[ColumnElement[bool]]:
 
 def renew_lease(session: Session, job_id: uuid.UUID, worker: str, lease_seconds: int) -> bool:
     """The lease keeper's beat: the job stays running while its worker lives (no state change)."""
-    result = session.execute(
-        update(Job)
-        .where(Job.status == JobStatus.RUNNING, *_held_by(job_id, worker))
-        .values(lease_until=utcnow() + timedelta(seconds=lease_seconds))
-        .returning(Job.id)
-    ).scalar_one_or_none()
-    return result is not None
+    return bool(renew_leases(session, [job_id], worker, lease_seconds))
+
+
+def renew_leases(session: Session, job_ids: Collection[uuid.UUID], worker: str, lease_seconds: int
+                 ) -> list[uuid.UUID]:
+    """Renew the leases of every job of a batch this worker holds; returns those still held."""
+    return list(
+        session.execute(
+            update(Job)
+            .where(Job.status == JobStatus.RUNNING, Job.id.in_(list(job_ids)), Job.lease_owner == worker)
+            .values(lease_until=utcnow() + timedelta(seconds=lease_seconds))
+            .returning(Job.id)
+        ).scalars()
+    )
 
 
 def report_progress(session: Session, job_id: uuid.UUID, worker: str, progress: float) -> bool:
@@ -254,10 +331,16 @@ class NewImage:
 
 
 def succeed(
-    session: Session, job_id: uuid.UUID, worker: str, images: Sequence[NewImage], model_hash: str | None = None
+    session: Session, job_id: uuid.UUID, worker: str, images: Sequence[NewImage], model_hash: str | None = None,
+    batch_images: int | None = None, render_seconds: float | None = None,
 ) -> bool:
-    """running -> succeeded with its outputs, in one transaction; False if the lease was lost."""
-    extra = {"model_hash": model_hash} if model_hash else {}
+    """running -> succeeded with its outputs, in one transaction; False if the lease was lost. ``batch_images``:
+    the images per UNet call that rendered it; ``render_seconds``: its share of its batch's render time."""
+    extra: dict[str, Any] = {"model_hash": model_hash} if model_hash else {}
+    if batch_images is not None:
+        extra["batch_images"] = batch_images
+    if render_seconds is not None:
+        extra["render_seconds"] = render_seconds
     if not _move(
         session, JobStatus.RUNNING, JobStatus.SUCCEEDED, _held_by(job_id, worker),
         dict(extra, finished_at=utcnow(), progress=1.0, lease_until=None),
@@ -304,7 +387,12 @@ def cancel(session: Session, job_id: uuid.UUID) -> CancelOutcome:
 
 
 def cancel_requested(session: Session, job_id: uuid.UUID) -> bool:
-    return session.scalar(select(Job.cancel_requested_at).where(Job.id == job_id)) is not None
+    return bool(cancels_requested(session, [job_id]))
+
+
+def cancels_requested(session: Session, job_ids: Collection[uuid.UUID]) -> set[uuid.UUID]:
+    """Which of a batch's jobs have a cancel request (one query for the whole batch)."""
+    return set(session.scalars(select(Job.id).where(Job.id.in_(list(job_ids)), Job.cancel_requested_at.is_not(None))))
 
 
 def finish_canceled(session: Session, job_id: uuid.UUID, worker: str) -> bool:

@@ -29,3 +29,9 @@ def list_jobs(
         count = count.where(Job.status == status)
     rows = session.scalars(query.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)).all()
     return list(rows), int(session.scalar(count) or 0)
+
+
+def held_job(session: Session, job_id: uuid.UUID, worker: str) -> Job | None:
+    """The job while it runs under ``worker``'s lease (the leader of the batch it is rendering), else None."""
+    return session.scalar(select(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING,
+                                            Job.lease_owner == worker))

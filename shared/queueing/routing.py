@@ -103,3 +103,11 @@ def model_queue_keys(client: redis.Redis) -> list[str]:
     """The Redis lists of the model queues (and their priority lists) that hold messages now."""
     return [k.decode() if isinstance(k, bytes) else str(k)
             for k in client.scan_iter(match=MODEL_QUEUE_PREFIX + "*", count=500)]
+
+
+def desired_queues(paused: bool, models: list[str], affinity: bool) -> set[str]:
+    """The render queues a worker holding ``models`` consumes: none while the farm is paused, else the shared
+    queue plus each held model's own (with affinity routing)."""
+    if paused:
+        return set()
+    return {str(QueueName.RENDER)} | ({model_queue(name) for name in models} if affinity else set())

@@ -17,12 +17,12 @@ from shared.queueing.fleet import WORKER_KEY_PREFIX, broker_queue
 from shared.queueing.routing import (
     AffinityRouter,
     advertised_models,
+    desired_queues,
     held_by_every_worker,
     is_model_queue,
     model_queue,
     orphan_model_queues,
 )
-from worker.queue_sync import desired_queues
 
 PARAMS = {"mode": "txt2img", "prompt": "p", "seed": 5, "batch_size": 1, "n_iter": 1}
 

@@ -1,7 +1,8 @@
 """The runner's outcomes against a real PostgreSQL, with a stand-in engine (no torch, no Celery worker).
 
 A render that runs past its time limit stops at its next step and fails as ``timeout`` with a message
-naming the limit, not as a render error; a cancel requested mid-render ends it as ``canceled``.
+naming the limit, not as a render error; a cancel requested mid-render ends it as ``canceled``. A claim
+takes queued partners with the same batch key; each job of a batch ends on its own.
 """
 
 from __future__ import annotations
@@ -14,13 +15,16 @@ from typing import Any
 
 import sqlalchemy as sa
 from celery.exceptions import SoftTimeLimitExceeded
+from PIL import Image
 from sqlalchemy.orm import sessionmaker
 
+from shared.errors import FieldError
 from shared.jobs import lifecycle, repository
 from shared.jobs.states import ErrorType, JobStatus
-from shared.settings import JobSettings, ModelSettings, ServiceSettings, Settings
+from shared.settings import BatchingSettings, JobSettings, ModelSettings, ServiceSettings, Settings
 from shared.storage.local import LocalObjectStore
-from worker.control.job_control import JobControl
+from worker.control.job_control import JobCanceled, JobControl, JobTimedOut
+from worker.engine.batch import BatchJob, BatchLimits
 from worker.runner import JobRunner, RunOutcome
 
 PARAMS = {"mode": "txt2img", "prompt": "p", "negative_prompt": "", "seed": 5, "batch_size": 1, "n_iter": 1,
@@ -28,17 +32,47 @@ PARAMS = {"mode": "txt2img", "prompt": "p", "negative_prompt": "", "seed": 5, "b
           "width": 64, "height": 64}
 
 
+class StandInEngine:
+    """``render_batch`` over a per-job ``render(job, on_step)``: what the job's step callback raises (or a
+    FieldError) is that job's outcome, anything else escapes for the whole batch, as the engine does."""
+
+    max_images_learned = None
+
+    def __init__(self, render: Any) -> None:
+        self.render = render
+        self.batches: list[list[uuid.UUID]] = []
+
+    def render_batch(self, pipe: Any, jobs: list[BatchJob], config: Any, load_image: Any = None,
+                     on_step: Any = None, loras: Any = None, limits: Any = None) -> dict[uuid.UUID, Any]:
+        self.batches.append([job.job_id for job in jobs])
+        out: dict[uuid.UUID, Any] = {}
+        for job in jobs:
+            try:
+                out[job.job_id] = self.render(job, on_step=lambda d, t, j=job.job_id: on_step(j, d, t))
+            except (JobCanceled, JobTimedOut, FieldError) as exc:
+                out[job.job_id] = exc
+        return out
+
+
+def one_image(job: BatchJob, on_step: Any) -> list[Any]:
+    on_step(1, 1)
+    return [SimpleNamespace(index=0, seed=job.spec.seed, subseed=job.spec.subseed, image=Image.new("RGB", (64, 64)),
+                            batch_images=2, infotext={})]
+
+
 def _runner(database_url: str, tmp_path: Path, render: Any, time_limit: int = 90,
-            time_limit_errors: tuple[type[BaseException], ...] = ()) -> tuple[JobRunner, sessionmaker]:
+            time_limit_errors: tuple[type[BaseException], ...] = (), batching: bool = True,
+            ) -> tuple[JobRunner, sessionmaker]:
     factory = sessionmaker(sa.create_engine(database_url))
     model = SimpleNamespace(name="m", short_hash="0123456789", pipeline=None, scheduler_config={}, loras=None)
     store = LocalObjectStore(tmp_path / "objects", "http://127.0.0.1:1", b"secret")
     settings = Settings(services=ServiceSettings(database_url=database_url),
-                        jobs=JobSettings(job_time_limit=time_limit), models=ModelSettings(models_dir=tmp_path))
-    pipelines = SimpleNamespace(get=lambda name: model)
+                        jobs=JobSettings(job_time_limit=time_limit), models=ModelSettings(models_dir=tmp_path),
+                        batching=BatchingSettings(batching=batching))
+    pipelines = SimpleNamespace(get=lambda name: model, names=lambda: ["m"], device="cpu")
     runner = JobRunner("worker-1", JobControl(), pipelines, factory, store, settings,  # type: ignore[arg-type]
-                       time_limit_errors)
-    runner._engine = SimpleNamespace(render=render)
+                       time_limit_errors, limits=BatchLimits(max_images=4))
+    runner._engine = StandInEngine(render)
     return runner, factory
 
 
@@ -55,7 +89,7 @@ def _job(factory: sessionmaker, job_id: uuid.UUID) -> Any:
 
 
 def test_a_render_past_its_time_limit_fails_as_timeout(database_url: str, tmp_path: Path) -> None:
-    def render(*args: object, on_step: Any, **kwargs: object) -> list:
+    def render(job: BatchJob, on_step: Any) -> list:
         for step in range(1, 100):
             time.sleep(0.1)
             on_step(step, 100)
@@ -76,7 +110,7 @@ def test_a_render_past_its_time_limit_fails_as_timeout(database_url: str, tmp_pa
 def test_a_cancel_requested_mid_render_ends_the_job_canceled(database_url: str, tmp_path: Path) -> None:
     runner: JobRunner
 
-    def render(*args: object, on_step: Any, **kwargs: object) -> list:
+    def render(job: BatchJob, on_step: Any) -> list:
         on_step(1, 3)
         assert runner.control.job_id is not None
         runner.control.request_cancel(runner.control.job_id)
@@ -91,7 +125,7 @@ def test_a_cancel_requested_mid_render_ends_the_job_canceled(database_url: str, 
 
 
 def test_other_render_errors_stay_render_errors(database_url: str, tmp_path: Path) -> None:
-    def render(*args: object, **kwargs: object) -> list:
+    def render(job: BatchJob, on_step: Any) -> list:
         raise RuntimeError("device fault")
 
     runner, factory = _runner(database_url, tmp_path, render)
@@ -103,7 +137,7 @@ def test_other_render_errors_stay_render_errors(database_url: str, tmp_path: Pat
 
 def test_the_hosts_time_limit_outside_a_step_fails_as_timeout(database_url: str, tmp_path: Path) -> None:
     """Celery's soft time limit (passed in by the Celery app) can fire outside the denoising loop."""
-    def render(*args: object, **kwargs: object) -> list:
+    def render(job: BatchJob, on_step: Any) -> list:
         raise SoftTimeLimitExceeded()
 
     runner, factory = _runner(database_url, tmp_path, render, 600, time_limit_errors=(SoftTimeLimitExceeded,))
@@ -114,7 +148,7 @@ def test_the_hosts_time_limit_outside_a_step_fails_as_timeout(database_url: str,
 
 
 def test_parameters_this_worker_cannot_read_fail_as_invalid_input(database_url: str, tmp_path: Path) -> None:
-    def render(*args: object, **kwargs: object) -> list:
+    def render(job: BatchJob, on_step: Any) -> list:
         raise AssertionError("nothing renders from a row the worker cannot read")
 
     runner, factory = _runner(database_url, tmp_path, render)
@@ -123,3 +157,68 @@ def test_parameters_this_worker_cannot_read_fail_as_invalid_input(database_url: 
     job = _job(factory, job_id)
     assert job.error_type == ErrorType.INVALID_INPUT
     assert "cannot render the job's parameters" in (job.error_message or "") and "version 2" in job.error_message
+
+
+def fresh_key() -> dict[str, Any]:
+    """PARAMS under a checkpoint name of the test's own: a batch key no other test's queued jobs share."""
+    return PARAMS | {"model": f"m-{uuid.uuid4().hex[:8]}"}
+
+
+def test_a_claim_takes_queued_partners_and_each_job_ends_on_its_own(database_url: str, tmp_path: Path) -> None:
+    def render(job: BatchJob, on_step: Any) -> list:
+        if job.spec.prompt == "late bad input":
+            raise FieldError(("body", "init_images"), "init_images: no uploaded image under 'x'")
+        return one_image(job, on_step)
+
+    runner, factory = _runner(database_url, tmp_path, render)
+    own = fresh_key()
+    leader = _queued_job(factory, own | {"seed": 1})
+    partner = _queued_job(factory, own | {"seed": 2, "prompt": "another prompt", "cfg_scale": 3.0})
+    failing = _queued_job(factory, own | {"seed": 3, "prompt": "late bad input"})
+    unreadable = _queued_job(factory, own | {"seed": 4})
+    other_key = _queued_job(factory, own | {"seed": 5, "steps": 4})
+    too_many = _queued_job(factory, own | {"seed": 6, "batch_size": 2})  # 5 images > the limit of 4
+    with factory() as session:  # a row this worker cannot read (claimed by its key, failed after the claim)
+        session.execute(sa.text("UPDATE jobs SET params = params || '{\"version\": 2}' WHERE id = :id"),
+                        {"id": unreadable})
+        session.commit()
+
+    assert runner.run(str(leader)) == RunOutcome.SUCCEEDED
+    assert runner._engine.batches == [[leader, partner, failing]]  # the unreadable one never reaches the engine
+    jobs = {job_id: _job(factory, job_id) for job_id in (leader, partner, failing, unreadable, other_key, too_many)}
+    assert jobs[leader].batch_id is not None and jobs[leader].batch_id == jobs[partner].batch_id \
+        == jobs[failing].batch_id == jobs[unreadable].batch_id
+    assert jobs[leader].status == jobs[partner].status == JobStatus.SUCCEEDED
+    assert jobs[leader].batch_images == 2 and jobs[leader].render_seconds is not None
+    assert jobs[failing].status == JobStatus.FAILED and jobs[failing].error_type == ErrorType.INVALID_INPUT
+    assert jobs[unreadable].status == JobStatus.FAILED and jobs[unreadable].error_type == ErrorType.INVALID_INPUT
+    assert jobs[other_key].status == jobs[too_many].status == JobStatus.QUEUED
+    assert runner.control.jobs_done == 4 and runner.control.images_done == 2
+    # The partners' own messages find nothing to claim.
+    assert runner.run(str(partner)) == RunOutcome.SKIPPED and runner._engine.batches[1:] == []
+
+
+def test_with_batching_off_a_claim_takes_only_its_job(database_url: str, tmp_path: Path) -> None:
+    runner, factory = _runner(database_url, tmp_path, one_image, batching=False)
+    own = fresh_key()
+    first, second = _queued_job(factory, own | {"seed": 1}), _queued_job(factory, own | {"seed": 2})
+    assert runner.run(str(first)) == RunOutcome.SUCCEEDED
+    assert _job(factory, second).status == JobStatus.QUEUED and runner._engine.batches == [[first]]
+
+
+def test_a_cancel_mid_batch_ends_one_job_and_the_others_finish(database_url: str, tmp_path: Path) -> None:
+    runner: JobRunner
+    victim: uuid.UUID
+
+    def render(job: BatchJob, on_step: Any) -> list:
+        if job.job_id == victim:
+            runner.control.request_cancel(victim)
+        return one_image(job, on_step)
+
+    runner, factory = _runner(database_url, tmp_path, render)
+    own = fresh_key()
+    leader = _queued_job(factory, own | {"seed": 1})
+    victim = _queued_job(factory, own | {"seed": 2})
+    assert runner.run(str(leader)) == RunOutcome.SUCCEEDED
+    assert _job(factory, victim).status == JobStatus.CANCELED
+    assert _job(factory, leader).status == JobStatus.SUCCEEDED

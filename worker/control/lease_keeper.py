@@ -1,7 +1,8 @@
-"""Keeps the job in hand alive: renews its lease, writes its progress, notices a cancel request.
+"""Keeps the batch in hand alive: renews its jobs' leases, writes their progress, notices cancel requests.
 
-Cancel requests are polled twice a second (a running job stops within a step or so of the
-request); the lease and progress are written every quarter lease (`shared.queueing.fleet`).
+Cancel requests are polled twice a second for every job of the batch in one query (a job stops within
+a step or so of its request, and leaves the batch); the leases and progress are written every quarter
+lease (`shared.queueing.fleet`), in one transaction for the batch.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class LeaseKeeper(Periodic):
         self.lease_seconds = lease_seconds
         self.beat_seconds = beat_seconds
         self._next_beat = time.monotonic() + beat_seconds
-        self._written: tuple[uuid.UUID | None, float] = (None, 0.0)  # the progress last written, and of which job
+        self._written: dict[uuid.UUID, float] = {}  # the progress last written, per job
 
     def tick(self) -> None:
         try:
@@ -41,22 +42,25 @@ class LeaseKeeper(Periodic):
                 self.beat()
 
     def check_cancel(self) -> None:
-        job_id = self.control.job_id
-        if job_id is None or self.control.cancel_event.is_set():
+        pending = self.control.pending_cancel_checks()
+        if not pending:
             return
         with self.session_factory() as session:
-            requested = lifecycle.cancel_requested(session, job_id)
-        if requested and self.control.request_cancel(job_id):
-            log.info("job %s: cancel requested", job_id)
+            requested = lifecycle.cancels_requested(session, pending)
+        for job_id in requested:
+            if self.control.request_cancel(job_id):
+                log.info("job %s: cancel requested", job_id)
 
     def beat(self) -> None:
-        """Renew the lease and write progress when it moved (with its throttled webhook event)."""
-        job_id, progress = self.control.job_id, self.control.progress
-        if job_id is None:
+        """Renew the batch's leases and write the progress that moved (with its throttled webhook events)."""
+        job_ids = self.control.job_ids
+        if not job_ids:
             return
+        progress = {job_id: self.control.progress.get(job_id, 0.0) for job_id in job_ids}
         with self.session_factory() as session:
-            lifecycle.renew_lease(session, job_id, self.worker, self.lease_seconds)
-            if (job_id, progress) != self._written and progress > 0:
-                lifecycle.report_progress(session, job_id, self.worker, progress)
-                self._written = (job_id, progress)
+            lifecycle.renew_leases(session, job_ids, self.worker, self.lease_seconds)
+            for job_id, value in progress.items():
+                if value > 0 and self._written.get(job_id) != value:
+                    lifecycle.report_progress(session, job_id, self.worker, value)
             lifecycle.commit(session)
+        self._written = {job_id: value for job_id, value in progress.items() if value > 0}
