@@ -23,11 +23,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.admin import metrics_rollup
 from api.admin import queries as admin_queries
-from api.admin.metrics_rollup import DURATION_BUCKETS, WAIT_BUCKETS, le
+from api.admin.metrics_rollup import BATCH_IMAGES_BUCKETS, DURATION_BUCKETS, WAIT_BUCKETS, le
 from shared.db.models import Job
 from shared.jobs.states import JobStatus
 from shared.queueing.farm_state import get_pause_state
-from shared.queueing.fleet import broker_queue, read_fleet
+from shared.queueing.fleet import broker_queue, images_per_second, read_fleet
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,8 @@ class Snapshot:
     counters: dict[tuple[str, str, str], float] = field(default_factory=dict)  # metric_counters rows
     webhook_outcomes: dict[str, int] = field(default_factory=dict)
     broker: dict[str, int] = field(default_factory=dict)
-    workers: list[tuple[str, float, bool, int]] = field(default_factory=list)  # name, heartbeat age, lost, jobs
+    # name, heartbeat age, lost, jobs done, images per second of rendering (None before the first image)
+    workers: list[tuple[str, float, bool, int, float | None]] = field(default_factory=list)
 
 
 def jobs_by_state(session: Session) -> dict[str, int]:
@@ -92,7 +93,8 @@ def take_snapshot(
         queue = broker_queue(client)
         snap.broker = {"waiting": queue.waiting, "unacked": queue.unacked}
         for s in read_fleet(client, lost_after_seconds=lost_after_seconds, forget_after_seconds=forget_after_seconds):
-            snap.workers.append((str(s.info.get("name")), s.heartbeat_age, s.lost, int(s.info.get("jobs_done") or 0)))
+            snap.workers.append((str(s.info.get("name")), s.heartbeat_age, s.lost, int(s.info.get("jobs_done") or 0),
+                                 images_per_second(s.info)))
         snap.sources_up["redis"] = True
     except Exception:
         log.exception("metrics: Redis reads failed")
@@ -151,6 +153,14 @@ def families(snap: Snapshot) -> Iterator[Metric]:
     yield _histogram_family("renderfarm_job_queue_wait_seconds",
                             "Queue wait (created to started) of finished jobs that had started",
                             histograms(snap.counters, "wait", WAIT_BUCKETS), WAIT_BUCKETS)
+    yield _histogram_family("renderfarm_batch_images", "Images per UNet call that rendered each succeeded job "
+                            "(its effective batch size)", histograms(snap.counters, "batch_images",
+                                                                     BATCH_IMAGES_BUCKETS), BATCH_IMAGES_BUCKETS)
+    batches = CounterMetricFamily("renderfarm_batches_formed", "Batches claimed together (one job alone counts "
+                                  "as a batch of one)", labels=["model"])
+    for (model, _), total in sorted(_labelled(snap.counters, "batches").items()):
+        batches.add_metric([model], round(total, 3))
+    yield batches
     finished = CounterMetricFamily("renderfarm_jobs_finished", "Finished jobs by model and final state",
                                    labels=["model", "status"])
     for (model, status), total in sorted(_labelled(snap.counters, "jobs_finished").items()):
@@ -180,11 +190,17 @@ def families(snap: Snapshot) -> Iterator[Metric]:
                             labels=["worker"])
     done = GaugeMetricFamily("renderfarm_worker_jobs_done", "Jobs the worker process has finished since it started",
                              labels=["worker"])
-    for name, heartbeat_age, _lost, jobs_done in snap.workers:
+    rate = GaugeMetricFamily("renderfarm_worker_images_per_second",
+                             "Images the worker process recorded per second of rendering since it started",
+                             labels=["worker"])
+    for name, heartbeat_age, _lost, jobs_done, per_second in snap.workers:
         age.add_metric([name], round(heartbeat_age, 3))
         done.add_metric([name], jobs_done)
+        if per_second is not None:
+            rate.add_metric([name], per_second)
     yield age
     yield done
+    yield rate
 
 
 class FarmCollector(Collector):

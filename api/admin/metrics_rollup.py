@@ -3,7 +3,7 @@
 Counting all jobs at every scrape costs time in proportion to the table (about 0.5 s per
 scrape at 100,000 jobs, see docs/benchmarks.md). Instead, newly finished jobs are
 added to running totals: jobs by model and status, images by model, failures by error type,
-and the render-time and queue-wait histograms by model.
+the render-time, queue-wait and images-per-UNet-call histograms by model, and batches formed.
 
 Exactly once, without a clock lag: the jobs already counted are remembered (for
 `KEEP`) and each pass looks at jobs finished since `OVERLAP` before the newest one counted,
@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 
 from shared.db.models import MetricCounter, MetricsCountedJob
 
+BATCH_IMAGES_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64)
 DURATION_BUCKETS: tuple[float, ...] = (0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 WAIT_BUCKETS: tuple[float, ...] = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 1800, 3600)
 OVERLAP = timedelta(minutes=5)
@@ -35,7 +36,8 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 _NEW_FINISHED = text(
     "SELECT j.id, j.model_name, j.status, j.error_type, j.created_at, j.started_at, j.finished_at, "
-    "(SELECT count(*) FROM job_images i WHERE i.job_id = j.id) AS images "
+    "(SELECT count(*) FROM job_images i WHERE i.job_id = j.id) AS images, j.batch_images, "
+    "(SELECT count(*) FROM jobs b WHERE b.batch_id = j.batch_id) AS batch_jobs "
     "FROM jobs j WHERE j.finished_at >= :since "
     "AND NOT EXISTS (SELECT 1 FROM metrics_counted_jobs c WHERE c.job_id = j.id) "
     "ORDER BY j.finished_at LIMIT :limit"
@@ -62,8 +64,13 @@ def _observe(totals: Totals, prefix: str, model: str, value: float,
 def increments(rows: Sequence[tuple]) -> Totals:
     """What a batch of finished jobs adds to each (name, model, key) total; bucket counts are cumulative."""
     totals: Totals = defaultdict(float)
-    for _id, model, status, error_type, created, started, finished, images in rows:
+    for _id, model, status, error_type, created, started, finished, images, *batch in rows:
         totals[("jobs_finished", model, status)] += 1
+        batch_images, batch_jobs = (*batch, None, None)[:2]
+        if batch_jobs:  # each job of a batch adds its share: a batch counts once when all its jobs are counted
+            totals[("batches", model, "")] += 1 / batch_jobs
+        if status == "succeeded" and batch_images:
+            _observe(totals, "batch_images", model, float(batch_images), BATCH_IMAGES_BUCKETS)
         if images:
             totals[("images", model, "")] += images
         if status == "failed":

@@ -150,6 +150,16 @@ def finished_counts(session: Session, since: datetime) -> tuple[dict[str, int], 
     return by_status, by_error, int(images or 0)
 
 
+def batching_counts(session: Session, since: datetime) -> tuple[dict[int, int], int]:
+    """(succeeded jobs by images per UNet call, batches formed) among jobs finished since `since`."""
+    by_size = {int(size or 0): int(count) for size, count in session.execute(
+        select(Job.batch_images, func.count()).where(Job.finished_at >= since, Job.status == JobStatus.SUCCEEDED,
+                                                      Job.batch_images.is_not(None)).group_by(Job.batch_images))}
+    batches = session.scalar(select(func.count(func.distinct(Job.batch_id))).where(Job.finished_at >= since,
+                                                                                  Job.batch_id.is_not(None)))
+    return by_size, int(batches or 0)
+
+
 def timing_percentiles(session: Session, since: datetime) -> tuple[Percentiles | None, Percentiles | None]:
     """(render time of succeeded jobs, queue wait of started jobs) finished since `since`, in one pass."""
     duration = "extract(epoch FROM finished_at - started_at)"

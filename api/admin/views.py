@@ -72,6 +72,9 @@ class WorkerView(BaseModel):
     loras: list[str]
     current_job: CurrentJob | None
     jobs_done: int
+    images_done: int = 0
+    images_per_second: float | None = Field(None, description="images recorded per second of rendering")
+    batch_jobs: int = Field(0, description="jobs in the batch it renders now")
     model_loads: int | None
     heartbeat_at: datetime | None
     heartbeat_age_seconds: float
@@ -124,6 +127,9 @@ class StatsView(BaseModel):
     failures_by_type: dict[str, int]
     duration_seconds: Percentiles | None = Field(description="render time (started to finished) of succeeded jobs")
     wait_seconds: Percentiles | None = Field(description="queue wait (created to started) of jobs that started")
+    jobs_by_batch_images: dict[int, int] = Field(default_factory=dict,
+                                                 description="succeeded jobs by images per UNet call (batch size)")
+    batches: int = Field(0, description="batches formed (distinct batch ids of finished jobs)")
 
 
 class AdminJobSummary(BaseModel):

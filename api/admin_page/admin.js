@@ -104,8 +104,10 @@ function renderWorkers(fleet) {
         text: (lost ? "last: " : "") + job.id.slice(0, 8) }) : "–"),
       el("td", {}, job && !lost && job.progress != null ? el("progress", { max: "1", value: String(job.progress) }) : "–"),
       el("td", { text: `${seconds(w.heartbeat_age_seconds)} ago` }),
-      el("td", { class: "num", text: w.jobs_done }));
-  }), 10);
+      el("td", { class: "num", text: w.jobs_done }),
+      el("td", { class: "num", text: w.images_per_second != null ? w.images_per_second.toFixed(2) : "–" }),
+      el("td", { class: "num", text: w.batch_jobs > 1 ? `${w.batch_jobs} jobs` : "–" }));
+  }), 12);
 }
 
 function jobActions(job) {
@@ -140,6 +142,12 @@ function renderStats(stats) {
   setText("hour-images", stats.images);
   setText("hour-failed", stats.failed);
   setText("hour-p50", stats.duration_seconds ? seconds(stats.duration_seconds.p50) : "–");
+  setText("hour-batches", stats.batches);
+  const sizes = Object.entries(stats.jobs_by_batch_images).map(([size, n]) => [Number(size), n]).sort((a, b) => a[0] - b[0]);
+  const jobs = sizes.reduce((sum, [, n]) => sum + n, 0);
+  setText("hour-batch-mean", jobs ? (sizes.reduce((sum, [size, n]) => sum + size * n, 0) / jobs).toFixed(1) : "–");
+  fillTable("batch-table", sizes.map(([size, n]) =>
+    el("tr", {}, el("td", { class: "num", text: size }), el("td", { class: "num", text: n }))), 2);
   fillTable("failures-table", Object.entries(stats.failures_by_type).sort((a, b) => b[1] - a[1]).map(([type, n]) =>
     el("tr", {}, el("td", { text: type }), el("td", { class: "num", text: n }))), 2);
   const tp = stats.throughput;

@@ -36,7 +36,7 @@ from api.deps import AdminKey, SessionDep, SettingsDep, require_admin, require_k
 from shared.db.models import ApiKey
 from shared.errors import FieldError
 from shared.queueing.farm_state import broadcast_pause_sync, get_pause_state, set_paused
-from shared.queueing.fleet import WorkerSighting, broker_queue, get_redis, lost_after, read_fleet
+from shared.queueing.fleet import WorkerSighting, broker_queue, get_redis, images_per_second, lost_after, read_fleet
 from shared.queueing.queues import QueueName
 from shared.settings import Settings, get_settings
 
@@ -129,6 +129,8 @@ def _worker_view(sighting: WorkerSighting, jobs: dict[uuid.UUID, RunningJob]) ->
         name=str(info.get("name")), state=state, pid=info.get("pid"), device=info.get("device"), memory=memory,
         models=list(info.get("models") or []), loras=[str(x) for x in info.get("loras") or []],
         current_job=current, jobs_done=int(info.get("jobs_done") or 0), model_loads=info.get("model_loads"),
+        images_done=int(info.get("images_done") or 0), images_per_second=images_per_second(info),
+        batch_jobs=len(info.get("current_batch") or []),
         heartbeat_at=datetime.fromtimestamp(beat, UTC) if beat else None,
         heartbeat_age_seconds=round(sighting.heartbeat_age, 3),
     )
@@ -178,6 +180,7 @@ def get_stats(
     queue_bucket = max(int(get_settings().admin.sample_seconds) or 10, seconds // 360)
     by_status, by_error, images = admin_queries.finished_counts(session, since)
     durations, waits = admin_queries.timing_percentiles(session, since)
+    by_batch_images, batches = admin_queries.batching_counts(session, since)
     return StatsView(
         window_seconds=seconds,
         now=now,
@@ -190,4 +193,6 @@ def get_stats(
         failures_by_type=by_error,
         duration_seconds=durations,
         wait_seconds=waits,
+        jobs_by_batch_images=by_batch_images,
+        batches=batches,
     )

@@ -345,6 +345,11 @@ class JobView(BaseModel):
     total_steps: int
     eta_seconds: float | None = Field(description="estimated seconds until done, while running")
     queue_position: int | None = Field(description="1 = next to run, while queued")
+    batch_id: uuid.UUID | None = Field(None, description="the batch it was claimed in, shared by the jobs that "
+                                                         "rode together")
+    batch_images: int | None = Field(None, description="images per UNet call that rendered it (its effective "
+                                                       "batch size), once succeeded")
+    render_seconds: float | None = Field(None, description="its share of its batch's render time, once succeeded")
     images: list[ImageView]
     error: ErrorView | None
     links: dict[str, str]

@@ -111,3 +111,9 @@ def _decode(raw: bytes | str | None) -> dict[str, Any] | None:
     except ValueError:
         return None
     return value if isinstance(value, dict) else None
+
+
+def images_per_second(info: dict[str, Any]) -> float | None:
+    """A worker's images per second of rendering, from its heartbeat's counters (None before its first)."""
+    busy, images = float(info.get("busy_seconds") or 0), int(info.get("images_done") or 0)
+    return round(images / busy, 3) if busy > 0 and images else None

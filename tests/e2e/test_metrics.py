@@ -47,15 +47,16 @@ class FixedCollector(Collector):
 
 def test_exposition_of_a_snapshot_parses() -> None:
     t0 = datetime(2030, 1, 1, tzinfo=UTC)
-    rows = [(None, "m.safetensors", "succeeded", None, t0, t0 + timedelta(seconds=s), t0 + timedelta(seconds=2 * s), 1)
-            for s in (0.2, 0.4, 1.5, 3, 7)] + [(None, "m.safetensors", "failed", "render_error", t0, None, t0, 0)]
+    rows = [(None, "m.safetensors", "succeeded", None, t0, t0 + timedelta(seconds=s), t0 + timedelta(seconds=2 * s), 1,
+             size, jobs) for s, size, jobs in ((0.2, 1, 1), (0.4, 3, 2), (1.5, 3, 2), (3, 8, 0), (7, 8, 0))]
+    rows += [(None, "m.safetensors", "failed", "render_error", t0, None, t0, 0, None, 0)]
     snap = Snapshot(
         sources_up={"postgres": True, "redis": False},
         jobs_by_state={"queued": 2, "succeeded": 5},
         depth_by_model={("m.safetensors", "queued"): 2},
         counters=dict(increments(rows)),
         webhook_outcomes={"pending": 2, "delivered": 5, "failed": 1},
-        workers=[("w1:12", 1.5, False, 4)],
+        workers=[("w1:12", 1.5, False, 4, 2.5), ("w2:13", 0.5, False, 0, None)],
     )
     registry = CollectorRegistry(auto_describe=False)
     registry.register(FixedCollector(snap))
@@ -71,6 +72,11 @@ def test_exposition_of_a_snapshot_parses() -> None:
     outcomes = {s.labels["outcome"]: s.value for s in parsed["renderfarm_webhook_deliveries"].samples}
     assert outcomes == {"delivered": 5, "failed": 1}
     assert parsed["renderfarm_webhook_deliveries_pending"].samples[0].value == 2
+    sizes = {s.labels["le"]: s.value for s in parsed["renderfarm_batch_images"].samples if s.name.endswith("_bucket")}
+    assert (sizes["1.0"], sizes["2.0"], sizes["4.0"], sizes["8.0"], sizes["+Inf"]) == (1, 1, 3, 5, 5)
+    assert parsed["renderfarm_batches_formed"].samples[0].value == pytest.approx(2.0)  # a lone job + one batch of 2
+    rates = {s.labels["worker"]: s.value for s in parsed["renderfarm_worker_images_per_second"].samples}
+    assert rates == {"w1:12": 2.5}
     assert parsed["renderfarm_images_rendered"].type == "counter"
     assert parsed["renderfarm_images_rendered"].samples[0].name == "renderfarm_images_rendered_total"
 
