@@ -30,7 +30,10 @@ def two_worker_farm(postgres: EmbeddedPostgres, redis_db_url: Callable[[], str],
     logs = tmp_path_factory.mktemp("sdapi-two-workers")
     env = farm_env(database_url=_fresh_database(postgres, "farm_sdapi_parallel"),
                    redis_url=redis_db_url(), storage_url=str(logs / "objects"),
-                   models_dir=models_dir, admin_key=ADMIN_KEY)
+                   models_dir=models_dir, admin_key=ADMIN_KEY,
+                   # One job per claim: this test is about calls spreading over workers, not sharing a batch
+                   # (tests/e2e/test_e2e_batching.py shows concurrent calls batching on one worker).
+                   RENDERFARM_BATCHING="0")
     api, base_url = start_api(env, logs)
     farm = Farm(base_url=base_url, admin_key=ADMIN_KEY, env=env, procs=[api])
     try:
