@@ -89,6 +89,8 @@ def build_info(body: WebuiBody, job: Job, settings: Settings, warnings: list[str
         "version": parsed.get("Version"),
         "scheduler": params["scheduler"],
         "job_id": str(job.id),
+        "batch_id": str(job.batch_id) if job.batch_id else None,
+        "batch_images": job.batch_images,
         "warnings": warnings,
     }
 

@@ -46,6 +46,9 @@ BAD_CASES = [
     ({"webhook_url": "http://localhost/hook"}, "webhook_url", "localhost"),
     ({"webhook_url": "ftp://example.com/hook"}, "webhook_url", "http"),
     ({"webhook_events": ["finished"]}, "webhook_events", "succeeded"),
+    ({"batch_invariant": "sometimes"}, "batch_invariant", "boolean"),
+    ({"batch_invariant": [True]}, "batch_invariant", "boolean"),
+    ({"override_settings": {"renderfarm_batch_invariant": "sometimes"}}, "renderfarm_batch_invariant", "boolean"),
 ]
 
 
@@ -97,3 +100,22 @@ def test_valid_job_creates_exactly_one_row_and_one_message(api_only: Farm, clien
     assert resp.status_code == 202, resp.text
     assert resp.json()["status"] == "queued"
     assert _counts(api_only) == (rows + 1, queued + 1)
+
+
+def test_batch_invariant_is_stored_and_keeps_the_job_out_of_batches(api_only: Farm, client: httpx.Client) -> None:
+    """The job field and the WebUI API's override key both make the job batch-invariant (no batch key)."""
+    ids = []
+    for body in ({**VALID, "batch_invariant": True},
+                 {**VALID, "override_settings": {"renderfarm_batch_invariant": True}}, VALID):
+        resp = client.post("/v1/jobs", json=body)
+        assert resp.status_code == 202, resp.text
+        ids.append(resp.json()["id"])
+        assert resp.json()["batch_id"] is None and resp.json()["batch_images"] is None
+    engine = sa.create_engine(api_only.env["DATABASE_URL"])
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT id::text, batch_key, params->>'batch_invariant' FROM jobs "
+                                    "WHERE id::text = ANY(:ids)"), {"ids": ids}).all()
+    engine.dispose()
+    found = {row[0]: (row[1], row[2]) for row in rows}
+    assert found[ids[0]] == (None, "true") and found[ids[1]] == (None, "true")
+    assert found[ids[2]][1] == "false" and found[ids[2]][0] is not None and len(found[ids[2]][0]) == 32

@@ -7,6 +7,7 @@ takes queued partners with the same batch key; each job of a batch ends on its o
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -222,3 +223,32 @@ def test_a_cancel_mid_batch_ends_one_job_and_the_others_finish(database_url: str
     assert runner.run(str(leader)) == RunOutcome.SUCCEEDED
     assert _job(factory, victim).status == JobStatus.CANCELED
     assert _job(factory, leader).status == JobStatus.SUCCEEDED
+
+
+def test_the_batch_window_lets_a_job_submitted_just_after_the_claim_join(database_url: str, tmp_path: Path) -> None:
+    runner, factory = _runner(database_url, tmp_path, one_image)
+    runner.settings = runner.settings.model_copy(update={"batching": BatchingSettings(batch_window_ms=2000)})
+    own = fresh_key()
+    leader = _queued_job(factory, own | {"seed": 1})
+    late: list[uuid.UUID] = []
+
+    def submit_later() -> None:
+        time.sleep(0.3)
+        late.append(_queued_job(factory, own | {"seed": 2}))
+
+    thread = threading.Thread(target=submit_later)
+    thread.start()
+    started = time.monotonic()
+    assert runner.run(str(leader)) == RunOutcome.SUCCEEDED
+    thread.join()
+    assert runner._engine.batches == [[leader, late[0]]]
+    assert _job(factory, late[0]).status == JobStatus.SUCCEEDED
+    assert time.monotonic() - started < 5  # the window closed when its time was up, not later
+
+
+def test_without_a_window_nothing_waits(database_url: str, tmp_path: Path) -> None:
+    runner, factory = _runner(database_url, tmp_path, one_image)
+    leader = _queued_job(factory, fresh_key())
+    started = time.monotonic()
+    assert runner.run(str(leader)) == RunOutcome.SUCCEEDED
+    assert time.monotonic() - started < 1.5
