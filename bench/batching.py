@@ -78,9 +78,13 @@ def farm_round(base: str, args: argparse.Namespace) -> tuple[float, list[float],
     with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as client:
         def one(i: int) -> tuple[float, int]:
             start = time.perf_counter()
-            job_id = client.post("/v1/jobs", json=job_body(args, i)).json()["id"]
+            resp = client.post("/v1/jobs", json=job_body(args, i))
+            assert resp.status_code == 202, f"{resp.status_code} {resp.text[:300]}"
+            job_id = resp.json()["id"]
             while True:
-                job = client.get(f"/v1/jobs/{job_id}").json()
+                polled = client.get(f"/v1/jobs/{job_id}")
+                assert polled.status_code == 200, f"{polled.status_code} {polled.text[:300]}"
+                job = polled.json()
                 if job["status"] in ("succeeded", "failed", "canceled"):
                     break
                 time.sleep(args.poll)
@@ -145,7 +149,8 @@ def main() -> None:
         if api is not None:
             api.stop()
         servers.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        if not os.environ.get("BENCH_KEEP"):
+            shutil.rmtree(work, ignore_errors=True)
 
     summary = {}
     print(f"farm: {args.jobs} concurrent one-image jobs, one warm worker, {args.rounds} rounds each, interleaved")

@@ -47,9 +47,13 @@ def submit_job(
             status.HTTP_409_CONFLICT, detail="a request with this Idempotency-Key is still being processed"
         ) from exc
     job = submitted.job
-    if submitted.replayed:
-        return job_view(job, store, settings.services.url_expires_seconds)
-    return job_view(job, store, settings.services.url_expires_seconds, queue_position(session, job))
+    position = None if submitted.replayed else queue_position(session, job)
+    view = job_view(job, store, settings.services.url_expires_seconds, position)
+    # Hand the connection back now: the background task takes one of its own before this request's session
+    # dependency exits, and 15 requests each holding one while waiting for another emptied the pool
+    # (QueuePool timeouts with 24 concurrent submits, bench/batching.py).
+    session.close()
+    return view
 
 
 def _mark_published(job_ids: list[uuid.UUID]) -> None:

@@ -160,3 +160,19 @@ def test_killing_the_worker_mid_batch_reruns_every_job_exactly_once(batch_farm: 
     assert all(row["lease_owner"].startswith("b2:") for row in recorded.values())
     for job_id in ids:
         assert sorted(p.name for p in (Path(batch_farm.env["STORAGE_URL"]) / "jobs" / job_id).iterdir()) == ["0.png"]
+
+
+def test_two_dozen_concurrent_submits_are_accepted_and_rendered_in_batches_of_at_most_eight(batch_farm: Farm) -> None:
+    """The claim limit in images: 24 queued one-image jobs become three batches of eight."""
+    def submit(k: int) -> str:
+        with batch_farm.client() as client:
+            resp = client.post("/v1/jobs", json=JOB | {"prompt": f"crowd {k}", "seed": 100 + k})
+        assert resp.status_code == 202, resp.text
+        return str(resp.json()["id"])
+
+    with Paused(batch_farm), ThreadPoolExecutor(24) as pool:
+        ids = list(pool.map(submit, range(24)))
+    jobs = [batch_farm.wait_for(job_id, timeout=300) for job_id in ids]
+    assert all(job["status"] == "succeeded" for job in jobs)
+    sizes = [job["batch_images"] for job in jobs]
+    assert max(sizes) == 8 and len({job["batch_id"] for job in jobs}) == 3  # RENDERFARM_MAX_BATCH_IMAGES=8
