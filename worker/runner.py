@@ -1,8 +1,10 @@
-"""Runs one job from claim to outputs. Knows nothing of Celery, so tests can call it directly.
+"""Runs a batch of jobs from claim to outputs. Knows nothing of Celery, so tests can call it directly.
 
-The order follows docs/architecture.md (rules 3, 4 and 6): claim by compare-and-set, render, upload to
-deterministic keys, then record the outputs and `succeeded` in one transaction. A render stops at its
-next step when its cancel is requested or its time limit passes (`worker/control/job_control.py`).
+The order follows docs/architecture.md (rules 3, 4 and 6, and "Batches"): claim the message's job by
+compare-and-set with its queued partners, render them together, upload each job's images to
+deterministic keys, then record each job's outputs and `succeeded` in its own transaction. A job leaves
+the batch at its next step when its cancel is requested or its time limit passes
+(`worker/control/job_control.py`); the others go on.
 """
 
 from __future__ import annotations

@@ -1,9 +1,12 @@
-"""The generation engine: a job's parameters rendered the way the AUTOMATIC1111 WebUI renders them.
+"""The generation engine: jobs' parameters rendered the way the AUTOMATIC1111 WebUI renders them.
 
 Order as in diffusers' pipelines: check inputs -> encode prompts -> prepare latents -> denoise ->
-decode. Everything runs on the components of the loaded pipeline (tokenizer, text encoder, UNet,
-VAE) with a scheduler built per image from the checkpoint's pristine config, so nothing a job does
-is left behind for the next one. The WebUI's behaviour lives in small modules:
+decode. The unit is a batch (:mod:`batch`): the jobs one claim took together. Each job is planned
+alone (its prompts encoded, its inputs read: a bad input fails that job only); then its images join
+the batch's UNet calls, at most ``BatchLimits.images_per_call`` images each (``batch_invariant`` jobs:
+one), with per-image noise, conditioning and CFG scale (:mod:`denoise`). Everything runs on the
+components of the loaded pipeline (tokenizer, text encoder, UNet, VAE) with a scheduler built per UNet
+batch from the checkpoint's pristine config, so nothing a job does is left behind for the next one. The WebUI's behaviour lives in small modules:
 :mod:`conditioning` (prompt syntax), :mod:`noise` (seeds), :mod:`denoise` (the loop and guidance),
 :mod:`img2img` (init images and masks), :mod:`hires` (hires fix), :mod:`vae`, :mod:`embeddings`.
 

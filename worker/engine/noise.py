@@ -1,7 +1,8 @@
 """Per-image noise exactly as the WebUI draws it with "RNG: CPU" (``modules/rng.py`` ``ImageRNG``).
 
-Why per image: image k of a batch must be the image a one-image job with its seed gives, so every
-image owns its generators and nothing it draws depends on its neighbours. Why on the CPU: a seed then
+Why per image: image k of a batch must be the image a one-image job with its seed gives (exactly with
+``batch_invariant``, within the stated tolerance in a shared UNet batch), so every image owns its
+generators and nothing it draws depends on its neighbours. Why on the CPU: a seed then
 means the same picture on any GPU. The initial noise (with variation seed, slerp and "seed resize
 from") comes first from the image's generator; the sampler's per-step noise continues that same
 generator, or a fresh one seeded with ``seed + ENSD`` when eta_noise_seed_delta is set, as the WebUI
