@@ -26,6 +26,7 @@ from shared.jobs import lifecycle
 from shared.jobs.contract import RenderSpec
 from shared.jobs.repository import held_job
 from shared.jobs.states import ErrorType
+from shared.queueing.farm_state import get_pause_state
 from shared.queueing.routing import desired_queues
 from shared.settings import Settings
 from shared.storage.base import ObjectStore, StorageError, TransientStorageError
@@ -219,10 +220,16 @@ class JobRunner:
             self.control.end()
         return outcomes[jid]
 
+    def _partner_limit(self, session: Session) -> int:
+        """The claim limit, or 0 while the farm is paused: a message taken just before a pause renders its
+        own job, but takes no queued partners with it (pause holds queued jobs)."""
+        limit = self.claim_limit()
+        return 0 if limit and get_pause_state(session).paused else limit
+
     def _claim(self, jid: uuid.UUID) -> list[_Claimed]:
         with self.session_factory() as session:
             jobs = lifecycle.claim_batch(session, jid, self.worker, self.settings.jobs.lease_seconds, self.queues(),
-                                         self.claim_limit())
+                                         self._partner_limit(session))
             claimed = [_Claimed(job.id, dict(job.params)) for job in jobs]
             lifecycle.commit(session)
             return claimed
@@ -241,7 +248,7 @@ class JobRunner:
             def claim_more(room: int = limit - images) -> list[_Claimed]:
                 with self.session_factory() as session:
                     leader = held_job(session, jid, self.worker)
-                    if leader is None:
+                    if leader is None or not self._partner_limit(session):
                         return []
                     jobs = lifecycle.claim_partners(session, leader, self.worker, self.settings.jobs.lease_seconds,
                                                     self.queues(), room)

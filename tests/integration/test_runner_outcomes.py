@@ -252,3 +252,21 @@ def test_without_a_window_nothing_waits(database_url: str, tmp_path: Path) -> No
     started = time.monotonic()
     assert runner.run(str(leader)) == RunOutcome.SUCCEEDED
     assert time.monotonic() - started < 1.5
+
+
+def test_while_paused_a_claim_takes_no_partners(database_url: str, tmp_path: Path) -> None:
+    from shared.queueing.farm_state import set_paused
+
+    runner, factory = _runner(database_url, tmp_path, one_image)
+    own = fresh_key()
+    leader, partner = _queued_job(factory, own | {"seed": 1}), _queued_job(factory, own | {"seed": 2})
+    with factory() as session:
+        set_paused(session, True, by="test")
+        session.commit()
+    try:
+        assert runner.run(str(leader)) == RunOutcome.SUCCEEDED  # its message was taken before the pause
+        assert _job(factory, partner).status == JobStatus.QUEUED
+    finally:
+        with factory() as session:
+            set_paused(session, False, by="test")
+            session.commit()

@@ -6,7 +6,8 @@ alone (its prompts encoded, its inputs read: a bad input fails that job only); t
 the batch's UNet calls, at most ``BatchLimits.images_per_call`` images each (``batch_invariant`` jobs:
 one), with per-image noise, conditioning and CFG scale (:mod:`denoise`). Everything runs on the
 components of the loaded pipeline (tokenizer, text encoder, UNet, VAE) with a scheduler built per UNet
-batch from the checkpoint's pristine config, so nothing a job does is left behind for the next one. The WebUI's behaviour lives in small modules:
+batch from the checkpoint's pristine config, so nothing a job does is left behind for the next one.
+The WebUI's behaviour lives in small modules:
 :mod:`conditioning` (prompt syntax), :mod:`noise` (seeds), :mod:`denoise` (the loop and guidance),
 :mod:`img2img` (init images and masks), :mod:`hires` (hires fix), :mod:`vae`, :mod:`embeddings`.
 
