@@ -9,6 +9,8 @@ Engine alone: seconds per image when ``b`` one-image jobs are denoised in one ba
 
     .venv/bin/python -m bench.batching                                   # CPU, demo model, 64x64, 20 steps
     .venv/bin/python -m bench.batching --checkpoint sd15.safetensors --size 512   # GPU
+
+``BENCH_KEEP=1`` keeps the run's folder (server and worker logs) under /tmp.
 """
 
 from __future__ import annotations
