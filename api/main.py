@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
@@ -44,6 +47,26 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with what strict JSON cannot carry spelled out: non-finite floats as text, strings with
+    lone surrogates escaped, anything else unknown as its ``str``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return value
+    if value is None or isinstance(value, bool | int):
+        return value
+    if isinstance(value, dict):
+        return {str(json_safe(key)): json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    return json_safe(str(value))
+
+
 def create_app() -> FastAPI:
     app = FastAPI(
         title="renderfarm",
@@ -58,6 +81,12 @@ def create_app() -> FastAPI:
             status_code=exc.status_code,
             content={"detail": [{"loc": list(exc.field), "msg": exc.message, "type": "value_error"}]},
         )
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """FastAPI's 422, with every echoed input made JSON-safe: a NaN, an Infinity or a lone surrogate in
+        the request used to make the default handler itself fail with a 500."""
+        return JSONResponse(status_code=422, content={"detail": json_safe(exc.errors())})
 
     for router in (health.router, jobs.router, job_events.router, models.router, files.router, webhooks.router,
                    uploads.router, png_info.router, styles.router, sdapi.router):

@@ -94,7 +94,7 @@ def list_jobs(
     store: StoreDep,
     status_filter: Annotated[JobStatus | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 20,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,  # PostgreSQL's bigint
 ) -> JobListView:
     jobs, total = repository.list_jobs(session, key.owner, status=status_filter, limit=limit, offset=offset)
     return JobListView(

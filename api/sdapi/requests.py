@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from api.submission.params import OVERRIDE_SETTINGS, request_fields_from_infotext
 from shared.errors import FieldError
-from shared.jobs.schemas import Txt2ImgRequest
+from shared.jobs.schemas import Txt2ImgRequest, refuse_nul
 from shared.webui.infotext import parse_infotext
 
 __all__ = ["Img2ImgBody", "Txt2ImgBody", "WebuiBody", "to_farm_request", "unsupported_features"]
@@ -26,7 +26,9 @@ __all__ = ["Img2ImgBody", "Txt2ImgBody", "WebuiBody", "to_farm_request", "unsupp
 class WebuiBody(BaseModel):
     """Fields common to both routes, with the WebUI's defaults."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    _no_nul = field_validator("*", mode="before")(refuse_nul)
 
     prompt: str = ""
     negative_prompt: str = ""

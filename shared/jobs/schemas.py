@@ -13,7 +13,7 @@ import uuid
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared.errors import FieldError
 from shared.jobs.contract import HIRES_DENOISING, IMG2IMG_DENOISING
@@ -25,6 +25,22 @@ from shared.webui.styles import BUILTIN_STYLES_FILE, StyleBook, read_styles_csv
 MAX_SEED = 2**32 - 1
 # The WebUI's defaults: img2img's denoising slider, and txt2img's hires fix slider.
 _PROMPT = Field("", max_length=20000)
+
+
+def refuse_nul(value: Any) -> Any:
+    """A NUL character (``\\u0000``) anywhere in a text value is refused: PostgreSQL cannot store it in a job
+    row (JSONB) and PNG text chunks cannot carry it, and dropping it silently would change what the user
+    sent. Applied to every field of the request models (``field_validator("*")``), nested values included."""
+    if isinstance(value, str) and "\x00" in value:
+        raise ValueError("must not contain NUL characters (\\u0000)")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            refuse_nul(key)
+            refuse_nul(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            refuse_nul(item)
+    return value
 
 
 class LoraRequest(BaseModel):
@@ -42,7 +58,10 @@ class Txt2ImgRequest(BaseModel):
     Unknown fields are refused so that nothing a user sent is silently dropped.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    # Floats must be finite: NaN or Infinity is no parameter, and a job row (JSONB) cannot store it.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    _no_nul = field_validator("*", mode="before")(refuse_nul)
 
     mode: Literal["txt2img", "img2img"] = Field("txt2img", description="img2img is implied by init_images")
     prompt: str = _PROMPT

@@ -49,6 +49,12 @@ BAD_CASES = [
     ({"batch_invariant": "sometimes"}, "batch_invariant", "boolean"),
     ({"batch_invariant": [True]}, "batch_invariant", "boolean"),
     ({"override_settings": {"renderfarm_batch_invariant": "sometimes"}}, "renderfarm_batch_invariant", "boolean"),
+    # NUL cannot be stored in a job row: refused wherever it is, naming the field (issue 18, first part)
+    ({"prompt": "a\u0000b"}, "prompt", "NUL"),
+    ({"negative_prompt": "x\u0000"}, "negative_prompt", "NUL"),
+    ({"infotext": "a cat\u0000\nSteps: 4"}, "infotext", "NUL"),
+    ({"styles": ["ok", "b\u0000d"]}, "styles", "NUL"),
+    ({"loras": [{"name": "a\u0000", "weight": 1}]}, "loras", "NUL"),
 ]
 
 
@@ -136,3 +142,30 @@ def test_a_submit_hands_its_connection_back_before_its_background_task_takes_one
     resp = client.post("/v1/jobs", json=VALID)
     assert resp.status_code == 202, resp.text
     assert seen == [0]
+
+
+@pytest.mark.parametrize("raw", [
+    '{"prompt": "x", "cfg_scale": NaN}', '{"prompt": "x", "cfg_scale": Infinity}',
+    '{"prompt": "x", "hr_scale": -Infinity}', '{"prompt": "\\ud800 lone surrogate"}',
+])
+def test_unrepresentable_input_is_a_422_too(api_only: Farm, client: httpx.Client, raw: str) -> None:
+    """Inputs the default validation handler could not echo back (it answered 500) get their 422."""
+    before = _counts(api_only)
+    resp = client.post("/v1/jobs", content=raw.encode(), headers={"Content-Type": "application/json"})
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["detail"][0]["loc"][-1] in ("cfg_scale", "hr_scale", "prompt")
+    assert _counts(api_only) == before
+
+
+def test_the_webui_api_refuses_nul_and_nan_with_a_422(api_only: Farm, client: httpx.Client) -> None:
+    before = _counts(api_only)
+    for raw in ('{"prompt": "a\\u0000b", "width": 64, "height": 64}', '{"prompt": "x", "cfg_scale": NaN}'):
+        resp = client.post("/sdapi/v1/txt2img", content=raw.encode(), headers={"Content-Type": "application/json"})
+        assert resp.status_code == 422, resp.text
+    assert _counts(api_only) == before
+
+
+def test_an_offset_past_the_databases_integers_is_a_422(client: httpx.Client) -> None:
+    resp = client.get("/v1/jobs", params={"offset": 2**63})
+    assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["query", "offset"]
+    assert client.get("/v1/jobs", params={"offset": 2**63 - 1}).json()["jobs"] == []
