@@ -201,10 +201,6 @@ def guided_noise(unet: Any, model_input: torch.Tensor, timestep: Any, steps: Seq
     return torch.cat(guided)
 
 
-def _step_kwargs(scheduler: Any, generators: list[torch.Generator]) -> dict[str, Any]:
-    return {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
-
-
 def _take(value: Any, keep: list[int], rows: int) -> Any:
     if isinstance(value, torch.Tensor) and value.ndim == 4 and value.shape[0] == rows:
         return value[keep]
@@ -256,6 +252,7 @@ def run_phase(
 
     After each evaluation ``after_eval(keys still in the batch)`` names the keys to drop; their rows leave
     the batch before the next one. Returns the latents of the images that stayed, and their items."""
+    takes_generator = "generator" in inspect.signature(scheduler.step).parameters  # once, off the step
     for index, timestep in enumerate(timesteps):
         if not items:
             break
@@ -263,7 +260,7 @@ def run_phase(
         steps = [item.conditioning.at_step(index) for item in items]
         eps = guided_noise(unet, model_input, timestep, steps, [item.cfg_scale for item in items])
         eps = _blended(scheduler, latents, timestep, eps, items)
-        kwargs = _step_kwargs(scheduler, [item.generator for item in items])
+        kwargs = {"generator": [item.generator for item in items]} if takes_generator else {}
         latents = scheduler.step(eps, timestep, latents, return_dict=False, **kwargs)[0].float()
         dropped = after_eval([item.key for item in items])
         if dropped:
