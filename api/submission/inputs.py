@@ -13,7 +13,14 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 
-from api.submission.images import checked_png, decode_base64_image, decode_image, for_init_image, for_mask
+from api.submission.images import (
+    checked_png,
+    decode_base64_image,
+    decode_image,
+    for_init_image,
+    for_mask,
+    for_upload,
+)
 from api.submission.uploads import is_upload_ref, read_upload
 from shared.settings import Settings
 from shared.storage.base import ObjectStore, StorageError
@@ -30,6 +37,7 @@ class StagedInputs:
     init_keys: list[str] = field(default_factory=list)
     mask_key: str | None = None
     blobs: dict[str, bytes] = field(default_factory=dict)
+    control_keys: list[tuple[str | None, str | None]] = field(default_factory=list)  # per unit: image, mask
 
     def write(self, store: ObjectStore) -> None:
         """Store every image; if one write fails, remove the ones already written before raising."""
@@ -64,9 +72,11 @@ def read_image_value(value: str, field_loc: tuple[str | int, ...], owner: str, s
 
 
 def stage_inputs(init_images: list[str] | None, mask: str | None, *, owner: str, store: ObjectStore,
-                 settings: Settings) -> StagedInputs:
-    """Check and re-encode every input image; raises FieldError naming the first bad one."""
-    if not init_images and mask is None:
+                 settings: Settings, controls: list[tuple[str | None, str | None]] | None = None) -> StagedInputs:
+    """Check and re-encode every input image; raises FieldError naming the first bad one. ``controls``: each
+    enabled ControlNet unit's image and mask values (kept with their transparency: the worker composites it onto
+    white as the extension does)."""
+    if not init_images and mask is None and not controls:
         return StagedInputs()
     prefix = f"inputs/{uuid.uuid4()}"
     blobs: dict[str, bytes] = {}
@@ -85,4 +95,18 @@ def stage_inputs(init_images: list[str] | None, mask: str | None, *, owner: str,
                              settings.limits.max_input_pixels)
         mask_key = f"{prefix}/mask.png"
         blobs[mask_key] = checked_png(for_mask(image)).png
-    return StagedInputs(init_keys, mask_key, blobs)
+    control_keys: list[tuple[str | None, str | None]] = []
+    for index, (control, control_mask) in enumerate(controls or []):
+        keys: list[str | None] = []
+        for given, name, convert in ((control, "image", for_upload), (control_mask, "mask", for_mask)):
+            if given is None:
+                keys.append(None)
+                continue
+            unit_loc: tuple[str | int, ...] = ("body", "controlnet", index, name)
+            image = decode_image(read_image_value(given, unit_loc, owner, store, settings), unit_loc,
+                                 settings.limits.max_input_pixels)
+            key = f"{prefix}/control_{index}_{name}.png"
+            blobs[key] = checked_png(convert(image)).png
+            keys.append(key)
+        control_keys.append((keys[0], keys[1]))
+    return StagedInputs(init_keys, mask_key, blobs, control_keys)

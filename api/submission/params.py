@@ -21,6 +21,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from api.model_catalog import resolve_job_loras, vae_hash
+from api.submission.controlnet import ResolvedUnit, resolve_units
+from shared.controlnet.infotext import units_from_infotext
 from shared.errors import FieldError
 from shared.jobs.contract import RenderSpec
 from shared.jobs.schemas import Txt2ImgRequest, check_limits, check_mode, resolve_params
@@ -156,6 +158,20 @@ def _infotext_model(parsed: Mapping[str, object], settings: Settings) -> str:
     return found
 
 
+def _infotext_units(parsed: Mapping[str, object], req: Txt2ImgRequest) -> list[dict[str, Any]] | None:
+    """The infotext's ControlNet units merged with the request's: unit i's fields the request sets win (its image,
+    which an infotext never holds, typically). None when the infotext records no unit."""
+    try:
+        recorded = units_from_infotext(parsed)
+    except ValueError as exc:
+        raise FieldError(("body", "infotext"), f"infotext's ControlNet unit: {exc}") from exc
+    if not recorded:
+        return None
+    sent = [unit.model_dump(exclude_unset=True) for unit in req.controlnet]
+    merged = [{**recorded_unit, **(sent[i] if i < len(sent) else {})} for i, recorded_unit in enumerate(recorded)]
+    return merged + sent[len(recorded):]
+
+
 def merge_request(req: Txt2ImgRequest, settings: Settings) -> tuple[Txt2ImgRequest, dict[str, _Origin]]:
     """The request with override_settings and infotext folded into fields, and where each such value came from."""
     explicit = req.model_dump(exclude_unset=True, exclude={"infotext", "override_settings"})
@@ -172,6 +188,11 @@ def merge_request(req: Txt2ImgRequest, settings: Settings) -> tuple[Txt2ImgReque
         if "model" not in explicit and ("Model" in parsed or "Model hash" in parsed):
             filled["model"] = _infotext_model(parsed, settings)
             origins["model"] = _Origin(("body", "infotext"), "infotext 'Model'")
+        units = _infotext_units(parsed, req)
+        if units is not None:
+            explicit.pop("controlnet", None)
+            filled["controlnet"] = units
+            origins["controlnet"] = _Origin(("body", "infotext"), "infotext's ControlNet units")
     if not filled and not req.override_settings:
         return req, origins
     try:
@@ -215,10 +236,18 @@ class JobPlan:
     request: Txt2ImgRequest
     checkpoint: CheckpointFile
     spec: RenderSpec
+    units: tuple[ResolvedUnit, ...] = ()  # the enabled ControlNet units, whose images are still to be staged
 
-    def with_inputs(self, init_images: list[str], mask: str | None) -> RenderSpec:
-        """The spec to store (``spec.to_stored()``), with the object-store keys of the staged inputs."""
-        return self.spec.model_copy(update={"init_images": tuple(init_images), "mask": mask})
+    def with_inputs(self, init_images: list[str], mask: str | None,
+                    controls: list[tuple[str | None, str | None]] | None = None) -> RenderSpec:
+        """The spec to store (``spec.to_stored()``), with the object-store keys of the staged inputs (``controls``:
+        each unit's image and mask keys)."""
+        update: dict[str, Any] = {"init_images": tuple(init_images), "mask": mask}
+        if controls:
+            update["controlnet"] = tuple(unit.model_copy(update={"image": image, "mask": unit_mask})
+                                         for unit, (image, unit_mask) in zip(self.spec.controlnet, controls,
+                                                                             strict=True))
+        return self.spec.model_copy(update=update)
 
 
 def _render_spec(params: dict[str, Any]) -> RenderSpec:
@@ -254,7 +283,10 @@ def plan_job(req: Txt2ImgRequest, settings: Settings, style_book: StyleBook | No
                                             [(lora.name, lora.weight) for lora in resolved.loras], cache,
                                             skipped_loras)
         params["vae_hash"] = vae_hash(settings.models.models_dir, params["vae"], cache)
+        units = resolve_units(resolved.controlnet, settings.models.models_dir, checkpoint.path,
+                              params["mode"] == "img2img")
+        params["controlnet"] = [unit.fields for unit in units]
         spec = _render_spec(params)
     except FieldError as exc:
         raise _blame(exc, origins) from exc
-    return JobPlan(resolved, checkpoint, spec)
+    return JobPlan(resolved, checkpoint, spec, tuple(units))

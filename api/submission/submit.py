@@ -66,8 +66,8 @@ def submit_job(
     webhook_events = check_webhook(body)
     # Input images last: the costliest check. Nothing is stored until every check has passed.
     inputs = stage_inputs(plan.request.init_images, plan.request.mask, owner=key.owner, store=store,
-                          settings=settings)
-    params = plan.with_inputs(inputs.init_keys, inputs.mask_key).to_stored()
+                          settings=settings, controls=[(unit.image, unit.mask) for unit in plan.units])
+    params = plan.with_inputs(inputs.init_keys, inputs.mask_key, inputs.control_keys).to_stored()
 
     if idempotency_key is not None:
         try:

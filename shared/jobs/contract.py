@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from shared.controlnet.units import ControlUnit
 from shared.webui.prompts import extract_lora_tags
 
 __all__ = ["CONTRACT_VERSION", "BatchKey", "LoraSpec", "RenderSpec"]
@@ -111,6 +112,7 @@ class RenderSpec(BaseModel):
     hr_scheduler: str | None = Field(None, description="None: the first pass's schedule type")
     output_format: Literal["png", "jpeg", "webp"] = "png"
     loras: tuple[LoraSpec, ...] = Field((), description="every LoRA the job applies (prompt tags and the field)")
+    controlnet: tuple[ControlUnit, ...] = Field((), description="enabled ControlNet units, in order")
     batch_invariant: bool = Field(False, description="images denoised one at a time, never with other jobs': "
                                                      "image k is pixel-identical to a single job with seed + k")
 
@@ -173,7 +175,8 @@ class RenderSpec(BaseModel):
         free to differ: prompts and negative prompts (embeddings only change their own prompt's
         encoding), seeds, variation seeds, ENSD, CFG scale, batch size and count, init images, masks
         and the inpainting settings (they prepare each image's latents at the shared size), styles
-        (already in the prompt) and the output format.
+        (already in the prompt) and the output format. ControlNet units share their models (one per unit
+        position); their images, weights, modes and guidance windows are per image.
         """
         if self.batch_invariant:
             return None
@@ -183,10 +186,13 @@ class RenderSpec(BaseModel):
                      self.hr_second_pass_steps or self.steps, *self.hires_sampler)
         strength = self.denoising_strength if self.mode == "img2img" or self.hires_enabled else None
         loras = tuple((lora.file, lora.hash or "", lora.weight) for lora in self.loras)
-        return (
+        key: BatchKey = (
             CONTRACT_VERSION, self.model, self.vae, self.vae_hash, self.mode, self.width, self.height,
             self.sampler_name, self.scheduler, self.steps, strength, hires, self.clip_skip, loras,
         )
+        if self.controlnet:  # keys of jobs without units stay what they were
+            key += (tuple((unit.model_location, unit.model_title) for unit in self.controlnet),)
+        return key
 
     @property
     def batch_key_digest(self) -> str | None:

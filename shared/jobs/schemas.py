@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from shared.controlnet.units import UnitRequest
 from shared.errors import FieldError
 from shared.jobs.contract import HIRES_DENOISING, IMG2IMG_DENOISING
 from shared.jobs.states import JobStatus
@@ -111,6 +112,9 @@ class Txt2ImgRequest(BaseModel):
     hr_sampler_name: str | None = Field(None, max_length=100, description="null: the same sampler")
     hr_scheduler: str | None = Field(None, max_length=100, description="null: the same schedule type")
     output_format: Literal["png", "jpeg", "webp"] = "png"
+    controlnet: list[UnitRequest] = Field(default_factory=list, max_length=8,
+                                          description="ControlNet units (the extension's unit fields); a unit "
+                                                      "without image on img2img uses the init image")
     # WebUI conveniences, turned into the fields above before anything else looks at the request
     infotext: str | None = Field(None, max_length=50000,
                                  description="a WebUI infotext; its values fill every field not given")

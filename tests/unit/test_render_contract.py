@@ -19,9 +19,11 @@ OLDEST_ROW: dict[str, Any] = {
 
 
 def stored(**fields: Any) -> dict[str, Any]:
-    """A row as today's API stores it: resolve_params plus the LoRA list the API resolves."""
+    """A row as today's API stores it: resolve_params plus the LoRA list and ControlNet units the API resolves."""
+    units = fields.pop("controlnet", [])
     params = resolve_params(Txt2ImgRequest(seed=7, subseed=9, width=64, height=64, steps=4, **fields), "demo")
     params["loras"] = [{"name": "alpha", "weight": 0.5, "file": "alpha.safetensors", "hash": "0123456789ab"}]
+    params["controlnet"] = units
     return params
 
 
@@ -38,6 +40,11 @@ def test_the_contract_covers_every_key_the_api_resolves() -> None:
     {"enable_hr": True, "hr_scale": 1.5, "hr_sampler_name": "DPM++ 2M", "hr_prompt": "night"},
     {"init_images": ["x"], "mask": "m", "inpainting_fill": 2, "resize_mode": 3, "output_format": "webp"},
     {"vae": "other.safetensors", "clip_skip": 2, "styles": [], "subseed_strength": 0.3},
+    {"controlnet": [{"module": "canny", "model": "cn", "model_title": "cn [0123abcd]",
+                     "model_location": "models/ControlNet/cn.safetensors", "weight": 0.8, "image": "k",
+                     "mask": None, "resize_mode": "Resize and Fill", "processor_res": 512, "threshold_a": 100,
+                     "threshold_b": 200.0, "guidance_start": 0.0, "guidance_end": 1.0, "pixel_perfect": False,
+                     "control_mode": "My prompt is more important", "hr_option": "Both", "low_vram": False}]},
 ])
 def test_stored_dict_round_trips(fields: dict[str, Any]) -> None:
     row = stored(**fields)
@@ -147,3 +154,16 @@ def test_batch_key_of_hires_and_img2img_jobs() -> None:
     assert spec(mode="img2img", init_images=["b"], mask="m", denoising_strength=0.5).batch_key == img2img.batch_key
     assert spec(mode="img2img", init_images=["a"], denoising_strength=0.6).batch_key != img2img.batch_key
 
+
+
+def test_controlnet_units_share_their_models_and_keep_images_and_weights_per_image() -> None:
+    unit = {"module": "canny", "model": "cn", "model_title": "cn [0123abcd]",
+            "model_location": "models/ControlNet/cn.safetensors", "image": "a"}
+    base = spec(controlnet=[unit])
+    assert base.batch_key != spec().batch_key  # a job without units is never batched with one that has them
+    other_image = spec(controlnet=[{**unit, "image": "b", "weight": 0.3, "guidance_end": 0.5,
+                                    "control_mode": "ControlNet is more important"}])
+    assert other_image.batch_key == base.batch_key
+    assert spec(controlnet=[{**unit, "model_location": "models/ControlNet/other.safetensors"}]).batch_key \
+        != base.batch_key
+    assert spec(controlnet=[unit, unit]).batch_key != base.batch_key

@@ -35,6 +35,7 @@ import torch
 
 from shared.webui.samplers import SamplerChoice, resolve_sampler
 from worker.engine.conditioning import JobConditioning, StepConditioning
+from worker.engine.controlnet import ControlRow, ImageControl, SamplerStep, residuals, sampler_steps
 from worker.engine.scheduling import build_scheduler
 
 
@@ -112,6 +113,7 @@ class DenoiseItem:
     cfg_scale: float
     generator: torch.Generator
     blend: InpaintBlend | None = None
+    control: ImageControl | None = None  # its ControlNet units in this pass
 
 
 def noise_levels(scheduler: Any, timestep: Any, device: torch.device) -> tuple[float, float]:
@@ -146,6 +148,7 @@ class _Row:
     """One row of a UNet call: which image it belongs to and what it is conditioned on."""
 
     image: int
+    cond: bool  # False: the image's uncond row
     hidden: torch.Tensor  # (tokens, width)
     pooled: torch.Tensor | None  # SDXL
     time_ids: torch.Tensor | None  # SDXL
@@ -157,28 +160,45 @@ def _rows(steps: Sequence[StepConditioning]) -> list[_Row]:
     for image, cond in enumerate(steps):
         for j in range(cond.conds.shape[0]):
             pooled = cond.conds_pooled[j] if cond.conds_pooled is not None else None
-            rows.append(_Row(image, cond.conds[j], pooled, cond.time_ids))
-    rows += [_Row(image, cond.uncond, cond.uncond_pooled, cond.time_ids) for image, cond in enumerate(steps)]
+            rows.append(_Row(image, True, cond.conds[j], pooled, cond.time_ids))
+    rows += [_Row(image, False, cond.uncond, cond.uncond_pooled, cond.time_ids) for image, cond in enumerate(steps)]
     return rows
 
 
-def _unet_call(unet: Any, x: torch.Tensor, timestep: Any, rows: Sequence[_Row]) -> torch.Tensor:
+@dataclass(frozen=True)
+class ControlAt:
+    """The ControlNet units of a call's images (by image index), and where the evaluation is in its pass."""
+
+    controls: Sequence[ImageControl | None]
+    at: SamplerStep
+
+
+def _unet_call(unet: Any, x: torch.Tensor, timestep: Any, rows: Sequence[_Row],
+               control: ControlAt | None = None) -> torch.Tensor:
     dtype = unet.dtype
     hidden = torch.stack([row.hidden for row in rows]).to(dtype)
     kwargs: dict[str, Any] = {}
+    added: dict[str, torch.Tensor] | None = None
     if all(row.pooled is not None and row.time_ids is not None for row in rows):
         pooled = torch.stack([row.pooled for row in rows if row.pooled is not None]).to(device=x.device, dtype=dtype)
         time_ids = torch.stack([row.time_ids for row in rows if row.time_ids is not None]).to(device=x.device,
                                                                                              dtype=dtype)
-        kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
+        added = {"text_embeds": pooled, "time_ids": time_ids}
+        kwargs["added_cond_kwargs"] = added
     inputs = x[[row.image for row in rows]]
+    if control is not None:
+        found = residuals(inputs, timestep, hidden, added, [ControlRow(row.image, row.cond) for row in rows],
+                          control.controls, control.at, dtype)
+        if found is not None:
+            kwargs["down_block_additional_residuals"], kwargs["mid_block_additional_residual"] = found
     return unet(inputs, timestep, encoder_hidden_states=hidden, **kwargs).sample.float()
 
 
 def guided_noise(unet: Any, model_input: torch.Tensor, timestep: Any, steps: Sequence[StepConditioning],
-                 cfg_scales: Sequence[float]) -> torch.Tensor:
+                 cfg_scales: Sequence[float], control: ControlAt | None = None) -> torch.Tensor:
     """Composable classifier-free guidance for a batch ``(n, C, h, w)``: image i conditioned on ``steps[i]``
-    with scale ``cfg_scales[i]``; one UNet call per conditioning length (one in the common case)."""
+    with scale ``cfg_scales[i]`` (and ``control.controls[i]``'s ControlNet units); one UNet call per conditioning
+    length (one in the common case)."""
     rows = _rows(steps)
     by_length: dict[int, list[int]] = {}
     for index, row in enumerate(rows):
@@ -186,7 +206,7 @@ def guided_noise(unet: Any, model_input: torch.Tensor, timestep: Any, steps: Seq
     x = model_input.to(unet.dtype)
     out: list[torch.Tensor] = [x[:0]] * len(rows)
     for indices in by_length.values():
-        result = _unet_call(unet, x, timestep, [rows[i] for i in indices])
+        result = _unet_call(unet, x, timestep, [rows[i] for i in indices], control)
         for position, index in enumerate(indices):
             out[index] = result[position : position + 1]
     uncond_start = len(rows) - len(steps)
@@ -253,12 +273,18 @@ def run_phase(
     After each evaluation ``after_eval(keys still in the batch)`` names the keys to drop; their rows leave
     the batch before the next one. Returns the latents of the images that stayed, and their items."""
     takes_generator = "generator" in inspect.signature(scheduler.step).parameters  # once, off the step
+    order = int(getattr(scheduler, "order", 1))
+    step_of = sampler_steps(len(timesteps), order)
+    pass_steps = (step_of[-1] + 1) if step_of else 0
     for index, timestep in enumerate(timesteps):
         if not items:
             break
         model_input = scheduler.scale_model_input(latents, timestep)
         steps = [item.conditioning.at_step(index) for item in items]
-        eps = guided_noise(unet, model_input, timestep, steps, [item.cfg_scale for item in items])
+        control = None
+        if any(item.control is not None for item in items):
+            control = ControlAt([item.control for item in items], SamplerStep(step_of[index], pass_steps))
+        eps = guided_noise(unet, model_input, timestep, steps, [item.cfg_scale for item in items], control)
         eps = _blended(scheduler, latents, timestep, eps, items)
         kwargs = {"generator": [item.generator for item in items]} if takes_generator else {}
         latents = scheduler.step(eps, timestep, latents, return_dict=False, **kwargs)[0].float()

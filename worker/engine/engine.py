@@ -41,6 +41,7 @@ from shared.storage.base import ObjectNotFoundError
 from worker.engine import hires as hires_fix
 from worker.engine.batch import BatchJob, BatchLimits, JobStep
 from worker.engine.conditioning import JobConditioning, PromptEncoder, build_conditioning
+from worker.engine.controlnet import ControlNetLoader, ImageControl, UnitPlan, prepare_units
 from worker.engine.denoise import (
     DenoiseItem,
     InpaintBlend,
@@ -93,6 +94,10 @@ class _Job:
     hr_cond: JobConditioning | None = None
     inputs: Img2ImgInputs | None = None
     extras: dict[str, object] = field(default_factory=dict)
+    control: tuple[UnitPlan, ...] = ()
+
+    def image_control(self, hires: bool = False) -> ImageControl | None:
+        return ImageControl(self.control, hires) if self.control else None
 
 
 class GenerationEngine:
@@ -107,6 +112,22 @@ class GenerationEngine:
         self.max_images_learned: int | None = None
         # Callers that hold no LoraCache of their own (tests, tools) get one per pipeline, weakly keyed.
         self._loras: weakref.WeakKeyDictionary[Any, LoraCache] = weakref.WeakKeyDictionary()
+        # ...and ControlNets loaded on first use, by location (the worker passes its pipeline cache's loader).
+        self._controlnets: dict[tuple[str, str, str], Any] = {}
+
+    def controlnet_loader(self, pipe: Any) -> ControlNetLoader:
+        """Loads a unit's ControlNet onto ``pipe``'s device and dtype, once per process (tests and tools)."""
+        from worker.engine.controlnet_loader import load_controlnet
+
+        device, dtype = str(pipe.unet.device), pipe.unet.dtype
+
+        def load(unit: Any) -> Any:
+            key = (unit.model_location, device, str(dtype))
+            if key not in self._controlnets:
+                self._controlnets[key] = load_controlnet(self.models_dir.parent / unit.model_location, device, dtype)
+            return self._controlnets[key]
+
+        return load
 
     def lora_cache(self, pipe: Any) -> LoraCache:
         """The engine's own LoRA cache for ``pipe`` (used when ``render`` is given none)."""
@@ -123,12 +144,14 @@ class GenerationEngine:
         on_step: StepCallback | None = None,
         loras: LoraCache | None = None,
         limits: BatchLimits | None = None,
+        controlnets: ControlNetLoader | None = None,
     ) -> list[RenderedImage]:
         """Every image of one job, in order (a batch of one job; see :meth:`render_batch`). ``on_step(done,
         total)`` counts model evaluations and may raise to cancel; what it raises is raised here."""
         job_id = uuid.uuid4()
         step = (lambda _job, done, total: on_step(done, total)) if on_step is not None else None
-        outcome = self.render_batch(pipe, [BatchJob(job_id, spec)], scheduler_config, load_image, step, loras, limits)
+        outcome = self.render_batch(pipe, [BatchJob(job_id, spec)], scheduler_config, load_image, step, loras, limits,
+                                    controlnets)
         result = outcome[job_id]
         if isinstance(result, Exception):
             raise result
@@ -143,6 +166,7 @@ class GenerationEngine:
         on_step: JobStep | None = None,
         loras: LoraCache | None = None,
         limits: BatchLimits | None = None,
+        controlnets: ControlNetLoader | None = None,
     ) -> dict[uuid.UUID, list[RenderedImage] | Exception]:
         """Every job of a claimed batch: each job's images in order, or the exception that ended that job
         alone (a FieldError found late, or whatever its ``on_step`` raised). An exception that escapes (a
@@ -151,8 +175,10 @@ class GenerationEngine:
         Jobs are grouped by batch key (a claimed batch is one group); a group's images are denoised
         together, ``limits.images_per_call`` at a time; a ``batch_invariant`` job's images one at a time.
         ``loras`` is the pipeline's LoRA cache: each group's exact LoRA set (or none) is made active before
-        anything is encoded."""
+        anything is encoded. ``controlnets`` loads a unit's ControlNet (the worker's pipeline cache; default: the
+        engine's own, loaded on first use)."""
         limits = limits or BatchLimits()
+        load_controlnet = controlnets or self.controlnet_loader(pipe)
         cache = loras if loras is not None else self.lora_cache(pipe)
         run = _BatchRun(on_step)
         groups: dict[object, list[BatchJob]] = {}
@@ -170,7 +196,7 @@ class GenerationEngine:
             slots: list[_Slot] = []
             for job in group:
                 try:
-                    plan, count = self._plan(pipe, job.spec, scheduler_config, load_image)
+                    plan, count = self._plan(pipe, job.spec, scheduler_config, load_image, load_controlnet)
                 except FieldError as exc:
                     run.fail(job.job_id, exc)
                     continue
@@ -186,7 +212,7 @@ class GenerationEngine:
     # -- check inputs, encode prompts --------------------------------------------------------------
 
     def _plan(self, pipe: Any, spec: RenderSpec, scheduler_config: dict[str, Any],
-              load_image: ImageLoader | None) -> tuple[_Job, int]:
+              load_image: ImageLoader | None, load_controlnet: ControlNetLoader) -> tuple[_Job, int]:
         batch = spec.batch_size
         is_img2img = spec.mode == "img2img"
         first = plan_phase(scheduler_config, spec.sampler_name, spec.scheduler, spec.steps,
@@ -219,6 +245,9 @@ class GenerationEngine:
             if sdxl:
                 job.hr_cond.time_ids = sdxl_time_ids(hires.target_width, hires.target_height)
         job.extras = _engine_infotext(vae, encoder, inputs)
+        if spec.controlnet:
+            hires_size = (hires.target_width, hires.target_height) if hires is not None and second is not None else None
+            job.control = prepare_units(spec, load_image, load_controlnet, hires_size)
         return job, batch * spec.n_iter
 
     def _prompt_encoder(self, pipe: Any, spec: RenderSpec,
@@ -267,7 +296,8 @@ class GenerationEngine:
         initial = torch.stack([slot.initial for slot in slots]).to(device)
         init = torch.stack([slot.init_latent for slot in slots]).to(device) if job.inputs is not None else None
         latents = start_latents(scheduler, timesteps, initial, init)
-        items = [DenoiseItem(slot, slot.job.cond, slot.job.spec.cfg_scale, slot.noise.step_generator(), slot.blend)
+        items = [DenoiseItem(slot, slot.job.cond, slot.job.spec.cfg_scale, slot.noise.step_generator(), slot.blend,
+                             slot.job.image_control())
                  for slot in slots]
         latents, items = run_phase(pipe.unet, scheduler, timesteps, latents, items, run.after_eval)
         slots = [item.key for item in items]  # type: ignore[misc]
@@ -336,7 +366,8 @@ class GenerationEngine:
         initial = torch.stack([noise.initial() for noise in noises]).to(device)
         scheduler, timesteps = new_scheduler(job.scheduler_config, job.second, [s.plan.seed for s in slots], device)
         start = start_latents(scheduler, timesteps, initial, upscaled)
-        items = [DenoiseItem(slot, slot.job.hr_cond, slot.job.spec.cfg_scale, noise.step_generator())
+        items = [DenoiseItem(slot, slot.job.hr_cond, slot.job.spec.cfg_scale, noise.step_generator(),
+                             control=slot.job.image_control(hires=True))
                  for slot, noise in zip(slots, noises, strict=True) if slot.job.hr_cond is not None]
         latents, items = run_phase(pipe.unet, scheduler, timesteps, start, items, run.after_eval)
         return latents, [item.key for item in items]  # type: ignore[misc]

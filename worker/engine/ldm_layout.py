@@ -34,6 +34,8 @@ VAE_PREFIX = "first_stage_model."
 TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
 SDXL_TEXT_ENCODER_PREFIX = "conditioner.embedders.0.transformer."
 SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
+# The ControlNet extension's files (lllyasviel's ``cldm`` layout): the UNet's encoder half under this prefix.
+CONTROLNET_PREFIX = "control_model."
 
 # Inside a UNet ResBlock: diffusers sub-module -> LDM sub-module.
 UNET_RESNET_PARTS = {
@@ -158,6 +160,30 @@ def unet_rules(config: Mapping[str, Any]) -> list[ModuleRule]:
                 rules.append(ModuleRule(f"up_blocks.{level}.upsamplers.0.conv", f"output_blocks.{index}.{slot}.conv"))
             index += 1
     return rules
+
+
+def controlnet_rules(config: Mapping[str, Any]) -> list[ModuleRule]:
+    """Module map for a ``ControlNetModel`` config: the UNet's time embedding, input conv, down and middle
+    blocks in the UNet's names, then ControlNet's own parts: the hint encoder (``input_hint_block``: convs at
+    even indices 0, 2, ..., with SiLUs between), one zero conv per input block and one after the middle block.
+    """
+    unet_like = {**config, "up_block_types": []}
+    rules = [rule for rule in unet_rules(unet_like) if not rule.diffusers.startswith(("conv_norm_out", "conv_out"))]
+    embedding_convs = len(config["conditioning_embedding_out_channels"]) * 2 - 2
+    rules.append(ModuleRule("controlnet_cond_embedding.conv_in", "input_hint_block.0"))
+    rules += [ModuleRule(f"controlnet_cond_embedding.blocks.{i}", f"input_hint_block.{2 * i + 2}")
+              for i in range(embedding_convs)]
+    rules.append(ModuleRule("controlnet_cond_embedding.conv_out", f"input_hint_block.{2 * embedding_convs + 2}"))
+    input_blocks = 1 + len(config["down_block_types"]) * int(config["layers_per_block"]) + \
+        len(config["down_block_types"]) - 1
+    rules += [ModuleRule(f"controlnet_down_blocks.{i}", f"zero_convs.{i}.0") for i in range(input_blocks)]
+    rules.append(ModuleRule("controlnet_mid_block", "middle_block_out.0"))
+    return rules
+
+
+def controlnet_to_ldm(state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Diffusers ControlNet state dict -> ``control_model.*`` keys (the extension's single-file layout)."""
+    return _convert(state_dict, controlnet_rules(config), CONTROLNET_PREFIX)
 
 
 def vae_rules(config: Mapping[str, Any]) -> list[ModuleRule]:
