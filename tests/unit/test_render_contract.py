@@ -93,7 +93,7 @@ def test_unknown_versions_and_keys_are_refused() -> None:
     with pytest.raises(ValidationError, match="version 2 is not supported"):
         RenderSpec.from_stored({**stored(), "version": 2})
     with pytest.raises(ValidationError, match="extra"):
-        RenderSpec.from_stored({**stored(), "controlnet": {"model": "canny"}})
+        RenderSpec.from_stored({**stored(), "refiner_checkpoint": "sdxl_refiner"})
     with pytest.raises(ValidationError, match="output_format"):
         RenderSpec.from_stored({**stored(), "output_format": "gif"})
     with pytest.raises(ValidationError, match="steps"):
