@@ -18,6 +18,7 @@ from api.routes import (
     admin,
     admin_jobs,
     catalog,
+    controlnet,
     files,
     health,
     job_events,
@@ -89,7 +90,7 @@ def create_app() -> FastAPI:
         return JSONResponse(status_code=422, content={"detail": json_safe(exc.errors())})
 
     for router in (health.router, jobs.router, job_events.router, models.router, files.router, webhooks.router,
-                   uploads.router, png_info.router, styles.router, sdapi.router):
+                   uploads.router, png_info.router, styles.router, sdapi.router, controlnet.router):
         app.include_router(router)
     for router in (admin.router, admin_jobs.router, admin.page_router, metrics.router):
         app.include_router(router)

@@ -63,6 +63,7 @@ def infotext_for(
     extra: dict[str, object] | None = None,
 ) -> str:
     """The WebUI's infotext for one image (``create_infotext``); ``extra`` holds keys the engine reported."""
+    from shared.controlnet.infotext import unit_infotext
     from shared.webui.samplers import resolve_sampler
     from worker.engine.hires import hires_infotext_fields
 
@@ -86,6 +87,7 @@ def infotext_for(
         "ENSD": ensd if ensd and resolve_sampler(spec.sampler_name, spec.scheduler).stochastic else None,
         "RNG": "CPU",
         **(hires_infotext_fields(spec) if spec.hires_enabled else {}),
+        **unit_infotext(spec.controlnet),
         **(extra or {}),
         "Version": VERSION,
     }
@@ -279,6 +281,7 @@ class JobRunner:
             results = self.engine.render_batch(
                 model.pipeline, jobs, model.scheduler_config, load_image=self.store.get, on_step=self.control.on_step,
                 loras=model.loras, limits=self.limits,
+                controlnets=lambda unit: self.pipelines.controlnet(unit.model_location, unit.model_title),
             )
             elapsed = time.monotonic() - started
         except (Exception, *self.time_limit_errors) as exc:  # the whole batch: pipeline, time limit, engine fault

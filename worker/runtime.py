@@ -116,6 +116,7 @@ class WorkerRuntime:
             "device": self.device,
             "models": self.pipelines.names(),
             "loras": self.pipelines.resident_loras(),
+            "controlnets": self.pipelines.controlnets(),
             "memory": memory_report(self.device) | {"models_loaded": self.pipelines.used_bytes(),
                                                      "models_budget": self.pipelines.budget},
             "model_evictions": self.pipelines.evictions,

@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from api.sdapi.controlnet_args import ControlNetArgs, controlnet_args, is_controlnet_script
 from api.submission.params import OVERRIDE_SETTINGS, request_fields_from_infotext
 from shared.errors import FieldError
 from shared.jobs.schemas import Txt2ImgRequest, refuse_nul
@@ -148,7 +149,8 @@ def unsupported_features(body: WebuiBody) -> list[str]:
     if body.script_name:
         raise FieldError(("body", "script_name"), f"script {body.script_name!r} is not available on this farm; "
                                                   "GET /sdapi/v1/scripts lists none")
-    enabled = [name for name, entry in body.alwayson_scripts.items() if _script_enabled(entry)]
+    enabled = [name for name, entry in body.alwayson_scripts.items()
+               if _script_enabled(entry) and not is_controlnet_script(name)]
     if enabled:
         raise FieldError(("body", "alwayson_scripts", enabled[0]),
                          f"alwayson_scripts {', '.join(map(repr, enabled))} not available on this farm; "
@@ -163,7 +165,8 @@ def unsupported_features(body: WebuiBody) -> list[str]:
     if hr_checkpoint not in (None, "", "Use same checkpoint"):
         raise FieldError(("body", "hr_checkpoint_name"), "a separate hires checkpoint is not available on this farm")
     warnings = [f"alwayson_scripts {name!r} was sent disabled and is not installed here"
-                for name in body.alwayson_scripts]
+                for name in body.alwayson_scripts if not is_controlnet_script(name)]
+    warnings += controlnet_args(body.alwayson_scripts).warnings
     for name, neutral in _NEUTRAL.items():
         value = getattr(body, name, None)
         if value not in neutral:
@@ -218,6 +221,9 @@ def to_farm_request(body: WebuiBody, defaults: dict[str, Any]) -> Txt2ImgRequest
     the key's options, the farm's defaults. Raises FieldError with the WebUI field's location.
     """
     fields = _mapped_fields(body)
+    units = controlnet_args(body.alwayson_scripts)
+    if units.units:
+        fields["controlnet"] = units.units
     overridden = {OVERRIDE_SETTINGS[k] for k in (body.override_settings or {}) if k in OVERRIDE_SETTINGS}
     taken = set(fields) | overridden | _given_by_infotext(fields)
     fallback = {**_WEBUI_DEFAULTS, **(_WEBUI_INPAINT_DEFAULTS if fields.get("mask") else {}), **defaults}
@@ -229,4 +235,9 @@ def to_farm_request(body: WebuiBody, defaults: dict[str, Any]) -> Txt2ImgRequest
     except ValidationError as exc:
         error = exc.errors()[0]
         got = repr(error.get("input"))
-        raise FieldError(("body", *error["loc"]), f"{error['msg']} (got {got[:80]})") from exc
+        raise units.relocate(FieldError(("body", *error["loc"]), f"{error['msg']} (got {got[:80]})")) from exc
+
+
+def controlnet_of(body: WebuiBody) -> ControlNetArgs:
+    """The body's ControlNet units (to relocate errors about them onto ``alwayson_scripts``)."""
+    return controlnet_args(body.alwayson_scripts)

@@ -33,6 +33,7 @@ _FIELDS = (
     ("Guidance Start", "guidance_start"), ("Guidance End", "guidance_end"), ("Pixel Perfect", "pixel_perfect"),
     ("Control Mode", "control_mode"),
 )
+_WRITTEN = {"model": "model_title"}  # the unit's model is written by its title, "name [hash]"
 _READABLE = {"low_vram", "hr_option", *(name for _, name in _FIELDS)}
 _KEYED = re.compile(r"^ControlNet(?: (\d+))?$")
 _FLAT = re.compile(r"^ControlNet(?:[ -](\d+))? (Enabled|Preprocessor|Module|Model|Weight|Starting Step|Ending Step|"
@@ -53,7 +54,8 @@ def _text(value: object) -> str:
 
 def unit_infotext(units: Sequence[ControlUnit]) -> dict[str, str]:
     """``{"ControlNet 0": "Module: ..., ...", ...}`` for the enabled units, in order."""
-    return {f"ControlNet {i}": ", ".join(f"{label}: {_text(getattr(unit, name))}" for label, name in _FIELDS)
+    return {f"ControlNet {i}": ", ".join(f"{label}: {_text(getattr(unit, _WRITTEN.get(name, name)))}"
+                                         for label, name in _FIELDS)
             for i, unit in enumerate(units)}
 
 

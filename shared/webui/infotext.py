@@ -63,6 +63,8 @@ INFOTEXT_KEY_ORDER: tuple[str, ...] = (
     "Inpaint area",
     "Masked area padding",
     "Masked content",
+    # the ControlNet extension's units, added in its process() before extra networks activate
+    *(f"ControlNet {i}" for i in range(8)),
     "Lora hashes",
     "TI hashes",
     "Emphasis",

@@ -78,3 +78,24 @@ def test_a_diffusers_folder_is_estimated_once_per_component(tmp_path: Path) -> N
             save_file({"w": torch.zeros(10, 10)}, str(folder / component / f"model{variant}.safetensors"))
     # unet: the plain file only (the loader's choice); vae: its only file, the fp16 variant
     assert estimate_checkpoint_bytes(folder, float_bytes=4) == 2 * 100 * 4
+
+
+def test_controlnets_share_the_budget_and_never_push_out_the_pipeline_rendering(three_models: Path) -> None:
+    from devtools.demo_models.controlnet import build_demo_controlnet
+
+    build_demo_controlnet(three_models / "ControlNet" / "cn.safetensors")
+    location = (three_models / "ControlNet" / "cn.safetensors").relative_to(three_models.parent).as_posix()
+    counted = cache(three_models, max_models=1)
+    counted.get("a")
+    first = counted.controlnet(location, "cn [x]")
+    assert counted.controlnet(location) is first and counted.names() == ["a"], "the count limit counts pipelines"
+    assert counted.controlnets() == ["cn [x]"]
+    one = cache(three_models).get("a").nbytes
+    tight = cache(three_models, budget=int(one * 1.1))
+    tight.get("b")
+    tight.controlnet(location)
+    assert tight.names() == ["b"], "the pipeline in use stays even over the budget"
+    tight.get("c")
+    assert tight.names() == ["c"] and tight.controlnets() == [], "least recently used first: b, then the ControlNet"
+    with pytest.raises(ValueError, match="not installed"):
+        tight.controlnet("../../etc/passwd")

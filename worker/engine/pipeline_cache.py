@@ -1,7 +1,9 @@
 """Warm pipelines on one worker, kept under a memory budget, least recently used evicted first.
 
 One pipeline per checkpoint serves txt2img, img2img, inpainting and hires fix (the engine drives
-its UNet, VAE and text encoder directly), so those modes share every weight. Before a load, the
+its UNet, VAE and text encoder directly), so those modes share every weight. ControlNets are held in
+the same budget and the same least-recently-used order, on the device and in the dtype of the
+pipelines (:meth:`PipelineCache.controlnet`). Before a load, the
 new model's size is estimated from its safetensors headers (no tensor read) and older models are
 evicted until it fits; after the load its real size is recorded. The budget is
 `RENDERFARM_PIPELINE_CACHE_BYTES` (0: 85% of the GPU's memory, or half the RAM on a CPU worker),
@@ -14,7 +16,7 @@ import gc
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,17 @@ class LoadedModel:
     nbytes: int = 0
     # The LoRA adapters resident on this pipeline (worker.engine.lora.LoraCache), switched per job.
     loras: Any = field(default=None)
+
+
+@dataclass
+class LoadedControlNet:
+    location: str  # relative to the models root's parent, as a job's unit names it
+    title: str
+    model: Any
+    nbytes: int
+
+
+_CONTROLNET = "controlnet:"  # key prefix of ControlNets in the cache's one LRU order
 
 
 def estimate_checkpoint_bytes(path: Path, float_bytes: int) -> int:
@@ -110,34 +123,75 @@ class PipelineCache:
         self.max_models = settings.worker.pipeline_cache_models
         self.hashes = HashCache.of_models_dir(settings.models.models_dir)
         self.on_change = on_change
-        self._models: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._models: OrderedDict[str, LoadedModel | LoadedControlNet] = OrderedDict()
         self.loads = 0
         self.evictions = 0
         self._lora_files: Any = None  # parsed LoRA files in RAM, shared by every pipeline's LoraCache
 
+    def _pipelines(self) -> list[LoadedModel]:
+        return [model for model in self._models.values() if isinstance(model, LoadedModel)]
+
     def names(self) -> list[str]:
-        return list(self._models)
+        """The checkpoints held warm (what routing and the heartbeat advertise)."""
+        return [model.name for model in self._pipelines()]
+
+    def controlnets(self) -> list[str]:
+        """Titles of the ControlNets held, for the heartbeat and the dashboard."""
+        return [model.title for model in self._models.values() if isinstance(model, LoadedControlNet)]
 
     def used_bytes(self) -> int:
         return sum(model.nbytes for model in self._models.values())
 
     def resident_loras(self) -> list[str]:
         """LoRA adapters resident on the loaded pipelines, for the heartbeat and the dashboard."""
-        return sorted({name for model in self._models.values() for name in model.loras.resident()})
+        return sorted({name for model in self._pipelines() for name in model.loras.resident()})
+
+    def controlnet(self, location: str, title: str = "") -> Any:
+        """The ControlNet at ``location`` (relative to the models root's parent), loaded on first use."""
+        from shared.models.architecture import UnsupportedCheckpointError
+        from worker.engine.controlnet_loader import load_controlnet
+
+        key = _CONTROLNET + location
+        held = self._models.get(key)
+        if isinstance(held, LoadedControlNet):
+            self._models.move_to_end(key)
+            return held.model
+        root = self.settings.models.models_dir.resolve().parent
+        path = (root / location).resolve()
+        if not path.is_relative_to(root) or not path.exists():
+            raise UnsupportedCheckpointError(f"ControlNet {location!r} is not installed on this worker")
+        float_bytes = 2 if str(self.dtype).endswith(("float16", "bfloat16")) else 4
+        weights = path / "diffusion_pytorch_model.safetensors" if path.is_dir() else path
+        # The pipeline used last is the one rendering this ControlNet's job: it stays.
+        last = next((n for n in reversed(self._models) if isinstance(self._models[n], LoadedModel)), None)
+        current = {last} if last is not None else set()
+        self._make_room(estimate_checkpoint_bytes(weights, float_bytes), keep=current)
+        started = time.perf_counter()
+        model = load_controlnet(path, self.device, self.dtype)
+        nbytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+        self._models[key] = LoadedControlNet(location, title or location, model, nbytes)
+        self._make_room(0, keep={key, *current})
+        self.loads += 1
+        log.info("loaded ControlNet %s on %s in %.2fs (%.0f MB)", title or location, self.device,
+                 time.perf_counter() - started, nbytes / 1e6)
+        self._changed()
+        return model
 
     def get(self, name: str) -> LoadedModel:
-        if name in self._models:
+        held = self._models.get(name)
+        if isinstance(held, LoadedModel):
             self._models.move_to_end(name)
-            return self._models[name]
+            return held
         ckpt = resolve_checkpoint(self.settings.models.models_dir, name)
-        if ckpt.name in self._models:  # asked for by file name or title: the same pipeline
+        held = self._models.get(ckpt.name)
+        if isinstance(held, LoadedModel):  # asked for by file name or title: the same pipeline
             self._models.move_to_end(ckpt.name)
-            return self._models[ckpt.name]
+            return held
         float_bytes = 2 if str(self.dtype).endswith(("float16", "bfloat16")) else 4
-        self._make_room(estimate_checkpoint_bytes(ckpt.path, float_bytes))
+        self._make_room(estimate_checkpoint_bytes(ckpt.path, float_bytes), adding_pipeline=True)
         loaded = self._load(ckpt.name, ckpt.path)
         self._models[ckpt.name] = loaded
-        self._make_room(0, keep=ckpt.name)
+        self._make_room(0, keep={ckpt.name})
         self._changed()
         return loaded
 
@@ -161,18 +215,23 @@ class PipelineCache:
                  loaded.load_seconds, loaded.nbytes / 1e6)
         return loaded
 
-    def _make_room(self, incoming: int, keep: str | None = None) -> None:
-        """Evict least recently used models until `incoming` more bytes (and one more model) fit."""
+    def _make_room(self, incoming: int, keep: Collection[str] = (), adding_pipeline: bool = False) -> None:
+        """Evict least recently used models until `incoming` more bytes fit (and, when `adding_pipeline`, one more
+        pipeline under the count limit, which counts pipelines only). Models named in `keep` stay."""
         evicted = False
-        while any(name != keep for name in self._models):
+        while True:
             over_budget = self.used_bytes() + incoming > self.budget
-            extra = 1 if keep is None else 0
-            over_count = self.max_models > 0 and len(self._models) + extra > self.max_models
+            over_count = self.max_models > 0 and len(self._pipelines()) + int(adding_pipeline) > self.max_models
             if not (over_budget or over_count):
                 break
-            victim = next(name for name in self._models if name != keep)
+            victims = [name for name, model in self._models.items()
+                       if name not in keep and (over_budget or isinstance(model, LoadedModel))]
+            if not victims:
+                break
+            victim = victims[0]
             dropped = self._models.pop(victim)
-            log.info("evicted %s (%.0f MB) from the pipeline cache", victim, dropped.nbytes / 1e6)
+            log.info("evicted %s (%.0f MB) from the pipeline cache", victim.removeprefix(_CONTROLNET),
+                     dropped.nbytes / 1e6)
             self.evictions += 1
             evicted = True
             del dropped

@@ -22,7 +22,14 @@ from api.deps import SettingsDep, StoreDep
 from api.sdapi.auth import SdapiKey
 from api.sdapi.info import build_info, info_json
 from api.sdapi.options import job_defaults, read_options
-from api.sdapi.requests import Img2ImgBody, Txt2ImgBody, WebuiBody, to_farm_request, unsupported_features
+from api.sdapi.requests import (
+    Img2ImgBody,
+    Txt2ImgBody,
+    WebuiBody,
+    controlnet_of,
+    to_farm_request,
+    unsupported_features,
+)
 from api.sdapi.submit import create_job_from_request, job_status
 from shared.db.models import ApiKey
 from shared.db.session import get_session_factory
@@ -54,7 +61,10 @@ def _submit(body: WebuiBody, key: ApiKey, settings: Settings, store: ObjectStore
     skipped: list[str] = []
     with get_session_factory()() as session:
         request = to_farm_request(body, job_defaults(read_options(session, key.id)))
-        job, _ = create_job_from_request(session, key, request, settings, store, skipped_loras=skipped)
+        try:
+            job, _ = create_job_from_request(session, key, request, settings, store, skipped_loras=skipped)
+        except FieldError as exc:
+            raise controlnet_of(body).relocate(exc) from exc
     # The WebUI logs "Networks not found" and renders anyway; we say so in `info`.
     warnings.extend(f"LoRA {name!r} is not installed; its tag was not applied" for name in skipped)
     return job.id
