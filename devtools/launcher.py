@@ -74,8 +74,8 @@ class Farm:
         upgrade(env["DATABASE_URL"])
         _say("database migrated")
         self._ensure_admin_key()
-        subprocess.run([sys.executable, "-m", "devtools.demo_models.sd15", env["RENDERFARM_MODELS_DIR"]], env=env,
-                       check=True)
+        for builder in ("devtools.demo_models.sd15", "devtools.demo_models.controlnet"):
+            subprocess.run([sys.executable, "-m", builder, env["RENDERFARM_MODELS_DIR"]], env=env, check=True)
 
     def _ensure_admin_key(self) -> None:
         from sqlalchemy.orm import Session

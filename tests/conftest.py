@@ -109,9 +109,11 @@ def session(database_url: str) -> Iterator[Session]:
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A WebUI-style models folder holding the tiny demo checkpoint, built by the project's own code."""
+    """A WebUI-style models folder holding the tiny demo checkpoint and its ControlNet, built by the project's own
+    code (as `make up` builds them)."""
     path = tmp_path_factory.mktemp("models")
-    subprocess.run([sys.executable, "-m", "devtools.demo_models.sd15", str(path)], cwd=ROOT, check=True)
+    for builder in ("devtools.demo_models.sd15", "devtools.demo_models.controlnet"):
+        subprocess.run([sys.executable, "-m", builder, str(path)], cwd=ROOT, check=True)
     return path
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Query
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import CurrentKey, SettingsDep
@@ -149,6 +149,14 @@ class DetectRequest(BaseModel):
     controlnet_threshold_b: float = Field(-1, ge=-1, le=4096)
     controlnet_masks: list[str] = Field(default_factory=list, max_length=8)
     low_vram: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_name(cls, data: Any) -> Any:
+        """``controlnet_images``: the name webuiapi's ``controlnet_detect`` (and the extension's old API) sends."""
+        if isinstance(data, dict) and "controlnet_images" in data and "controlnet_input_images" not in data:
+            data = {**data, "controlnet_input_images": data["controlnet_images"]}
+        return data
 
 
 def _detect(body: DetectRequest, max_bytes: int, max_pixels: int) -> dict[str, Any]:

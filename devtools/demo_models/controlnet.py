@@ -20,7 +20,13 @@ from typing import Literal
 
 import torch
 
-from devtools.demo_models.sd15 import DEMO_ARCH, STORAGE_DTYPE, build_demo_models, save_safetensors_atomically
+from devtools.demo_models.sd15 import (
+    DEMO_ARCH,
+    DEMO_FILENAME,
+    STORAGE_DTYPE,
+    build_demo_models,
+    save_safetensors_atomically,
+)
 from devtools.demo_models.sdxl import DEMO_SDXL_ARCH, build_demo_sdxl_models
 from shared.controlnet.models import CONTROLNET_DIR
 from shared.models.architecture import METADATA_ARCH_KEY
@@ -62,10 +68,13 @@ def build_demo_controlnet(path: Path, arch: str = DEMO_ARCH, seed: int = 0, layo
 
 
 def ensure_demo_controlnet(models_dir: Path) -> Path | None:
-    """Write the SD1.5 demo ControlNet unless ``ControlNet/`` already holds a ``.safetensors`` file."""
+    """Write the SD1.5 demo ControlNet beside the demo checkpoint, unless ``ControlNet/`` already holds a
+    ``.safetensors`` file (or there is no demo checkpoint for it to steer)."""
     folder = Path(models_dir) / CONTROLNET_DIR
     folder.mkdir(parents=True, exist_ok=True)
     if any(p.is_file() for p in folder.glob("*.safetensors")):
+        return None
+    if not (Path(models_dir) / "Stable-diffusion" / DEMO_FILENAME).is_file():
         return None
     return build_demo_controlnet(folder / DEMO_CONTROLNET)
 
@@ -80,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     created = ensure_demo_controlnet(models_dir)
     if created is None:
-        print(f"{models_dir / CONTROLNET_DIR} already holds a ControlNet; nothing to do")
+        print(f"{models_dir / CONTROLNET_DIR} holds a ControlNet already (or no demo checkpoint exists); nothing to do")
     else:
         print(f"wrote {created} ({created.stat().st_size / 1e6:.1f} MB)")
     return 0

@@ -109,6 +109,9 @@ class UnitRequest(BaseModel):
         if not isinstance(data, dict):
             return data
         data = dict(data)
+        for name in ("image", "input_image", "mask", "mask_image"):
+            if data.get(name) == "":  # webuiapi sends "" for "no image"
+                data[name] = None
         for old, new in _LEGACY_ALIASES.items():
             if old in data:
                 if new in data and data[new] is not None and data[old] is not None:
