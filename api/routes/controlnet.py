@@ -10,6 +10,7 @@ workers run before the denoising loop.
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,10 +21,10 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import CurrentKey, SettingsDep
 from api.sdapi.auth import SdapiKey
-from api.submission.controlnet import available_modules
+from api.submission.controlnet import available_modules, why_not
 from api.submission.images import decode_base64_image, decode_image
 from shared.controlnet.models import list_controlnets
-from shared.controlnet.preprocessors import PREPROCESSORS, Preprocessor, Slider, module_list, resolve_module
+from shared.controlnet.preprocessors import PREPROCESSORS, Slider, module_list, resolve_module
 from shared.controlnet.preprocessors import run_preprocessor as run_module
 from shared.errors import FieldError
 from shared.webui.image_metadata import encode_png
@@ -81,23 +82,16 @@ def _slider(slider: Slider | None) -> SliderView | None:
     return SliderView(name=slider.label, value=slider.default, min=slider.minimum, max=slider.maximum, step=slider.step)
 
 
-def _reason(module: Preprocessor) -> str | None:
-    if module.needs_weights:
-        return "needs annotator weights this farm does not load"
-    if not module.runnable:
-        return "not an image preprocessor this farm runs"
-    return None
-
-
 @router.get("/v1/controlnet/modules", response_model=list[ModuleView])
-def controlnet_modules(key: CurrentKey) -> list[ModuleView]:
+def controlnet_modules(key: CurrentKey, settings: SettingsDep) -> list[ModuleView]:
     """Every preprocessor the extension knows, in its order, saying which run here and their sliders' defaults."""
     views = []
     for name in module_list():
         module = PREPROCESSORS[name]
         res, a, b = module.sliders()
+        reason = why_not(module, settings.models.models_dir)
         views.append(ModuleView(
-            name=module.name, label=module.label, available=_reason(module) is None, reason=_reason(module),
+            name=module.name, label=module.label, available=reason is None, reason=reason,
             needs_weights=module.needs_weights, weight_files=list(module.weight_files),
             model_free=not module.needs_controlnet_model,
             sliders={"processor_res": _slider(res), "threshold_a": _slider(a), "threshold_b": _slider(b)},
@@ -125,9 +119,9 @@ def model_list(key: SdapiKey, settings: SettingsDep, update: bool = True) -> dic
 
 
 @router.get("/controlnet/module_list")
-def extension_module_list(key: SdapiKey, alias_names: bool = Query(False)) -> dict[str, Any]:
+def extension_module_list(key: SdapiKey, settings: SettingsDep, alias_names: bool = Query(False)) -> dict[str, Any]:
     """The preprocessors that run on this farm, by internal name (or UI label), with their visible sliders."""
-    names = available_modules()
+    names = available_modules(settings.models.models_dir)
     detail: dict[str, Any] = {}
     listed = []
     for name in names:
@@ -159,16 +153,19 @@ class DetectRequest(BaseModel):
         return data
 
 
-def _detect(body: DetectRequest, max_bytes: int, max_pixels: int) -> dict[str, Any]:
+def _detect(body: DetectRequest, models_dir: Path, max_bytes: int, max_pixels: int) -> dict[str, Any]:
     loc = ("body", "controlnet_module")
     try:
         module = resolve_module(body.controlnet_module)
     except KeyError:
         raise FieldError(loc, f"Module not available: {body.controlnet_module!r}; available: "
-                              f"{', '.join(available_modules())}") from None
-    if _reason(module) is not None:
-        raise FieldError(loc, f"Module not supported: {body.controlnet_module!r} {_reason(module)}; available: "
-                              f"{', '.join(available_modules())}")
+                              f"{', '.join(available_modules(models_dir))}") from None
+    reason = why_not(module, models_dir) or (
+        "runs on the workers only (it needs torch); use it in a job's unit" if module.needs_weights else None)
+    if reason is not None:
+        weight_free = [name for name in available_modules(models_dir) if not PREPROCESSORS[name].needs_weights]
+        raise FieldError(loc, f"Module not supported here: {body.controlnet_module!r} {reason}; detect runs: "
+                              f"{', '.join(weight_free)}")
     if not body.controlnet_input_images:
         raise FieldError(("body", "controlnet_input_images"), "No image selected")
     images = []
@@ -187,7 +184,8 @@ def _detect(body: DetectRequest, max_bytes: int, max_pixels: int) -> dict[str, A
 @router.post("/controlnet/detect")
 async def detect(body: DetectRequest, key: SdapiKey, settings: SettingsDep) -> dict[str, Any]:
     """Run a preprocessor on the given images and return the detected maps (base64 PNG), as the extension does."""
-    return await run_in_threadpool(_detect, body, settings.limits.max_upload_bytes, settings.limits.max_input_pixels)
+    return await run_in_threadpool(_detect, body, settings.models.models_dir, settings.limits.max_upload_bytes,
+                                   settings.limits.max_input_pixels)
 
 
 __all__ = ["MAX_UNITS", "router"]

@@ -16,13 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shared.controlnet.annotators import annotator_available
 from shared.controlnet.models import ControlNetFile, list_controlnets, resolve_controlnet
 from shared.controlnet.preprocessors import PREPROCESSORS, Preprocessor, Slider, module_list, resolve_module
 from shared.controlnet.units import UnitRequest
 from shared.errors import FieldError
 from shared.models.architecture import checkpoint_architecture
 
-__all__ = ["ResolvedUnit", "available_modules", "resolve_units"]
+__all__ = ["ResolvedUnit", "available_modules", "resolve_units", "runs_here", "why_not"]
 
 Field = tuple[str | int, ...]
 
@@ -36,25 +37,38 @@ class ResolvedUnit:
     mask: str | None
 
 
-def available_modules() -> list[str]:
+def runs_here(module: Preprocessor, models_dir: Path) -> bool:
+    """Weight-free and runnable, or an annotator the workers implement whose weights are installed."""
+    if module.needs_weights:
+        return annotator_available(module, models_dir)
+    return module.runnable
+
+
+def why_not(module: Preprocessor, models_dir: Path) -> str | None:
+    """Why a job cannot use ``module`` here (None: it can)."""
+    if runs_here(module, models_dir):
+        return None
+    if module.needs_weights:
+        files = ", ".join(f"annotators/{name}" for name in module.weight_files) or "a model package"
+        return f"needs annotator weights ({files}) that are not installed or that this farm does not run yet"
+    return "is not an image preprocessor this farm runs"
+
+
+def available_modules(models_dir: Path) -> list[str]:
     """The preprocessors a job may name on this farm (module_list order)."""
-    return [name for name in module_list() if _runs_here(PREPROCESSORS[name])]
+    return [name for name in module_list() if runs_here(PREPROCESSORS[name], models_dir)]
 
 
-def _runs_here(module: Preprocessor) -> bool:
-    return module.runnable and not module.needs_weights
-
-
-def _module(name: str, loc: Field) -> Preprocessor:
+def _module(name: str, loc: Field, models_dir: Path) -> Preprocessor:
     try:
         module = resolve_module(name)
     except KeyError:
         raise FieldError(loc, f"unknown ControlNet preprocessor {name!r}; available: "
-                              f"{', '.join(available_modules())}") from None
-    if not _runs_here(module):
-        why = (f"needs annotator weights ({', '.join(module.weight_files) or 'a model'}) that this farm does not "
-               "load" if module.needs_weights else "is not an image preprocessor this farm runs")
-        raise FieldError(loc, f"ControlNet preprocessor {name!r} {why}; available: {', '.join(available_modules())}")
+                              f"{', '.join(available_modules(models_dir))}") from None
+    reason = why_not(module, models_dir)
+    if reason is not None:
+        raise FieldError(loc, f"ControlNet preprocessor {name!r} {reason}; available: "
+                              f"{', '.join(available_modules(models_dir))}")
     return module
 
 
@@ -93,7 +107,7 @@ def resolve_units(units: list[UnitRequest], models_dir: Path, checkpoint_path: P
         if not unit.enabled:
             continue
         loc = (*base, index)
-        module = _module(unit.module, (*loc, "module"))
+        module = _module(unit.module, (*loc, "module"), models_dir)
         entry = _model(unit.model, module, architecture, entries, models_dir, (*loc, "model"))
         res_slider, a_slider, b_slider = module.sliders()
         if unit.image is None and not img2img:

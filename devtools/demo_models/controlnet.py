@@ -40,13 +40,19 @@ ZERO_CONV_STD = 0.2
 
 def build_demo_controlnet_state(arch: str = DEMO_ARCH, seed: int = 0,
                                 layout: Layout = "ldm") -> dict[str, torch.Tensor]:
-    """The ControlNet of the demo checkpoint ``arch`` (seeded by ``seed``), keyed in ``layout``, in fp16."""
+    """The ControlNet of the demo checkpoint ``arch`` (seeded by ``seed``), keyed in ``layout``, in fp16. For "sd15"
+    and "sdxl" a full-size random-weight one (benchmarks on a GPU; no metadata tag, detected by its shapes)."""
     from diffusers import ControlNetModel
 
-    unet = build_demo_models(0)[0] if arch == DEMO_ARCH else build_demo_sdxl_models(0).unet
+    from worker.engine.controlnet_loader import controlnet_config_dir
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        controlnet = ControlNetModel.from_unet(unet)
+        if arch in (DEMO_ARCH, DEMO_SDXL_ARCH):
+            unet = build_demo_models(0)[0] if arch == DEMO_ARCH else build_demo_sdxl_models(0).unet
+            controlnet = ControlNetModel.from_unet(unet)
+        else:
+            controlnet = ControlNetModel.from_config(ControlNetModel.load_config(controlnet_config_dir(arch)))
         with torch.no_grad():
             zero_modules = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
                             controlnet.controlnet_cond_embedding.conv_out]
@@ -60,11 +66,11 @@ def build_demo_controlnet_state(arch: str = DEMO_ARCH, seed: int = 0,
 
 
 def build_demo_controlnet(path: Path, arch: str = DEMO_ARCH, seed: int = 0, layout: Layout = "ldm") -> Path:
-    """Write a demo ControlNet file to ``path`` atomically."""
-    if arch not in (DEMO_ARCH, DEMO_SDXL_ARCH):
-        raise ValueError(f"demo ControlNets exist for {DEMO_ARCH} and {DEMO_SDXL_ARCH}, not {arch!r}")
-    return save_safetensors_atomically(build_demo_controlnet_state(arch, seed, layout), path,
-                                       {METADATA_ARCH_KEY: arch})
+    """Write a demo ControlNet file to ``path`` atomically (full-size "sd15"/"sdxl" ones untagged)."""
+    if arch not in (DEMO_ARCH, DEMO_SDXL_ARCH, "sd15", "sdxl"):
+        raise ValueError(f"ControlNets are built for {DEMO_ARCH}, {DEMO_SDXL_ARCH}, sd15 and sdxl, not {arch!r}")
+    metadata = {METADATA_ARCH_KEY: arch} if arch in (DEMO_ARCH, DEMO_SDXL_ARCH) else None
+    return save_safetensors_atomically(build_demo_controlnet_state(arch, seed, layout), path, metadata)
 
 
 def ensure_demo_controlnet(models_dir: Path) -> Path | None:

@@ -193,3 +193,35 @@ def test_scales_and_windows_follow_the_extension() -> None:
     active = [unit_active(plan, SamplerStep(step, 20)) for step in range(20)]
     assert active == [True] * 12 + [False] * 8
     assert sampler_steps(5, 2) == [0, 1, 1, 2, 2] and sampler_steps(3, 1) == [0, 1, 2]
+
+
+def test_hires_and_inpainting_take_units_and_hr_option_picks_the_passes(engine: GenerationEngine, pipe: Any,
+                                                                        models: Path) -> None:
+    hires = {"enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.6, "hr_second_pass_steps": 3}
+    plain = render(engine, pipe, **hires)
+    both = render(engine, pipe, **hires, controlnet=[unit(models)])
+    low = render(engine, pipe, **hires, controlnet=[unit(models, hr_option="Low res only")])
+    high = render(engine, pipe, **hires, controlnet=[unit(models, hr_option="High res only")])
+    assert plain.shape == (96, 96, 3)
+    assert len({arr.tobytes() for arr in (plain, both, low, high)}) == 4
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    buffer = io.BytesIO()
+    mask.save(buffer, format="PNG")
+    IMAGES["mask.png"] = buffer.getvalue()
+    inpaint = {"mode": "img2img", "init_images": ["control.png"], "mask": "mask.png", "denoising_strength": 0.75}
+    plain_inpaint = render(engine, pipe, **inpaint)
+    # A unit without its own image uses the init image; the kept half stays the init image's.
+    steered = render(engine, pipe, **inpaint, controlnet=[{**unit(models), "image": None}])
+    assert np.abs(steered[:, :24] - plain_inpaint[:, :24]).mean() > 1.0
+    assert np.abs(steered[:, 48:] - plain_inpaint[:, 48:]).mean() < 1.0
+
+
+def test_a_unit_with_an_annotator_runs_it_on_the_worker(engine: GenerationEngine, pipe: Any, models: Path) -> None:
+    from tests.unit.test_controlnet_annotators import install
+
+    install(models)
+    plain = render(engine, pipe)
+    hed = render(engine, pipe, controlnet=[unit(models, module="softedge_hed", processor_res=64)])
+    none = render(engine, pipe, controlnet=[unit(models)])
+    assert not np.array_equal(hed, plain) and not np.array_equal(hed, none)

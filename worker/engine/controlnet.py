@@ -29,6 +29,7 @@ from __future__ import annotations
 import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,12 +37,18 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from shared.controlnet.detectmap import ResizeMode, hint_array, parse_resize_mode, prepare_detected_map
-from shared.controlnet.preprocessors import PreprocessorUnavailable, pixel_perfect_resolution, run_preprocessor
+from shared.controlnet.preprocessors import (
+    PreprocessorUnavailable,
+    pixel_perfect_resolution,
+    resolve_module,
+    run_preprocessor,
+)
 from shared.controlnet.units import ControlMode, ControlUnit, HiresOption
 from shared.errors import FieldError
 from shared.jobs.contract import RenderSpec
 from shared.models.architecture import UnsupportedCheckpointError
 from shared.storage.base import ObjectNotFoundError
+from worker.engine.annotators import run_annotator
 
 ControlNetLoader = Callable[[ControlUnit], Any]  # a unit's ControlNetModel, loaded (or cached) by its location
 SOFT_BASE = 0.825
@@ -197,10 +204,11 @@ def _to_hint(detected: np.ndarray, width: int, height: int, mode: ResizeMode) ->
 
 def prepare_units(
     spec: RenderSpec, load_image: Callable[[str], bytes] | None, load_model: ControlNetLoader,
-    hires_size: tuple[int, int] | None,
+    hires_size: tuple[int, int] | None, models_dir: Path, device: str = "cpu",
 ) -> tuple[UnitPlan, ...]:
     """Every unit of ``spec`` read, preprocessed and resized; a bad image or unavailable preprocessor is a
-    FieldError naming the unit. ``hires_size``: (width, height) of the hires pass, when it runs."""
+    FieldError naming the unit. ``hires_size``: (width, height) of the hires pass, when it runs; ``models_dir``
+    holds the annotator weights, run on ``device``."""
     plans = []
     width, height = spec.width // 8 * 8, spec.height // 8 * 8
     for position, unit in enumerate(spec.controlnet):
@@ -222,8 +230,12 @@ def prepare_units(
         if unit.pixel_perfect:
             resolution = pixel_perfect_resolution(image.shape[:2], width, height, mode)
         try:
-            detected = run_preprocessor(unit.module, image, resolution, unit.threshold_a, unit.threshold_b,
-                                        seed=(spec.seed + spec.subseed) & 0xFFFFFFFF)
+            if resolve_module(unit.module).needs_weights:
+                detected = run_annotator(unit.module, image, resolution, unit.threshold_a, unit.threshold_b,
+                                         models_dir, device)
+            else:
+                detected = run_preprocessor(unit.module, image, resolution, unit.threshold_a, unit.threshold_b,
+                                            seed=(spec.seed + spec.subseed) & 0xFFFFFFFF)
         except PreprocessorUnavailable as exc:
             raise FieldError(("body", "controlnet", position, "module"), f"controlnet[{position}]: {exc}") from exc
         hr_hint = _to_hint(detected, *hires_size, mode) if hires_size is not None else None

@@ -247,7 +247,8 @@ class GenerationEngine:
         job.extras = _engine_infotext(vae, encoder, inputs)
         if spec.controlnet:
             hires_size = (hires.target_width, hires.target_height) if hires is not None and second is not None else None
-            job.control = prepare_units(spec, load_image, load_controlnet, hires_size)
+            job.control = prepare_units(spec, load_image, load_controlnet, hires_size, self.models_dir,
+                                        str(pipe.unet.device))
         return job, batch * spec.n_iter
 
     def _prompt_encoder(self, pipe: Any, spec: RenderSpec,
