@@ -70,6 +70,7 @@ class WorkerView(BaseModel):
     memory: dict[str, Any] | None = Field(description="as the worker reports it, when it does")
     models: list[str]
     loras: list[str]
+    controlnets: list[str] = Field(default_factory=list, description="ControlNets held, by title")
     current_job: CurrentJob | None
     jobs_done: int
     images_done: int = 0

@@ -13,7 +13,6 @@ import base64
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from fastapi import APIRouter, Query
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -23,6 +22,7 @@ from api.deps import CurrentKey, SettingsDep
 from api.sdapi.auth import SdapiKey
 from api.submission.controlnet import available_modules, why_not
 from api.submission.images import decode_base64_image, decode_image
+from shared.controlnet.detectmap import rgb_array
 from shared.controlnet.models import list_controlnets
 from shared.controlnet.preprocessors import PREPROCESSORS, Slider, module_list, resolve_module
 from shared.controlnet.preprocessors import run_preprocessor as run_module
@@ -172,10 +172,7 @@ def _detect(body: DetectRequest, models_dir: Path, max_bytes: int, max_pixels: i
     for index, text in enumerate(body.controlnet_input_images):
         field = ("body", "controlnet_input_images", index)
         image = decode_image(decode_base64_image(text, field, max_bytes), field, max_pixels)
-        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32)
-        alpha = rgba[:, :, 3:4] / 255.0  # HWC3: transparency composited over white
-        rgb = np.clip(rgba[:, :, :3] * alpha + 255.0 * (1.0 - alpha), 0, 255).astype(np.uint8)
-        detected = run_module(module.name, rgb, body.controlnet_processor_res, body.controlnet_threshold_a,
+        detected = run_module(module.name, rgb_array(image), body.controlnet_processor_res, body.controlnet_threshold_a,
                               body.controlnet_threshold_b)
         images.append(base64.b64encode(encode_png(Image.fromarray(detected))).decode("ascii"))
     return {"images": images, "info": "Success"}

@@ -116,7 +116,8 @@ def resolve_units(units: list[UnitRequest], models_dir: Path, checkpoint_path: P
         processor_res = _slider(unit.processor_res, res_slider, (*loc, "processor_res"), "processor_res")
         fields = {
             "module": unit.module, "model": entry.name, "model_title": entry.title, "model_location": entry.location,
-            "weight": unit.weight, "resize_mode": unit.resize_mode, "processor_res": int(processor_res),
+            "weight": unit.weight, "resize_mode": unit.resize_mode,
+            "processor_res": int(processor_res) if float(processor_res).is_integer() else processor_res,
             "threshold_a": _slider(unit.threshold_a, a_slider, (*loc, "threshold_a"), "threshold_a"),
             "threshold_b": _slider(unit.threshold_b, b_slider, (*loc, "threshold_b"), "threshold_b"),
             "guidance_start": unit.guidance_start, "guidance_end": unit.guidance_end,

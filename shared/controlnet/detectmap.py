@@ -26,6 +26,7 @@ from enum import StrEnum
 import cv2
 import numpy as np
 import numpy.typing as npt
+from PIL import Image
 
 __all__ = [
     "RESIZE_MODE_ALIASES",
@@ -108,6 +109,12 @@ def hwc3(x: np.ndarray) -> U8:
     alpha = x[:, :, 3:4].astype(np.float32) / 255.0
     blended = color * alpha + 255.0 * (1.0 - alpha)
     return blended.clip(0, 255).astype(np.uint8)
+
+
+def rgb_array(image: Image.Image) -> U8:
+    """An image as the extension reads an input: transparency composited over white (``HWC3``), else RGB."""
+    alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+    return hwc3(np.asarray(image.convert("RGBA" if alpha else "RGB"), dtype=np.uint8))
 
 
 # --- scripts/lvminthin.py ----------------------------------------------------------------------------------------

@@ -172,7 +172,7 @@ class ControlUnit(BaseModel):
     image: str | None = Field(None, description="object-store key of the control image; None: the init image")
     mask: str | None = None
     resize_mode: ResizeMode = ResizeMode.CROP_AND_RESIZE
-    processor_res: int = 512
+    processor_res: int | float = 512  # a hidden resolution slider's default is 0.5, written "0.5" as the extension
     # int or float as resolved (a preprocessor's default 100 is written "100" in the infotext, a sent 100.0 "100.0")
     threshold_a: int | float = 0.5
     threshold_b: int | float = 0.5

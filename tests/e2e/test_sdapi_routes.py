@@ -115,8 +115,10 @@ def test_send_images_false_and_styles(client: httpx.Client) -> None:
 
 @pytest.mark.parametrize("payload, loc", [
     ({"script_name": "X/Y/Z plot"}, ["body", "script_name"]),
+    ({"alwayson_scripts": {"ADetailer": {"args": [True, {"ad_model": "face_yolov8n.pt"}]}}},
+     ["body", "alwayson_scripts", "ADetailer"]),
     ({"alwayson_scripts": {"ControlNet": {"args": [{"enabled": True, "module": "canny"}]}}},
-     ["body", "alwayson_scripts", "ControlNet"]),
+     ["body", "alwayson_scripts", "ControlNet", "args", 0, "model"]),
     ({"sampler_name": "Nope"}, ["body", "sampler_name"]),
     ({"override_settings": {"sd_model_checkpoint": "missing"}}, ["body", "override_settings", "sd_model_checkpoint"]),
     ({"width": 65}, ["body", "width"]),

@@ -63,7 +63,9 @@ def test_img2img_without_mask_drops_inpainting_fields_and_sets_mode() -> None:
 
 @pytest.mark.parametrize("payload, loc", [
     ({"script_name": "x/y plot"}, ("body", "script_name")),
-    ({"alwayson_scripts": {"ControlNet": {"args": [{"enabled": True}]}}}, ("body", "alwayson_scripts", "ControlNet")),
+    ({"alwayson_scripts": {"Regional Prompter": {"args": [True]}}}, ("body", "alwayson_scripts", "Regional Prompter")),
+    ({"alwayson_scripts": {"ControlNet": {"args": [{"enabled": True, "advanced_weighting": [1.0] * 13}]}}},
+     ("body", "alwayson_scripts", "ControlNet", "args", 0, "advanced_weighting")),
     ({"restore_faces": True}, ("body", "restore_faces")),
     ({"hr_checkpoint_name": "other.safetensors"}, ("body", "hr_checkpoint_name")),
 ])
@@ -77,6 +79,23 @@ def test_disabled_scripts_and_unsupported_knobs_become_warnings() -> None:
     body = Txt2ImgBody.model_validate({"alwayson_scripts": {"ADetailer": {"args": [False]}}, "eta": 0.5})
     warnings = unsupported_features(body)
     assert any("ADetailer" in w for w in warnings) and any("eta=0.5" in w for w in warnings)
+
+
+def test_controlnet_args_become_the_farm_field_and_errors_name_the_args_entry() -> None:
+    units = [False, {"enabled": False, "module": "canny"},
+             {"enabled": True, "module": "canny", "model": "m [0123abcd]", "input_image": "abc", "guessmode": False,
+              "control_mode": 1, "resize_mode": "Envelope (Outer Fit)"}]
+    body = Txt2ImgBody.model_validate({"alwayson_scripts": {"controlnet": {"args": units}}})
+    warnings = unsupported_features(body)
+    assert any("unit 1 is off" in w for w in warnings) and any("guessmode ignored" in w for w in warnings)
+    (unit,) = to_farm_request(body, {}).controlnet
+    assert (unit.module, unit.image, unit.control_mode.value, unit.resize_mode.value) == (
+        "canny", "abc", "My prompt is more important", "Resize and Fill")
+    bad = Txt2ImgBody.model_validate({"alwayson_scripts": {"controlnet": {"args": [
+        {"enabled": False}, {"enabled": True, "weight": 3}]}}})
+    with pytest.raises(FieldError) as caught:
+        to_farm_request(bad, {})
+    assert caught.value.field == ("body", "alwayson_scripts", "controlnet", "args", 1, "weight")
 
 
 def test_out_of_range_values_name_the_webui_field() -> None:

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from shared.controlnet.detectmap import ResizeMode, hint_array, parse_resize_mode, prepare_detected_map
+from shared.controlnet.detectmap import ResizeMode, hint_array, parse_resize_mode, prepare_detected_map, rgb_array
 from shared.controlnet.preprocessors import (
     PreprocessorUnavailable,
     pixel_perfect_resolution,
@@ -188,15 +188,6 @@ def _read(key: str, load_image: Callable[[str], bytes] | None, field: tuple[str 
     return image
 
 
-def _rgb_array(image: Image.Image) -> np.ndarray:
-    """HWC3 as the extension applies it: transparency composited over white, then RGB uint8."""
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32)
-        alpha = rgba[:, :, 3:4] / 255.0
-        return np.clip(rgba[:, :, :3] * alpha + 255.0 * (1.0 - alpha), 0, 255).astype(np.uint8)
-    return np.asarray(image.convert("RGB"), dtype=np.uint8)
-
-
 def _to_hint(detected: np.ndarray, width: int, height: int, mode: ResizeMode) -> torch.Tensor:
     resized = prepare_detected_map(detected, width, height, mode)
     return torch.from_numpy(np.ascontiguousarray(hint_array(resized))).permute(2, 0, 1)[None].float()
@@ -221,7 +212,7 @@ def prepare_units(
             mode = parse_resize_mode(min(spec.resize_mode, 2) if spec.resize_mode != 3 else 0)
         else:
             raise FieldError(field, f"controlnet[{position}]: no control image (txt2img needs one per unit)")
-        image = _rgb_array(source)
+        image = rgb_array(source)
         if unit.mask is not None:  # the extension's canvas-scribble rule: a mask that is not all on or off is the input
             alpha = np.asarray(_read(unit.mask, load_image, (*field[:-1], "mask")).convert("L"), dtype=np.uint8)
             if not (alpha <= 5).all() and not (alpha >= 250).all() and "inpaint" not in unit.module:
