@@ -44,7 +44,8 @@ class StandInEngine:
         self.batches: list[list[uuid.UUID]] = []
 
     def render_batch(self, pipe: Any, jobs: list[BatchJob], config: Any, load_image: Any = None,
-                     on_step: Any = None, loras: Any = None, limits: Any = None) -> dict[uuid.UUID, Any]:
+                     on_step: Any = None, loras: Any = None, limits: Any = None,
+                     controlnets: Any = None) -> dict[uuid.UUID, Any]:
         self.batches.append([job.job_id for job in jobs])
         out: dict[uuid.UUID, Any] = {}
         for job in jobs:

@@ -229,13 +229,14 @@ def prepare_units(
                                             seed=(spec.seed + spec.subseed) & 0xFFFFFFFF)
         except PreprocessorUnavailable as exc:
             raise FieldError(("body", "controlnet", position, "module"), f"controlnet[{position}]: {exc}") from exc
-        hr_hint = _to_hint(detected, *hires_size, mode) if hires_size is not None else None
+        # Hints live on the device from here on: one copy per job, not one per step.
+        hr_hint = _to_hint(detected, *hires_size, mode).to(device) if hires_size is not None else None
         try:
             model = load_model(unit)
         except UnsupportedCheckpointError as exc:
             raise FieldError(("body", "controlnet", position, "model"), f"controlnet[{position}]: {exc}") from exc
         plans.append(UnitPlan(
-            position=position, model=model, hint=_to_hint(detected, width, height, mode), hr_hint=hr_hint,
+            position=position, model=model, hint=_to_hint(detected, width, height, mode).to(device), hr_hint=hr_hint,
             weight=unit.weight, mode=unit.control_mode, start=unit.guidance_start, end=unit.guidance_end,
             hr_option=unit.hr_option if hires_size is not None else HiresOption.BOTH,
             soft_in_hires=any(name in unit.module for name in _FORCED_SOFT_IN_HIRES),
