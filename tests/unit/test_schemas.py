@@ -19,7 +19,7 @@ PARAM_KEYS = {
     "mask_blur", "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding", "inpainting_mask_invert",
     "resize_mode", "enable_hr", "hr_scale", "hr_resize_x", "hr_resize_y", "hr_upscaler", "hr_second_pass_steps",
     "hr_prompt", "hr_negative_prompt", "hr_sampler_name", "hr_scheduler", "output_format", "loras", "vae_hash",
-    "batch_invariant",
+    "batch_invariant", "controlnet",
 }
 CHECKPOINT_BYTES = b"not really a checkpoint, but hashed like one"
 CHECKPOINT_HASH = hashlib.sha256(CHECKPOINT_BYTES).hexdigest()[:10]
@@ -83,6 +83,7 @@ def test_defaults_fill_every_key(settings: Settings) -> None:
         "enable_hr": False, "hr_scale": 2.0, "hr_resize_x": 0, "hr_resize_y": 0, "hr_upscaler": "Latent",
         "hr_second_pass_steps": 0, "hr_prompt": "", "hr_negative_prompt": "", "hr_sampler_name": None,
         "hr_scheduler": None, "output_format": "png", "loras": [], "vae_hash": None, "batch_invariant": False,
+        "controlnet": [],
     }
 
 
