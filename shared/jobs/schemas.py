@@ -333,6 +333,7 @@ def resolve_params(
         # Filled from the models folder by api.submission.params.plan_job (LoRA files and hashes, VAE hash).
         "loras": [],
         "vae_hash": None,
+        "controlnet": [],  # the API resolves the units (api.submission.controlnet)
     }
 
 
