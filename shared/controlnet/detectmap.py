@@ -181,8 +181,13 @@ def nake_nms(x: U8) -> U8:
 
 
 def _unique_colour_count(x: U8) -> int:
-    """``scripts/utils.py`` ``get_unique_axis0`` length: number of distinct pixel values."""
-    return int(np.unique(x.reshape(-1, x.shape[2]), axis=0).shape[0])
+    """``scripts/utils.py`` ``get_unique_axis0`` length: number of distinct pixel values. Each pixel's channels are
+    packed into one integer first (``np.unique`` over rows is ~100x slower on a 512x512 map)."""
+    flat = x.reshape(-1, x.shape[2]).astype(np.uint64)
+    packed = np.zeros(flat.shape[0], dtype=np.uint64)
+    for channel in range(flat.shape[1]):
+        packed = (packed << np.uint64(8)) | flat[:, channel]
+    return int(np.unique(packed).shape[0])
 
 
 def high_quality_resize(x: U8, size: tuple[int, int]) -> U8:
