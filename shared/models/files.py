@@ -15,6 +15,7 @@ from pathlib import Path
 from shared.errors import FieldError
 from shared.webui.hashes import HashCache, legacy_model_hash
 from shared.models.registry import LOADABLE_SUFFIXES, REFUSED_SUFFIXES, scan_checkpoints
+from shared.models.safetensors_header import safetensors_problem
 
 __all__ = [
     "ESRGAN_DIR",
@@ -50,7 +51,7 @@ def _refusal(path: Path) -> str | None:
     if suffix in REFUSED_SUFFIXES:
         return (f"{suffix} files are pickles that can run code when loaded; convert it to .safetensors "
                 "(only .safetensors files are loaded)")
-    return None
+    return safetensors_problem(path)
 
 
 def list_model_files(models_dir: Path, folder: str) -> list[tuple[str, str | None]]:

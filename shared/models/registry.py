@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.errors import FieldError
+from shared.models.safetensors_header import safetensors_problem
 
 CHECKPOINT_DIR = "Stable-diffusion"
 LOADABLE_SUFFIXES = (".safetensors",)
@@ -165,9 +166,11 @@ def scan_checkpoints(models_dir: Path) -> list[CheckpointFile]:
         if suffix not in LOADABLE_SUFFIXES + REFUSED_SUFFIXES:
             continue
         rel = path.relative_to(root).as_posix()
-        reason = None
         if suffix in REFUSED_SUFFIXES:
-            reason = f"{suffix} files are pickles that can run code when loaded; only .safetensors are loaded"
+            reason: str | None = f"{suffix} files are pickles that can run code when loaded; only .safetensors are " \
+                                 "loaded"
+        else:
+            reason = safetensors_problem(path)
         found.append(CheckpointFile(rel[: -len(path.suffix)], rel, path, path.stat().st_size, reason))
     return found
 

@@ -71,3 +71,14 @@ def safetensors_header_or_none(path: Path) -> SafetensorsHeader | None:
         return read_safetensors_header(path)
     except InvalidSafetensorsError:
         return None
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a ``.safetensors`` file is refused unopened (its header does not parse: a pickle renamed, a truncated
+    download), or None when it is readable. Registries call this on every scan, so a bad file is listed as
+    refused and named in a 422 at submit instead of failing on a worker."""
+    try:
+        read_safetensors_header(path)
+    except InvalidSafetensorsError as exc:
+        return f"{exc}; only real .safetensors files are loaded (a renamed pickle is never opened)"
+    return None

@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 from devtools.demo_models.sd15 import build_demo_checkpoint, build_demo_models, ensure_demo_checkpoint
+from tests.fake_files import write_model_file
 from worker.engine import ldm_layout
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -144,7 +145,7 @@ def test_ensure_creates_folders_and_demo_once(tmp_path: Path) -> None:
 
 def test_ensure_does_not_shadow_existing_checkpoints(tmp_path: Path) -> None:
     (tmp_path / "Stable-diffusion").mkdir()
-    (tmp_path / "Stable-diffusion" / "mine.safetensors").write_bytes(b"x")
+    write_model_file(tmp_path / "Stable-diffusion" / "mine.safetensors", b"x")
     assert ensure_demo_checkpoint(tmp_path) is None
     assert sorted(p.name for p in (tmp_path / "Stable-diffusion").iterdir()) == ["mine.safetensors"]
     assert (tmp_path / "Lora").is_dir()

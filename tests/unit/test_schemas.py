@@ -11,6 +11,7 @@ from api.submission.params import plan_job, request_fields_from_infotext
 from shared.errors import FieldError
 from shared.jobs.schemas import MAX_SEED, Txt2ImgRequest, hires_target_size, resolve_params
 from shared.settings import LimitSettings, ModelSettings, Settings
+from tests.fake_files import as_safetensors, write_model_file
 
 PARAM_KEYS = {
     "mode", "prompt", "negative_prompt", "styles", "steps", "cfg_scale", "sampler_name", "scheduler", "seed",
@@ -22,7 +23,7 @@ PARAM_KEYS = {
     "batch_invariant", "controlnet",
 }
 CHECKPOINT_BYTES = b"not really a checkpoint, but hashed like one"
-CHECKPOINT_HASH = hashlib.sha256(CHECKPOINT_BYTES).hexdigest()[:10]
+CHECKPOINT_HASH = hashlib.sha256(as_safetensors(CHECKPOINT_BYTES)).hexdigest()[:10]
 
 # Written by the WebUI 1.6 (legacy sampler name, Clip skip, ENSD, hires fix).
 WEBUI_INFOTEXT = (
@@ -45,8 +46,7 @@ def models(tmp_path: Path) -> Path:
         "ESRGAN/4x-UltraSharp.safetensors": b"esrgan",
         "ESRGAN/4x-Old.pth": b"esrgan",
     }.items():
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).write_bytes(data)
+        write_model_file(tmp_path / rel, data)
     return tmp_path
 
 
@@ -218,7 +218,7 @@ def test_vae_refusals(settings: Settings, name: str, message: str) -> None:
 
 def test_vae_symlink_out_of_the_folder_is_refused(settings: Settings, models: Path, tmp_path_factory) -> None:
     outside = tmp_path_factory.mktemp("outside") / "evil.safetensors"
-    outside.write_bytes(b"x")
+    write_model_file(outside, b"x")
     (models / "VAE" / "evil.safetensors").symlink_to(outside)
     assert "outside" in error(settings, vae="evil").message
 
@@ -359,3 +359,20 @@ def test_unknown_style_lists_the_known_ones(settings: Settings) -> None:
     exc = error(settings, styles=["Common negative", "Cyberpunk"])
     assert exc.field == ("body", "styles", 1)
     assert "Portrait quality" in exc.message and "Background wallpaper" in exc.message
+
+
+def test_a_pickle_renamed_safetensors_is_refused_at_listing_and_at_submit(settings: Settings, models: Path) -> None:
+    from shared.models.files import list_model_files
+    from shared.models.registry import scan_checkpoints
+
+    pickle_bytes = b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x94\x8c\x06system\x94\x93\x94."
+    (models / "Stable-diffusion" / "renamed.safetensors").write_bytes(pickle_bytes)
+    (models / "Lora" / "renamed.safetensors").parent.mkdir(exist_ok=True)
+    (models / "Lora" / "renamed.safetensors").write_bytes(pickle_bytes)
+    (listed,) = [c for c in scan_checkpoints(models) if c.name == "renamed"]
+    assert not listed.loadable and "not a valid safetensors file" in (listed.refused_reason or "")
+    assert dict(list_model_files(models, "Lora"))["renamed.safetensors"] is not None
+    refused = error(settings, model="renamed")
+    assert refused.field == ("body", "model") and "renamed pickle is never opened" in refused.message
+    lora = error(settings, prompt="a cat <lora:renamed:0.5>")
+    assert lora.field == ("body", "prompt") and "refused" in lora.message
