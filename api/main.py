@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.routing import Match, Mount
 
 from api.admin.sampler import run_sampler
+from api.openapi import farm_openapi
 from api.routes import (
     admin,
     admin_jobs,
@@ -96,7 +98,36 @@ def create_app() -> FastAPI:
         app.include_router(router)
     app.include_router(catalog.router)
     app.mount("/admin/static", StaticFiles(directory=admin.PAGE_DIR), name="admin-static")
+    app.openapi = lambda: farm_openapi(app, get_settings())  # type: ignore[method-assign]
+
+    @app.middleware("http")
+    async def answer_options(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        """``OPTIONS`` lists every method the path has (Starlette's 405 names only the first route's)."""
+        if request.method != "OPTIONS":
+            return await call_next(request)
+        methods = allowed_methods(app, request.url.path)
+        if not methods:
+            return JSONResponse({"detail": "Not Found"}, status_code=404)
+        return Response(status_code=204, headers={"Allow": ", ".join(methods)})
+
     return app
+
+
+def allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """The methods some route answers at ``path`` (asked of the router itself), plus OPTIONS and HEAD with GET."""
+    methods: set[str] = set()
+    for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):
+        scope: dict[str, Any] = {"type": "http", "path": path, "method": method, "root_path": "", "path_params": {}}
+        for route in app.router.routes:
+            if route.matches(scope)[0] == Match.FULL:
+                methods.add("GET" if isinstance(route, Mount) else method)  # static files: GET only
+                break
+    if not methods:
+        return []
+    methods.add("OPTIONS")
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)
 
 
 logging.basicConfig(level=logging.INFO)

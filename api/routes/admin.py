@@ -50,6 +50,9 @@ PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
+# 5 to 2880 minutes, or 1 to 48 hours, without leading zeros: the pattern the schema documents is the rule.
+WINDOW_PATTERN = (r"^([5-9]|[1-9][0-9]|[1-9][0-9]{2}|1[0-9]{3}|2[0-7][0-9]{2}|28[0-7][0-9]|2880)m$"
+                  r"|^([1-9]|[1-3][0-9]|4[0-8])h$")
 WINDOW = re.compile(r"^(\d{1,4})([mh])$")
 log = logging.getLogger(__name__)
 
@@ -170,7 +173,8 @@ def parse_window(window: str) -> timedelta:
 @router.get("/stats", response_model=StatsView)
 def get_stats(
     _: AdminKey, session: SessionDep,
-    window: Annotated[str, Query(description="how far back: 15m, 1h, 6h, 24h (5m to 48h)")] = "1h",
+    window: Annotated[str, Query(description="how far back: 15m, 1h, 6h, 24h (5m to 48h)",
+                                 pattern=WINDOW_PATTERN)] = "1h",
 ) -> StatsView:
     """The charts' data: images and finished jobs per bucket, queue depth samples, failures, timings."""
     span = parse_window(window)

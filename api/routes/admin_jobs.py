@@ -16,6 +16,7 @@ from fastapi import APIRouter, HTTPException, Query, status
 from api.admin import queries as admin_queries
 from api.admin.views import AdminJobDetail, AdminJobList, AdminJobSummary, CancelResult, RetryResult
 from api.deps import AdminKey, SessionDep, SettingsDep, StoreDep
+from api.responses import CONFLICT, NOT_FOUND
 from shared.db.models import Job
 from shared.jobs import lifecycle, repository
 from shared.jobs.schemas import ErrorView
@@ -70,7 +71,7 @@ def _job_or_404(session: SessionDep, job_id: uuid.UUID) -> Job:
     return job
 
 
-@router.get("/{job_id}", response_model=AdminJobDetail)
+@router.get("/{job_id}", response_model=AdminJobDetail, responses=NOT_FOUND)
 def get_any_job(
     job_id: uuid.UUID, _: AdminKey, session: SessionDep, settings: SettingsDep, store: StoreDep
 ) -> AdminJobDetail:
@@ -81,7 +82,7 @@ def get_any_job(
     return AdminJobDetail(owner=job.owner, cancel_requested=job.cancel_requested_at is not None, job=view)
 
 
-@router.post("/{job_id}/cancel", response_model=CancelResult)
+@router.post("/{job_id}/cancel", response_model=CancelResult, responses={**NOT_FOUND, **CONFLICT})
 def cancel_any_job(
     job_id: uuid.UUID, _: AdminKey, session: SessionDep, settings: SettingsDep, store: StoreDep
 ) -> CancelResult:
@@ -94,7 +95,8 @@ def cancel_any_job(
     return CancelResult(outcome=outcome, job=job_view(job, store, settings.services.url_expires_seconds))
 
 
-@router.post("/{job_id}/retry", response_model=RetryResult, status_code=status.HTTP_202_ACCEPTED)
+@router.post("/{job_id}/retry", response_model=RetryResult, status_code=status.HTTP_202_ACCEPTED,
+             responses={**NOT_FOUND, **CONFLICT})
 def retry_job(
     job_id: uuid.UUID, _: AdminKey, session: SessionDep, settings: SettingsDep, store: StoreDep
 ) -> RetryResult:

@@ -8,12 +8,13 @@ from fastapi import APIRouter, HTTPException, status
 from fastapi.responses import FileResponse
 
 from api.deps import StoreDep
+from api.responses import FORBIDDEN, NOT_FOUND
 from shared.storage.local import LocalObjectStore
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
 
-@router.get("/{key:path}")
+@router.get("/{key:path}", responses={**FORBIDDEN, **NOT_FOUND})
 def get_file(key: str, expires: int, signature: str, store: StoreDep) -> FileResponse:
     if not isinstance(store, LocalObjectStore):
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail="this farm serves images from its object store")

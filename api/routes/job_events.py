@@ -16,6 +16,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import CurrentKey, SettingsDep, StoreDep
+from api.responses import NOT_FOUND
 from shared.db.session import get_session_factory
 from shared.jobs import repository
 from shared.jobs.schemas import JobView
@@ -46,7 +47,7 @@ def format_event(view: JobView, event: str) -> str:
     return f"id: {view.status_seq}.{view.current_step}\nevent: {event}\ndata: {view.model_dump_json()}\n\n"
 
 
-@router.get("/{job_id}/events", response_class=StreamingResponse)
+@router.get("/{job_id}/events", response_class=StreamingResponse, responses=NOT_FOUND)
 async def job_events(
     job_id: uuid.UUID,
     key: CurrentKey,

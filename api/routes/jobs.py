@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, BackgroundTasks, Header, HTTPException, Query, status
 
 from api.deps import CurrentKey, SessionDep, SettingsDep, StoreDep
+from api.responses import CONFLICT, NOT_FOUND
 from api.submission import idempotency, submit
 from shared.db.session import get_session_factory
 from shared.jobs import lifecycle, repository
@@ -63,7 +64,7 @@ def _mark_published(job_ids: list[uuid.UUID]) -> None:
         session.commit()
 
 
-@router.get("/{job_id}", response_model=JobView)
+@router.get("/{job_id}", response_model=JobView, responses=NOT_FOUND)
 def get_job(job_id: uuid.UUID, key: CurrentKey, session: SessionDep, settings: SettingsDep, store: StoreDep) -> JobView:
     job = repository.get_job(session, job_id, owner=key.owner)
     if job is None:
@@ -71,7 +72,7 @@ def get_job(job_id: uuid.UUID, key: CurrentKey, session: SessionDep, settings: S
     return job_view(job, store, settings.services.url_expires_seconds, queue_position(session, job))
 
 
-@router.post("/{job_id}/cancel", response_model=JobView)
+@router.post("/{job_id}/cancel", response_model=JobView, responses={**NOT_FOUND, **CONFLICT})
 def cancel_job(job_id: uuid.UUID, key: CurrentKey, session: SessionDep, settings: SettingsDep,
                store: StoreDep) -> JobView:
     """A queued job is canceled at once; a running one stops at its next denoising step."""

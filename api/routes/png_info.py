@@ -9,6 +9,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import CurrentKey, SettingsDep
+from api.responses import INVALID, UNSUPPORTED_MEDIA
 from api.submission.form_data import IMAGE_REQUEST_BODY, read_image_request
 from api.submission.images import read_generation_info
 from shared.webui.infotext import parse_infotext
@@ -22,7 +23,8 @@ class PngInfoView(BaseModel):
     parameters: dict[str, Any]
 
 
-@router.post("/png-info", response_model=PngInfoView, openapi_extra=IMAGE_REQUEST_BODY)
+@router.post("/png-info", response_model=PngInfoView, openapi_extra=IMAGE_REQUEST_BODY,
+             responses={**UNSUPPORTED_MEDIA, **INVALID})
 async def png_info(request: Request, key: CurrentKey, settings: SettingsDep) -> PngInfoView:
     """``info``: the infotext (PNG ``parameters`` chunk or JPEG/WebP EXIF UserComment); ``parameters``: it parsed.
 

@@ -7,6 +7,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import CurrentKey, SettingsDep, StoreDep
+from api.responses import INVALID, UNSUPPORTED_MEDIA
 from api.submission.form_data import IMAGE_REQUEST_BODY, read_image_request
 from api.submission.images import checked_png, decode_image, for_upload
 from api.submission.uploads import Upload, save_upload
@@ -29,7 +30,8 @@ def _store_upload(data: bytes, field: tuple[str, ...], owner: str, store: Object
     return save_upload(store, owner, checked_png(for_upload(image)))
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=UploadView, openapi_extra=IMAGE_REQUEST_BODY)
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=UploadView, openapi_extra=IMAGE_REQUEST_BODY,
+             responses={**UNSUPPORTED_MEDIA, **INVALID})
 async def create_upload(request: Request, key: CurrentKey, settings: SettingsDep, store: StoreDep) -> UploadView:
     """Multipart form data (field ``file``) or JSON ``{"image": "<base64>"}``; usable by this key's owner only."""
     data, field = await read_image_request(request, settings.limits.max_upload_bytes)

@@ -7,6 +7,7 @@ import uuid
 from fastapi import APIRouter, HTTPException, status
 
 from api.deps import CurrentKey, SessionDep, StoreDep
+from api.responses import CONFLICT, NOT_FOUND
 from api.webhook_views import (
     DeliveryListView,
     DeliveryView,
@@ -21,7 +22,7 @@ from shared.webhooks.signing import get_or_create_secret, rotate_secret
 router = APIRouter(prefix="/v1", tags=["webhooks"])
 
 
-@router.get("/jobs/{job_id}/webhooks", response_model=DeliveryListView)
+@router.get("/jobs/{job_id}/webhooks", response_model=DeliveryListView, responses=NOT_FOUND)
 def list_job_webhooks(job_id: uuid.UUID, key: CurrentKey, session: SessionDep) -> DeliveryListView:
     job = repository.get_job(session, job_id, owner=key.owner)
     if job is None:
@@ -30,7 +31,8 @@ def list_job_webhooks(job_id: uuid.UUID, key: CurrentKey, session: SessionDep) -
     return DeliveryListView(job_id=str(job.id), deliveries=[delivery_view(d) for d in deliveries])
 
 
-@router.post("/jobs/{job_id}/webhooks", status_code=status.HTTP_202_ACCEPTED, response_model=DeliveryView)
+@router.post("/jobs/{job_id}/webhooks", status_code=status.HTTP_202_ACCEPTED, response_model=DeliveryView,
+             responses={**NOT_FOUND, **CONFLICT})
 def redeliver_job_webhook(
     job_id: uuid.UUID, key: CurrentKey, session: SessionDep, store: StoreDep, body: RedeliverRequest | None = None
 ) -> DeliveryView:

@@ -8,6 +8,7 @@ the whole dict do); anything else is refused by name rather than silently droppe
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -22,6 +23,8 @@ from shared.models.registry import resolve_checkpoint
 from shared.settings import Settings
 
 __all__ = ["STORED_OPTIONS", "job_defaults", "options_view", "read_options", "update_options"]
+
+log = logging.getLogger(__name__)
 
 STORED_OPTIONS: tuple[str, ...] = tuple(OVERRIDE_SETTINGS)
 _DEFAULTS: dict[str, Any] = {"sd_vae": "Automatic", "CLIP_stop_at_last_layers": 1, "eta_noise_seed_delta": 0}
@@ -59,6 +62,10 @@ def _checked(key: str, value: Any, settings: Settings) -> Any:
         return resolved if resolved is not None else ("None" if value.strip().lower() == "none" else "Automatic")
     if key == "CLIP_stop_at_last_layers":
         return _int_option(key, value, 1, 12)
+    if key == "renderfarm_batch_invariant":
+        if not isinstance(value, bool):
+            raise FieldError(("body", key), f"{key} must be true or false, got {value!r}")
+        return value
     return _int_option(key, value, 0, MAX_SEED)
 
 
@@ -100,6 +107,24 @@ def update_options(session: Session, api_key_id: int, changes: dict[str, Any], s
     return updated
 
 
-def job_defaults(stored: dict[str, Any]) -> dict[str, Any]:
-    """The key's options as farm request fields (``model``, ``vae``, ``clip_skip``, ``eta_noise_seed_delta``)."""
-    return {OVERRIDE_SETTINGS[key]: value for key, value in stored.items() if key in OVERRIDE_SETTINGS}
+def job_defaults(stored: dict[str, Any], settings: Settings) -> tuple[dict[str, Any], list[str]]:
+    """The key's options as farm request fields (``model``, ``vae``, ``clip_skip``, ``eta_noise_seed_delta``), and
+    warnings. A stored checkpoint or VAE that was removed (or is refused now) is left out, as a WebUI falls back to
+    what it has: the call renders with the farm's default and says so, instead of every later call being a 422."""
+    defaults: dict[str, Any] = {}
+    warnings: list[str] = []
+    for key, value in stored.items():
+        if key not in OVERRIDE_SETTINGS:
+            continue
+        try:
+            if key == "sd_model_checkpoint":
+                resolve_checkpoint(settings.models.models_dir, str(value), ("body", key))
+            elif key == "sd_vae":
+                resolve_vae(settings.models.models_dir, str(value), ("body", key))
+        except FieldError as exc:
+            warnings.append(f"this key's option {key}={value!r} is no longer usable ({exc.message}); the farm's "
+                            "default was used")
+            log.warning("API key option %s=%r is stale (%s); using the farm's default", key, value, exc.message)
+            continue
+        defaults[OVERRIDE_SETTINGS[key]] = value
+    return defaults, warnings

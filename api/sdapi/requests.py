@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from api.sdapi.controlnet_args import ControlNetArgs, controlnet_args, is_controlnet_script
 from api.submission.params import OVERRIDE_SETTINGS, request_fields_from_infotext
 from shared.errors import FieldError
-from shared.jobs.schemas import Txt2ImgRequest, refuse_nul
+from shared.jobs.schemas import MAX_SEED, Txt2ImgRequest, refuse_nul
 from shared.webui.infotext import parse_infotext
 
 __all__ = ["Img2ImgBody", "Txt2ImgBody", "WebuiBody", "to_farm_request", "unsupported_features"]
@@ -34,26 +34,26 @@ class WebuiBody(BaseModel):
     prompt: str = ""
     negative_prompt: str = ""
     styles: list[str] | None = None
-    seed: int = -1
-    subseed: int = -1
-    subseed_strength: float = 0.0
+    seed: int = Field(-1, ge=-1, le=MAX_SEED)
+    subseed: int = Field(-1, ge=-1, le=MAX_SEED)
+    subseed_strength: float = Field(0.0, ge=0.0, le=1.0)
     seed_resize_from_h: int = -1
     seed_resize_from_w: int = -1
     sampler_name: str | None = None
     sampler_index: str = "Euler"
     scheduler: str | None = None
-    batch_size: int = 1
-    n_iter: int = 1
-    steps: int = 50
-    cfg_scale: float = 7.0
-    width: int = 512
-    height: int = 512
+    batch_size: int = Field(1, ge=1)
+    n_iter: int = Field(1, ge=1)
+    steps: int = Field(50, ge=1)
+    cfg_scale: float = Field(7.0, ge=0.0, le=30.0)
+    width: int = Field(512, ge=64)
+    height: int = Field(512, ge=64)
     restore_faces: bool | None = None
     tiling: bool | None = None
     do_not_save_samples: bool = False
     do_not_save_grid: bool = False
     eta: float | None = None
-    denoising_strength: float | None = None
+    denoising_strength: float | None = Field(None, ge=0.0, le=1.0)
     s_min_uncond: float | None = None
     s_churn: float | None = None
     s_tmax: float | None = None
@@ -78,11 +78,11 @@ class Txt2ImgBody(WebuiBody):
     enable_hr: bool = False
     firstphase_width: int = 0
     firstphase_height: int = 0
-    hr_scale: float = 2.0
+    hr_scale: float = Field(2.0, ge=1.0, le=8.0)
     hr_upscaler: str | None = None
-    hr_second_pass_steps: int = 0
-    hr_resize_x: int = 0
-    hr_resize_y: int = 0
+    hr_second_pass_steps: int = Field(0, ge=0)
+    hr_resize_x: int = Field(0, ge=0)
+    hr_resize_y: int = Field(0, ge=0)
     hr_checkpoint_name: str | None = None
     hr_sampler_name: str | None = None
     hr_scheduler: str | None = None
@@ -91,18 +91,18 @@ class Txt2ImgBody(WebuiBody):
 
 
 class Img2ImgBody(WebuiBody):
-    init_images: list[str] | None = None
-    resize_mode: int = 0
+    init_images: list[str] = Field(min_length=1, description="base64 images (data: prefix allowed) or upload:<id>")
+    resize_mode: int = Field(0, ge=0, le=3)
     image_cfg_scale: float | None = None
     mask: str | None = None
-    mask_blur_x: int = 4
-    mask_blur_y: int = 4
-    mask_blur: int | None = None
+    mask_blur_x: int = Field(4, ge=0, le=64)
+    mask_blur_y: int = Field(4, ge=0, le=64)
+    mask_blur: int | None = Field(None, ge=0, le=64)
     mask_round: bool = True
-    inpainting_fill: int = 0
+    inpainting_fill: int = Field(0, ge=0, le=3)
     inpaint_full_res: bool = True
-    inpaint_full_res_padding: int = 0
-    inpainting_mask_invert: int = 0
+    inpaint_full_res_padding: int = Field(0, ge=0, le=256)
+    inpainting_mask_invert: int = Field(0, ge=0, le=1)
     initial_noise_multiplier: float | None = None
     latent_mask: str | None = None
     include_init_images: bool = False

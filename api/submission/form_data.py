@@ -26,7 +26,10 @@ IMAGE_REQUEST_BODY = {
         "required": True,
         "content": {
             "multipart/form-data": {
-                "schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}},
+                "schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"},
+                                                            "image": {"type": "string", "format": "binary"}},
+                           "anyOf": [{"required": ["file"]}, {"required": ["image"]}],
+                           "description": "the image as the 'file' part ('image' is accepted too)"},
             },
             "application/json": {
                 "schema": {"type": "object", "properties": {"image": {"type": "string",

@@ -24,6 +24,8 @@ from shared.webui.samplers import SamplerChoice, resolve_sampler
 from shared.webui.styles import BUILTIN_STYLES_FILE, StyleBook, read_styles_csv
 
 MAX_SEED = 2**32 - 1
+# The events a job's webhook may subscribe to (the outbox's WEBHOOK_EVENTS).
+WEBHOOK_EVENT_NAMES = ("queued", "started", "progress", "succeeded", "failed", "canceled")
 # The WebUI's defaults: img2img's denoising slider, and txt2img's hires fix slider.
 _PROMPT = Field("", max_length=20000)
 
@@ -130,7 +132,9 @@ class Txt2ImgRequest(BaseModel):
     )
     webhook_url: str | None = Field(None, max_length=2000, description="http(s) URL told about this job's events")
     webhook_events: list[str] | None = Field(
-        None, description="subset of queued, started, progress, succeeded, failed, canceled; default: terminal ones"
+        None, min_length=1, description="subset of queued, started, progress, succeeded, failed, canceled; "
+                                        "default: terminal ones",
+        json_schema_extra={"items": {"type": "string", "enum": list(WEBHOOK_EVENT_NAMES)}},
     )
 
 

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from shared.clock import utcnow
 from shared.db.models import Job
+from shared.jobs.schemas import WEBHOOK_EVENT_NAMES
 from shared.jobs.states import JobStatus
 from shared.jobs.views import job_view
 from shared.queueing.queues import QueueName, TaskName, get_producer
@@ -32,7 +33,7 @@ from shared.webhooks.models import DeliveryStatus, WebhookDelivery, WebhookGoneE
 
 log = logging.getLogger(__name__)
 
-WEBHOOK_EVENTS = ("queued", "started", "progress", "succeeded", "failed", "canceled")
+WEBHOOK_EVENTS = WEBHOOK_EVENT_NAMES
 TERMINAL_EVENTS = ("succeeded", "failed", "canceled")
 DEFAULT_EVENTS = TERMINAL_EVENTS
 PROGRESS_EVENT = "progress"

@@ -11,7 +11,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import make_key
+from tests.conftest import ADMIN_KEY, make_key
 from tests.farm_harness import Farm
 
 pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("farm", ["local"], indirect=True)]
@@ -56,11 +56,22 @@ def test_list_routes_have_the_webui_shapes(client: httpx.Client) -> None:
     styles = client.get("/prompt-styles").json()
     assert styles and set(styles[0]) == {"name", "prompt", "negative_prompt"}
     assert client.get("/scripts").json() == {"txt2img": [], "img2img": []}
-    assert client.get("/cmd-flags").json()["api"] is True
-    assert set(client.get("/memory").json()) == {"ram", "cuda"}
+    flags = client.get("/cmd-flags").json()
+    assert flags["api"] is True and flags["ckpt_dir"] is None and flags["models_dir"] is None  # no server paths
+    memory = client.get("/memory").json()
+    assert set(memory) == {"ram", "cuda"} and "total" not in memory["ram"]
     for path in ("refresh-checkpoints", "refresh-loras", "refresh-vae", "refresh-embeddings"):
-        resp = client.post(f"/{path}")
-        assert resp.status_code == 200 and resp.json() is None
+        assert client.post(f"/{path}").status_code == 403
+
+
+def test_admin_keys_see_paths_and_may_refresh(farm: Farm) -> None:
+    admin = httpx.Client(base_url=f"{farm.base_url}/sdapi/v1", auth=("admin", ADMIN_KEY), timeout=30)
+    with admin:
+        assert admin.get("/cmd-flags").json()["ckpt_dir"].endswith("Stable-diffusion")
+        assert admin.get("/memory").json()["ram"]["total"] > 0
+        for path in ("refresh-checkpoints", "refresh-loras", "refresh-vae", "refresh-embeddings"):
+            resp = admin.post(f"/{path}")
+            assert resp.status_code == 200 and resp.json() is None
 
 
 def test_options_get_post_and_errors(client: httpx.Client) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from api.sdapi.auth import credentials
 from api.sdapi.requests import Img2ImgBody, Txt2ImgBody, to_farm_request, unsupported_features
@@ -99,9 +101,12 @@ def test_controlnet_args_become_the_farm_field_and_errors_name_the_args_entry() 
 
 
 def test_out_of_range_values_name_the_webui_field() -> None:
-    with pytest.raises(FieldError) as caught:
-        to_farm_request(Txt2ImgBody.model_validate({"cfg_scale": 99}), {})
-    assert caught.value.field == ("body", "cfg_scale")
+    # The WebUI body carries the farm's bounds, so the schema shows them and FastAPI's 422 names the field.
+    with pytest.raises(ValidationError) as caught:
+        Txt2ImgBody.model_validate({"cfg_scale": 99})
+    assert caught.value.errors()[0]["loc"] == ("cfg_scale",)
+    with pytest.raises(ValidationError):
+        Img2ImgBody.model_validate({"prompt": "no init image"})
 
 
 def _basic(user: str, password: str) -> str:
@@ -113,3 +118,17 @@ def test_auth_headers() -> None:
     assert credentials(_basic("anyone", "rf_key")) == ["rf_key"]
     assert credentials(_basic("rf_key", "")) == ["rf_key"]
     assert credentials("Basic !!!") == [] and credentials("Digest x") == [] and credentials("") == []
+
+
+def test_a_stored_checkpoint_that_was_removed_falls_back_to_the_default_and_says_so(tmp_path: Path) -> None:
+    from api.sdapi.options import job_defaults
+    from shared.settings import ModelSettings, Settings
+    from tests.fake_files import write_model_file
+
+    write_model_file(tmp_path / "Stable-diffusion" / "kept.safetensors", b"kept")
+    settings = Settings(models=ModelSettings(models_dir=tmp_path))
+    stored = {"sd_model_checkpoint": "gone", "sd_vae": "gone-vae", "CLIP_stop_at_last_layers": 2}
+    defaults, warnings = job_defaults(stored, settings)
+    assert defaults == {"clip_skip": 2}
+    assert len(warnings) == 2 and "sd_model_checkpoint='gone'" in warnings[0] and "default" in warnings[0]
+    assert job_defaults({"sd_model_checkpoint": "kept"}, settings) == ({"model": "kept"}, [])

@@ -60,7 +60,9 @@ def _submit(body: WebuiBody, key: ApiKey, settings: Settings, store: ObjectStore
             warnings: list[str]) -> uuid.UUID:
     skipped: list[str] = []
     with get_session_factory()() as session:
-        request = to_farm_request(body, job_defaults(read_options(session, key.id)))
+        defaults, stale = job_defaults(read_options(session, key.id), settings)
+        warnings.extend(stale)
+        request = to_farm_request(body, defaults)
         try:
             job, _ = create_job_from_request(session, key, request, settings, store, skipped_loras=skipped)
         except FieldError as exc:
@@ -134,6 +136,4 @@ async def txt2img(body: Txt2ImgBody, key: SdapiKey, settings: SettingsDep, store
 
 @router.post("/img2img", response_model=GenerationResponse)
 async def img2img(body: Img2ImgBody, key: SdapiKey, settings: SettingsDep, store: StoreDep) -> Response:
-    if not body.init_images:
-        raise FieldError(("body", "init_images"), "img2img needs at least one init image")
     return await generate(body, key, settings, store)

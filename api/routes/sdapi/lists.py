@@ -1,7 +1,9 @@
 """The WebUI's list routes (models, samplers, VAEs, LoRAs, ...), read from the farm's models folder.
 
-``refresh-*`` answer at once: the gateway lists the folder on every call, so there is no cache to
-rebuild (workers load what a job names when it runs).
+``refresh-*`` rescan the folder for an admin key (the gateway lists the folder on every call, so there is no
+cache to rebuild; workers load what a job names when it runs) and are a 403 for other keys, as
+``POST /v1/models/refresh`` is. ``cmd-flags`` shows server folder paths, and ``memory`` the host's RAM, to admin
+keys only; other keys get the flags WebUI clients read (``api``, ``nowebui``, limits) without them.
 """
 
 from __future__ import annotations
@@ -9,14 +11,17 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, HTTPException, status
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import SettingsDep
+from api.model_catalog import refresh
 from api.sdapi import catalog
 from api.sdapi.auth import SdapiKey
+from shared.db.models import ApiKey
 from shared.models.files import ESRGAN_DIR, VAE_DIR
 from shared.models.registry import CHECKPOINT_DIR
+from shared.settings import Settings
 from shared.webui.samplers import SAMPLERS, SCHEDULE_TYPES
 from shared.webui.styles import load_style_book
 
@@ -95,15 +100,20 @@ def hypernetworks(key: SdapiKey) -> list[dict[str, Any]]:
 
 @router.get("/cmd-flags")
 def cmd_flags(key: SdapiKey, settings: SettingsDep) -> dict[str, Any]:
-    """The WebUI flags that describe this server; it runs API-only, with keys as auth, across a farm."""
+    """The WebUI flags that describe this server; it runs API-only, with keys as auth, across a farm. Server
+    paths only for admin keys (None for others, as the WebUI shows an unset path)."""
     models = settings.models.models_dir
-    return {
-        "api": True, "nowebui": True, "api_auth": "API keys", "listen": True, "skip_torch_cuda_test": True,
+    paths: dict[str, Any] = {
         "data_dir": str(models.parent), "models_dir": str(models),
         "ckpt_dir": str(models / CHECKPOINT_DIR), "vae_dir": str(models / VAE_DIR),
         "lora_dir": str(models / catalog.LORA_DIR), "embeddings_dir": str(models / catalog.EMBEDDINGS_DIR),
         "esrgan_models_path": str(models / ESRGAN_DIR), "styles_file": [str(settings.models.styles_file or "")],
-        "max_pixels": settings.limits.max_pixels, "max_steps": settings.limits.max_steps,
+    }
+    if not key.is_admin:
+        paths = {name: None for name in paths}
+    return {
+        "api": True, "nowebui": True, "api_auth": "API keys", "listen": True, "skip_torch_cuda_test": True,
+        **paths, "max_pixels": settings.limits.max_pixels, "max_steps": settings.limits.max_steps,
     }
 
 
@@ -118,25 +128,33 @@ def _ram() -> dict[str, int]:
 
 @router.get("/memory")
 def memory(key: SdapiKey) -> dict[str, Any]:
-    """The gateway's RAM; GPU memory lives on the workers (see the admin dashboard)."""
-    return {"ram": _ram(), "cuda": {"error": "the API gateway has no GPU; each worker reports its own on /admin"}}
+    """The gateway's RAM (admin keys; others get the WebUI's error shape); GPU memory lives on the workers."""
+    ram: dict[str, Any] = _ram() if key.is_admin else {"error": "host memory is shown to admin keys only"}
+    return {"ram": ram, "cuda": {"error": "the API gateway has no GPU; each worker reports its own on /admin"}}
 
 
-@router.post("/refresh-checkpoints")
-def refresh_checkpoints(key: SdapiKey) -> None:
-    return None
+def _refresh(key: ApiKey, settings: Settings) -> None:
+    if not key.is_admin:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, detail="refreshing the models folder needs an admin key; "
+                                                              "the farm lists the folder on every call anyway")
+    refresh(settings.models.models_dir)
 
 
-@router.post("/refresh-loras")
-def refresh_loras(key: SdapiKey) -> None:
-    return None
+@router.post("/refresh-checkpoints", responses={403: {"description": "not an admin key"}})
+def refresh_checkpoints(key: SdapiKey, settings: SettingsDep) -> None:
+    _refresh(key, settings)
 
 
-@router.post("/refresh-vae")
-def refresh_vae(key: SdapiKey) -> None:
-    return None
+@router.post("/refresh-loras", responses={403: {"description": "not an admin key"}})
+def refresh_loras(key: SdapiKey, settings: SettingsDep) -> None:
+    _refresh(key, settings)
 
 
-@router.post("/refresh-embeddings")
-def refresh_embeddings(key: SdapiKey) -> None:
-    return None
+@router.post("/refresh-vae", responses={403: {"description": "not an admin key"}})
+def refresh_vae(key: SdapiKey, settings: SettingsDep) -> None:
+    _refresh(key, settings)
+
+
+@router.post("/refresh-embeddings", responses={403: {"description": "not an admin key"}})
+def refresh_embeddings(key: SdapiKey, settings: SettingsDep) -> None:
+    _refresh(key, settings)
