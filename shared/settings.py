@@ -191,6 +191,9 @@ class WebhookSettings(BaseSettings):
     keep_days: float = 30.0
     # Hosts, addresses or CIDR networks exempt from the SSRF address check (local testing only).
     allow_hosts: Annotated[tuple[str, ...], NoDecode] = ()
+    # When set, the only hosts, addresses or CIDR networks webhooks may target (an operator's allow-list; also
+    # what keeps a fuzz run's traffic on a loopback sink). Empty: any public address.
+    only_hosts: Annotated[tuple[str, ...], NoDecode] = ()
 
     @property
     def lease_seconds(self) -> float:
@@ -244,7 +247,7 @@ class WebhookSettings(BaseSettings):
             raise ValueError(f"{name} must not contain negative delays, got {raw!r}")
         return value
 
-    @field_validator("allow_hosts", mode="before")
+    @field_validator("allow_hosts", "only_hosts", mode="before")
     @classmethod
     def _hosts(cls, value: Any) -> Any:
         if isinstance(value, str):

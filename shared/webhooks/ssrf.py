@@ -23,6 +23,7 @@ Resolver = Callable[[str, int], list[str]]
 
 MAX_URL_LENGTH = 2048
 ALLOW_HOSTS_ENV = "RENDERFARM_WEBHOOK_ALLOW_HOSTS"
+ONLY_HOSTS_ENV = "RENDERFARM_WEBHOOK_ONLY_HOSTS"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _UNIQUE_LOCAL = ipaddress.IPv6Network("fc00::/7")
 _IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
@@ -81,15 +82,29 @@ def system_resolver(hostname: str, port: int) -> list[str]:
 
 
 def check_webhook_url(
-    url: str, *, allow_hosts: Iterable[str] | None = None, resolver: Resolver | None = None
+    url: str, *, allow_hosts: Iterable[str] | None = None, resolver: Resolver | None = None,
+    only_hosts: Iterable[str] | None = None,
 ) -> ResolvedTarget:
     """Parse, resolve and check `url`; raise WebhookUrlError unless every address is public (or allowlisted).
 
-    `allow_hosts` defaults to RENDERFARM_WEBHOOK_ALLOW_HOSTS: host names, addresses or CIDR networks.
+    `allow_hosts` defaults to RENDERFARM_WEBHOOK_ALLOW_HOSTS: host names, addresses or CIDR networks exempt from
+    the public-address rule. `only_hosts` (default RENDERFARM_WEBHOOK_ONLY_HOSTS), when not empty, is the only set
+    of hosts, addresses or networks a webhook may reach at all: checked before any DNS lookup of another name.
     """
     scheme, hostname, port, path = _parse(url)
     if allow_hosts is None:
         allow_hosts = get_settings().webhooks.allow_hosts
+    if only_hosts is None:
+        only_hosts = get_settings().webhooks.only_hosts
+    only_names, only_networks = _parse_allowlist(only_hosts)
+    if (only_names or only_networks) and hostname not in only_names:
+        try:
+            literal_address = ipaddress.ip_address(hostname)
+        except ValueError:
+            literal_address = None
+        if literal_address is None or not any(literal_address in network for network in only_networks):
+            raise WebhookUrlError(f"webhook_url host {hostname!r} is not one this farm sends webhooks to "
+                                  f"({ONLY_HOSTS_ENV}: {', '.join(sorted(only_hosts))})")
     allowed_names, allowed_networks = _parse_allowlist(allow_hosts)
     try:
         addresses = [ipaddress.ip_address(hostname)]

@@ -122,3 +122,18 @@ def test_delivery_connects_to_the_checked_address_not_a_new_dns_answer(monkeypat
         result = post_signed(url, body, signed_headers(secret, "msg_2", body), cfg)
         assert result.status_code is None and "10.9.9.9" in (result.error or "")
         assert len(receiver.received("/in")) == 1
+
+
+def test_only_hosts_limits_targets_to_the_operators_list_before_any_lookup() -> None:
+    def resolver(host: str, port: int) -> list[str]:
+        raise AssertionError(f"{host} was looked up")
+
+    sink = check_webhook_url("http://127.0.0.1:9000/hook", allow_hosts=["127.0.0.1"], only_hosts=["127.0.0.0/8"],
+                             resolver=resolver)
+    assert sink.port == 9000
+    for url in ("https://example.com/hook", "http://8.8.8.8/x", "http://[::1]/x"):
+        with pytest.raises(WebhookUrlError, match="RENDERFARM_WEBHOOK_ONLY_HOSTS"):
+            check_webhook_url(url, allow_hosts=["127.0.0.1"], only_hosts=["127.0.0.0/8"], resolver=resolver)
+    named = check_webhook_url("https://hooks.example.com/x", only_hosts=["hooks.example.com"],
+                              resolver=lambda host, port: ["93.184.216.34"])
+    assert named.hostname == "hooks.example.com"

@@ -114,7 +114,7 @@ def post_signed(url: str, body: str, headers: dict[str, str], cfg: WebhookSettin
         return int((time.monotonic() - clock) * 1000)
 
     try:
-        target = check_webhook_url(url, allow_hosts=cfg.allow_hosts)
+        target = check_webhook_url(url, allow_hosts=cfg.allow_hosts, only_hosts=cfg.only_hosts)
     except WebhookUrlError as exc:
         return HttpResult(None, str(exc), None, elapsed_ms())
     request_headers = {
