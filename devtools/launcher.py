@@ -98,7 +98,8 @@ class Farm:
         self.spawn("api", [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1",
                            "--port", api_port, "--log-level", "info"])
         self.spawn("worker", [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "render",
-                              "-c", "1", "--prefetch-multiplier=1", "-E", "-n", "worker1@%h", "--loglevel=INFO"])
+                              "-c", "1", "--prefetch-multiplier=1", "-E", "-n", "worker1@%h",
+                              "--without-gossip", "--without-mingle", "--loglevel=INFO"])
         self.spawn("webhooks", [sys.executable, "-m", "celery", "-A", "worker.webhook_sender.app", "worker",
                                 "-Q", "webhooks", "-c", "2", "-n", "webhooks@%h", "--loglevel=INFO"])
         key = self.env["RENDERFARM_ADMIN_KEY"]
