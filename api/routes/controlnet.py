@@ -137,7 +137,7 @@ class DetectRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     controlnet_module: str = Field("none", max_length=200)
-    controlnet_input_images: list[str] = Field(default_factory=list, max_length=8)
+    controlnet_input_images: list[str] = Field(default_factory=list, min_length=1, max_length=8)
     controlnet_processor_res: int = Field(-1, ge=-1, le=4096)
     controlnet_threshold_a: float = Field(-1, ge=-1, le=4096)
     controlnet_threshold_b: float = Field(-1, ge=-1, le=4096)
@@ -166,8 +166,6 @@ def _detect(body: DetectRequest, models_dir: Path, max_bytes: int, max_pixels: i
         weight_free = [name for name in available_modules(models_dir) if not PREPROCESSORS[name].needs_weights]
         raise FieldError(loc, f"Module not supported here: {body.controlnet_module!r} {reason}; detect runs: "
                               f"{', '.join(weight_free)}")
-    if not body.controlnet_input_images:
-        raise FieldError(("body", "controlnet_input_images"), "No image selected")
     images = []
     for index, text in enumerate(body.controlnet_input_images):
         field = ("body", "controlnet_input_images", index)

@@ -48,8 +48,9 @@ class WebuiBody(BaseModel):
     cfg_scale: float = Field(7.0, ge=0.0, le=30.0)
     width: int = Field(512, ge=64)
     height: int = Field(512, ge=64)
-    restore_faces: bool | None = None
-    tiling: bool | None = None
+    # Features the farm does not have: the schema lists the values that mean "off", the only ones accepted.
+    restore_faces: bool | None = Field(None, json_schema_extra={"enum": [False, None]})
+    tiling: bool | None = Field(None, json_schema_extra={"enum": [False, None]})
     do_not_save_samples: bool = False
     do_not_save_grid: bool = False
     eta: float | None = None
@@ -61,12 +62,12 @@ class WebuiBody(BaseModel):
     s_noise: float | None = None
     override_settings: dict[str, Any] | None = None
     override_settings_restore_afterwards: bool = True
-    refiner_checkpoint: str | None = None
+    refiner_checkpoint: str | None = Field(None, json_schema_extra={"enum": [None, "", "None"]})
     refiner_switch_at: float | None = None
     disable_extra_networks: bool = False
     comments: dict[str, Any] | None = None
     infotext: str | None = None
-    script_name: str | None = None
+    script_name: str | None = Field(None, json_schema_extra={"enum": [None, ""]})
     script_args: list[Any] = []
     send_images: bool = True
     save_images: bool = False
@@ -83,7 +84,7 @@ class Txt2ImgBody(WebuiBody):
     hr_second_pass_steps: int = Field(0, ge=0)
     hr_resize_x: int = Field(0, ge=0)
     hr_resize_y: int = Field(0, ge=0)
-    hr_checkpoint_name: str | None = None
+    hr_checkpoint_name: str | None = Field(None, json_schema_extra={"enum": [None, "", "Use same checkpoint"]})
     hr_sampler_name: str | None = None
     hr_scheduler: str | None = None
     hr_prompt: str = ""

@@ -28,7 +28,7 @@ _OPTIONS_BODY = {"requestBody": {"required": True, "content": {"application/json
         "CLIP_stop_at_last_layers": {"type": "integer", "minimum": 1, "maximum": 12},
         "eta_noise_seed_delta": {"type": "integer", "minimum": 0, "maximum": MAX_SEED},
         "renderfarm_batch_invariant": {"type": "boolean"},
-        "samples_format": {"type": "string", "description": "read-only"},
+        "samples_format": {"type": "string", "enum": ["png"], "description": "read-only"},
         "sd_checkpoint_hash": {"type": ["string", "null"], "description": "read-only"},
     }}}}}}
 
