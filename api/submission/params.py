@@ -158,16 +158,16 @@ def _infotext_model(parsed: Mapping[str, object], settings: Settings) -> str:
     return found
 
 
-def _infotext_units(parsed: Mapping[str, object], req: Txt2ImgRequest) -> list[dict[str, Any]] | None:
-    """The infotext's ControlNet units merged with the request's: unit i's fields the request sets win (its image,
-    which an infotext never holds, typically). None when the infotext records no unit."""
+def _infotext_units(parsed: Mapping[str, object], sent: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """The infotext's ControlNet units merged with the request's (``sent``, the fields each unit set): unit i's
+    fields the request sets win (its image, which an infotext never holds, typically). None when the infotext
+    records no unit."""
     try:
         recorded = units_from_infotext(parsed)
     except ValueError as exc:
         raise FieldError(("body", "infotext"), f"infotext's ControlNet unit: {exc}") from exc
     if not recorded:
         return None
-    sent = [unit.model_dump(exclude_unset=True) for unit in req.controlnet]
     merged = [{**recorded_unit, **(sent[i] if i < len(sent) else {})} for i, recorded_unit in enumerate(recorded)]
     return merged + sent[len(recorded):]
 
@@ -188,11 +188,16 @@ def merge_request(req: Txt2ImgRequest, settings: Settings) -> tuple[Txt2ImgReque
         if "model" not in explicit and ("Model" in parsed or "Model hash" in parsed):
             filled["model"] = _infotext_model(parsed, settings)
             origins["model"] = _Origin(("body", "infotext"), "infotext 'Model'")
-        units = _infotext_units(parsed, req)
+        sent = [unit.model_dump(exclude_unset=True) for unit in req.controlnet]
+        units = _infotext_units(parsed, sent)
         if units is not None:
             explicit.pop("controlnet", None)
             filled["controlnet"] = units
-            origins["controlnet"] = _Origin(("body", "infotext"), "infotext's ControlNet units")
+            for index, unit in enumerate(units):  # a unit's field is the infotext's unless the request set it
+                for name in unit:
+                    if index >= len(sent) or name not in sent[index]:
+                        origins[_unit_field(index, name)] = _Origin(("body", "infotext"),
+                                                                    f"infotext's ControlNet {index} {name!r}")
     if not filled and not req.override_settings:
         return req, origins
     try:
@@ -207,8 +212,18 @@ def merge_request(req: Txt2ImgRequest, settings: Settings) -> tuple[Txt2ImgReque
     return merged, origins
 
 
+def _unit_field(index: object, name: object) -> str:
+    return f"controlnet.{index}.{name}"
+
+
 def _blame(exc: FieldError, origins: Mapping[str, _Origin]) -> FieldError:
     """Move an error onto the infotext or override_settings when that is where the value came from."""
+    if len(exc.field) >= 4 and exc.field[:2] == ("body", "controlnet"):
+        origin = origins.get(_unit_field(exc.field[2], exc.field[3]))
+        if origin is not None:
+            return FieldError(origin.loc, f"{origin.label}: {exc.message}; set controlnet[{exc.field[2]}]."
+                                          f"{exc.field[3]} in the request to override the infotext", exc.status_code)
+        return exc
     if len(exc.field) >= 2 and exc.field[0] == "body" and str(exc.field[1]) in origins:
         origin = origins[str(exc.field[1])]
         return FieldError(origin.loc, f"{origin.label}: {exc.message}{origin.hint(str(exc.field[1]))}",

@@ -101,6 +101,11 @@ def test_our_users_infotext_gives_their_unit_once_the_farm_has_what_it_names(far
         assert refused.status_code == 422, refused.text
         detail = refused.json()["detail"][0]
         assert "depth_midas" in detail["msg"] and "canny" in detail["msg"]  # names it and lists what runs
+        assert detail["loc"] == ["body", "infotext"] and "ControlNet 0 'module'" in detail["msg"]
+        # A field the request sets itself is named as the request's, infotext or not.
+        own = c.post("/v1/jobs", json={"infotext": infotext, "controlnet": [
+            {"image": b64(square()), "module": "no_such_module"}]})
+        assert own.status_code == 422 and own.json()["detail"][0]["loc"] == ["body", "controlnet", 0, "module"]
         # depth_midas needs annotator weights; the user picks a preprocessor that runs and the farm's model.
         sent = c.post("/v1/jobs", json={"infotext": infotext, "controlnet": [
             {"image": b64(square()), "module": "invert", "model": title}]})
