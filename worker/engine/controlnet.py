@@ -26,7 +26,6 @@ A unit with weight 0 is never evaluated, so it renders exactly what the job rend
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from shared.controlnet.detectmap import ResizeMode, hint_array, parse_resize_mode, prepare_detected_map, rgb_array
 from shared.controlnet.preprocessors import (
@@ -47,8 +45,8 @@ from shared.controlnet.units import ControlMode, ControlUnit, HiresOption
 from shared.errors import FieldError
 from shared.jobs.contract import RenderSpec
 from shared.models.architecture import UnsupportedCheckpointError
-from shared.storage.base import ObjectNotFoundError
 from worker.engine.annotators import run_annotator
+from worker.engine.img2img import read_stored_image
 
 ControlNetLoader = Callable[[ControlUnit], Any]  # a unit's ControlNetModel, loaded (or cached) by its location
 SOFT_BASE = 0.825
@@ -164,28 +162,15 @@ def residuals(
                               dtype=torch.float32, device=x.device)
         if total is None:
             total = [torch.zeros((len(rows), *o.shape[1:]), dtype=torch.float32, device=x.device) for o in outputs]
+        rows_at = torch.tensor(index, device=x.device)
         for i, output in enumerate(outputs):
-            total[i].index_add_(0, torch.tensor(index, device=x.device),
-                                output.float() * scales[:, i].view(-1, 1, 1, 1))
+            total[i].index_add_(0, rows_at, output.float() * scales[:, i].view(-1, 1, 1, 1))
     assert total is not None
     cast = [t.to(out_dtype) for t in total]
     return cast[:-1], cast[-1]
 
 
 # -- preparing a job's units ----------------------------------------------------------------------------------
-
-
-def _read(key: str, load_image: Callable[[str], bytes] | None, field: tuple[str | int, ...]) -> Image.Image:
-    if load_image is None:
-        raise FieldError(field, "this worker was given no image store to read the control image from")
-    try:
-        image = Image.open(io.BytesIO(load_image(key)))
-        image.load()
-    except ObjectNotFoundError as exc:
-        raise FieldError(field, f"no uploaded image under {key!r}") from exc
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise FieldError(field, f"{key!r} is not a readable image ({exc})") from exc
-    return image
 
 
 def _to_hint(detected: np.ndarray, width: int, height: int, mode: ResizeMode) -> torch.Tensor:
@@ -206,15 +191,16 @@ def prepare_units(
         field: tuple[str | int, ...] = ("body", "controlnet", position, "image")
         mode = unit.resize_mode
         if unit.image is not None:
-            source = _read(unit.image, load_image, field)
+            source = read_stored_image(unit.image, load_image, field)
         elif spec.init_images:
-            source = _read(spec.init_images[0], load_image, ("body", "init_images", 0))
+            source = read_stored_image(spec.init_images[0], load_image, ("body", "init_images", 0))
             mode = parse_resize_mode(min(spec.resize_mode, 2) if spec.resize_mode != 3 else 0)
         else:
             raise FieldError(field, f"controlnet[{position}]: no control image (txt2img needs one per unit)")
         image = rgb_array(source)
         if unit.mask is not None:  # the extension's canvas-scribble rule: a mask that is not all on or off is the input
-            alpha = np.asarray(_read(unit.mask, load_image, (*field[:-1], "mask")).convert("L"), dtype=np.uint8)
+            mask = read_stored_image(unit.mask, load_image, (*field[:-1], "mask"))
+            alpha = np.asarray(mask.convert("L"), dtype=np.uint8)
             if not (alpha <= 5).all() and not (alpha >= 250).all() and "inpaint" not in unit.module:
                 image = np.repeat(alpha[:, :, None], 3, axis=2)
         resolution = unit.processor_res

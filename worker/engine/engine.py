@@ -23,7 +23,6 @@ WebUI options that change sampling.
 
 from __future__ import annotations
 
-import io
 import logging
 import uuid
 import weakref
@@ -33,11 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from shared.errors import FieldError
 from shared.jobs.contract import RenderSpec
-from shared.storage.base import ObjectNotFoundError
 from worker.engine import hires as hires_fix
 from worker.engine.batch import BatchJob, BatchLimits, JobStep
 from worker.engine.conditioning import JobConditioning, PromptEncoder, build_conditioning
@@ -52,7 +50,14 @@ from worker.engine.denoise import (
     start_latents,
 )
 from worker.engine.embeddings import EmbeddingLibrary
-from worker.engine.img2img import Img2ImgInputs, apply_overlay, latent_mask_tensors, prepare_img2img, resize_image
+from worker.engine.img2img import (
+    Img2ImgInputs,
+    apply_overlay,
+    latent_mask_tensors,
+    prepare_img2img,
+    read_stored_image,
+    resize_image,
+)
 from worker.engine.lora import LoraCache, job_loras, lora_infotext
 from worker.engine.noise import LATENT_CHANNELS, LATENT_FACTOR, ImageNoise, SeedPlan, cpu_randn, job_seed_plans
 from worker.engine.sdxl_conditioning import (
@@ -459,27 +464,14 @@ class _BatchRun:
         return results
 
 
-def _read_image(key: str, load_image: ImageLoader, field_name: str) -> Image.Image:
-    try:
-        data = load_image(key)
-    except ObjectNotFoundError as exc:
-        raise FieldError(("body", field_name), f"{field_name}: no uploaded image under {key!r}") from exc
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise FieldError(("body", field_name), f"{field_name}: {key!r} is not a readable image ({exc})") from exc
-    return image
-
-
 def _load_inputs(spec: RenderSpec, load_image: ImageLoader | None) -> Img2ImgInputs:
     keys = spec.init_images
     if not keys:
         raise FieldError(("body", "init_images"), "init_images: img2img needs at least one init image")
     if load_image is None:
         raise FieldError(("body", "init_images"), "init_images: this worker was given no image store to read them from")
-    images = [_read_image(key, load_image, "init_images") for key in keys]
-    mask = _read_image(spec.mask, load_image, "mask") if spec.mask else None
+    images = [read_stored_image(key, load_image, ("body", "init_images")) for key in keys]
+    mask = read_stored_image(spec.mask, load_image, ("body", "mask")) if spec.mask else None
     return prepare_img2img(images, mask, spec)
 
 

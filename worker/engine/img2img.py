@@ -12,13 +12,17 @@ kernel in float32 with the same reflect-101 border, so a pixel may differ by one
 
 from __future__ import annotations
 
+import io
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
+from shared.errors import FieldError
 from shared.jobs.contract import RenderSpec
+from shared.storage.base import ObjectNotFoundError
 
 LANCZOS = Image.Resampling.LANCZOS
 BACKGROUND = "#ffffff"  # opts.img2img_background_color
@@ -246,3 +250,21 @@ def apply_overlay(image: Image.Image, paste_to: tuple[int, int, int, int] | None
     image = image.convert("RGBA")
     image.alpha_composite(overlay)
     return image.convert("RGB")
+
+
+def read_stored_image(key: str, load_image: Callable[[str], bytes] | None, field: tuple[str | int, ...]) -> Image.Image:
+    """An input image a job names by object-store key (init image, mask, control image); a missing or unreadable
+    one is the job's input error, naming ``field``."""
+    name = ".".join(str(part) for part in field[1:])
+    if load_image is None:
+        raise FieldError(field, f"{name}: this worker was given no image store to read it from")
+    try:
+        data = load_image(key)
+    except ObjectNotFoundError as exc:
+        raise FieldError(field, f"{name}: no uploaded image under {key!r}") from exc
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise FieldError(field, f"{name}: {key!r} is not a readable image ({exc})") from exc
+    return image
