@@ -18,10 +18,8 @@ from api.deps import SettingsDep
 from api.model_catalog import refresh
 from api.sdapi import catalog
 from api.sdapi.auth import SdapiKey
-from shared.db.models import ApiKey
 from shared.models.files import ESRGAN_DIR, VAE_DIR
 from shared.models.registry import CHECKPOINT_DIR
-from shared.settings import Settings
 from shared.webui.samplers import SAMPLERS, SCHEDULE_TYPES
 from shared.webui.styles import load_style_book
 
@@ -133,28 +131,14 @@ def memory(key: SdapiKey) -> dict[str, Any]:
     return {"ram": ram, "cuda": {"error": "the API gateway has no GPU; each worker reports its own on /admin"}}
 
 
-def _refresh(key: ApiKey, settings: Settings) -> None:
+def refresh_folders(key: SdapiKey, settings: SettingsDep) -> None:
+    """Admin keys: rescan the models folder (the farm lists it on every call anyway); other keys: 403."""
     if not key.is_admin:
         raise HTTPException(status.HTTP_403_FORBIDDEN, detail="refreshing the models folder needs an admin key; "
                                                               "the farm lists the folder on every call anyway")
     refresh(settings.models.models_dir)
 
 
-@router.post("/refresh-checkpoints", responses={403: {"description": "not an admin key"}})
-def refresh_checkpoints(key: SdapiKey, settings: SettingsDep) -> None:
-    _refresh(key, settings)
-
-
-@router.post("/refresh-loras", responses={403: {"description": "not an admin key"}})
-def refresh_loras(key: SdapiKey, settings: SettingsDep) -> None:
-    _refresh(key, settings)
-
-
-@router.post("/refresh-vae", responses={403: {"description": "not an admin key"}})
-def refresh_vae(key: SdapiKey, settings: SettingsDep) -> None:
-    _refresh(key, settings)
-
-
-@router.post("/refresh-embeddings", responses={403: {"description": "not an admin key"}})
-def refresh_embeddings(key: SdapiKey, settings: SettingsDep) -> None:
-    _refresh(key, settings)
+for _folder in ("checkpoints", "loras", "vae", "embeddings"):
+    router.add_api_route(f"/refresh-{_folder}", refresh_folders, methods=["POST"], name=f"refresh_{_folder}",
+                         responses={403: {"description": "not an admin key"}})
