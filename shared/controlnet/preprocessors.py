@@ -207,7 +207,9 @@ _ALL: tuple[Preprocessor, ...] = (
     _P("openpose", "openpose", True, _w("openpose", "body_pose_model.pth"), tags=("OpenPose",)),
     _P("openpose_face", "openpose_face", True, _w("openpose", "body_pose_model.pth", "facenet.pth"),
        tags=("OpenPose",)),
-    _P("openpose_faceonly", "openpose_faceonly", True, _w("openpose", "facenet.pth"), tags=("OpenPose",)),
+    # faceonly draws faces only, but finds them from the body model's keypoints (the extension loads both)
+    _P("openpose_faceonly", "openpose_faceonly", True, _w("openpose", "body_pose_model.pth", "facenet.pth"),
+       tags=("OpenPose",)),
     _P("openpose_full", "openpose_full", True, _OPENPOSE, priority=100, tags=("OpenPose",)),
     _P("openpose_hand", "openpose_hand", True, _w("openpose", "body_pose_model.pth", "hand_pose_model.pth"),
        tags=("OpenPose",)),

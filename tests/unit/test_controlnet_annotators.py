@@ -66,7 +66,7 @@ def test_available_exactly_when_the_weights_are_installed_and_then_it_runs(model
         run_annotator("softedge_hed", picture(), 64, -1, -1, models)
     install(models)
     assert annotator_available(hed, models) and {"hed", "hed_safe", "scribble_hed"} <= set(available_modules(models))
-    assert not annotator_available(PREPROCESSORS["depth"], models)  # no worker implementation yet
+    assert not annotator_available(PREPROCESSORS["depth"], models)  # implemented, but its weights are not here
     edges = run_annotator("softedge_hed", picture(), 64, -1, -1, models)
     assert edges.shape == (64, 80, 3) and edges.dtype == np.uint8 and edges.std() > 1.0
     assert np.array_equal(edges, run_annotator("hed", picture(), 64, -1, -1, models))  # name and label
