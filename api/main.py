@@ -70,6 +70,15 @@ def json_safe(value: Any) -> Any:
     return json_safe(str(value))
 
 
+def _untagged(loc: Any) -> list[Any]:
+    """An error's location without the tag of the job body's shape (``["body", "render", "width"]`` is reported as
+    ``["body", "width"]``, as it was before upscale jobs shared the route)."""
+    parts = list(loc)
+    if len(parts) > 1 and parts[0] == "body" and parts[1] in (jobs.RENDER_TAG, jobs.UPSCALE_TAG):
+        del parts[1]
+    return parts
+
+
 def create_app() -> FastAPI:
     app = FastAPI(
         title="renderfarm",
@@ -89,7 +98,8 @@ def create_app() -> FastAPI:
     async def validation_error_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
         """FastAPI's 422, with every echoed input made JSON-safe: a NaN, an Infinity or a lone surrogate in
         the request used to make the default handler itself fail with a 500."""
-        return JSONResponse(status_code=422, content={"detail": json_safe(exc.errors())})
+        errors = [{**error, "loc": _untagged(error.get("loc", ()))} for error in exc.errors()]
+        return JSONResponse(status_code=422, content={"detail": json_safe(errors)})
 
     for router in (health.router, jobs.router, job_events.router, models.router, files.router, webhooks.router,
                    uploads.router, png_info.router, styles.router, sdapi.router, controlnet.router):

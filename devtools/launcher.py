@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from devtools.demo_models import DEMO_BUILDERS
 from devtools.embedded import EmbeddedPostgres, EmbeddedRedis, port_open
 
 PG_PORT = int(os.environ.get("RENDERFARM_EMBEDDED_PG_PORT", "55432"))
@@ -74,7 +75,7 @@ class Farm:
         upgrade(env["DATABASE_URL"])
         _say("database migrated")
         self._ensure_admin_key()
-        for builder in ("devtools.demo_models.sd15", "devtools.demo_models.controlnet"):
+        for builder in DEMO_BUILDERS:
             subprocess.run([sys.executable, "-m", builder, env["RENDERFARM_MODELS_DIR"]], env=env, check=True)
 
     def _ensure_admin_key(self) -> None:

@@ -54,6 +54,9 @@ class ModelSettings(BaseSettings):
     default_model: str | None = None
     # Extra prompt styles in the WebUI's styles.csv format; unset: <models_dir>/styles.csv when present.
     styles_file: Path | None = None
+    # A model upscaler's pass is tiled (the WebUI's ESRGAN_tile and ESRGAN_tile_overlap; 0: one whole-image pass).
+    upscaler_tile: int = Field(192, ge=0, le=2048)
+    upscaler_tile_overlap: int = Field(8, ge=0, le=256)
 
 
 class WorkerSettings(BaseSettings):
@@ -89,6 +92,8 @@ class LimitSettings(BaseSettings):
     # Input images (img2img, masks, uploads, png-info). Checked on the header, before any pixel is decoded.
     max_input_pixels: int = 4096 * 4096
     max_upload_bytes: int = 32 * 1024 * 1024
+    # Upscale jobs (Extras): the largest output they may make.
+    max_upscale_pixels: int = 8192 * 8192
 
 
 class JobSettings(BaseSettings):

@@ -13,6 +13,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from devtools.demo_models import DEMO_BUILDERS
 from devtools.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 from tests.farm_harness import ROOT, Farm, start_api, start_webhook_worker, start_worker, wait_until
 
@@ -109,10 +110,10 @@ def session(database_url: str) -> Iterator[Session]:
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A WebUI-style models folder holding the tiny demo checkpoint and its ControlNet, built by the project's own
-    code (as `make up` builds them)."""
+    """A WebUI-style models folder holding the tiny demo checkpoint, its ControlNet and upscalers, built by the
+    project's own code (as `make up` builds them)."""
     path = tmp_path_factory.mktemp("models")
-    for builder in ("devtools.demo_models.sd15", "devtools.demo_models.controlnet"):
+    for builder in DEMO_BUILDERS:
         subprocess.run([sys.executable, "-m", builder, str(path)], cwd=ROOT, check=True)
     return path
 

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.errors import FieldError
 from shared.jobs import lifecycle
-from shared.jobs.contract import RenderSpec
+from shared.jobs.contract import JobSpec, RenderSpec, UpscaleSpec, parse_job_spec
 from shared.jobs.repository import held_job
 from shared.jobs.states import ErrorType
 from shared.queueing.farm_state import get_pause_state
@@ -31,7 +31,7 @@ from shared.queueing.routing import desired_queues
 from shared.settings import Settings
 from shared.storage.base import ObjectStore, StorageError, TransientStorageError
 from shared.storage.object_store import image_key
-from shared.webui.image_metadata import OUTPUT_FORMATS, encode_image
+from shared.webui.image_metadata import OUTPUT_FORMATS, encode_extras_image, encode_image
 from shared.webui.infotext import format_infotext
 from worker.control.job_control import JobCanceled, JobControl, JobTimedOut
 from worker.engine.batch import BatchJob, BatchLimits
@@ -125,11 +125,11 @@ def put_with_retry(
             time.sleep(0.5 * 2**attempt)
 
 
-def read_spec(params: dict[str, Any]) -> RenderSpec:
-    """The job's render contract, parsed once; a row this worker cannot read (written by a newer API, or
-    damaged) is the job's input error, named field by field."""
+def read_spec(params: dict[str, Any]) -> JobSpec:
+    """The job's contract (a render, or an upscale job), parsed once; a row this worker cannot read (written by
+    a newer API, or damaged) is the job's input error, named field by field."""
     try:
-        return RenderSpec.from_stored(params)
+        return parse_job_spec(params)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3])
         raise FieldError(("params",), f"this worker cannot render the job's parameters: {problems}") from exc
@@ -270,9 +270,14 @@ class JobRunner:
         jobs = []
         for claimed in batch:
             try:
-                jobs.append(BatchJob(claimed.job_id, read_spec(claimed.params)))
+                spec = read_spec(claimed.params)
             except FieldError as exc:
                 outcomes[claimed.job_id] = self._fail(claimed.job_id, ErrorType.INVALID_INPUT, exc.message)
+                continue
+            if isinstance(spec, UpscaleSpec):  # never batched: its batch is itself
+                outcomes[claimed.job_id] = self._run_upscale(claimed.job_id, spec)
+            else:
+                jobs.append(BatchJob(claimed.job_id, spec))
         if not jobs:
             return outcomes
         try:
@@ -282,6 +287,7 @@ class JobRunner:
                 model.pipeline, jobs, model.scheduler_config, load_image=self.store.get, on_step=self.control.on_step,
                 loras=model.loras, limits=self.limits,
                 controlnets=lambda unit: self.pipelines.controlnet(unit.model_location, unit.model_title),
+                upscalers=lambda location: self.pipelines.upscaler(location),
             )
             elapsed = time.monotonic() - started
         except (Exception, *self.time_limit_errors) as exc:  # the whole batch: pipeline, time limit, engine fault
@@ -300,6 +306,41 @@ class JobRunner:
             except Exception as exc:
                 outcomes[job.job_id] = self._end_with(job.job_id, exc)
         return outcomes
+
+    def _run_upscale(self, jid: uuid.UUID, spec: UpscaleSpec) -> RunOutcome:
+        """An upscale job (the Extras tab): each input upscaled, stored with the WebUI's postprocessing text."""
+        from worker.engine.extras import extras_infotext, run_extras
+        from worker.engine.img2img import read_stored_image
+        from worker.engine.upscalers import UpscalerRefused
+
+        def load_upscaler(location: str) -> Any:
+            try:
+                return self.pipelines.upscaler(location)
+            except UpscalerRefused as exc:
+                raise FieldError(("body", "upscaler_1"), f"upscaler {location!r} cannot be used: {exc}") from exc
+
+        started = time.monotonic()
+        try:
+            results = run_extras(spec, lambda key: read_stored_image(key, self.store.get, ("body", "image")),
+                                 load_upscaler, on_image=lambda done, total: self.control.on_step(jid, done, total))
+            _, extension, content_type = OUTPUT_FORMATS[spec.output_format]
+            images = []
+            for item in results:
+                text = extras_infotext(item.info)
+                key = image_key(jid, item.index, extension)
+                put_with_retry(self.store, key, encode_extras_image(item.image, text, item.source_infotext,
+                                                                    spec.output_format), content_type=content_type)
+                images.append(lifecycle.NewImage(item.index, key, spec.seed, item.image.width, item.image.height,
+                                                 text))
+        except (Exception, *self.time_limit_errors) as exc:
+            return self._end_with(jid, exc)
+        seconds = round(time.monotonic() - started, 4)
+        record = lambda session: lifecycle.succeed(session, jid, self.worker, images, None, 1, seconds)  # noqa: E731
+        if not self._write(record, "recording the outputs"):
+            log.warning("job %s: lease lost before completion; outputs not recorded", jid)
+            return RunOutcome.LOST
+        self.control.images_done += len(images)
+        return RunOutcome.SUCCEEDED
 
     def _end_with(self, jid: uuid.UUID, exc: BaseException, batch_wide: bool = False) -> RunOutcome:
         """A job that did not succeed: canceled, or failed with the kind its exception means."""

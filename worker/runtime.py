@@ -117,6 +117,7 @@ class WorkerRuntime:
             "models": self.pipelines.names(),
             "loras": self.pipelines.resident_loras(),
             "controlnets": self.pipelines.controlnets(),
+            "upscalers": self.pipelines.upscalers(),
             "memory": memory_report(self.device) | {"models_loaded": self.pipelines.used_bytes(),
                                                      "models_budget": self.pipelines.budget},
             "model_evictions": self.pipelines.evictions,

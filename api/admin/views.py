@@ -71,6 +71,7 @@ class WorkerView(BaseModel):
     models: list[str]
     loras: list[str]
     controlnets: list[str] = Field(default_factory=list, description="ControlNets held, by title")
+    upscalers: list[str] = Field(default_factory=list, description="upscaler models held, by file")
     current_job: CurrentJob | None
     jobs_done: int
     images_done: int = 0

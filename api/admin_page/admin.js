@@ -99,7 +99,8 @@ function renderWorkers(fleet) {
       el("td", { text: w.device ?? "–" }),
       el("td", { text: memoryText(w.memory) }),
       el("td", { class: "wrap", text: (w.models.join(", ") || "–") +
-        (w.controlnets && w.controlnets.length ? ` · ControlNet: ${w.controlnets.join(", ")}` : "") }),
+        (w.controlnets && w.controlnets.length ? ` · ControlNet: ${w.controlnets.join(", ")}` : "") +
+        (w.upscalers && w.upscalers.length ? ` · upscalers: ${w.upscalers.join(", ")}` : "") }),
       el("td", { class: "wrap", text: w.loras.join(", ") || "–" }),
       el("td", {}, job ? el("button", { class: "link", onclick: () => openJob(job.id),
         text: (lost ? "last: " : "") + job.id.slice(0, 8) }) : "–"),

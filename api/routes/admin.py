@@ -132,6 +132,7 @@ def _worker_view(sighting: WorkerSighting, jobs: dict[uuid.UUID, RunningJob]) ->
         name=str(info.get("name")), state=state, pid=info.get("pid"), device=info.get("device"), memory=memory,
         models=list(info.get("models") or []), loras=[str(x) for x in info.get("loras") or []],
         controlnets=[str(x) for x in info.get("controlnets") or []],
+        upscalers=[str(x) for x in info.get("upscalers") or []],
         current_job=current, jobs_done=int(info.get("jobs_done") or 0), model_loads=info.get("model_loads"),
         images_done=int(info.get("images_done") or 0), images_per_second=images_per_second(info),
         batch_jobs=len(info.get("current_batch") or []),

@@ -1,4 +1,4 @@
-"""LoRAs, VAEs and embeddings the farm can use, and the admin's rescan of the models folder.
+"""LoRAs, VAEs, embeddings and upscalers the farm can use, and the admin's rescan of the models folder.
 
 The lists are fresh scans (see :mod:`api.model_catalog`), so a file added while the farm runs
 shows up without a restart; hashes come from the shared on-disk cache.
@@ -6,8 +6,10 @@ shows up without a restart; hashes come from the shared on-disk cache.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from fastapi import APIRouter
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from api.deps import AdminKey, CurrentKey, SettingsDep
 from api.model_catalog import (
@@ -17,6 +19,7 @@ from api.model_catalog import (
     list_vaes,
     refresh,
 )
+from shared.models.upscalers import BUILTIN_UPSCALERS, LATENT_UPSCALERS, scan_upscalers
 from shared.webui.hashes import HashCache
 
 router = APIRouter(prefix="/v1", tags=["models"])
@@ -64,3 +67,27 @@ def get_embeddings(key: CurrentKey, settings: SettingsDep) -> list[FileView]:
 def refresh_models(key: AdminKey, settings: SettingsDep) -> RefreshView:
     """Admin only: rescan the models folder; what a client will now see, counted per folder."""
     return RefreshView(**refresh(settings.models.models_dir))
+
+
+class UpscalerView(BaseModel):
+    name: str = Field(description="the WebUI's name: what hr_upscaler, upscaler_1 and upscaler_2 take")
+    kind: Literal["latent", "builtin", "model"]
+    file: str | None = Field(description="a model's file, relative to the models folder")
+    scale: int | None
+    size: int | None
+    refused_reason: str | None
+
+
+@router.get("/upscalers", response_model=list[UpscalerView])
+def get_upscalers(key: CurrentKey, settings: SettingsDep) -> list[UpscalerView]:
+    """Every upscaler a job may name, as the WebUI lists them: hires fix's latent modes, the built-in None, Lanczos
+    and Nearest, then the model files in ``ESRGAN/``, ``RealESRGAN/``, ``SwinIR/``, ``DAT/``, ``HAT/``, ``ScuNET/``
+    (refused ones with the reason; latent modes only serve hires fix)."""
+    views = [UpscalerView(name=name, kind="latent", file=None, scale=None, size=None, refused_reason=None)
+             for name in LATENT_UPSCALERS]
+    views += [UpscalerView(name=name, kind="builtin", file=None, scale=None, size=None, refused_reason=None)
+              for name in BUILTIN_UPSCALERS]
+    views += [UpscalerView(name=entry.name, kind="model", file=entry.location, scale=entry.scale,
+                           size=entry.path.stat().st_size, refused_reason=entry.refused_reason)
+              for entry in scan_upscalers(settings.models.models_dir)]
+    return views

@@ -6,14 +6,15 @@ import logging
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, BackgroundTasks, Header, HTTPException, Query, status
+from fastapi import APIRouter, BackgroundTasks, Body, Header, HTTPException, Query, status
+from pydantic import Discriminator, Tag
 
 from api.deps import CurrentKey, SessionDep, SettingsDep, StoreDep
 from api.responses import CONFLICT, NOT_FOUND
 from api.submission import idempotency, submit
 from shared.db.session import get_session_factory
 from shared.jobs import lifecycle, repository
-from shared.jobs.schemas import JobListView, JobView, Txt2ImgRequest
+from shared.jobs.schemas import JobListView, JobView, Txt2ImgRequest, UpscaleRequest
 from shared.jobs.states import JobStatus
 from shared.jobs.views import job_view, queue_position
 
@@ -27,9 +28,24 @@ IdempotencyKeyHeader = Annotated[
 ]
 
 
+def _job_kind(value: object) -> str:
+    """Which request a body is: ``mode: "upscale"`` is an upscale job, anything else a render (txt2img/img2img)."""
+    mode = value.get("mode") if isinstance(value, dict) else getattr(value, "mode", None)
+    return UPSCALE_TAG if mode == "upscale" else RENDER_TAG
+
+
+# Tags of the body's two shapes; the validation error handler leaves them out of an error's location.
+RENDER_TAG, UPSCALE_TAG = "render", "upscale"
+JobRequest = Annotated[
+    Annotated[Txt2ImgRequest, Tag(RENDER_TAG)] | Annotated[UpscaleRequest, Tag(UPSCALE_TAG)],
+    Discriminator(_job_kind),
+]
+
+
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobView)
 def submit_job(
-    body: Txt2ImgRequest,
+    body: Annotated[JobRequest, Body(description="a render (txt2img, img2img; the default) or, with "
+                                                 "mode \"upscale\", an upscale job (the WebUI's Extras)")],
     key: CurrentKey,
     session: SessionDep,
     settings: SettingsDep,
@@ -41,8 +57,12 @@ def submit_job(
         background.add_task(_mark_published, job_ids)
 
     try:
-        submitted = submit.submit_job(session, key, body, settings, store, idempotency_key=idempotency_key,
-                                      mark_published=mark_published_after_response)
+        if isinstance(body, UpscaleRequest):
+            submitted = submit.submit_upscale(session, key, body, settings, store, idempotency_key=idempotency_key,
+                                              mark_published=mark_published_after_response)
+        else:
+            submitted = submit.submit_job(session, key, body, settings, store, idempotency_key=idempotency_key,
+                                          mark_published=mark_published_after_response)
     except idempotency.IdempotencyConflict as exc:
         raise HTTPException(
             status.HTTP_409_CONFLICT, detail="a request with this Idempotency-Key is still being processed"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared.models.files import ESRGAN_DIR, LATENT_UPSCALERS, PIXEL_UPSCALERS, VAE_DIR, list_model_files
+from shared.models.files import VAE_DIR, list_model_files
 from shared.models.registry import (
     CHECKPOINT_DIR,
     CheckpointFile,
@@ -18,6 +18,7 @@ from shared.models.registry import (
     scan_checkpoints,
 )
 from shared.models.safetensors_header import safetensors_header_or_none
+from shared.models.upscalers import BUILTIN_UPSCALERS, LATENT_UPSCALERS, scan_upscalers
 from shared.settings import Settings
 from shared.webui.hashes import HashCache
 
@@ -101,14 +102,16 @@ def embeddings(settings: Settings) -> dict[str, dict[str, Any]]:
 
 
 def upscalers(settings: Settings) -> list[dict[str, Any]]:
-    """Pixel upscalers (built-in and ESRGAN files); the latent ones are listed by latent-upscale-modes."""
+    """``/sdapi/v1/upscalers``: the built-in None, Lanczos and Nearest, then the model files sorted by name, in the
+    WebUI's shape (``scale`` a float, or null where the WebUI does not know it: a DAT file)."""
     found: list[dict[str, Any]] = [
-        {"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
-        for name in PIXEL_UPSCALERS
+        {"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4.0}
+        for name in BUILTIN_UPSCALERS
     ]
-    for name in _loadable(settings, ESRGAN_DIR):
-        found.append({"name": name.rsplit(".", 1)[0], "model_name": "ESRGAN_4x", "model_path": f"{ESRGAN_DIR}/{name}",
-                      "model_url": None, "scale": 4})
+    for entry in scan_upscalers(settings.models.models_dir):
+        if entry.loadable:
+            found.append({"name": entry.name, "model_name": entry.model_name, "model_path": str(entry.path),
+                          "model_url": None, "scale": float(entry.scale) if entry.scale is not None else None})
     return found
 
 

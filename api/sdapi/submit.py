@@ -30,6 +30,7 @@ def create_job_from_request(session: Session, key: ApiKey, request: Txt2ImgReque
     Like the WebUI's API, an unknown LoRA named by a prompt tag does not refuse the call: pass a list
     as `skipped_loras` and its name lands there (for a warning in `info`)."""
     submitted = submit_job(session, key, request, settings, store, skipped_loras=skipped_loras)
+    assert isinstance(submitted.plan, JobPlan)
     return submitted.job, submitted.plan
 
 

@@ -26,8 +26,9 @@ from shared.controlnet.infotext import units_from_infotext
 from shared.errors import FieldError
 from shared.jobs.contract import RenderSpec
 from shared.jobs.schemas import Txt2ImgRequest, check_limits, check_mode, resolve_params
-from shared.models.files import find_infotext_checkpoint, resolve_hr_upscaler, resolve_vae
+from shared.models.files import find_infotext_checkpoint, resolve_vae
 from shared.models.registry import CheckpointFile, default_checkpoint, resolve_checkpoint, scan_checkpoints
+from shared.models.upscalers import resolve_upscaler
 from shared.settings import Settings
 from shared.webui.hashes import HashCache
 from shared.webui.infotext import parse_infotext
@@ -286,9 +287,10 @@ def plan_job(req: Txt2ImgRequest, settings: Settings, style_book: StyleBook | No
             raise FieldError(("body", "model"),
                              "no checkpoint is installed; put a .safetensors file in Stable-diffusion/")
         checkpoint = _checkpoint(requested, settings)
+        hr_upscaler, hr_upscaler_file = resolve_upscaler(settings.models.models_dir, merged.hr_upscaler,
+                                                         ("body", "hr_upscaler"), latent=True)
         resolved = merged.model_copy(update={
-            "vae": resolve_vae(settings.models.models_dir, merged.vae),
-            "hr_upscaler": resolve_hr_upscaler(settings.models.models_dir, merged.hr_upscaler),
+            "vae": resolve_vae(settings.models.models_dir, merged.vae), "hr_upscaler": hr_upscaler,
         })
         book = style_book if style_book is not None else load_style_book(settings)
         params = resolve_params(resolved, checkpoint.name, style_book=book)
@@ -301,6 +303,9 @@ def plan_job(req: Txt2ImgRequest, settings: Settings, style_book: StyleBook | No
         units = resolve_units(resolved.controlnet, settings.models.models_dir, checkpoint.path,
                               params["mode"] == "img2img")
         params["controlnet"] = [unit.fields for unit in units]
+        if hr_upscaler_file is not None and params["enable_hr"]:
+            params.update(hr_upscaler_file=hr_upscaler_file.location, upscaler_tile=settings.models.upscaler_tile,
+                          upscaler_tile_overlap=settings.models.upscaler_tile_overlap)
         spec = _render_spec(params)
     except FieldError as exc:
         raise _blame(exc, origins) from exc

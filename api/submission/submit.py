@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy.orm import Session
 
 from api.submission import idempotency
-from api.submission.inputs import stage_inputs
+from api.submission.inputs import StagedInputs, stage_inputs
 from api.submission.params import JobPlan, plan_job
+from api.submission.upscale import UpscalePlan, plan_upscale, stage_upscale_inputs
 from shared.db.models import ApiKey, Job
 from shared.errors import FieldError
 from shared.jobs import lifecycle, repository
-from shared.jobs.schemas import Txt2ImgRequest
+from shared.jobs.schemas import Txt2ImgRequest, UpscaleRequest
+from shared.queueing.queues import QueueName
 from shared.queueing.routing import get_router
 from shared.settings import Settings
 from shared.storage.base import ObjectStore
@@ -31,11 +34,11 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Submitted:
     job: Job
-    plan: JobPlan
+    plan: JobPlan | UpscalePlan
     replayed: bool  # an earlier request with the same Idempotency-Key made this job
 
 
-def check_webhook(body: Txt2ImgRequest) -> list[str] | None:
+def check_webhook(body: Txt2ImgRequest | UpscaleRequest) -> list[str] | None:
     """The SSRF guard runs at submit (and again at delivery): private and loopback targets are refused."""
     if body.webhook_url is not None:
         try:
@@ -68,7 +71,35 @@ def submit_job(
     inputs = stage_inputs(plan.request.init_images, plan.request.mask, owner=key.owner, store=store,
                           settings=settings, controls=[(unit.image, unit.mask) for unit in plan.units])
     params = plan.with_inputs(inputs.init_keys, inputs.mask_key, inputs.control_keys).to_stored()
+    route = get_router().queue_for(plan.checkpoint.name)
+    return _persist(session, key, body, plan, params, plan.checkpoint.name, route, inputs, webhook_events, store,
+                    settings.jobs.max_attempts, idempotency_key, mark_published)
 
+
+def submit_upscale(
+    session: Session,
+    key: ApiKey,
+    body: UpscaleRequest,
+    settings: Settings,
+    store: ObjectStore,
+    *,
+    idempotency_key: str | None = None,
+    mark_published: lifecycle.MarkPublished | None = None,
+) -> Submitted:
+    """Create and enqueue an upscale job (the Extras tab), in the same order as :func:`submit_job`. It goes to the
+    shared render queue: any worker can run it, none needs a checkpoint warm for it."""
+    plan = plan_upscale(body, settings)
+    webhook_events = check_webhook(body)
+    spec, inputs = stage_upscale_inputs(plan, owner=key.owner, store=store, settings=settings)
+    return _persist(session, key, body, plan, spec.to_stored(), plan.model_name, QueueName.RENDER, inputs,
+                    webhook_events, store, settings.jobs.max_attempts, idempotency_key, mark_published)
+
+
+def _persist(session: Session, key: ApiKey, body: Txt2ImgRequest | UpscaleRequest, plan: JobPlan | UpscalePlan,
+             params: dict[str, Any], model_name: str, route: str, inputs: StagedInputs,
+             webhook_events: list[str] | None, store: ObjectStore, max_attempts: int, idempotency_key: str | None,
+             mark_published: lifecycle.MarkPublished | None) -> Submitted:
+    """The Idempotency-Key reservation, the inputs written, the row and its event committed, then the publish."""
     if idempotency_key is not None:
         try:
             reservation = idempotency.reserve(
@@ -83,13 +114,11 @@ def submit_job(
             if earlier is not None:
                 return Submitted(earlier, plan, replayed=True)
 
-    route = get_router().queue_for(plan.checkpoint.name)
-
     try:
         inputs.write(store)  # before the row commits: a worker must find them as soon as the job exists
         job = lifecycle.submit(
-            session, owner=key.owner, api_key_id=key.id, params=params, model_name=plan.checkpoint.name,
-            route=route, max_attempts=settings.jobs.max_attempts, webhook_url=body.webhook_url,
+            session, owner=key.owner, api_key_id=key.id, params=params, model_name=model_name,
+            route=route, max_attempts=max_attempts, webhook_url=body.webhook_url,
             webhook_events=webhook_events,
         )
         if idempotency_key is not None:

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from shared.controlnet.units import ControlUnit
 from shared.webui.prompts import extract_lora_tags
 
-__all__ = ["CONTRACT_VERSION", "BatchKey", "LoraSpec", "RenderSpec"]
+__all__ = ["CONTRACT_VERSION", "BatchKey", "JobSpec", "LoraSpec", "RenderSpec", "UpscaleSpec", "parse_job_spec"]
 
 CONTRACT_VERSION = 1
 # The WebUI's defaults: img2img's denoising slider, and txt2img's hires fix slider.
@@ -104,7 +104,10 @@ class RenderSpec(BaseModel):
     hr_scale: float = 2.0
     hr_resize_x: int = 0
     hr_resize_y: int = 0
-    hr_upscaler: str = "Latent"
+    hr_upscaler: str = Field("Latent", description="the WebUI's name (what the infotext shows)")
+    hr_upscaler_file: str | None = Field(None, description="a model upscaler's file, relative to the models folder")
+    upscaler_tile: int = Field(192, description="ESRGAN_tile: tile side of a model upscaler's pass, 0: untiled")
+    upscaler_tile_overlap: int = Field(8, description="ESRGAN_tile_overlap")
     hr_second_pass_steps: int = Field(0, description="0: as many as the first pass")
     hr_prompt: str = Field("", description="empty: the prompt")
     hr_negative_prompt: str = Field("", description="empty: the negative prompt")
@@ -184,6 +187,8 @@ class RenderSpec(BaseModel):
         if self.hires_enabled:
             hires = (self.hr_scale, self.hr_resize_x, self.hr_resize_y, self.hr_upscaler,
                      self.hr_second_pass_steps or self.steps, *self.hires_sampler)
+            if self.hr_upscaler_file is not None:  # keys of jobs without a model upscaler stay what they were
+                hires += (self.hr_upscaler_file, self.upscaler_tile, self.upscaler_tile_overlap)
         strength = self.denoising_strength if self.mode == "img2img" or self.hires_enabled else None
         loras = tuple((lora.file, lora.hash or "", lora.weight) for lora in self.loras)
         key: BatchKey = (
@@ -201,6 +206,61 @@ class RenderSpec(BaseModel):
         if key is None:
             return None
         return hashlib.sha256(json.dumps(key, separators=(",", ":")).encode()).hexdigest()[:32]
+
+
+class UpscaleSpec(BaseModel):
+    """An upscale job (the WebUI's Extras tab, ``run_extras``): its images upscaled, no diffusion.
+
+    ``images`` are the object-store keys of the staged inputs; ``infotexts`` the generation parameters each
+    source image carried (kept in the output's ``parameters`` chunk, as the WebUI keeps them). Upscalers are
+    named as the WebUI names them, with the file a worker opens (None for the built-ins)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    version: Literal[1] = 1  # CONTRACT_VERSION
+    mode: Literal["upscale"] = "upscale"
+    images: tuple[str, ...]
+    infotexts: tuple[str | None, ...] = ()
+    resize_mode: Literal[0, 1] = Field(0, description="0 scale by upscaling_resize, 1 scale to width x height")
+    upscaling_resize: float = 2.0
+    upscaling_resize_w: int = 512
+    upscaling_resize_h: int = 512
+    upscaling_crop: bool = True
+    upscaler_1: str = "None"
+    upscaler_1_file: str | None = None
+    upscaler_2: str = "None"
+    upscaler_2_file: str | None = None
+    extras_upscaler_2_visibility: float = 0.0
+    upscaler_tile: int = 192
+    upscaler_tile_overlap: int = 8
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    seed: int = Field(-1, description="none: an upscale draws no noise")
+
+    @property
+    def image_count(self) -> int:
+        return len(self.images)
+
+    @property
+    def batch_key(self) -> BatchKey | None:
+        """Upscale jobs are never batched with others (each image is its own model pass)."""
+        return None
+
+    @classmethod
+    def from_stored(cls, params: dict[str, Any]) -> UpscaleSpec:
+        return cls.model_validate(params)
+
+    def to_stored(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+JobSpec = RenderSpec | UpscaleSpec
+
+
+def parse_job_spec(params: dict[str, Any]) -> JobSpec:
+    """The contract of a ``jobs.params`` row, by its mode; raises pydantic's ValidationError."""
+    if params.get("mode") == "upscale":
+        return UpscaleSpec.from_stored(params)
+    return RenderSpec.from_stored(params)
 
 
 def _prompt_tag_loras(prompt: str) -> list[dict[str, Any]]:

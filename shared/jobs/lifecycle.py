@@ -238,8 +238,11 @@ def _claim_where(session: Session, where: Sequence[ColumnElement[bool]], worker:
 
 
 def image_count(params: dict[str, Any] | None) -> int:
-    """Images a job's params render (batch_size x n_iter, as its contract reads missing keys)."""
+    """Images a job's params render (batch_size x n_iter as its contract reads missing keys; an upscale job: its
+    inputs)."""
     params = params or {}
+    if params.get("mode") == "upscale":
+        return max(1, len(params.get("images") or ()))
     return max(1, int(params.get("batch_size") or 1)) * max(1, int(params.get("n_iter") or 1))
 
 

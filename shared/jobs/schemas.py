@@ -138,6 +138,49 @@ class Txt2ImgRequest(BaseModel):
     )
 
 
+class UpscaleRequest(BaseModel):
+    """An upscale job (the WebUI's Extras tab): ``POST /v1/jobs`` with ``mode: "upscale"``.
+
+    Field names and defaults are the WebUI API's (``ExtrasBaseRequest``); ``image`` or ``images`` (base64,
+    data URL or ``upload:<id>``) are the inputs, each upscaled into one output image."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    _no_nul = field_validator("*", mode="before")(refuse_nul)
+
+    mode: Literal["upscale"]
+    image: str | None = Field(None, description="one input image: base64, data URL or upload:<id>")
+    images: list[str] | None = Field(None, min_length=1, description="several inputs, one output each")
+    resize_mode: Literal[0, 1] = Field(0, description="0: scale by upscaling_resize, 1: scale to upscaling_resize_w"
+                                                      " x upscaling_resize_h")
+    upscaling_resize: float = Field(2.0, gt=0.0, le=8.0, description="scale factor (resize_mode 0)")
+    upscaling_resize_w: int = Field(512, ge=1, le=16384, description="target width (resize_mode 1)")
+    upscaling_resize_h: int = Field(512, ge=1, le=16384, description="target height (resize_mode 1)")
+    upscaling_crop: bool = Field(True, description="resize_mode 1: crop to the target's aspect ratio")
+    upscaler_1: str = Field("None", max_length=500, description="GET /v1/upscalers; None: no upscale")
+    upscaler_2: str = Field("None", max_length=500, description="blended over upscaler_1's result")
+    extras_upscaler_2_visibility: float = Field(0.0, ge=0.0, le=1.0)
+    gfpgan_visibility: float = Field(0.0, ge=0.0, le=1.0, description="face restoration: not available yet")
+    codeformer_visibility: float = Field(0.0, ge=0.0, le=1.0, description="CodeFormer: not available (licence)")
+    codeformer_weight: float = Field(0.0, ge=0.0, le=1.0)
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    webhook_url: str | None = Field(None, max_length=2000, description="http(s) URL told about this job's events")
+    webhook_events: list[str] | None = Field(
+        None, min_length=1, description="subset of queued, started, progress, succeeded, failed, canceled; "
+                                        "default: terminal ones",
+        json_schema_extra={"items": {"type": "string", "enum": list(WEBHOOK_EVENT_NAMES)}},
+    )
+
+    def inputs(self) -> list[tuple[str, tuple[str | int, ...]]]:
+        """Each input image with the request field that holds it; raises FieldError unless exactly one of
+        ``image`` and ``images`` is given."""
+        if (self.image is None) == (self.images is None):
+            raise FieldError(("body", "image"), "give exactly one of image (one input) or images (a list)")
+        if self.image is not None:
+            return [(self.image, ("body", "image"))]
+        return [(value, ("body", "images", index)) for index, value in enumerate(self.images or [])]
+
+
 def hires_target_size(width: int, height: int, hr_scale: float, hr_resize_x: int,
                       hr_resize_y: int) -> tuple[int, int, int, int]:
     """(upscale_w, upscale_h, final_w, final_h) of the hires fix, as the WebUI computes them.
@@ -159,8 +202,6 @@ def hires_target_size(width: int, height: int, hr_scale: float, hr_resize_x: int
 
 
 def _check_size(w: int, h: int, field: tuple[str, ...], what: str, settings: Settings) -> None:
-    if w % 8 or h % 8:
-        raise FieldError(field, f"{what} {w}x{h} must be a multiple of 8 on both sides")
     if max(w, h) > settings.limits.max_side:
         raise FieldError(field, f"{what} {w}x{h} must be at most {settings.limits.max_side} on each side")
     if w * h > settings.limits.max_pixels:
@@ -168,11 +209,12 @@ def _check_size(w: int, h: int, field: tuple[str, ...], what: str, settings: Set
 
 
 def check_limits(req: Txt2ImgRequest, settings: Settings) -> None:
-    """Rules that depend on the farm's configuration; raises FieldError naming the field."""
+    """Rules that depend on the farm's configuration; raises FieldError naming the field.
+
+    Sizes need not be multiples of 8, as in the WebUI: the latent is ``height // 8`` x ``width // 8``, the image
+    comes out at 8 times that, and the infotext's ``Size`` is the size asked for (``processing.py``)."""
     for name in ("width", "height"):
         value = getattr(req, name)
-        if value % 8:
-            raise FieldError(("body", name), f"{name} must be a multiple of 8, got {value}")
         if value > settings.limits.max_side:
             raise FieldError(("body", name), f"{name} must be at most {settings.limits.max_side}, got {value}")
     if req.width * req.height > settings.limits.max_pixels:

@@ -1,7 +1,7 @@
-"""VAE files, ESRGAN-family upscalers and checkpoint look-ups by infotext, inside the models folder.
+"""VAE files and checkpoint look-ups by infotext, inside the models folder (upscalers: :mod:`shared.models.upscalers`).
 
 A job names a VAE or an upscaler by file name, so the name is untrusted input that becomes a
-path on a worker: it must resolve strictly inside ``models/VAE`` or ``models/ESRGAN`` (no ``..``,
+path on a worker: it must resolve strictly inside ``models/VAE`` (no ``..``,
 no absolute path, no symlink out), and only ``.safetensors`` files are ever accepted. Pickle
 formats (``.pt``, ``.pth``, ``.ckpt``, ``.bin``) are what most WebUI users have, so they are
 refused with a reason that says what to do, rather than reported as unknown.
@@ -19,28 +19,15 @@ from shared.models.safetensors_header import safetensors_problem
 
 __all__ = [
     "ESRGAN_DIR",
-    "LATENT_UPSCALERS",
-    "PIXEL_UPSCALERS",
     "VAE_DIR",
     "find_infotext_checkpoint",
     "list_model_files",
-    "resolve_hr_upscaler",
     "resolve_model_file",
     "resolve_vae",
 ]
 
 VAE_DIR = "VAE"
 ESRGAN_DIR = "ESRGAN"
-# The WebUI's latent upscale modes (shared.latent_upscale_modes) and its built-in pixel upscalers.
-LATENT_UPSCALERS: tuple[str, ...] = (
-    "Latent",
-    "Latent (antialiased)",
-    "Latent (bicubic)",
-    "Latent (bicubic antialiased)",
-    "Latent (nearest)",
-    "Latent (nearest-exact)",
-)
-PIXEL_UPSCALERS: tuple[str, ...] = ("None", "Lanczos", "Nearest")
 # sd_vae values that mean "the checkpoint's own VAE".
 _NO_VAE = ("", "none", "automatic")
 _HEX = re.compile(r"^[0-9a-fA-F]{8}$|^[0-9a-fA-F]{10}$")
@@ -100,26 +87,6 @@ def resolve_vae(models_dir: Path, requested: str | None, field: tuple[str | int,
     if requested is None or requested.strip().lower() in _NO_VAE:
         return None
     return resolve_model_file(models_dir, VAE_DIR, requested, field, "VAE")
-
-
-def resolve_hr_upscaler(models_dir: Path, requested: str,
-                        field: tuple[str | int, ...] = ("body", "hr_upscaler")) -> str:
-    """A built-in upscaler's canonical name, or an ESRGAN-family file's name in ``models/ESRGAN``."""
-    builtin = {name.lower(): name for name in LATENT_UPSCALERS + PIXEL_UPSCALERS}
-    canonical = builtin.get(requested.strip().lower())
-    if canonical is not None:
-        return canonical
-    try:
-        name = resolve_model_file(models_dir, ESRGAN_DIR, requested, field, "upscaler")
-    except FieldError as exc:
-        if exc.message.startswith("unknown"):
-            valid = ", ".join(LATENT_UPSCALERS + PIXEL_UPSCALERS)
-            raise FieldError(field, f"{exc.message}; built-in upscalers: {valid}") from exc
-        raise
-    # The worker has no ESRGAN loader yet (spandrel, the maintained one, requires torchvision): refuse here
-    # with a 422 rather than accept a job that can only fail.
-    valid = ", ".join(LATENT_UPSCALERS + PIXEL_UPSCALERS)
-    raise FieldError(field, f"ESRGAN-family upscaler {name!r} is not supported on this farm yet; use one of: {valid}")
 
 
 def find_infotext_checkpoint(models_dir: Path, model: str | None, model_hash: str | None,

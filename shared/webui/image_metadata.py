@@ -19,6 +19,7 @@ __all__ = [
     "OUTPUT_FORMATS",
     "USER_COMMENT_UNICODE",
     "decode_user_comment",
+    "encode_extras_image",
     "encode_image",
     "encode_png",
     "exif_infotext",
@@ -73,6 +74,24 @@ def encode_image(image: Image.Image, infotext: str, output_format: str = "png") 
         log.warning("infotext of %d characters does not fit in JPEG EXIF; image saved without it", len(infotext))
         buffer = io.BytesIO()
         image.convert("RGB").save(buffer, format=pil_format, quality=JPEG_WEBP_QUALITY)
+    return buffer.getvalue()
+
+
+def encode_extras_image(image: Image.Image, postprocessing: str, parameters: str | None,
+                        output_format: str = "png") -> bytes:
+    """An Extras output as the WebUI saves it: a PNG keeps the source's ``parameters`` and adds the
+    ``postprocessing`` text (and the same text as ``extras``, as ``save_image`` writes it); JPEG and WebP carry
+    only ``parameters`` in the EXIF comment, as the WebUI's API encodes them."""
+    if output_format in ("jpeg", "webp"):
+        return encode_image(image, parameters or "", output_format)
+    info = PngInfo()
+    if parameters:
+        info.add_text("parameters", parameters)
+    if postprocessing:
+        info.add_text("postprocessing", postprocessing)
+        info.add_text("extras", postprocessing)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
 
 

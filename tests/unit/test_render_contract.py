@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from shared.jobs.contract import RenderSpec
+from shared.jobs.contract import RenderSpec, UpscaleSpec, parse_job_spec
 from shared.jobs.schemas import Txt2ImgRequest, resolve_params
 
 # The first shape rows ever had (before LoRAs, hires fix, img2img, variation seeds and styles).
@@ -19,11 +19,15 @@ OLDEST_ROW: dict[str, Any] = {
 
 
 def stored(**fields: Any) -> dict[str, Any]:
-    """A row as today's API stores it: resolve_params plus the LoRA list and ControlNet units the API resolves."""
+    """A row as today's API stores it: resolve_params plus the LoRA list, ControlNet units and hires fix's model
+    upscaler (its file and tiles) the API resolves."""
     units = fields.pop("controlnet", [])
+    upscaler = {"hr_upscaler_file": fields.pop("hr_upscaler_file", None), "upscaler_tile": 192,
+                "upscaler_tile_overlap": 8}
     params = resolve_params(Txt2ImgRequest(seed=7, subseed=9, width=64, height=64, steps=4, **fields), "demo")
     params["loras"] = [{"name": "alpha", "weight": 0.5, "file": "alpha.safetensors", "hash": "0123456789ab"}]
     params["controlnet"] = units
+    params.update(upscaler)
     return params
 
 
@@ -40,6 +44,7 @@ def test_the_contract_covers_every_key_the_api_resolves() -> None:
     {"enable_hr": True, "hr_scale": 1.5, "hr_sampler_name": "DPM++ 2M", "hr_prompt": "night"},
     {"init_images": ["x"], "mask": "m", "inpainting_fill": 2, "resize_mode": 3, "output_format": "webp"},
     {"vae": "other.safetensors", "clip_skip": 2, "styles": [], "subseed_strength": 0.3},
+    {"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+", "hr_upscaler_file": "RealESRGAN/RealESRGAN_x4plus.pth"},
     {"controlnet": [{"module": "canny", "model": "cn", "model_title": "cn [0123abcd]",
                      "model_location": "models/ControlNet/cn.safetensors", "weight": 0.8, "image": "k",
                      "mask": None, "resize_mode": "Resize and Fill", "processor_res": 512, "threshold_a": 100,
@@ -167,3 +172,22 @@ def test_controlnet_units_share_their_models_and_keep_images_and_weights_per_ima
     assert spec(controlnet=[{**unit, "model_location": "models/ControlNet/other.safetensors"}]).batch_key \
         != base.batch_key
     assert spec(controlnet=[unit, unit]).batch_key != base.batch_key
+
+
+def test_a_model_upscaler_and_its_tiles_are_part_of_the_hires_batch_key() -> None:
+    esrgan = spec(enable_hr=True, hr_upscaler="4x-a", hr_upscaler_file="ESRGAN/4x-a.safetensors")
+    assert esrgan.batch_key != spec(enable_hr=True, hr_upscaler="4x-b", hr_upscaler_file="ESRGAN/4x-b.pth").batch_key
+    assert esrgan.batch_key != esrgan.model_copy(update={"upscaler_tile": 0}).batch_key
+    latent = spec(enable_hr=True)
+    assert latent.batch_key == latent.model_copy(update={"upscaler_tile": 0}).batch_key  # unused without a model
+
+
+def test_an_upscale_job_has_its_own_contract_and_is_never_batched() -> None:
+    row = {"version": 1, "mode": "upscale", "images": ["inputs/x/extras_0.png"], "infotexts": [None],
+           "upscaler_1": "R-ESRGAN 4x+", "upscaler_1_file": "RealESRGAN/RealESRGAN_x4plus.pth", "seed": -1}
+    parsed = parse_job_spec(row)
+    assert isinstance(parsed, UpscaleSpec) and parsed.image_count == 1 and parsed.batch_key is None
+    assert parse_job_spec(parsed.to_stored()) == parsed
+    assert isinstance(parse_job_spec(OLDEST_ROW), RenderSpec)
+    with pytest.raises(ValidationError):
+        parse_job_spec({**row, "prompt": "not an upscale field"})

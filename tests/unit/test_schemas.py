@@ -20,7 +20,7 @@ PARAM_KEYS = {
     "mask_blur", "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding", "inpainting_mask_invert",
     "resize_mode", "enable_hr", "hr_scale", "hr_resize_x", "hr_resize_y", "hr_upscaler", "hr_second_pass_steps",
     "hr_prompt", "hr_negative_prompt", "hr_sampler_name", "hr_scheduler", "output_format", "loras", "vae_hash",
-    "batch_invariant", "controlnet",
+    "batch_invariant", "controlnet", "hr_upscaler_file", "upscaler_tile", "upscaler_tile_overlap",
 }
 CHECKPOINT_BYTES = b"not really a checkpoint, but hashed like one"
 CHECKPOINT_HASH = hashlib.sha256(as_safetensors(CHECKPOINT_BYTES)).hexdigest()[:10]
@@ -83,7 +83,7 @@ def test_defaults_fill_every_key(settings: Settings) -> None:
         "enable_hr": False, "hr_scale": 2.0, "hr_resize_x": 0, "hr_resize_y": 0, "hr_upscaler": "Latent",
         "hr_second_pass_steps": 0, "hr_prompt": "", "hr_negative_prompt": "", "hr_sampler_name": None,
         "hr_scheduler": None, "output_format": "png", "loras": [], "vae_hash": None, "batch_invariant": False,
-        "controlnet": [],
+        "controlnet": [], "hr_upscaler_file": None, "upscaler_tile": 192, "upscaler_tile_overlap": 8,
     }
 
 
@@ -95,7 +95,9 @@ def test_random_seeds_are_recorded_and_explicit_ones_kept(settings: Settings) ->
 
 def test_resolve_params_still_works_without_settings() -> None:
     params = resolve_params(Txt2ImgRequest(prompt="orphan", width=64, height=64, steps=2, seed=3), "demo-tiny")
-    assert set(params) == PARAM_KEYS and params["seed"] == 3 and params["model"] == "demo-tiny"
+    # Without settings there is no models folder: nothing resolves a model upscaler's file or its tiles.
+    assert set(params) == PARAM_KEYS - {"hr_upscaler_file", "upscaler_tile", "upscaler_tile_overlap"}
+    assert params["seed"] == 3 and params["model"] == "demo-tiny"
 
 
 def test_empty_init_images_mean_txt2img(settings: Settings) -> None:
@@ -159,10 +161,8 @@ def test_hires_target_size_matches_the_webui() -> None:
 
 
 @pytest.mark.parametrize(("body", "field", "message"), [
-    ({"hr_scale": 1.3}, "hr_scale", "multiple of 8"),
     ({"hr_scale": 2.5}, "hr_scale", "exceeds the limit"),
     ({"hr_resize_x": 4096}, "hr_resize_x", "at most 2048"),
-    ({"hr_resize_y": 1024, "width": 512, "height": 768}, "hr_resize_x", "multiple of 8"),
     ({"hr_second_pass_steps": 151}, "hr_second_pass_steps", "between 0 and 150"),
 ])
 def test_hires_limits(settings: Settings, body: dict, field: str, message: str) -> None:
@@ -187,14 +187,26 @@ def test_hr_upscaler_names(settings: Settings, requested: str, stored: str) -> N
 
 
 @pytest.mark.parametrize(("name", "message"), [
-    ("4x-Old", "pickles"), ("../VAE/kl-f8-anime", "not a name inside models/ESRGAN/"),
-    ("/etc/passwd", "not a name inside"), ("SwinIR", "built-in upscalers: Latent"),
-    # Present and safe, but the worker has no ESRGAN loader yet: refused at submit, not failed at render.
-    ("4x-UltraSharp", "not supported on this farm yet"), ("4x-UltraSharp.safetensors", "not supported"),
+    ("4x-Old", "not a readable torch file"), ("../VAE/kl-f8-anime", "unknown upscaler"),
+    ("/etc/passwd", "unknown upscaler"), ("SwinIR", "available: None, Lanczos, Nearest, Latent"),
 ])
 def test_hr_upscaler_refusals(settings: Settings, name: str, message: str) -> None:
     exc = error(settings, hr_upscaler=name)
     assert exc.field == ("body", "hr_upscaler") and message in exc.message
+
+
+@pytest.mark.parametrize("name", ["4x-UltraSharp", "4x-UltraSharp.safetensors", "ESRGAN/4x-UltraSharp.safetensors"])
+def test_a_model_upscaler_is_stored_by_name_with_its_file_and_tiles(settings: Settings, name: str) -> None:
+    stored = plan(settings, enable_hr=True, hr_upscaler=name)
+    assert stored["hr_upscaler"] == "4x-UltraSharp"
+    assert stored["hr_upscaler_file"] == "ESRGAN/4x-UltraSharp.safetensors"
+    assert (stored["upscaler_tile"], stored["upscaler_tile_overlap"]) == (192, 8)
+
+
+def test_sizes_need_not_be_multiples_of_8(settings: Settings) -> None:
+    """The WebUI takes any size (its latent is size // 8); the hires target too."""
+    stored = plan(settings, width=100, height=76, enable_hr=True, hr_scale=1.3)
+    assert (stored["width"], stored["height"], stored["hr_scale"]) == (100, 76, 1.3)
 
 
 # --- VAE ------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ conditioning of each pass (the hires pass at its target size); everything else i
 format (``clip_l`` + ``clip_g``); a prompt naming an embedding SDXL cannot apply fails as a user error.
 
 Out of scope: 9-channel inpainting checkpoints (the loader refuses them), refiner / hires checkpoint,
-ESRGAN upscalers (see :mod:`hires`), color correction, face restoration, tiling, NGMS and the other
+color correction, face restoration, tiling, NGMS and the other
 WebUI options that change sampling.
 """
 
@@ -72,6 +72,7 @@ from worker.engine.vae import OUT_OF_MEMORY, VaeChoice, VaeLibrary, decode_image
 log = logging.getLogger(__name__)
 StepCallback = Callable[[int, int], None]
 ImageLoader = Callable[[str], bytes]
+UpscalerLoader = Callable[[str], Any]  # a model upscaler's file (relative to the models folder) -> LoadedUpscaler
 
 
 @dataclass
@@ -119,6 +120,7 @@ class GenerationEngine:
         self._loras: weakref.WeakKeyDictionary[Any, LoraCache] = weakref.WeakKeyDictionary()
         # ...and ControlNets loaded on first use, by location (the worker passes its pipeline cache's loader).
         self._controlnets: dict[tuple[str, str, str], Any] = {}
+        self._upscalers: dict[str, Any] = {}
 
     def controlnet_loader(self, pipe: Any) -> ControlNetLoader:
         """Loads a unit's ControlNet onto ``pipe``'s device and dtype, once per process (tests and tools)."""
@@ -150,13 +152,14 @@ class GenerationEngine:
         loras: LoraCache | None = None,
         limits: BatchLimits | None = None,
         controlnets: ControlNetLoader | None = None,
+        upscalers: UpscalerLoader | None = None,
     ) -> list[RenderedImage]:
         """Every image of one job, in order (a batch of one job; see :meth:`render_batch`). ``on_step(done,
         total)`` counts model evaluations and may raise to cancel; what it raises is raised here."""
         job_id = uuid.uuid4()
         step = (lambda _job, done, total: on_step(done, total)) if on_step is not None else None
         outcome = self.render_batch(pipe, [BatchJob(job_id, spec)], scheduler_config, load_image, step, loras, limits,
-                                    controlnets)
+                                    controlnets, upscalers)
         result = outcome[job_id]
         if isinstance(result, Exception):
             raise result
@@ -172,6 +175,7 @@ class GenerationEngine:
         loras: LoraCache | None = None,
         limits: BatchLimits | None = None,
         controlnets: ControlNetLoader | None = None,
+        upscalers: UpscalerLoader | None = None,
     ) -> dict[uuid.UUID, list[RenderedImage] | Exception]:
         """Every job of a claimed batch: each job's images in order, or the exception that ended that job
         alone (a FieldError found late, or whatever its ``on_step`` raised). An exception that escapes (a
@@ -181,11 +185,11 @@ class GenerationEngine:
         together, ``limits.images_per_call`` at a time; a ``batch_invariant`` job's images one at a time.
         ``loras`` is the pipeline's LoRA cache: each group's exact LoRA set (or none) is made active before
         anything is encoded. ``controlnets`` loads a unit's ControlNet (the worker's pipeline cache; default: the
-        engine's own, loaded on first use)."""
+        engine's own, loaded on first use); ``upscalers`` likewise loads hires fix's model upscalers."""
         limits = limits or BatchLimits()
         load_controlnet = controlnets or self.controlnet_loader(pipe)
         cache = loras if loras is not None else self.lora_cache(pipe)
-        run = _BatchRun(on_step)
+        run = _BatchRun(on_step, upscalers)
         groups: dict[object, list[BatchJob]] = {}
         for job in jobs:
             key = job.spec.batch_key or ("alone", job.job_id)  # batch_invariant jobs have no key
@@ -350,6 +354,31 @@ class GenerationEngine:
         slot.initial = slot.noise.initial()
         return True
 
+    def _hires_upscale(self, image: Image.Image, hires: hires_fix.HiresPlan, load_upscaler: UpscalerLoader | None
+                       ) -> Image.Image:
+        """The decoded first pass at the second pass's size: a model upscaler, or a built-in resize."""
+        if hires.upscaler_file is None:
+            return resize_image(0, image, hires.target_width, hires.target_height, upscaler=hires.upscaler)
+        from worker.engine.upscalers import UpscalerRefused, upscale_to
+
+        loader = load_upscaler or self.upscaler_loader()
+        try:
+            model = loader(hires.upscaler_file)
+        except UpscalerRefused as exc:
+            raise FieldError(("body", "hr_upscaler"), f"hr_upscaler {hires.upscaler!r} cannot be used: {exc}") from exc
+        return upscale_to(model, image, hires.target_width, hires.target_height, *hires.tile)
+
+    def upscaler_loader(self) -> UpscalerLoader:
+        """Loads upscaler models once per process (tests and tools; the worker passes its pipeline cache's)."""
+        from worker.engine.upscalers import load_upscaler
+
+        def load(location: str) -> Any:
+            if location not in self._upscalers:
+                self._upscalers[location] = load_upscaler(self.models_dir / location)
+            return self._upscalers[location]
+
+        return load
+
     def _hires_pass(self, pipe: Any, slots: list[_Slot], latents: torch.Tensor, run: _BatchRun
                     ) -> tuple[torch.Tensor, list[_Slot]]:
         job = slots[0].job
@@ -360,8 +389,7 @@ class GenerationEngine:
         else:
             images = decode_images(vae, latents, len(slots))
             upscaled = torch.cat([
-                encode_image(vae, resize_image(0, image, hires.target_width, hires.target_height,
-                                               upscaler=hires.upscaler), slot.plan.seed)
+                encode_image(vae, self._hires_upscale(image, hires, run.load_upscaler), slot.plan.seed)
                 for slot, image in zip(slots, images, strict=True)
             ])
         upscaled = hires_fix.truncate_latent(upscaled.float(), hires).to(device)
@@ -412,8 +440,9 @@ class _Slot:
 class _BatchRun:
     """The jobs of one render_batch call: their images, evaluation counts and outcomes."""
 
-    def __init__(self, on_step: JobStep | None) -> None:
+    def __init__(self, on_step: JobStep | None, load_upscaler: UpscalerLoader | None = None) -> None:
         self.on_step = on_step
+        self.load_upscaler = load_upscaler
         self.outcomes: dict[uuid.UUID, Exception] = {}
         self.images: dict[uuid.UUID, list[RenderedImage | None]] = {}
         self.done: dict[uuid.UUID, int] = {}

@@ -6,8 +6,9 @@ first pass renders at width x height; the result is upscaled either in latent sp
 Nearest, None) and encoded again; the second pass is an img2img of ``hr_second_pass_steps`` steps at
 the denoising strength, with its own prompt, sampler and fresh noise from the same seeds.
 
-ESRGAN-family upscalers would need ``spandrel``, whose wheel imports ``torchvision`` at import time;
-torchvision is not a dependency of this project, so those names are refused with a clear error.
+A model upscaler (ESRGAN, Real-ESRGAN, SwinIR, DAT, HAT, ...: ``hr_upscaler_file``) upscales the decoded image
+as ``images.resize_image(0, ...)`` does with it (:func:`worker.engine.upscalers.upscale_to`), tiled as the
+job's contract says.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ class HiresPlan:
     truncate_x: int
     truncate_y: int
     upscaler: str
+    upscaler_file: str | None  # a model upscaler's file, relative to the models folder
+    tile: tuple[int, int]  # (tile size, overlap) of a model upscaler's passes
     latent_mode: tuple[str, bool] | None  # (interpolate mode, antialias) for latent upscalers
     steps: int  # hr_second_pass_steps or steps
     denoising_strength: float
@@ -55,12 +58,11 @@ def hires_plan(spec: RenderSpec) -> HiresPlan:
     width, height = spec.width, spec.height
     upscaler = spec.hr_upscaler
     latent_mode = LATENT_UPSCALE_MODES.get(upscaler)
-    if latent_mode is None and upscaler not in IMAGE_UPSCALERS:
+    if latent_mode is None and upscaler not in IMAGE_UPSCALERS and spec.hr_upscaler_file is None:
         raise FieldError(
             ("body", "hr_upscaler"),
-            f"hr_upscaler {upscaler!r} is not available on this worker: ESRGAN-family models need the "
-            "spandrel loader, which requires torchvision (not installed). Use one of "
-            f"{', '.join([*LATENT_UPSCALE_MODES, *IMAGE_UPSCALERS])}",
+            f"hr_upscaler {upscaler!r} names no installed upscaler; use one of GET /v1/upscalers: "
+            f"{', '.join([*LATENT_UPSCALE_MODES, *IMAGE_UPSCALERS])} or a model file",
         )
     resize_x, resize_y = spec.hr_resize_x, spec.hr_resize_y
     truncate_x = truncate_y = 0
@@ -82,6 +84,8 @@ def hires_plan(spec: RenderSpec) -> HiresPlan:
         truncate_x=truncate_x,
         truncate_y=truncate_y,
         upscaler=upscaler,
+        upscaler_file=spec.hr_upscaler_file if latent_mode is None else None,
+        tile=(spec.upscaler_tile, spec.upscaler_tile_overlap),
         latent_mode=latent_mode,
         steps=spec.hr_second_pass_steps or spec.steps,
         denoising_strength=spec.denoising_strength,

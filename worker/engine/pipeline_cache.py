@@ -52,7 +52,15 @@ class LoadedControlNet:
     nbytes: int
 
 
+@dataclass
+class HeldUpscaler:
+    location: str  # relative to the models folder, as a job's contract names it
+    upscaler: Any  # worker.engine.upscalers.LoadedUpscaler
+    nbytes: int
+
+
 _CONTROLNET = "controlnet:"  # key prefix of ControlNets in the cache's one LRU order
+_UPSCALER = "upscaler:"  # ...and of upscaler models
 
 
 def estimate_checkpoint_bytes(path: Path, float_bytes: int) -> int:
@@ -139,6 +147,10 @@ class PipelineCache:
         """Titles of the ControlNets held, for the heartbeat and the dashboard."""
         return [model.title for model in self._models.values() if isinstance(model, LoadedControlNet)]
 
+    def upscalers(self) -> list[str]:
+        """Files of the upscaler models held (relative to the models folder), for the heartbeat and the dashboard."""
+        return [model.location for model in self._models.values() if isinstance(model, HeldUpscaler)]
+
     def used_bytes(self) -> int:
         return sum(model.nbytes for model in self._models.values())
 
@@ -176,6 +188,33 @@ class PipelineCache:
                  time.perf_counter() - started, nbytes / 1e6)
         self._changed()
         return model
+
+    def upscaler(self, location: str) -> Any:
+        """The upscaler model at ``location`` (relative to the models folder), loaded on first use and held under
+        the same budget; raises ``worker.engine.upscalers.UpscalerRefused`` for a file it cannot use."""
+        from worker.engine.upscalers import UpscalerRefused, load_upscaler
+
+        key = _UPSCALER + location
+        held = self._models.get(key)
+        if isinstance(held, HeldUpscaler):
+            self._models.move_to_end(key)
+            return held.upscaler
+        root = self.settings.models.models_dir.resolve()
+        path = (root / location).resolve()
+        if not path.is_relative_to(root) or not path.is_file():
+            raise UpscalerRefused(f"upscaler {location!r} is not installed on this worker")
+        last = next((n for n in reversed(self._models) if isinstance(self._models[n], LoadedModel)), None)
+        current = {last} if last is not None else set()
+        self._make_room(path.stat().st_size, keep=current)
+        started = time.perf_counter()
+        upscaler = load_upscaler(path, self.device)
+        self._models[key] = HeldUpscaler(location, upscaler, upscaler.size_bytes)
+        self._make_room(0, keep={key, *current})
+        self.loads += 1
+        log.info("loaded upscaler %s (%s x%d) on %s in %.2fs (%.0f MB)", location, upscaler.architecture,
+                 upscaler.scale, self.device, time.perf_counter() - started, upscaler.size_bytes / 1e6)
+        self._changed()
+        return upscaler
 
     def get(self, name: str) -> LoadedModel:
         held = self._models.get(name)
@@ -230,7 +269,8 @@ class PipelineCache:
                 break
             victim = victims[0]
             dropped = self._models.pop(victim)
-            log.info("evicted %s (%.0f MB) from the pipeline cache", victim.removeprefix(_CONTROLNET),
+            log.info("evicted %s (%.0f MB) from the pipeline cache",
+                     victim.removeprefix(_CONTROLNET).removeprefix(_UPSCALER),
                      dropped.nbytes / 1e6)
             self.evictions += 1
             evicted = True

@@ -40,7 +40,7 @@ from shared.settings import Settings
 from shared.storage.base import ObjectStore
 
 router = APIRouter()
-_USER_ERRORS = (ErrorType.INVALID_INPUT, ErrorType.MODEL_NOT_FOUND)
+USER_ERRORS = (ErrorType.INVALID_INPUT, ErrorType.MODEL_NOT_FOUND)
 
 
 class GenerationResponse(BaseModel):
@@ -77,7 +77,7 @@ def _status(job_id: uuid.UUID) -> JobStatus | None:
         return job_status(session, job_id)
 
 
-async def _wait(job_id: uuid.UUID, timeout: float) -> bool:
+async def wait_for_job(job_id: uuid.UUID, timeout: float) -> bool:
     deadline, poll = time.monotonic() + timeout, 0.05
     while True:
         current = await run_in_threadpool(_status, job_id)
@@ -105,7 +105,7 @@ def _answer(body: WebuiBody, job_id: uuid.UUID, settings: Settings, store: Objec
             raise HTTPException(status.HTTP_500_INTERNAL_SERVER_ERROR, detail=f"job {job_id} disappeared")
         headers = {"X-Renderfarm-Job-Id": str(job.id)}
         if job.status == JobStatus.FAILED:
-            code = 422 if job.error_type in _USER_ERRORS else 500
+            code = 422 if job.error_type in USER_ERRORS else 500
             return JSONResponse({"error": job.error_type, "detail": job.error_message, "job_id": str(job.id)},
                                 status_code=code, headers=headers)
         if job.status == JobStatus.CANCELED:
@@ -122,7 +122,7 @@ async def generate(body: WebuiBody, key: ApiKey, settings: Settings, store: Obje
     warnings = unsupported_features(body)
     job_id = await run_in_threadpool(_submit, body, key, settings, store, warnings)
     timeout = wait_timeout(settings)
-    if not await _wait(job_id, timeout):
+    if not await wait_for_job(job_id, timeout):
         raise HTTPException(status.HTTP_504_GATEWAY_TIMEOUT,
                             detail=f"job {job_id} did not finish within {timeout:.0f}s; it keeps running: "
                                    f"GET /v1/jobs/{job_id}", headers={"X-Renderfarm-Job-Id": str(job_id)})
