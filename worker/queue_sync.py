@@ -23,7 +23,7 @@ import redis
 from shared.queueing.farm_state import read_paused_flag
 from shared.queueing.fleet import WORKER_KEY_PREFIX
 from shared.queueing.queues import QueueName
-from shared.queueing.routing import desired_queues, is_model_queue
+from shared.queueing.routing import desired_queues, is_model_queue, worker_keys
 from shared.settings import Settings, worker_process_name
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,8 @@ class QueueSync:
         return self.paused
 
     def held_models(self) -> list[str]:
-        """The checkpoints the render process(es) of this worker advertise in their heartbeats."""
+        """The affinity keys (checkpoints, and checkpoint-ControlNet pairs) the render process(es) of this worker
+        advertise in their heartbeats."""
         try:
             pids = self.consumer.pool.info.get("processes") or []
         except Exception:  # pool not started yet (or a pool without processes): nothing held
@@ -56,7 +57,7 @@ class QueueSync:
             except ValueError:
                 info = {}
             if info.get("ready"):
-                models.extend(str(name) for name in info.get("models") or [])
+                models.extend(sorted(worker_keys(info)))
         return models
 
     def sync(self, *, at_start: bool = False) -> dict[str, Any]:

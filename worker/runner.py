@@ -27,7 +27,7 @@ from shared.jobs.contract import JobSpec, RenderSpec, UpscaleSpec, parse_job_spe
 from shared.jobs.repository import held_job
 from shared.jobs.states import ErrorType
 from shared.queueing.farm_state import get_pause_state
-from shared.queueing.routing import desired_queues
+from shared.queueing.routing import affinity_keys, desired_queues
 from shared.settings import Settings
 from shared.storage.base import ObjectStore, StorageError, TransientStorageError
 from shared.storage.object_store import image_key
@@ -203,7 +203,8 @@ class JobRunner:
 
     def queues(self) -> list[str]:
         """The render queues this worker consumes: partners come only from these."""
-        return sorted(desired_queues(False, self.pipelines.names(), self.settings.routing.affinity_routing))
+        keys = affinity_keys(self.pipelines.names(), self.pipelines.controlnets())
+        return sorted(desired_queues(False, keys, self.settings.routing.affinity_routing))
 
     def run(self, job_id: str) -> RunOutcome:
         """Render the batch a message's job leads, if that job can be claimed; say what became of that job."""

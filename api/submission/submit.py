@@ -71,7 +71,8 @@ def submit_job(
     inputs = stage_inputs(plan.request.init_images, plan.request.mask, owner=key.owner, store=store,
                           settings=settings, controls=[(unit.image, unit.mask) for unit in plan.units])
     params = plan.with_inputs(inputs.init_keys, inputs.mask_key, inputs.control_keys).to_stored()
-    route = get_router().queue_for(plan.checkpoint.name)
+    route = get_router().queue_for(plan.checkpoint.name,
+                                   plan.spec.controlnet[0].model_title if plan.spec.controlnet else None)
     return _persist(session, key, body, plan, params, plan.checkpoint.name, route, inputs, webhook_events, store,
                     settings.jobs.max_attempts, idempotency_key, mark_published)
 

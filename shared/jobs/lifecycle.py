@@ -34,7 +34,7 @@ from shared.db.models import Job, JobImage
 from shared.jobs.contract import RenderSpec
 from shared.jobs.states import ErrorType, JobStatus, check_transition
 from shared.queueing.queues import QueueName, publish_render
-from shared.queueing.routing import MODEL_QUEUE_PREFIX
+from shared.queueing.routing import MODEL_QUEUE_PREFIX, model_queue
 from shared.webhooks.outbox import enqueue_job_event, event_for_status, publish_deliveries
 
 log = logging.getLogger(__name__)
@@ -473,10 +473,11 @@ def republish_deferred(
     session: Session, max_wait_seconds: float, limit: int = 500, keep: Collection[str] = ()
 ) -> list[uuid.UUID]:
     """Queued jobs published to a model's queue more than `max_wait_seconds` ago: the bound on affinity.
-    Jobs for the models in `keep` (held by every worker: any worker that frees up takes them from their
-    model's queue anyway) stay where they are, so a backlog does not get a spare message per job."""
+    Jobs in the queue of an affinity key in `keep` (a checkpoint, or checkpoint-ControlNet pair, held by every
+    worker: any worker that frees up takes them from that queue anyway) stay where they are, so a backlog does not
+    get a spare message per job."""
     cutoff = utcnow() - timedelta(seconds=max_wait_seconds)
     condition = and_(Job.route.startswith(MODEL_QUEUE_PREFIX, autoescape=True), Job.published_at < cutoff)
     if keep:
-        condition = and_(condition, Job.model_name.not_in(list(keep)))
+        condition = and_(condition, Job.route.not_in([model_queue(key) for key in keep]))
     return _republish(session, condition, limit)

@@ -7,6 +7,10 @@ cached for a second) and publishes to the model's queue when some live worker ad
 model, to the shared queue otherwise; whichever worker takes a cold job loads the model and
 starts consuming its queue.
 
+A job with ControlNet units prefers, among those, a worker that also holds its first unit's ControlNet: each
+worker also consumes one queue per (checkpoint, ControlNet) pair it holds (:func:`affinity_key`), and the
+router publishes there when some live worker advertises the pair.
+
 Deferral is bounded: the recovery loop (worker/control/recovery.py) publishes to the shared queue every
 job that has waited in a model queue longer than `affinity_max_wait_seconds`, so a busy or
 vanished holder delays a job by at most that much, and no model starves. The message left
@@ -40,12 +44,29 @@ def is_model_queue(queue: str) -> bool:
     return queue.startswith(MODEL_QUEUE_PREFIX)
 
 
+def affinity_key(model_name: str, controlnet: str | None = None) -> str:
+    """What an affinity queue is for: a checkpoint, or a checkpoint with a ControlNet (by title) held beside it."""
+    return f"{model_name}\x1fcontrolnet:{controlnet}" if controlnet else model_name
+
+
+def affinity_keys(models: Iterable[str], controlnets: Iterable[str] = ()) -> set[str]:
+    """The affinity keys of a worker holding ``models`` and ``controlnets``: each checkpoint, and each pair."""
+    models, controlnets = [str(m) for m in models], [str(c) for c in controlnets]
+    return set(models) | {affinity_key(m, c) for m in models for c in controlnets}
+
+
+def worker_keys(info: dict) -> set[str]:
+    """The affinity keys one heartbeat advertises."""
+    return affinity_keys(info.get("models") or [], info.get("controlnets") or [])
+
+
 def advertised_models(infos: Iterable[dict]) -> set[str]:
-    """Checkpoints held by workers that can take jobs now (ready and not paused)."""
+    """Affinity keys (checkpoints, and checkpoint-ControlNet pairs) of workers that can take jobs now (ready and
+    not paused)."""
     held: set[str] = set()
     for info in infos:
         if info.get("ready") and not info.get("paused"):
-            held.update(str(name) for name in info.get("models") or [])
+            held.update(worker_keys(info))
     return held
 
 
@@ -73,21 +94,25 @@ class AffinityRouter:
                 self._read_at = time.monotonic()
             return set(self._held)
 
-    def queue_for(self, model_name: str) -> str:
-        """The model's queue when a live worker holds it warm; the shared queue otherwise (or when Redis fails:
-        the shared queue is always right, only slower)."""
+    def queue_for(self, model_name: str, controlnet: str | None = None) -> str:
+        """The queue of the checkpoint with ``controlnet`` (a job's first unit's title) when a live worker holds both
+        warm, else the checkpoint's when one holds it, else the shared queue (also when Redis fails: the shared
+        queue is always right, only slower)."""
         if not self.enabled:
             return QueueName.RENDER
         try:
             held = self.warm_models()
         except redis.RedisError:
             return QueueName.RENDER
-        return model_queue(model_name) if model_name in held else QueueName.RENDER
+        for key in (affinity_key(model_name, controlnet), model_name):
+            if key in held:
+                return model_queue(key)
+        return QueueName.RENDER
 
 
 def held_by_every_worker(infos: Iterable[dict]) -> set[str]:
-    """Checkpoints that every ready worker holds (none when no worker is ready)."""
-    held = [set(map(str, info.get("models") or [])) for info in infos if info.get("ready")]
+    """Affinity keys that every ready worker holds (none when no worker is ready)."""
+    held = [worker_keys(info) for info in infos if info.get("ready")]
     return set.intersection(*held) if held else set()
 
 
@@ -95,7 +120,7 @@ def orphan_model_queues(queue_keys: Iterable[str], infos: Iterable[dict]) -> lis
     """Model queues no live worker (ready or not, paused or not) holds the model of: nobody will ever consume
     them. Deleting them loses nothing: the recovery loop re-publishes their jobs to the shared queue after the
     deferral bound, from Postgres."""
-    live = {model_queue(str(name)) for info in infos for name in info.get("models") or []}
+    live = {model_queue(key) for info in infos for key in worker_keys(info)}
     return [key for key in queue_keys if is_model_queue(key) and key.split("\x06\x16")[0] not in live]
 
 
@@ -105,9 +130,9 @@ def model_queue_keys(client: redis.Redis) -> list[str]:
             for k in client.scan_iter(match=MODEL_QUEUE_PREFIX + "*", count=500)]
 
 
-def desired_queues(paused: bool, models: list[str], affinity: bool) -> set[str]:
-    """The render queues a worker holding ``models`` consumes: none while the farm is paused, else the shared
-    queue plus each held model's own (with affinity routing)."""
+def desired_queues(paused: bool, models: Iterable[str], affinity: bool) -> set[str]:
+    """The render queues a worker holding ``models`` (its affinity keys) consumes: none while the farm is paused,
+    else the shared queue plus each key's own (with affinity routing)."""
     if paused:
         return set()
     return {str(QueueName.RENDER)} | ({model_queue(name) for name in models} if affinity else set())

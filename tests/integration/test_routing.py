@@ -17,11 +17,13 @@ from shared.queueing.fleet import WORKER_KEY_PREFIX, broker_queue
 from shared.queueing.routing import (
     AffinityRouter,
     advertised_models,
+    affinity_key,
     desired_queues,
     held_by_every_worker,
     is_model_queue,
     model_queue,
     orphan_model_queues,
+    worker_keys,
 )
 
 PARAMS = {"mode": "txt2img", "prompt": "p", "seed": 5, "batch_size": 1, "n_iter": 1}
@@ -114,3 +116,34 @@ def test_jobs_for_a_model_every_worker_holds_are_not_deferred(session: Session) 
     session.commit()
     assert created.id in lifecycle.republish_deferred(session, max_wait_seconds=15, keep={"other"})
     session.commit()
+
+
+def test_a_controlnet_job_prefers_a_worker_holding_its_controlnet_beside_the_checkpoint(client: redis.Redis) -> None:
+    router = AffinityRouter(client, cache_seconds=0)
+    client.set(WORKER_KEY_PREFIX + "w1:1", json.dumps({"ready": True, "models": ["a"], "controlnets": []}))
+    assert router.queue_for("a", "canny [0123abcd]") == model_queue("a")  # the checkpoint's holder, still warm
+    client.set(WORKER_KEY_PREFIX + "w2:2", json.dumps({"ready": True, "models": ["a"],
+                                                       "controlnets": ["canny [0123abcd]"]}))
+    pair = affinity_key("a", "canny [0123abcd]")
+    assert router.queue_for("a", "canny [0123abcd]") == model_queue(pair) != model_queue("a")
+    assert router.queue_for("a") == model_queue("a") and router.queue_for("b", "canny [0123abcd]") == "render"
+    # The holder of the pair consumes its queue; the other worker does not (it would load the ControlNet).
+    holder = worker_keys({"models": ["a"], "controlnets": ["canny [0123abcd]"]})
+    assert model_queue(pair) in desired_queues(False, holder, affinity=True)
+    assert model_queue(pair) not in desired_queues(False, worker_keys({"models": ["a"]}), affinity=True)
+
+
+def test_a_pair_queue_held_by_one_worker_only_is_still_deferral_bounded(session: Session) -> None:
+    """Every worker holds checkpoint "a", one of them its ControlNet too: a job in the pair's queue waits at most
+    the bound (only the checkpoint's own queue is served by everyone)."""
+    infos = [{"ready": True, "models": ["a"], "controlnets": ["cn"]}, {"ready": True, "models": ["a"]}]
+    keep = held_by_every_worker(infos)
+    assert keep == {"a"}
+    created = lifecycle.submit(session, owner="t", api_key_id=None, params=PARAMS, model_name="a",
+                               route=model_queue(affinity_key("a", "cn")))
+    created.published_at = utcnow() - timedelta(seconds=60)
+    session.commit()
+    assert created.id in lifecycle.republish_deferred(session, max_wait_seconds=15, keep=keep)
+    session.commit()
+    assert orphan_model_queues([model_queue(affinity_key("a", "cn"))], infos) == []
+    assert orphan_model_queues([model_queue(affinity_key("a", "cn"))], infos[1:]) != []

@@ -71,7 +71,7 @@ def _runner(database_url: str, tmp_path: Path, render: Any, time_limit: int = 90
     settings = Settings(services=ServiceSettings(database_url=database_url),
                         jobs=JobSettings(job_time_limit=time_limit), models=ModelSettings(models_dir=tmp_path),
                         batching=BatchingSettings(batching=batching))
-    pipelines = SimpleNamespace(get=lambda name: model, names=lambda: ["m"], device="cpu")
+    pipelines = SimpleNamespace(get=lambda name: model, names=lambda: ["m"], controlnets=lambda: [], device="cpu")
     runner = JobRunner("worker-1", JobControl(), pipelines, factory, store, settings,  # type: ignore[arg-type]
                        time_limit_errors, limits=BatchLimits(max_images=4))
     runner._engine = StandInEngine(render)
