@@ -75,6 +75,7 @@ def infotext_for(
         "Schedule type": spec.scheduler if spec.scheduler != "Automatic" else None,
         "CFG scale": spec.cfg_scale,
         "Seed": seed,
+        "Face restoration": "GFPGAN" if spec.restore_faces else None,
         "Size": f"{spec.width}x{spec.height}",
         "Model hash": model_hash,
         "Model": model_name.rsplit("/", 1)[-1],
@@ -289,6 +290,7 @@ class JobRunner:
                 loras=model.loras, limits=self.limits,
                 controlnets=lambda unit: self.pipelines.controlnet(unit.model_location, unit.model_title),
                 upscalers=lambda location: self.pipelines.upscaler(location),
+                face_restorer=lambda: self.pipelines.face_restorer(),
             )
             elapsed = time.monotonic() - started
         except (Exception, *self.time_limit_errors) as exc:  # the whole batch: pipeline, time limit, engine fault
@@ -311,6 +313,7 @@ class JobRunner:
     def _run_upscale(self, jid: uuid.UUID, spec: UpscaleSpec) -> RunOutcome:
         """An upscale job (the Extras tab): each input upscaled, stored with the WebUI's postprocessing text."""
         from worker.engine.extras import extras_infotext, run_extras
+        from worker.engine.face_restoration import FaceRestorationUnavailable
         from worker.engine.img2img import read_stored_image
         from worker.engine.upscalers import UpscalerRefused
 
@@ -320,10 +323,17 @@ class JobRunner:
             except UpscalerRefused as exc:
                 raise FieldError(("body", "upscaler_1"), f"upscaler {location!r} cannot be used: {exc}") from exc
 
+        def load_face_restorer() -> Any:
+            try:
+                return self.pipelines.face_restorer()
+            except FaceRestorationUnavailable as exc:
+                raise FieldError(("body", "gfpgan_visibility"), f"face restoration is not available: {exc}") from exc
+
         started = time.monotonic()
         try:
             results = run_extras(spec, lambda key: read_stored_image(key, self.store.get, ("body", "image")),
-                                 load_upscaler, on_image=lambda done, total: self.control.on_step(jid, done, total))
+                                 load_upscaler, load_face_restorer,
+                                 on_image=lambda done, total: self.control.on_step(jid, done, total))
             _, extension, content_type = OUTPUT_FORMATS[spec.output_format]
             images = []
             for item in results:

@@ -3,7 +3,7 @@
 Field names and defaults follow the WebUI's ``StableDiffusionTxt2ImgProcessingAPI`` and
 ``...Img2ImgProcessingAPI`` (``modules/api/models.py``). Unknown fields are ignored, as the WebUI
 ignores them, but a *feature* we do not have is never silently dropped: an enabled
-``alwayson_scripts`` entry, a ``script_name``, face restoration, tiling or a hires checkpoint is a
+``alwayson_scripts`` entry, a ``script_name``, tiling or a hires checkpoint is a
 422 naming it, and sampler knobs we cannot honour (eta, s_churn, ...) are reported as warnings in
 ``info``. Only fields the client actually sent become farm fields, so the farm's rules for
 ``infotext`` and ``override_settings`` (fill only what was not sent) work exactly as in the WebUI.
@@ -49,7 +49,7 @@ class WebuiBody(BaseModel):
     width: int = Field(512, ge=64)
     height: int = Field(512, ge=64)
     # Features the farm does not have: the schema lists the values that mean "off", the only ones accepted.
-    restore_faces: bool | None = Field(None, json_schema_extra={"enum": [False, None]})
+    restore_faces: bool | None = Field(None, description="GFPGAN (the farm's only face restorer)")
     tiling: bool | None = Field(None, json_schema_extra={"enum": [False, None]})
     do_not_save_samples: bool = False
     do_not_save_grid: bool = False
@@ -116,7 +116,7 @@ _SAME_NAME = (
     "enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_sampler_name",
     "hr_scheduler", "hr_prompt", "hr_negative_prompt",
     "init_images", "resize_mode", "mask", "mask_blur", "inpainting_fill", "inpaint_full_res",
-    "inpaint_full_res_padding", "inpainting_mask_invert",
+    "inpaint_full_res_padding", "inpainting_mask_invert", "restore_faces",
 )
 # Sampler knobs the farm cannot honour, and the values that mean "not used" (the WebUI's and webuiapi's).
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
@@ -156,8 +156,6 @@ def unsupported_features(body: WebuiBody) -> list[str]:
         raise FieldError(("body", "alwayson_scripts", enabled[0]),
                          f"alwayson_scripts {', '.join(map(repr, enabled))} not available on this farm; "
                          "remove them (or send them disabled)")
-    if body.restore_faces:
-        raise FieldError(("body", "restore_faces"), "face restoration is not available on this farm")
     if body.tiling:
         raise FieldError(("body", "tiling"), "tiling is not available on this farm")
     if body.refiner_checkpoint not in (None, "", "None"):
@@ -188,7 +186,7 @@ def _mapped_fields(body: WebuiBody) -> dict[str, Any]:
     for name in ("seed_resize_from_w", "seed_resize_from_h"):
         if name in sent:  # the WebUI treats any value <= 0 as "no resize"
             fields[name] = max(getattr(body, name), 0) or -1
-    for name in ("styles", "hr_upscaler", "hr_sampler_name", "hr_scheduler", "denoising_strength"):
+    for name in ("styles", "hr_upscaler", "hr_sampler_name", "hr_scheduler", "denoising_strength", "restore_faces"):
         if fields.get(name) is None:
             fields.pop(name, None)
     if isinstance(body, Img2ImgBody):

@@ -26,6 +26,7 @@ from shared.controlnet.infotext import units_from_infotext
 from shared.errors import FieldError
 from shared.jobs.contract import RenderSpec
 from shared.jobs.schemas import Txt2ImgRequest, check_limits, check_mode, resolve_params
+from shared.models.face_restoration import check_face_restoration
 from shared.models.files import find_infotext_checkpoint, resolve_vae
 from shared.models.registry import CheckpointFile, default_checkpoint, resolve_checkpoint, scan_checkpoints
 from shared.models.upscalers import resolve_upscaler
@@ -303,6 +304,8 @@ def plan_job(req: Txt2ImgRequest, settings: Settings, style_book: StyleBook | No
         units = resolve_units(resolved.controlnet, settings.models.models_dir, checkpoint.path,
                               params["mode"] == "img2img")
         params["controlnet"] = [unit.fields for unit in units]
+        if params["restore_faces"]:
+            check_face_restoration(settings.models.models_dir, ("body", "restore_faces"))
         if hr_upscaler_file is not None and params["enable_hr"]:
             params.update(hr_upscaler_file=hr_upscaler_file.location, upscaler_tile=settings.models.upscaler_tile,
                           upscaler_tile_overlap=settings.models.upscaler_tile_overlap)

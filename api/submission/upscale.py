@@ -1,8 +1,9 @@
 """Upscale jobs (the WebUI's Extras tab): check the request, stage its images, and build the contract.
 
 Everything the WebUI's ``run_extras`` would refuse is refused here, before anything is stored: an unknown or
-refused upscaler, face restoration this farm cannot run, an input that is not an image or is too large (its
-header is checked before any pixel is decoded), and an output larger than ``max_upscale_pixels``. Each input's
+refused upscaler, face restoration without its files in ``models/GFPGAN/`` (or CodeFormer, which the farm lacks),
+an input that is not an image or is too large (its header is checked before any pixel is decoded), and an output
+larger than ``max_upscale_pixels``. Each input's
 own generation parameters are read from it and kept in the contract, since the WebUI keeps them in the output.
 """
 
@@ -16,6 +17,7 @@ from api.submission.inputs import StagedInputs, read_image_value
 from shared.errors import FieldError
 from shared.jobs.contract import UpscaleSpec
 from shared.jobs.schemas import UpscaleRequest
+from shared.models.face_restoration import check_face_restoration
 from shared.models.upscalers import resolve_upscaler
 from shared.settings import Settings
 from shared.storage.base import ObjectStore
@@ -45,10 +47,9 @@ def plan_upscale(body: UpscaleRequest, settings: Settings) -> UpscalePlan:
         raise FieldError(("body", "codeformer_visibility"),
                          "CodeFormer is not available on this farm: its only maintained loader "
                          "(spandrel_extra_arches) carries CodeFormer's non-commercial licence; use 0")
-    if body.gfpgan_visibility > 0:
-        raise FieldError(("body", "gfpgan_visibility"),
-                         "face restoration (GFPGAN) is not available on this farm yet; use 0")
     models_dir = settings.models.models_dir
+    if body.gfpgan_visibility > 0:
+        check_face_restoration(models_dir, ("body", "gfpgan_visibility"))
     first, first_file = resolve_upscaler(models_dir, body.upscaler_1, ("body", "upscaler_1"))
     second, second_file = resolve_upscaler(models_dir, body.upscaler_2, ("body", "upscaler_2"))
     spec = UpscaleSpec(
@@ -57,7 +58,7 @@ def plan_upscale(body: UpscaleRequest, settings: Settings) -> UpscalePlan:
         upscaling_crop=body.upscaling_crop, upscaler_1=first,
         upscaler_1_file=first_file.location if first_file is not None else None,
         upscaler_2=second, upscaler_2_file=second_file.location if second_file is not None else None,
-        extras_upscaler_2_visibility=body.extras_upscaler_2_visibility,
+        extras_upscaler_2_visibility=body.extras_upscaler_2_visibility, gfpgan_visibility=body.gfpgan_visibility,
         upscaler_tile=settings.models.upscaler_tile, upscaler_tile_overlap=settings.models.upscaler_tile_overlap,
         output_format=body.output_format,
     )

@@ -114,6 +114,7 @@ class RenderSpec(BaseModel):
     hr_sampler_name: str | None = Field(None, description="None: the first pass's sampler")
     hr_scheduler: str | None = Field(None, description="None: the first pass's schedule type")
     output_format: Literal["png", "jpeg", "webp"] = "png"
+    restore_faces: bool = Field(False, description="GFPGAN on each decoded image, before the inpainting overlay")
     loras: tuple[LoraSpec, ...] = Field((), description="every LoRA the job applies (prompt tags and the field)")
     controlnet: tuple[ControlUnit, ...] = Field((), description="enabled ControlNet units, in order")
     batch_invariant: bool = Field(False, description="images denoised one at a time, never with other jobs': "
@@ -178,8 +179,8 @@ class RenderSpec(BaseModel):
         free to differ: prompts and negative prompts (embeddings only change their own prompt's
         encoding), seeds, variation seeds, ENSD, CFG scale, batch size and count, init images, masks
         and the inpainting settings (they prepare each image's latents at the shared size), styles
-        (already in the prompt) and the output format. ControlNet units share their models (one per unit
-        position); their images, weights, modes and guidance windows are per image.
+        (already in the prompt), face restoration (after decoding) and the output format. ControlNet units share
+        their models (one per unit position); their images, weights, modes and guidance windows are per image.
         """
         if self.batch_invariant:
             return None
@@ -231,6 +232,7 @@ class UpscaleSpec(BaseModel):
     upscaler_2: str = "None"
     upscaler_2_file: str | None = None
     extras_upscaler_2_visibility: float = 0.0
+    gfpgan_visibility: float = 0.0
     upscaler_tile: int = 192
     upscaler_tile_overlap: int = 8
     output_format: Literal["png", "jpeg", "webp"] = "png"

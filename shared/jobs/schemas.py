@@ -114,6 +114,7 @@ class Txt2ImgRequest(BaseModel):
     hr_sampler_name: str | None = Field(None, max_length=100, description="null: the same sampler")
     hr_scheduler: str | None = Field(None, max_length=100, description="null: the same schedule type")
     output_format: Literal["png", "jpeg", "webp"] = "png"
+    restore_faces: bool = Field(False, description="GFPGAN face restoration on each image (models/GFPGAN/)")
     controlnet: list[UnitRequest] = Field(default_factory=list, max_length=8,
                                           description="ControlNet units (the extension's unit fields); a unit "
                                                       "without image on img2img uses the init image")
@@ -160,7 +161,8 @@ class UpscaleRequest(BaseModel):
     upscaler_1: str = Field("None", max_length=500, description="GET /v1/upscalers; None: no upscale")
     upscaler_2: str = Field("None", max_length=500, description="blended over upscaler_1's result")
     extras_upscaler_2_visibility: float = Field(0.0, ge=0.0, le=1.0)
-    gfpgan_visibility: float = Field(0.0, ge=0.0, le=1.0, description="face restoration: not available yet")
+    gfpgan_visibility: float = Field(0.0, ge=0.0, le=1.0, description="GFPGAN face restoration, blended over the "
+                                                                      "upscaled image (models/GFPGAN/)")
     codeformer_visibility: float = Field(0.0, ge=0.0, le=1.0, description="CodeFormer: not available (licence)")
     codeformer_weight: float = Field(0.0, ge=0.0, le=1.0)
     output_format: Literal["png", "jpeg", "webp"] = "png"
@@ -376,6 +378,7 @@ def resolve_params(
         "hr_sampler_name": hr_sampler_name,
         "hr_scheduler": hr_scheduler,
         "output_format": req.output_format,
+        "restore_faces": req.restore_faces,
         # Filled from the models folder by api.submission.params.plan_job (LoRA files and hashes, VAE hash).
         "loras": [],
         "vae_hash": None,

@@ -13,9 +13,9 @@ import re
 from pathlib import Path
 
 from shared.errors import FieldError
-from shared.webui.hashes import HashCache, legacy_model_hash
 from shared.models.registry import LOADABLE_SUFFIXES, REFUSED_SUFFIXES, scan_checkpoints
 from shared.models.safetensors_header import safetensors_problem
+from shared.webui.hashes import HashCache, legacy_model_hash
 
 __all__ = [
     "ESRGAN_DIR",

@@ -172,3 +172,44 @@ def test_a_file_the_worker_cannot_load_fails_its_job_as_the_users_error(client: 
         path.unlink()
     assert job["status"] == "failed" and job["error"]["type"] == "invalid_input"
     assert "not-an-upscaler" in job["error"]["message"]
+
+
+def test_face_restoration_without_its_files_is_a_422_naming_the_field(client: Any) -> None:
+    response = client.post("/v1/jobs", json={"prompt": "a face", "width": 64, "height": 64, "steps": 2,
+                                             "restore_faces": True})
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "restore_faces"]
+    assert "GFPGAN" in response.json()["detail"][0]["msg"]
+    response = client.post("/v1/jobs", json={"mode": "upscale", "image": b64(source_png()), "gfpgan_visibility": 1})
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "gfpgan_visibility"]
+
+
+@pytest.fixture(scope="module")
+def face_files(models_dir: Path) -> Iterator[list[Path]]:
+    """GFPGAN, its face detector and its face parser, random weights; the detector is built to find no face (one
+    face costs ~10 s of CPU: tests/unit/test_face_restoration.py restores one and checks where pixels change)."""
+    from devtools.demo_models.face_restoration import write_demo_face_restoration
+
+    paths = write_demo_face_restoration(models_dir, faces=False)
+    yield paths
+    for path in paths:
+        path.unlink()
+
+
+def test_restore_faces_on_a_generation_job(client: Any, face_files: list[Path]) -> None:
+    body = {"prompt": "a face", "width": 64, "height": 64, "steps": 2, "seed": 9}
+    plain, restored = (finished(client, client.post("/v1/jobs", json={**body, **extra}).json()["id"])
+                       for extra in ({}, {"restore_faces": True}))
+    assert restored["status"] == "succeeded", restored["error"]
+    assert "Face restoration: GFPGAN" in restored["images"][0]["infotext"]
+    assert "Face restoration" not in plain["images"][0]["infotext"]
+    # The worker loaded GFPGAN and ran the detector; with no face found the image is the plain one, as in the WebUI.
+    assert output(client, plain).tobytes() == output(client, restored).tobytes()
+
+
+def test_gfpgan_visibility_on_the_extras_route(farm: Farm, key: str, face_files: list[Path]) -> None:
+    api = webuiapi.WebUIApi(baseurl=f"{farm.base_url}/sdapi/v1")
+    api.set_auth("user", key)
+    source = Image.open(io.BytesIO(source_png()))
+    result = api.extra_single_image(source, upscaler_1="Lanczos", upscaling_resize=2, gfpgan_visibility=0.5)
+    assert result.info == "<p>Postprocess upscale by: 2, Postprocess upscaler: Lanczos, GFPGAN visibility: 0.5</p>"
+    assert result.image.size == (120, 88)

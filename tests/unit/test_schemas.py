@@ -20,7 +20,7 @@ PARAM_KEYS = {
     "mask_blur", "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding", "inpainting_mask_invert",
     "resize_mode", "enable_hr", "hr_scale", "hr_resize_x", "hr_resize_y", "hr_upscaler", "hr_second_pass_steps",
     "hr_prompt", "hr_negative_prompt", "hr_sampler_name", "hr_scheduler", "output_format", "loras", "vae_hash",
-    "batch_invariant", "controlnet", "hr_upscaler_file", "upscaler_tile", "upscaler_tile_overlap",
+    "batch_invariant", "controlnet", "restore_faces", "hr_upscaler_file", "upscaler_tile", "upscaler_tile_overlap",
 }
 CHECKPOINT_BYTES = b"not really a checkpoint, but hashed like one"
 CHECKPOINT_HASH = hashlib.sha256(as_safetensors(CHECKPOINT_BYTES)).hexdigest()[:10]
@@ -83,7 +83,8 @@ def test_defaults_fill_every_key(settings: Settings) -> None:
         "enable_hr": False, "hr_scale": 2.0, "hr_resize_x": 0, "hr_resize_y": 0, "hr_upscaler": "Latent",
         "hr_second_pass_steps": 0, "hr_prompt": "", "hr_negative_prompt": "", "hr_sampler_name": None,
         "hr_scheduler": None, "output_format": "png", "loras": [], "vae_hash": None, "batch_invariant": False,
-        "controlnet": [], "hr_upscaler_file": None, "upscaler_tile": 192, "upscaler_tile_overlap": 8,
+        "controlnet": [], "restore_faces": False, "hr_upscaler_file": None, "upscaler_tile": 192,
+        "upscaler_tile_overlap": 8,
     }
 
 
@@ -388,3 +389,12 @@ def test_a_pickle_renamed_safetensors_is_refused_at_listing_and_at_submit(settin
     assert refused.field == ("body", "model") and "renamed pickle is never opened" in refused.message
     lora = error(settings, prompt="a cat <lora:renamed:0.5>")
     assert lora.field == ("body", "prompt") and "refused" in lora.message
+
+
+def test_restore_faces_needs_gfpgan_and_its_helpers_installed(settings: Settings, models: Path) -> None:
+    exc = error(settings, restore_faces=True)
+    assert exc.field == ("body", "restore_faces") and "GFPGAN" in exc.message
+    for name in ("GFPGANv1.4.pth", "detection_Resnet50_Final.pth", "parsing_parsenet.pth"):
+        (models / "GFPGAN").mkdir(exist_ok=True)
+        (models / "GFPGAN" / name).write_bytes(b"weights")
+    assert plan(settings, restore_faces=True)["restore_faces"] is True

@@ -33,6 +33,9 @@ def test_webuiapi_payload_maps_to_a_plain_farm_request() -> None:
     assert req.sampler_name == "Euler a" and req.scheduler == "automatic"
     assert req.seed_resize_from_w == -1 and req.denoising_strength is None  # no hires fix: no denoising
     assert req.steps == 20 and req.override_settings == {}
+    assert req.restore_faces is False
+    faces = to_farm_request(Txt2ImgBody.model_validate({**WEBUIAPI_DEFAULTS, "restore_faces": True}), {})
+    assert faces.restore_faces is True  # GFPGAN, the farm's face restorer
 
 
 def test_unset_fields_take_webui_defaults_and_key_options_below_infotext() -> None:
@@ -68,7 +71,6 @@ def test_img2img_without_mask_drops_inpainting_fields_and_sets_mode() -> None:
     ({"alwayson_scripts": {"Regional Prompter": {"args": [True]}}}, ("body", "alwayson_scripts", "Regional Prompter")),
     ({"alwayson_scripts": {"ControlNet": {"args": [{"enabled": True, "advanced_weighting": [1.0] * 13}]}}},
      ("body", "alwayson_scripts", "ControlNet", "args", 0, "advanced_weighting")),
-    ({"restore_faces": True}, ("body", "restore_faces")),
     ({"hr_checkpoint_name": "other.safetensors"}, ("body", "hr_checkpoint_name")),
 ])
 def test_missing_features_are_errors_naming_them(payload: dict, loc: tuple) -> None:

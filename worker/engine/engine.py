@@ -73,6 +73,7 @@ log = logging.getLogger(__name__)
 StepCallback = Callable[[int, int], None]
 ImageLoader = Callable[[str], bytes]
 UpscalerLoader = Callable[[str], Any]  # a model upscaler's file (relative to the models folder) -> LoadedUpscaler
+FaceRestorerLoader = Callable[[], Any]  # -> worker.engine.face_restoration.FaceRestorer
 
 
 @dataclass
@@ -121,6 +122,7 @@ class GenerationEngine:
         # ...and ControlNets loaded on first use, by location (the worker passes its pipeline cache's loader).
         self._controlnets: dict[tuple[str, str, str], Any] = {}
         self._upscalers: dict[str, Any] = {}
+        self._face_restorer: Any = None
 
     def controlnet_loader(self, pipe: Any) -> ControlNetLoader:
         """Loads a unit's ControlNet onto ``pipe``'s device and dtype, once per process (tests and tools)."""
@@ -153,13 +155,14 @@ class GenerationEngine:
         limits: BatchLimits | None = None,
         controlnets: ControlNetLoader | None = None,
         upscalers: UpscalerLoader | None = None,
+        face_restorer: FaceRestorerLoader | None = None,
     ) -> list[RenderedImage]:
         """Every image of one job, in order (a batch of one job; see :meth:`render_batch`). ``on_step(done,
         total)`` counts model evaluations and may raise to cancel; what it raises is raised here."""
         job_id = uuid.uuid4()
         step = (lambda _job, done, total: on_step(done, total)) if on_step is not None else None
         outcome = self.render_batch(pipe, [BatchJob(job_id, spec)], scheduler_config, load_image, step, loras, limits,
-                                    controlnets, upscalers)
+                                    controlnets, upscalers, face_restorer)
         result = outcome[job_id]
         if isinstance(result, Exception):
             raise result
@@ -176,6 +179,7 @@ class GenerationEngine:
         limits: BatchLimits | None = None,
         controlnets: ControlNetLoader | None = None,
         upscalers: UpscalerLoader | None = None,
+        face_restorer: FaceRestorerLoader | None = None,
     ) -> dict[uuid.UUID, list[RenderedImage] | Exception]:
         """Every job of a claimed batch: each job's images in order, or the exception that ended that job
         alone (a FieldError found late, or whatever its ``on_step`` raised). An exception that escapes (a
@@ -185,11 +189,12 @@ class GenerationEngine:
         together, ``limits.images_per_call`` at a time; a ``batch_invariant`` job's images one at a time.
         ``loras`` is the pipeline's LoRA cache: each group's exact LoRA set (or none) is made active before
         anything is encoded. ``controlnets`` loads a unit's ControlNet (the worker's pipeline cache; default: the
-        engine's own, loaded on first use); ``upscalers`` likewise loads hires fix's model upscalers."""
+        engine's own, loaded on first use); ``upscalers`` likewise loads hires fix's model upscalers, and
+        ``face_restorer`` GFPGAN for ``restore_faces``."""
         limits = limits or BatchLimits()
         load_controlnet = controlnets or self.controlnet_loader(pipe)
         cache = loras if loras is not None else self.lora_cache(pipe)
-        run = _BatchRun(on_step, upscalers)
+        run = _BatchRun(on_step, upscalers, face_restorer or self.face_restorer_loader())
         groups: dict[object, list[BatchJob]] = {}
         for job in jobs:
             key = job.spec.batch_key or ("alone", job.job_id)  # batch_invariant jobs have no key
@@ -321,7 +326,31 @@ class GenerationEngine:
             ]) if slots else latents
         per_call = max(1, len(slots))
         decoded = decode_images(job.vae.module, latents, per_call)
-        return {slot: _finish_image(slot, image) for slot, image in zip(slots, decoded, strict=True)}
+        return {slot: _finish_image(slot, self._restore_faces(slot, image, run))
+                for slot, image in zip(slots, decoded, strict=True)}
+
+    def _restore_faces(self, slot: _Slot, image: Image.Image, run: _BatchRun) -> Image.Image:
+        """``restore_faces``: GFPGAN on the decoded image, before the inpainting overlay (``process_images_inner``)."""
+        if not slot.job.spec.restore_faces or run.load_face_restorer is None:
+            return image
+        from worker.engine.face_restoration import FaceRestorationUnavailable, restore_faces
+
+        try:
+            restorer = run.load_face_restorer()
+        except FaceRestorationUnavailable as exc:
+            raise FieldError(("body", "restore_faces"), f"face restoration is not available: {exc}") from exc
+        return restore_faces(restorer, image)
+
+    def face_restorer_loader(self) -> FaceRestorerLoader:
+        """Loads the face restorer once per process (tests and tools; the worker passes its pipeline cache's)."""
+        from worker.engine.face_restoration import load_face_restorer
+
+        def load() -> Any:
+            if self._face_restorer is None:
+                self._face_restorer = load_face_restorer(self.models_dir)
+            return self._face_restorer
+
+        return load
 
     def _prepare(self, pipe: Any, slot: _Slot, shape: tuple[int, int, int], run: _BatchRun) -> bool:
         """An image's starting point: its noise, and for img2img its init latent and inpainting blend. False
@@ -440,9 +469,11 @@ class _Slot:
 class _BatchRun:
     """The jobs of one render_batch call: their images, evaluation counts and outcomes."""
 
-    def __init__(self, on_step: JobStep | None, load_upscaler: UpscalerLoader | None = None) -> None:
+    def __init__(self, on_step: JobStep | None, load_upscaler: UpscalerLoader | None = None,
+                 load_face_restorer: FaceRestorerLoader | None = None) -> None:
         self.on_step = on_step
         self.load_upscaler = load_upscaler
+        self.load_face_restorer = load_face_restorer
         self.outcomes: dict[uuid.UUID, Exception] = {}
         self.images: dict[uuid.UUID, list[RenderedImage | None]] = {}
         self.done: dict[uuid.UUID, int] = {}

@@ -5,14 +5,17 @@ otherwise the scale (``upscaling_resize``, or for resize_mode 1 the factor that 
 ``upscaling_resize_w`` x ``upscaling_resize_h``), ``Upscaler.upscale`` with upscaler 1 (model passes, then a
 LANCZOS resize to the target floored to a multiple of 8), for resize_mode 1 with crop a paste centred on a
 black canvas of exactly the asked size; with upscaler 2 and a visibility above 0 the same on the original
-image, blended over the first (``Image.blend``). The ``info`` keys are the WebUI's, in its order; the runner
-writes them as the image's ``postprocessing`` text beside the source's own ``parameters``.
+image, blended over the first (``Image.blend``). Then, with ``gfpgan_visibility`` above 0, GFPGAN
+(``scripts/postprocessing_gfpgan.py``): the restored faces blended over the image by the visibility. The ``info``
+keys are the WebUI's, in its order; the runner writes them as the image's ``postprocessing`` text beside the
+source's own ``parameters``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from PIL import Image
 
@@ -25,6 +28,7 @@ LANCZOS = Image.Resampling.LANCZOS
 NEAREST = Image.Resampling.NEAREST
 UpscalerLoader = Callable[[str], LoadedUpscaler]  # a model's file (relative to the models folder) -> the model
 ImageReader = Callable[[str], Image.Image]
+FaceRestorerLoader = Callable[[], Any]  # -> worker.engine.face_restoration.FaceRestorer
 
 
 @dataclass
@@ -79,12 +83,36 @@ def _number(value: float) -> float | int:
     return int(value) if float(value).is_integer() else value
 
 
-def postprocess(image: Image.Image, spec: UpscaleSpec, load_upscaler: UpscalerLoader) -> tuple[Image.Image,
-                                                                                               dict[str, object]]:
-    """One input through the Extras upscale step: the result and its info keys (empty when upscaler 1 is None)."""
+def postprocess(image: Image.Image, spec: UpscaleSpec, load_upscaler: UpscalerLoader,
+                load_face_restorer: FaceRestorerLoader | None = None) -> tuple[Image.Image, dict[str, object]]:
+    """One input through the Extras steps in the WebUI's order (upscale 1000, GFPGAN 2000): the result and its info
+    keys (none for a step that did nothing)."""
     info: dict[str, object] = {}
+    image = _upscale_step(image, spec, load_upscaler, info)
+    if spec.gfpgan_visibility > 0:
+        image = _gfpgan_step(image, spec.gfpgan_visibility, load_face_restorer, info)
+    return image, info
+
+
+def _gfpgan_step(image: Image.Image, visibility: float, load_face_restorer: FaceRestorerLoader | None,
+                 info: dict[str, object]) -> Image.Image:
+    """``ScriptPostprocessingGfpGan``: restore the faces, blend by the visibility, record it."""
+    from worker.engine.face_restoration import restore_faces
+
+    if load_face_restorer is None:
+        raise ValueError("gfpgan_visibility > 0 needs a face restorer")
+    restored = restore_faces(load_face_restorer(), image.convert("RGB"))
+    if visibility < 1.0:
+        restored = Image.blend(image.convert("RGB"), restored, visibility)
+    info["GFPGAN visibility"] = round(visibility, 3)
+    return restored
+
+
+def _upscale_step(image: Image.Image, spec: UpscaleSpec, load_upscaler: UpscalerLoader,
+                  info: dict[str, object]) -> Image.Image:
+    """``ScriptPostprocessingUpscale.process``: nothing when upscaler 1 is None."""
     if spec.upscaler_1 == "None":
-        return image, info
+        return image
     first = _upscale(image, spec.upscaler_1, spec.upscaler_1_file, spec, load_upscaler, info)
     info["Postprocess upscaler"] = spec.upscaler_1
     if spec.upscaler_2 != "None" and spec.extras_upscaler_2_visibility > 0:
@@ -95,7 +123,7 @@ def postprocess(image: Image.Image, spec: UpscaleSpec, load_upscaler: UpscalerLo
             second = second.resize(first.size, resample=LANCZOS)
         first = Image.blend(first, second, spec.extras_upscaler_2_visibility)
         info["Postprocess upscaler 2"] = spec.upscaler_2
-    return first, info
+    return first
 
 
 def extras_infotext(info: dict[str, object]) -> str:
@@ -112,13 +140,14 @@ def extras_infotext(info: dict[str, object]) -> str:
 
 
 def run_extras(spec: UpscaleSpec, read_image: ImageReader, load_upscaler: UpscalerLoader,
+               load_face_restorer: FaceRestorerLoader | None = None,
                on_image: Callable[[int, int], None] | None = None) -> list[ExtrasImage]:
     """Every input of an upscale job, in order. ``on_image(done, total)`` runs after each image (it may raise to
     cancel the job)."""
     results = []
     total = len(spec.images)
     for index, key in enumerate(spec.images):
-        image, info = postprocess(read_image(key), spec, load_upscaler)
+        image, info = postprocess(read_image(key), spec, load_upscaler, load_face_restorer)
         source = spec.infotexts[index] if index < len(spec.infotexts) else None
         results.append(ExtrasImage(index, image, info, source))
         if on_image is not None:

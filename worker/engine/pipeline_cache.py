@@ -61,6 +61,13 @@ class HeldUpscaler:
 
 _CONTROLNET = "controlnet:"  # key prefix of ControlNets in the cache's one LRU order
 _UPSCALER = "upscaler:"  # ...and of upscaler models
+_FACE_RESTORER = "face-restorer:GFPGAN"  # ...and the face restorer (GFPGAN with its detector and face parser)
+
+
+@dataclass
+class HeldFaceRestorer:
+    restorer: Any  # worker.engine.face_restoration.FaceRestorer
+    nbytes: int
 
 
 def estimate_checkpoint_bytes(path: Path, float_bytes: int) -> int:
@@ -215,6 +222,29 @@ class PipelineCache:
                  upscaler.scale, self.device, time.perf_counter() - started, upscaler.size_bytes / 1e6)
         self._changed()
         return upscaler
+
+    def face_restorer(self) -> Any:
+        """GFPGAN with its face detector and parser (``models/GFPGAN/``), loaded on first use and held under the
+        same budget; raises ``worker.engine.face_restoration.FaceRestorationUnavailable`` naming what is wrong."""
+        from worker.engine.face_restoration import load_face_restorer
+
+        held = self._models.get(_FACE_RESTORER)
+        if isinstance(held, HeldFaceRestorer):
+            self._models.move_to_end(_FACE_RESTORER)
+            return held.restorer
+        last = next((n for n in reversed(self._models) if isinstance(self._models[n], LoadedModel)), None)
+        current = {last} if last is not None else set()
+        started = time.perf_counter()
+        restorer = load_face_restorer(self.settings.models.models_dir, self.device)
+        nbytes = sum(t.numel() * t.element_size() for module in (restorer.gfpgan, restorer.detector, restorer.parser)
+                     for t in [*module.parameters(), *module.buffers()])
+        self._models[_FACE_RESTORER] = HeldFaceRestorer(restorer, nbytes)
+        self._make_room(0, keep={_FACE_RESTORER, *current})
+        self.loads += 1
+        log.info("loaded the face restorer on %s in %.2fs (%.0f MB)", self.device, time.perf_counter() - started,
+                 nbytes / 1e6)
+        self._changed()
+        return restorer
 
     def get(self, name: str) -> LoadedModel:
         held = self._models.get(name)
