@@ -200,3 +200,18 @@ def vae_hash(models_dir: Path, vae_file: str | None, cache: HashCache | None = N
 
 
 
+
+
+def upscaler_checks() -> dict[str, dict[str, Any]]:
+    """What the live workers found in each upscaler file (architecture and scale, or why spandrel refuses it), from
+    their heartbeats; empty when Redis cannot be read (submission then goes on: the worker still refuses a bad file,
+    failing the job as the user's error)."""
+    import redis
+
+    from shared.models.upscalers import fleet_upscaler_checks
+    from shared.queueing.fleet import get_redis, live_worker_infos
+
+    try:
+        return fleet_upscaler_checks(live_worker_infos(get_redis()))
+    except redis.RedisError:
+        return {}

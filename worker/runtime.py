@@ -21,6 +21,7 @@ from worker.control.beacon import FleetBeacon
 from worker.control.job_control import JobControl
 from worker.control.lease_keeper import LeaseKeeper
 from worker.control.recovery import RecoveryLoop
+from worker.control.upscaler_checks import UpscalerChecks
 from worker.engine.pipeline_cache import PipelineCache
 from worker.runner import JobRunner
 
@@ -85,17 +86,18 @@ class WorkerRuntime:
         self.lease_keeper = LeaseKeeper(self.control, session_factory, self.name, settings.jobs.lease_seconds, beat)
         self.recovery = RecoveryLoop(session_factory, settings.services.redis_url, beat,
                                      settings.jobs.republish_after_seconds, settings.routing.affinity_max_wait_seconds)
+        self.upscaler_checks = UpscalerChecks(settings.models.models_dir, max(beat, 2.0), self.beacon.advertise)
 
     def start(self) -> None:
         """Start the control threads, load the configured models, then say so: the first job costs no more
         than the tenth."""
-        for thread in (self.lease_keeper, self.beacon, self.recovery):
+        for thread in (self.lease_keeper, self.beacon, self.recovery, self.upscaler_checks):
             thread.start()
         self.warm_up()
         self.beacon.advertise()
 
     def stop(self) -> None:
-        for thread in (self.lease_keeper, self.beacon, self.recovery):
+        for thread in (self.lease_keeper, self.beacon, self.recovery, self.upscaler_checks):
             thread.stop()
 
     def warm_up(self) -> None:
@@ -118,6 +120,7 @@ class WorkerRuntime:
             "loras": self.pipelines.resident_loras(),
             "controlnets": self.pipelines.controlnets(),
             "upscalers": self.pipelines.upscalers(),
+            "upscaler_checks": self.upscaler_checks.report(),
             "memory": memory_report(self.device) | {"models_loaded": self.pipelines.used_bytes(),
                                                      "models_budget": self.pipelines.budget},
             "model_evictions": self.pipelines.evictions,

@@ -18,6 +18,7 @@ from api.model_catalog import (
     list_loras,
     list_vaes,
     refresh,
+    upscaler_checks,
 )
 from shared.models.upscalers import BUILTIN_UPSCALERS, LATENT_UPSCALERS, scan_upscalers
 from shared.webui.hashes import HashCache
@@ -73,6 +74,8 @@ class UpscalerView(BaseModel):
     name: str = Field(description="the WebUI's name: what hr_upscaler, upscaler_1 and upscaler_2 take")
     kind: Literal["latent", "builtin", "model"]
     file: str | None = Field(description="a model's file, relative to the models folder")
+    architecture: str | None = Field(None, description="the network a worker's spandrel found (null: not checked "
+                                                       "yet, or a built-in)")
     scale: int | None
     size: int | None
     refused_reason: str | None
@@ -82,12 +85,17 @@ class UpscalerView(BaseModel):
 def get_upscalers(key: CurrentKey, settings: SettingsDep) -> list[UpscalerView]:
     """Every upscaler a job may name, as the WebUI lists them: hires fix's latent modes, the built-in None, Lanczos
     and Nearest, then the model files in ``ESRGAN/``, ``RealESRGAN/``, ``SwinIR/``, ``DAT/``, ``HAT/``, ``ScuNET/``
-    (refused ones with the reason; latent modes only serve hires fix)."""
+    (refused ones with the reason: the gateway's own check of the file, or a worker's spandrel; latent modes only
+    serve hires fix)."""
     views = [UpscalerView(name=name, kind="latent", file=None, scale=None, size=None, refused_reason=None)
              for name in LATENT_UPSCALERS]
     views += [UpscalerView(name=name, kind="builtin", file=None, scale=None, size=None, refused_reason=None)
               for name in BUILTIN_UPSCALERS]
-    views += [UpscalerView(name=entry.name, kind="model", file=entry.location, scale=entry.scale,
-                           size=entry.path.stat().st_size, refused_reason=entry.refused_reason)
-              for entry in scan_upscalers(settings.models.models_dir)]
+    checks = upscaler_checks()
+    for entry in scan_upscalers(settings.models.models_dir):
+        check = checks.get(entry.location, {})
+        views.append(UpscalerView(
+            name=entry.name, kind="model", file=entry.location, architecture=check.get("architecture"),
+            scale=check.get("scale", entry.scale), size=entry.path.stat().st_size,
+            refused_reason=entry.refused_reason or check.get("refused")))
     return views

@@ -108,10 +108,15 @@ def upscalers(settings: Settings) -> list[dict[str, Any]]:
         {"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4.0}
         for name in BUILTIN_UPSCALERS
     ]
+    from api.model_catalog import upscaler_checks
+
+    checks = upscaler_checks()
     for entry in scan_upscalers(settings.models.models_dir):
-        if entry.loadable:
+        check = checks.get(entry.location, {})
+        if entry.loadable and "refused" not in check:
+            scale = check.get("scale", entry.scale)
             found.append({"name": entry.name, "model_name": entry.model_name, "model_path": str(entry.path),
-                          "model_url": None, "scale": float(entry.scale) if entry.scale is not None else None})
+                          "model_url": None, "scale": float(scale) if scale is not None else None})
     return found
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from api.model_catalog import resolve_job_loras, vae_hash
+from api.model_catalog import resolve_job_loras, upscaler_checks, vae_hash
 from api.submission.controlnet import ResolvedUnit, resolve_units
 from shared.controlnet.infotext import units_from_infotext
 from shared.errors import FieldError
@@ -29,7 +29,7 @@ from shared.jobs.schemas import Txt2ImgRequest, check_limits, check_mode, resolv
 from shared.models.face_restoration import check_face_restoration
 from shared.models.files import find_infotext_checkpoint, resolve_vae
 from shared.models.registry import CheckpointFile, default_checkpoint, resolve_checkpoint, scan_checkpoints
-from shared.models.upscalers import resolve_upscaler
+from shared.models.upscalers import LATENT_UPSCALERS, resolve_upscaler
 from shared.settings import Settings
 from shared.webui.hashes import HashCache
 from shared.webui.infotext import parse_infotext
@@ -288,8 +288,9 @@ def plan_job(req: Txt2ImgRequest, settings: Settings, style_book: StyleBook | No
             raise FieldError(("body", "model"),
                              "no checkpoint is installed; put a .safetensors file in Stable-diffusion/")
         checkpoint = _checkpoint(requested, settings)
-        hr_upscaler, hr_upscaler_file = resolve_upscaler(settings.models.models_dir, merged.hr_upscaler,
-                                                         ("body", "hr_upscaler"), latent=True)
+        hr_upscaler, hr_upscaler_file = resolve_upscaler(
+            settings.models.models_dir, merged.hr_upscaler, ("body", "hr_upscaler"), latent=True,
+            checks=upscaler_checks() if merged.enable_hr and merged.hr_upscaler not in LATENT_UPSCALERS else None)
         resolved = merged.model_copy(update={
             "vae": resolve_vae(settings.models.models_dir, merged.vae), "hr_upscaler": hr_upscaler,
         })

@@ -12,6 +12,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
+from api.model_catalog import upscaler_checks
 from api.submission.images import checked_png, decode_image, read_generation_info
 from api.submission.inputs import StagedInputs, read_image_value
 from shared.errors import FieldError
@@ -50,8 +51,9 @@ def plan_upscale(body: UpscaleRequest, settings: Settings) -> UpscalePlan:
     models_dir = settings.models.models_dir
     if body.gfpgan_visibility > 0:
         check_face_restoration(models_dir, ("body", "gfpgan_visibility"))
-    first, first_file = resolve_upscaler(models_dir, body.upscaler_1, ("body", "upscaler_1"))
-    second, second_file = resolve_upscaler(models_dir, body.upscaler_2, ("body", "upscaler_2"))
+    checks = upscaler_checks()
+    first, first_file = resolve_upscaler(models_dir, body.upscaler_1, ("body", "upscaler_1"), checks=checks)
+    second, second_file = resolve_upscaler(models_dir, body.upscaler_2, ("body", "upscaler_2"), checks=checks)
     spec = UpscaleSpec(
         images=(), resize_mode=body.resize_mode, upscaling_resize=body.upscaling_resize,
         upscaling_resize_w=body.upscaling_resize_w, upscaling_resize_h=body.upscaling_resize_h,

@@ -13,8 +13,10 @@ The WebUI scans ``.pth``/``.pt`` only and loads them with spandrel's restricted 
 ``.safetensors`` (as Forge does) and reads ``.pth`` only through torch's ``weights_only`` unpickler, which
 rebuilds tensors and runs no code. Here, without torch, a pickle is checked by reading its opcodes (never
 executing them): a file whose pickle calls anything but the tensor rebuilders that unpickler allows is listed
-as refused with what it calls. Which network a file holds is only known to spandrel, on a worker; a file it
-does not recognise fails its job as the user's error, naming the file.
+as refused with what it calls. Which network a file holds is only known to spandrel, on a worker: each worker
+checks every file in the background and advertises what it found (``upscaler_checks`` in its heartbeat,
+:func:`fleet_upscaler_checks`), so a file spandrel does not recognise is listed as refused with the reason and a
+job naming it is a 422; until a worker has checked it, such a job fails as the user's error, naming the file.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from __future__ import annotations
 import pickletools
 import re
 import zipfile
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from shared.errors import FieldError
 from shared.models.safetensors_header import safetensors_problem
@@ -33,6 +37,7 @@ __all__ = [
     "LATENT_UPSCALERS",
     "UPSCALER_FOLDERS",
     "UpscalerFile",
+    "fleet_upscaler_checks",
     "pickle_problem",
     "resolve_upscaler",
     "scan_upscalers",
@@ -173,13 +178,25 @@ def scan_upscalers(models_dir: Path) -> list[UpscalerFile]:
     return sorted(found, key=lambda entry: entry.name.lower())
 
 
+def fleet_upscaler_checks(infos: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """What the live workers found in each upscaler file (their heartbeats' ``upscaler_checks``): by location,
+    ``{"architecture", "scale"}`` or ``{"refused": reason}``; a refusal from any worker wins."""
+    merged: dict[str, dict[str, Any]] = {}
+    for info in infos:
+        for location, check in (info.get("upscaler_checks") or {}).items():
+            if isinstance(check, dict) and (location not in merged or "refused" in check):
+                merged[str(location)] = dict(check)
+    return merged
+
+
 def resolve_upscaler(models_dir: Path, requested: str, field: tuple[str | int, ...], *,
-                     latent: bool = False) -> tuple[str, UpscalerFile | None]:
+                     latent: bool = False, checks: Mapping[str, Mapping[str, Any]] | None = None
+                     ) -> tuple[str, UpscalerFile | None]:
     """(canonical name, model file or None for a built-in) of the upscaler ``requested`` names.
 
     Accepted: the built-ins (and the latent modes when ``latent``), a model's WebUI name, its file stem or
     file name, or ``folder/file``. Raises FieldError naming ``field``: unknown names list what is installed,
-    a refused file says why."""
+    a refused file says why (refused here, or by the workers' ``checks``)."""
     wanted = requested.strip()
     builtins = BUILTIN_UPSCALERS + (LATENT_UPSCALERS if latent else ())
     for name in builtins:
@@ -188,8 +205,9 @@ def resolve_upscaler(models_dir: Path, requested: str, field: tuple[str | int, .
     files = scan_upscalers(models_dir)
     for entry in files:
         if wanted in (entry.name, entry.filename, entry.path.stem, entry.location):
-            if entry.refused_reason is not None:
-                raise FieldError(field, f"upscaler {requested!r} ({entry.location}) is refused: {entry.refused_reason}")
+            refused = entry.refused_reason or (checks or {}).get(entry.location, {}).get("refused")
+            if refused is not None:
+                raise FieldError(field, f"upscaler {requested!r} ({entry.location}) is refused: {refused}")
             return entry.name, entry
     available = [*builtins, *(entry.name for entry in files if entry.loadable)]
     raise FieldError(field, f"unknown upscaler {requested!r}; available: {', '.join(available)}")

@@ -162,16 +162,34 @@ def test_bad_upscale_requests_are_422_and_store_nothing(client: Any, farm: Farm,
     assert client.get("/v1/jobs").json()["total"] == before
 
 
-def test_a_file_the_worker_cannot_load_fails_its_job_as_the_users_error(client: Any, models_dir: Path) -> None:
+def test_a_file_spandrel_does_not_know_is_never_rendered_and_is_listed_refused(client: Any, models_dir: Path) -> None:
+    """Submitted at once, before any worker checked the file: the job fails as the user's error naming the file (or,
+    if a worker's check came first, the submit is a 422). Once the workers' check is in their heartbeat, the listing
+    shows the reason and a job naming the file is a 422."""
     from tests.fake_files import write_model_file
 
     path = write_model_file(models_dir / "ESRGAN" / "not-an-upscaler.safetensors", b"weights of something else")
     try:
-        job = upscale(client, upscaler_1="not-an-upscaler")
+        response = client.post("/v1/jobs", json={"mode": "upscale", "image": b64(source_png()),
+                                                 "upscaler_1": "not-an-upscaler"})
+        if response.status_code == 202:
+            job = finished(client, response.json()["id"])
+            assert job["status"] == "failed" and job["error"]["type"] == "invalid_input"
+            assert "not-an-upscaler" in job["error"]["message"]
+        else:
+            assert response.status_code == 422 and "not-an-upscaler" in response.text
+        deadline, refused = time.monotonic() + 30, None
+        while refused is None and time.monotonic() < deadline:
+            listed = {e["name"]: e for e in client.get("/v1/upscalers").json()}
+            refused = listed["not-an-upscaler"]["refused_reason"]
+            time.sleep(0.5)
+        assert refused is not None and "not-an-upscaler.safetensors" in refused
+        assert listed["4x-demo-esrgan"]["architecture"] == "ESRGAN" and listed["2x-demo-compact"]["scale"] == 2
+        response = client.post("/v1/jobs", json={"mode": "upscale", "image": b64(source_png()),
+                                                 "upscaler_1": "not-an-upscaler"})
+        assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "upscaler_1"]
     finally:
         path.unlink()
-    assert job["status"] == "failed" and job["error"]["type"] == "invalid_input"
-    assert "not-an-upscaler" in job["error"]["message"]
 
 
 def test_face_restoration_without_its_files_is_a_422_naming_the_field(client: Any) -> None:
