@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass
 
 from api.model_catalog import upscaler_checks
-from api.submission.images import checked_png, decode_image, read_generation_info
+from api.submission.images import checked_png, decode_image, probe_image, read_generation_info
 from api.submission.inputs import StagedInputs, read_image_value
 from shared.errors import FieldError
 from shared.jobs.contract import UpscaleSpec
@@ -81,6 +81,16 @@ def extras_output_size(spec: UpscaleSpec, width: int, height: int) -> tuple[int,
     return int((width * scale) // 8 * 8), int((height * scale) // 8 * 8)
 
 
+def _check_output(spec: UpscaleSpec, width: int, height: int, loc: tuple[str | int, ...], settings: Settings) -> None:
+    out_w, out_h = extras_output_size(spec, width, height)
+    if out_w < 1 or out_h < 1:
+        raise FieldError(loc, f"the image ({width}x{height}) upscaled as asked would be {out_w}x{out_h} pixels; "
+                              "ask for a larger scale or size")
+    if out_w * out_h > settings.limits.max_upscale_pixels:
+        raise FieldError(loc, f"the image ({width}x{height}) upscaled as asked would be {out_w}x{out_h} = "
+                              f"{out_w * out_h} pixels, over the limit of {settings.limits.max_upscale_pixels}")
+
+
 def stage_upscale_inputs(plan: UpscalePlan, *, owner: str, store: ObjectStore,
                          settings: Settings) -> tuple[UpscaleSpec, StagedInputs]:
     """Check and re-encode every input (RGBA stays RGBA, anything else becomes RGB, as the WebUI 1.10 does),
@@ -91,15 +101,10 @@ def stage_upscale_inputs(plan: UpscalePlan, *, owner: str, store: ObjectStore,
     infotexts: list[str | None] = []
     for index, (value, loc) in enumerate(plan.request.inputs()):
         data = read_image_value(value, loc, owner, store, settings)
+        header = probe_image(data, loc, settings.limits.max_input_pixels)
+        _check_output(plan.spec, header.width, header.height, loc, settings)  # before a pixel is decoded
         image = decode_image(data, loc, settings.limits.max_input_pixels)
-        width, height = extras_output_size(plan.spec, image.width, image.height)
-        if width < 1 or height < 1:
-            raise FieldError(loc, f"the image ({image.width}x{image.height}) upscaled as asked would be "
-                                  f"{width}x{height} pixels; ask for a larger scale or size")
-        if width * height > settings.limits.max_upscale_pixels:
-            raise FieldError(loc, f"the image ({image.width}x{image.height}) upscaled as asked would be "
-                                  f"{width}x{height} = {width * height} pixels, over the limit of "
-                                  f"{settings.limits.max_upscale_pixels}")
+        _check_output(plan.spec, image.width, image.height, loc, settings)  # upright (EXIF orientation applied)
         infotext, _ = read_generation_info(data, loc, settings.limits.max_input_pixels)
         converted = image.convert("RGBA" if image.mode == "RGBA" else "RGB")
         key = f"{prefix}/extras_{index}.png"

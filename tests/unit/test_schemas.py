@@ -398,3 +398,8 @@ def test_restore_faces_needs_gfpgan_and_its_helpers_installed(settings: Settings
         (models / "GFPGAN").mkdir(exist_ok=True)
         (models / "GFPGAN" / name).write_bytes(b"weights")
     assert plan(settings, restore_faces=True)["restore_faces"] is True
+
+
+def test_an_infotext_with_a_size_not_multiple_of_8_makes_that_job(settings: Settings) -> None:
+    stored = plan(settings, infotext="a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 100x76, Model: demo")
+    assert (stored["width"], stored["height"]) == (100, 76)
