@@ -401,5 +401,6 @@ def test_restore_faces_needs_gfpgan_and_its_helpers_installed(settings: Settings
 
 
 def test_an_infotext_with_a_size_not_multiple_of_8_makes_that_job(settings: Settings) -> None:
-    stored = plan(settings, infotext="a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 100x76, Model: demo")
+    infotext = "a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 100x76, Model: demo"
+    stored = plan(settings, infotext=infotext)
     assert (stored["width"], stored["height"]) == (100, 76)
