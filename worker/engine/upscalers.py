@@ -197,7 +197,7 @@ def load_upscaler(path: Path, device: torch.device | str = "cpu", *, prefer_half
     descriptor.model.requires_grad_(False)
     size = sum(t.numel() * t.element_size() for t in [*descriptor.model.parameters(), *descriptor.model.buffers()])
     if tiling is None:
-        tiling = "weighted" if path.parent.name in WEIGHTED_TILING_FOLDERS else "grid"
+        tiling = "weighted" if set(path.parent.parts) & set(WEIGHTED_TILING_FOLDERS) else "grid"  # subfolders too
     return LoadedUpscaler(model=descriptor, scale=int(descriptor.scale), architecture=arch.id,
                           size_bytes=int(size), tiling=tiling)
 
