@@ -7,8 +7,9 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
-from shared.auth import find_api_key
+from shared.auth import API_KEY_CACHE, cached_api_key, detached_api_key
 from shared.db.models import ApiKey
 from shared.db.session import get_session_factory
 from shared.settings import Settings, get_settings
@@ -25,8 +26,21 @@ def db_session() -> Iterator[Session]:
 
 
 SessionDep = Annotated[Session, Depends(db_session)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-StoreDep = Annotated[ObjectStore, Depends(get_object_store)]
+
+
+async def _settings() -> Settings:
+    return get_settings()
+
+
+async def _object_store() -> ObjectStore:
+    if get_object_store.cache_info().currsize:
+        return get_object_store()
+    return await run_in_threadpool(get_object_store)  # the first call may reach the object store (a bucket check)
+
+
+# Async: FastAPI runs a plain function dependency in its thread pool; these are cached calls, not worth a thread hop.
+SettingsDep = Annotated[Settings, Depends(_settings)]
+StoreDep = Annotated[ObjectStore, Depends(_object_store)]
 
 
 def _bearer_token(request: Request) -> str | None:
@@ -37,19 +51,49 @@ def _bearer_token(request: Request) -> str | None:
     return None
 
 
+def _unauthorized() -> HTTPException:
+    return HTTPException(
+        status.HTTP_401_UNAUTHORIZED,
+        detail="missing or invalid API key: send 'Authorization: Bearer <key>'",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
 def require_key(request: Request, session: SessionDep) -> ApiKey:
+    """The caller's key, from the process's short-lived key cache (shared/auth.py): usually no query. When it
+    did query, the read-only transaction ends here, so the session holds no pooled connection until the route
+    uses it (a long-poll never does)."""
     token = _bearer_token(request)
-    key = find_api_key(session, token) if token else None
+    key = cached_api_key(session, token, get_settings().gateway.api_key_cache_seconds) if token else None
+    if session.in_transaction():
+        session.commit()
     if key is None:
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED,
-            detail="missing or invalid API key: send 'Authorization: Bearer <key>'",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+        raise _unauthorized()
     return key
 
 
 CurrentKey = Annotated[ApiKey, Depends(require_key)]
+
+
+def _detached_key(token: str) -> ApiKey | None:
+    with get_session_factory()() as session:
+        return detached_api_key(session, token, get_settings().gateway.api_key_cache_seconds)
+
+
+async def require_cached_key(request: Request) -> ApiKey:
+    """The caller's key for async read routes (job polls, long-polls, SSE): from the key cache on the event loop
+    (no thread, no session), else read in a session of its own, closed at once. The key is detached and carries
+    no `webhook_secret`: for routes that only need its owner, id and admin flag."""
+    token = _bearer_token(request)
+    if not token:
+        raise _unauthorized()
+    key = API_KEY_CACHE.cached(token) or await run_in_threadpool(_detached_key, token)
+    if key is None:
+        raise _unauthorized()
+    return key
+
+
+CachedKey = Annotated[ApiKey, Depends(require_cached_key)]
 
 
 def require_admin(key: CurrentKey) -> ApiKey:

@@ -95,16 +95,21 @@ class Farm:
         self.children.append((name, proc))
 
     def run(self) -> int:
+        from shared.settings import GatewaySettings
+
         api_port = os.environ.get("RENDERFARM_API_PORT", "7861")
+        # RENDERFARM_API_WORKERS processes (default: one per core) share the port; the API keeps no state of its own.
+        api_workers = GatewaySettings().api_worker_count()
         self.spawn("api", [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1",
-                           "--port", api_port, "--log-level", "info"])
+                           "--port", api_port, "--workers", str(api_workers), "--log-level", "info"])
         self.spawn("worker", [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "render",
                               "-c", "1", "--prefetch-multiplier=1", "-E", "-n", "worker1@%h",
                               "--without-gossip", "--without-mingle", "--loglevel=INFO"])
         self.spawn("webhooks", [sys.executable, "-m", "celery", "-A", "worker.webhook_sender.app", "worker",
                                 "-Q", "webhooks", "-c", "2", "-n", "webhooks@%h", "--loglevel=INFO"])
         key = self.env["RENDERFARM_ADMIN_KEY"]
-        _say(f"API on http://127.0.0.1:{api_port} (OpenAPI at /docs); Ctrl-C stops everything")
+        _say(f"API on http://127.0.0.1:{api_port} ({api_workers} processes; OpenAPI at /docs); "
+             "Ctrl-C stops everything")
         _say(f"admin API key: {key}")
         _say(f"try: curl -s -X POST http://127.0.0.1:{api_port}/v1/jobs -H 'Authorization: Bearer {key}' "
              "-H 'Content-Type: application/json' -d '{\"prompt\": \"a lighthouse\", \"width\": 64, \"height\": 64}'")

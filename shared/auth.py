@@ -1,5 +1,9 @@
 """API keys: random tokens shown once, stored as SHA-256 hashes.
 
+`cached_api_key` serves a key from a per-process cache for at most `ttl` seconds after it was read from
+Postgres, so a revoked key is refused within that bound (RENDERFARM_API_KEY_CACHE_SECONDS, 5 s by default) and
+most requests make no query for their key.
+
 Keys carry 256 bits of entropy, so a fast hash is enough (no password stretching needed)
 and lookups stay a single indexed equality match.
 """
@@ -8,9 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
+import time
+from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import inspect, select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session, make_transient_to_detached
 
 from shared.db.models import ApiKey
 
@@ -35,9 +43,15 @@ def create_api_key(
         if is_admin and not existing.is_admin:
             existing.is_admin = True
         return existing, plaintext
-    row = ApiKey(owner=owner, name=name, key_prefix=plaintext[:10], key_hash=hash_key(plaintext), is_admin=is_admin)
-    session.add(row)
-    session.flush()
+    # ON CONFLICT: several API processes starting at once each create RENDERFARM_ADMIN_KEY; one insert wins.
+    session.execute(
+        insert(ApiKey)
+        .values(owner=owner, name=name, key_prefix=plaintext[:10], key_hash=hash_key(plaintext), is_admin=is_admin)
+        .on_conflict_do_nothing(index_elements=[ApiKey.key_hash])
+    )
+    row = session.scalars(select(ApiKey).where(ApiKey.key_hash == hash_key(plaintext))).one()
+    if is_admin and not row.is_admin:
+        row.is_admin = True
     return row, plaintext
 
 
@@ -46,3 +60,73 @@ def find_api_key(session: Session, key: str) -> ApiKey | None:
     if row is None or row.revoked_at is not None:
         return None
     return row
+
+
+# What a cached key carries; `webhook_secret` is left out (a rotation must show at once), so it loads on use.
+_CACHED_COLUMNS = ("id", "owner", "name", "key_prefix", "key_hash", "is_admin", "created_at", "revoked_at")
+_CACHE_LIMIT = 10_000
+
+
+class ApiKeyCache:
+    """Valid keys by hash, each for ``ttl`` seconds after it was read (invalid ones are never cached, so a
+    key created a moment ago works at once). Thread-safe: sync routes run in a thread pool."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def cached(self, key: str) -> ApiKey | None:
+        """The key as cached (detached, without `webhook_secret`), or None when it is not cached now: no I/O, so
+        an async route can call it on its event loop."""
+        with self._lock:
+            entry = self._entries.get(hash_key(key))
+        if entry is None or entry[0] <= time.monotonic():
+            return None
+        row = ApiKey(**entry[1])
+        make_transient_to_detached(row)
+        return row
+
+    def lookup(self, session: Session, key: str, ttl: float) -> ApiKey | None:
+        """The key's row attached to ``session`` (no query while cached), or None when unknown or revoked."""
+        digest = hash_key(key)
+        now = time.monotonic()
+        with self._lock:
+            entry = self._entries.get(digest)
+        if entry is not None and entry[0] > now:
+            row = ApiKey(**entry[1])
+            make_transient_to_detached(row)  # clean, with its identity: attaching it costs no SQL
+            return session.merge(row, load=False)
+        found = find_api_key(session, key)
+        if found is None or ttl <= 0:
+            with self._lock:
+                self._entries.pop(digest, None)
+            return found
+        state = inspect(found)
+        values = {name: state.dict[name] for name in _CACHED_COLUMNS if name in state.dict}
+        with self._lock:
+            if len(self._entries) >= _CACHE_LIMIT:
+                self._entries = {d: e for d, e in self._entries.items() if e[0] > now}
+                if len(self._entries) >= _CACHE_LIMIT:
+                    self._entries.clear()
+            self._entries[digest] = (now + ttl, values)
+        return found
+
+
+API_KEY_CACHE = ApiKeyCache()
+
+
+def cached_api_key(session: Session, key: str, ttl: float) -> ApiKey | None:
+    """`find_api_key` through this process's cache: a revoked key is refused at most ``ttl`` seconds later."""
+    return API_KEY_CACHE.lookup(session, key, ttl)
+
+
+def detached_api_key(session: Session, key: str, ttl: float) -> ApiKey | None:
+    """:func:`cached_api_key`, detached from ``session`` (for a caller that closes its session at once)."""
+    found = cached_api_key(session, key, ttl)
+    if found is not None:
+        session.expunge(found)
+    return found

@@ -13,6 +13,7 @@ reads its environment once, when it first asks. Tests that change the environmen
 
 from __future__ import annotations
 
+import os
 import socket
 from functools import lru_cache
 from pathlib import Path
@@ -164,6 +165,25 @@ class AdminSettings(BaseSettings):
     pause_poll_seconds: float = 5.0
 
 
+class GatewaySettings(BaseSettings):
+    """The API gateway's processes and what it keeps in memory between requests (docs/gateway-notes.md)."""
+
+    model_config = _FLAT
+
+    # uvicorn worker processes for the API (`make up`, docker-compose); 0: one per CPU core.
+    api_workers: int = Field(0, ge=0, le=256)
+    # An API key is looked up in Postgres at most this often per process; a revoked key is refused within it.
+    api_key_cache_seconds: float = Field(5.0, ge=0, le=60)
+    # The longest `GET /v1/jobs/{id}?wait=N` may hold a request.
+    long_poll_max_seconds: float = Field(60.0, ge=0, le=600)
+    # Queue positions come from a snapshot of the queued jobs refreshed at most this often per process.
+    queue_position_refresh_seconds: float = Field(1.0, ge=0, le=60)
+
+    def api_worker_count(self) -> int:
+        """The configured process count, or one per core."""
+        return self.api_workers or max(1, os.cpu_count() or 1)
+
+
 # Roughly exponential, about 2.8 days in all: 5s 30s 2m 10m 30m 1h 2h 4h 8h 12h 16h 24h.
 DEFAULT_RETRY_SCHEDULE: tuple[float, ...] = (
     5, 30, 120, 600, 1800, 3600, 7200, 14400, 28800, 43200, 57600, 86400,
@@ -274,6 +294,7 @@ class Settings(BaseModel):
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
 
 
 def worker_process_name(settings: Settings, pid: int) -> str:

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import uuid
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
-from fastapi import APIRouter, BackgroundTasks, Body, Header, HTTPException, Query, status
+from fastapi import APIRouter, Body, Header, HTTPException, Query, Response, status
 from pydantic import Discriminator, Tag
+from starlette.concurrency import run_in_threadpool
 
-from api.deps import CurrentKey, SessionDep, SettingsDep, StoreDep
+from api.deps import CachedKey, CurrentKey, SessionDep, SettingsDep, StoreDep
 from api.responses import CONFLICT, NOT_FOUND
 from api.submission import idempotency, submit
-from shared.db.session import get_session_factory
 from shared.jobs import lifecycle, repository
 from shared.jobs.schemas import JobListView, JobView, Txt2ImgRequest, UpscaleRequest
 from shared.jobs.states import JobStatus
-from shared.jobs.views import job_view, queue_position
+from shared.jobs.views import etag_matches, job_etag, job_view, queue_position
+from shared.queueing import job_notices
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -50,46 +54,108 @@ def submit_job(
     session: SessionDep,
     settings: SettingsDep,
     store: StoreDep,
-    background: BackgroundTasks,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> JobView:
-    def mark_published_after_response(job_ids: list[uuid.UUID]) -> None:
-        background.add_task(_mark_published, job_ids)
-
+    """One transaction (the row, its event, the Idempotency-Key record) and the publish; nothing runs after the
+    response."""
     try:
         if isinstance(body, UpscaleRequest):
-            submitted = submit.submit_upscale(session, key, body, settings, store, idempotency_key=idempotency_key,
-                                              mark_published=mark_published_after_response)
+            submitted = submit.submit_upscale(session, key, body, settings, store, idempotency_key=idempotency_key)
         else:
-            submitted = submit.submit_job(session, key, body, settings, store, idempotency_key=idempotency_key,
-                                          mark_published=mark_published_after_response)
+            submitted = submit.submit_job(session, key, body, settings, store, idempotency_key=idempotency_key)
     except idempotency.IdempotencyConflict as exc:
         raise HTTPException(
             status.HTTP_409_CONFLICT, detail="a request with this Idempotency-Key is still being processed"
         ) from exc
     job = submitted.job
-    position = None if submitted.replayed else queue_position(session, job)
-    view = job_view(job, store, settings.services.url_expires_seconds, position)
-    # Hand the connection back now: the background task takes one of its own before this request's session
-    # dependency exits, and 15 requests each holding one while waiting for another emptied the pool
-    # (QueuePool timeouts with 24 concurrent submits, bench/batching.py).
-    session.close()
-    return view
+    gateway = settings.gateway
+    position = None if submitted.replayed else queue_position(session, job, gateway.queue_position_refresh_seconds)
+    return job_view(job, store, settings.services.url_expires_seconds, position)
 
 
-def _mark_published(job_ids: list[uuid.UUID]) -> None:
-    """After the response: the recovery loop only needs this to tell published jobs from orphans."""
-    with get_session_factory()() as session:
-        lifecycle.mark_jobs_published(session, job_ids)
-        session.commit()
+NOT_MODIFIED: dict[int | str, dict[str, Any]] = {
+    304: {"description": "the job is as the `If-None-Match` ETag says (no body)"},
+}
+FALLBACK_POLL_SECONDS = 1.0  # a long-poll re-reads the row this often while job notices are unavailable
+WaitQuery = Annotated[float, Query(
+    ge=0, description="hold the request up to this many seconds (capped by RENDERFARM_LONG_POLL_MAX_SECONDS) "
+                      "until the job's status or progress differs from `If-None-Match` (or from the job as it "
+                      "was when the request came)")]
+IfNoneMatch = Annotated[str | None, Header(alias="If-None-Match", description="an ETag from an earlier answer")]
 
 
-@router.get("/{job_id}", response_model=JobView, responses=NOT_FOUND)
-def get_job(job_id: uuid.UUID, key: CurrentKey, session: SessionDep, settings: SettingsDep, store: StoreDep) -> JobView:
-    job = repository.get_job(session, job_id, owner=key.owner)
-    if job is None:
+@router.get("/{job_id}", response_model=JobView, responses={**NOT_FOUND, **NOT_MODIFIED})
+async def get_job(job_id: uuid.UUID, key: CachedKey, settings: SettingsDep, store: StoreDep, wait: WaitQuery = 0,
+                  if_none_match: IfNoneMatch = None) -> Response:
+    """The job, with an `ETag`; `If-None-Match` answers 304 while it still matches. With `wait`, a long-poll: it
+    answers as soon as the job changes, or when `wait` runs out. Waiting holds no thread and no database
+    connection: the route waits on this process's job-notice subscriber (shared/queueing/job_notices.py)."""
+    owner = key.owner
+    expires = settings.services.url_expires_seconds
+    refresh = settings.gateway.queue_position_refresh_seconds
+
+    def load() -> JobView | None:
+        with repository.read_session() as session:
+            found = repository.get_job_view_row(session, job_id, owner)
+            if found is None:
+                return None
+            job, ahead = found
+            position = queue_position(session, job, refresh, ahead=ahead, ahead_limit=repository.AHEAD_COUNT_LIMIT)
+            return job_view(job, store, expires, position)
+
+    wait = min(wait, settings.gateway.long_poll_max_seconds)
+    if wait <= 0:
+        return _answer(job_id, await run_in_threadpool(load), if_none_match)
+    hub = job_notices.get_hub()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    with hub.watch(job_id) as changed:
+        await hub.ready(min(wait, 2.0))  # subscribed before the first read: no change slips between them
+        view = await run_in_threadpool(load)
+        if view is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} not found")
+        baseline = if_none_match or job_etag(view)
+        while not view.status.is_terminal and etag_matches(baseline, job_etag(view)):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            step = remaining if hub.subscribed else min(remaining, FALLBACK_POLL_SECONDS)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), step)
+            changed.clear()
+            reread = await _shared_read(job_id, owner, load, hub.generation)
+            if reread is None:
+                raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} not found")
+            view = reread
+    return _answer(job_id, view, if_none_match)
+
+
+def _answer(job_id: uuid.UUID, view: JobView | None, if_none_match: str | None) -> Response:
+    if view is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} not found")
-    return job_view(job, store, settings.services.url_expires_seconds, queue_position(session, job))
+    etag = job_etag(view)
+    headers = {"ETag": etag, "Cache-Control": "private, no-cache"}
+    if etag_matches(if_none_match, etag):
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
+    return Response(view.model_dump_json(), media_type="application/json", headers=headers)
+
+
+# Long-polls of one job woken by the same notice share one read (a thousand waiters, one query). A read is shared
+# only with waiters woken no later than it started (its hub generation), so nobody takes a read older than its notice.
+_reads: dict[tuple[uuid.UUID, str], tuple[int, asyncio.Future[JobView | None]]] = {}
+
+
+async def _shared_read(job_id: uuid.UUID, owner: str, load: Callable[[], JobView | None],
+                       generation: int) -> JobView | None:
+    slot = (job_id, owner)
+    current = _reads.get(slot)
+    if current is None or current[0] < generation or current[1].get_loop() is not asyncio.get_running_loop():
+        read = asyncio.ensure_future(run_in_threadpool(load))
+        current = (generation, read)
+        _reads[slot] = current
+        read.add_done_callback(lambda done: _reads.pop(slot, None) if _reads.get(slot, (0, None))[1] is done
+                               else None)
+    return await asyncio.shield(current[1])
 
 
 @router.post("/{job_id}/cancel", response_model=JobView, responses={**NOT_FOUND, **CONFLICT})

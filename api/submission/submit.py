@@ -1,8 +1,9 @@
 """Submitting a job, shared by `POST /v1/jobs` and the WebUI API (`/sdapi/v1/txt2img|img2img`).
 
 Order matters and is the same for every caller: every check first (nothing is stored for bad
-input), the Idempotency-Key reservation, the input images written, the row and its `queued`
-event committed together, and only then the broker message (commit, then publish).
+input), then one transaction: the Idempotency-Key look-up, the input images written, the row, its
+`queued` event and the key's record committed together, and only then the broker message (commit,
+then publish).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from api.submission import idempotency
 from api.submission.inputs import StagedInputs, stage_inputs
@@ -59,7 +61,6 @@ def submit_job(
     store: ObjectStore,
     *,
     idempotency_key: str | None = None,
-    mark_published: lifecycle.MarkPublished | None = None,
     skipped_loras: list[str] | None = None,
 ) -> Submitted:
     """Create and enqueue a job; raises FieldError (nothing stored) on bad input and
@@ -74,7 +75,7 @@ def submit_job(
     route = get_router().queue_for(plan.checkpoint.name,
                                    plan.spec.controlnet[0].model_title if plan.spec.controlnet else None)
     return _persist(session, key, body, plan, params, plan.checkpoint.name, route, inputs, webhook_events, store,
-                    settings.jobs.max_attempts, idempotency_key, mark_published)
+                    settings.jobs.max_attempts, idempotency_key)
 
 
 def submit_upscale(
@@ -85,7 +86,6 @@ def submit_upscale(
     store: ObjectStore,
     *,
     idempotency_key: str | None = None,
-    mark_published: lifecycle.MarkPublished | None = None,
 ) -> Submitted:
     """Create and enqueue an upscale job (the Extras tab), in the same order as :func:`submit_job`. It goes to the
     shared render queue: any worker can run it, none needs a checkpoint warm for it."""
@@ -93,42 +93,66 @@ def submit_upscale(
     webhook_events = check_webhook(body)
     spec, inputs = stage_upscale_inputs(plan, owner=key.owner, store=store, settings=settings)
     return _persist(session, key, body, plan, spec.to_stored(), plan.model_name, QueueName.RENDER, inputs,
-                    webhook_events, store, settings.jobs.max_attempts, idempotency_key, mark_published)
+                    webhook_events, store, settings.jobs.max_attempts, idempotency_key)
+
+
+class _KeyTaken(Exception):
+    """A concurrent request recorded the same Idempotency-Key first."""
 
 
 def _persist(session: Session, key: ApiKey, body: Txt2ImgRequest | UpscaleRequest, plan: JobPlan | UpscalePlan,
              params: dict[str, Any], model_name: str, route: str, inputs: StagedInputs,
-             webhook_events: list[str] | None, store: ObjectStore, max_attempts: int, idempotency_key: str | None,
-             mark_published: lifecycle.MarkPublished | None) -> Submitted:
-    """The Idempotency-Key reservation, the inputs written, the row and its event committed, then the publish."""
+             webhook_events: list[str] | None, store: ObjectStore, max_attempts: int,
+             idempotency_key: str | None) -> Submitted:
+    """One transaction: the Idempotency-Key look-up, the row (inserted as published), its `queued` event and the
+    key's record; the inputs written before it commits; then the publish (rule 2). Nothing runs after the
+    response: a message that cannot be sent un-marks the job for the recovery loop (`lifecycle.commit`)."""
+    body_fingerprint = idempotency.fingerprint(body.model_dump(mode="json")) if idempotency_key is not None else ""
     if idempotency_key is not None:
-        try:
-            reservation = idempotency.reserve(
-                session, key.id, idempotency_key, idempotency.fingerprint(body.model_dump(mode="json"))
-            )
-        except idempotency.IdempotencyMismatch as exc:
-            raise FieldError(
-                ("header", "Idempotency-Key"), "this Idempotency-Key was already used with a different request body"
-            ) from exc
-        if reservation.job_id is not None:
-            earlier = repository.get_job(session, reservation.job_id, owner=key.owner)
-            if earlier is not None:
-                return Submitted(earlier, plan, replayed=True)
-
+        earlier = _replay(session, key, idempotency_key, body_fingerprint, plan)
+        if earlier is not None:
+            return earlier
     try:
         inputs.write(store)  # before the row commits: a worker must find them as soon as the job exists
         job = lifecycle.submit(
             session, owner=key.owner, api_key_id=key.id, params=params, model_name=model_name,
             route=route, max_attempts=max_attempts, webhook_url=body.webhook_url,
-            webhook_events=webhook_events,
+            webhook_events=webhook_events, published=True,
         )
-        if idempotency_key is not None:
-            idempotency.attach_job(session, key.id, idempotency_key, job.id)
-        lifecycle.commit(session, mark_published=mark_published)
+        set_committed_value(job, "images", [])  # a new job has none: its view needs no query for them
+        if idempotency_key is not None and not idempotency.record(session, key.id, idempotency_key,
+                                                                   body_fingerprint, job.id):
+            raise _KeyTaken
+        lifecycle.commit(session)
+    except _KeyTaken:
+        session.rollback()
+        inputs.discard(store)
+        assert idempotency_key is not None
+        replayed = _replay(session, key, idempotency_key, body_fingerprint, plan)
+        if replayed is None:  # the winner's job is gone (deleted by an operator): nothing to replay
+            raise idempotency.IdempotencyConflict(idempotency_key) from None
+        return replayed
     except Exception:
         session.rollback()
-        if idempotency_key is not None:
-            idempotency.release(session, key.id, idempotency_key)
         inputs.discard(store)
         raise
     return Submitted(job, plan, replayed=False)
+
+
+def _replay(session: Session, key: ApiKey, idempotency_key: str, body_fingerprint: str,
+            plan: JobPlan | UpscalePlan) -> Submitted | None:
+    """The job an earlier request with this Idempotency-Key made, or None when the key is free."""
+    try:
+        reservation = idempotency.find(session, key.id, idempotency_key, body_fingerprint)
+    except idempotency.IdempotencyMismatch as exc:
+        session.rollback()
+        raise FieldError(
+            ("header", "Idempotency-Key"), "this Idempotency-Key was already used with a different request body"
+        ) from exc
+    except idempotency.IdempotencyConflict:
+        session.rollback()
+        raise
+    if reservation is None or reservation.job_id is None:
+        return None
+    earlier = repository.get_job(session, reservation.job_id, owner=key.owner)
+    return Submitted(earlier, plan, replayed=True) if earlier is not None else None

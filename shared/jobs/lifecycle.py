@@ -33,6 +33,7 @@ from shared.clock import utcnow
 from shared.db.models import Job, JobImage
 from shared.jobs.contract import RenderSpec
 from shared.jobs.states import ErrorType, JobStatus, check_transition
+from shared.queueing import job_notices
 from shared.queueing.queues import QueueName, publish_render
 from shared.queueing.routing import MODEL_QUEUE_PREFIX, model_queue
 from shared.webhooks.outbox import enqueue_job_event, event_for_status, publish_deliveries
@@ -49,6 +50,10 @@ class Pending:
     deliveries: list[int] = field(default_factory=list)
     # (job id, queue, whether `published_at` is still to be set once the message is sent)
     renders: list[tuple[uuid.UUID, str, bool]] = field(default_factory=list)
+    # jobs inserted as published (`submit(..., published=True)`): un-marked if their message cannot be sent
+    presumed_published: set[uuid.UUID] = field(default_factory=set)
+    # jobs whose status or progress changed: announced to long-polls (shared.queueing.job_notices)
+    notices: list[uuid.UUID] = field(default_factory=list)
 
 
 def _pending(session: Session) -> Pending:
@@ -84,15 +89,25 @@ def commit(session: Session, *, mark_published: MarkPublished | None = None) -> 
             publish_deliveries(pending.deliveries)
         except Exception:  # the rows are durable: the webhook sender's poller dispatches them
             log.exception("could not nudge the webhook queue about deliveries %s", pending.deliveries)
+    if pending.notices:
+        try:
+            job_notices.publish(pending.notices)
+        except Exception:  # long-polls re-read at their timeout anyway
+            log.warning("could not publish job notices for %s", pending.notices, exc_info=True)
     sent: list[uuid.UUID] = []
+    unsent: list[uuid.UUID] = []
     for job_id, queue, mark in pending.renders:
         try:
             publish_render(job_id, queue)
         except Exception:  # the row is queued and unpublished; the recovery loop publishes it
             log.exception("could not publish job %s; it stays queued for the recovery loop", job_id)
+            if job_id in pending.presumed_published:
+                unsent.append(job_id)
             continue
         if mark:
             sent.append(job_id)
+    if unsent:
+        _unmark_published(session, unsent)
     if not sent:
         return
     try:
@@ -109,6 +124,16 @@ def commit(session: Session, *, mark_published: MarkPublished | None = None) -> 
 def mark_jobs_published(session: Session, job_ids: Sequence[uuid.UUID]) -> None:
     """Tells the recovery loop the jobs' messages were sent (not a state change)."""
     session.execute(update(Job).where(Job.id.in_(list(job_ids))).values(published_at=utcnow()))
+
+
+def _unmark_published(session: Session, job_ids: Sequence[uuid.UUID]) -> None:
+    """Jobs inserted as published whose message was not sent: unpublished again, so the recovery loop sends it."""
+    try:
+        session.execute(update(Job).where(Job.id.in_(list(job_ids))).values(published_at=None))
+        session.commit()
+    except Exception:  # the recovery loop's broker-depth check (`republish_stale`) still finds them
+        session.rollback()
+        log.exception("could not record that jobs %s were not published", job_ids)
 
 
 def _record_event(session: Session, job_id: uuid.UUID, event_name: str | None = None) -> None:
@@ -130,7 +155,7 @@ def _move(
     sources = [source] if isinstance(source, JobStatus) else list(source)
     for src in sources:
         check_transition(src, target)
-    return list(
+    changed = list(
         session.execute(
             update(Job)
             .where(Job.status.in_([str(s) for s in sources]), *where)
@@ -138,6 +163,8 @@ def _move(
             .returning(Job.id)
         ).scalars()
     )
+    _pending(session).notices += changed
+    return changed
 
 
 # --- submit ---------------------------------------------------------------------------------------
@@ -154,8 +181,11 @@ def submit(
     max_attempts: int = 3,
     webhook_url: str | None = None,
     webhook_events: list[str] | None = None,
+    published: bool = False,
 ) -> Job:
-    """A new queued job: the row, its `queued` event, and its render message once committed."""
+    """A new queued job: the row, its `queued` event, and its render message once committed. ``published``: the
+    row is inserted with `published_at` set (no second transaction to record it), and un-marked by `commit` if
+    the message cannot be sent."""
     job = Job(
         id=uuid.uuid4(),
         owner=owner,
@@ -172,11 +202,14 @@ def submit(
         webhook_events=webhook_events,
         route=route,
         batch_key=_batch_key(params),
+        published_at=utcnow() if published else None,
     )
     session.add(job)
     session.flush()
     _record_event(session, job.id)
-    _pending(session).renders.append((job.id, route, True))
+    _pending(session).renders.append((job.id, route, not published))
+    if published:
+        _pending(session).presumed_published.add(job.id)
     return job
 
 
@@ -319,6 +352,7 @@ def report_progress(session: Session, job_id: uuid.UUID, worker: str, progress: 
     ).scalar_one_or_none()
     if changed is None:
         return False
+    _pending(session).notices.append(job_id)
     _record_event(session, job_id, "progress")
     return True
 

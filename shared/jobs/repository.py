@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import Select, bindparam, case, func, literal, select
+from sqlalchemy.orm import Session, aliased, contains_eager
 
-from shared.db.models import Job
+from shared.db.models import Job, JobImage
+from shared.db.session import get_engine
 from shared.jobs.states import JobStatus
 
 
@@ -17,6 +21,49 @@ def get_job(session: Session, job_id: uuid.UUID, owner: str | None = None) -> Jo
     if job is None or (owner is not None and job.owner != owner):
         return None
     return job
+
+
+@contextmanager
+def read_session() -> Iterator[Session]:
+    """A session for reads whose every statement stands alone (a poll's one query): its connection is in
+    autocommit, so no BEGIN and no ROLLBACK round trips surround the query."""
+    with get_engine().connect().execution_options(isolation_level="AUTOCOMMIT") as connection, \
+            Session(bind=connection) as session:
+        yield session
+
+
+AHEAD_COUNT_LIMIT = 1000  # a poll counts at most this many queued jobs ahead of its own
+
+
+def _job_view_query() -> Select[Any]:
+    ahead = aliased(Job)
+    first_ahead = (select(literal(1)).select_from(ahead)
+                   .where(ahead.status == JobStatus.QUEUED, ahead.created_at < Job.created_at)
+                   .limit(AHEAD_COUNT_LIMIT).correlate(Job).lateral("first_ahead"))
+    count_ahead = select(func.count()).select_from(first_ahead).scalar_subquery()
+    return (
+        select(Job, case((Job.status == JobStatus.QUEUED, count_ahead), else_=None))
+        .outerjoin(Job.images).options(contains_eager(Job.images))
+        .where(Job.id == bindparam("job_id"), Job.owner == bindparam("owner"))
+        .order_by(JobImage.index)
+        .execution_options(populate_existing=True)
+    )
+
+
+_JOB_VIEW_QUERY = _job_view_query()  # built once: building it (an alias, a lateral) cost more than running it
+
+
+def get_job_view_row(session: Session, job_id: uuid.UUID, owner: str) -> tuple[Job, int | None] | None:
+    """What a poll reads, in one round trip: the job with its images (a LEFT JOIN) and, while it is queued, the
+    queued jobs created before it, counted up to ``AHEAD_COUNT_LIMIT`` (an index range scan on
+    ``(status, created_at)`` that stops there: a poll never recounts a long queue). None when the job is not
+    ``owner``'s. A fresh read even when the session already holds the row."""
+    rows = session.execute(_JOB_VIEW_QUERY, {"job_id": job_id, "owner": owner}).unique().all()
+    if not rows:
+        return None
+    job: Job = rows[0][0]
+    count: int | None = rows[0][1]
+    return job, (None if count is None else int(count))
 
 
 def list_jobs(

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import bisect
+import threading
+import time
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select
@@ -23,14 +27,77 @@ def image_seeds(params: dict) -> list[int]:
     return [int(params["seed"]) + k for k in range(count)]
 
 
-def queue_position(session: Session, job: Job) -> int | None:
-    """1 + the queued jobs created before this one (first come, first served)."""
-    if job.status != JobStatus.QUEUED:
-        return None
+SNAPSHOT_LIMIT = 100_000  # queued jobs a snapshot holds; a job behind them is counted for itself
+
+
+class QueueSnapshot:
+    """The creation times of the queued jobs, oldest first, read at most once per ``refresh`` seconds per
+    process: a poll's queue position is a bisection, not a count over the queue (it may be that old)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._read_at = float("-inf")
+        self._created: list[datetime] = []
+        self._complete = True
+
+    def clear(self) -> None:
+        with self._lock:
+            self._read_at = float("-inf")
+
+    def position(self, session: Session, created_at: datetime, refresh: float) -> int:
+        with self._lock:
+            if time.monotonic() - self._read_at >= refresh:
+                rows = session.scalars(
+                    select(Job.created_at).where(Job.status == JobStatus.QUEUED).order_by(Job.created_at)
+                    .limit(SNAPSHOT_LIMIT + 1)
+                ).all()
+                self._created, self._complete = list(rows[:SNAPSHOT_LIMIT]), len(rows) <= SNAPSHOT_LIMIT
+                self._read_at = time.monotonic()
+            created, complete = self._created, self._complete
+        if complete or (created and created_at <= created[-1]):
+            return bisect.bisect_left(created, created_at) + 1
+        return count_position(session, created_at)
+
+
+QUEUE_SNAPSHOT = QueueSnapshot()
+
+
+def count_position(session: Session, created_at: datetime) -> int:
     ahead = session.scalar(
-        select(func.count()).select_from(Job).where(Job.status == JobStatus.QUEUED, Job.created_at < job.created_at)
+        select(func.count()).select_from(Job).where(Job.status == JobStatus.QUEUED, Job.created_at < created_at)
     )
     return int(ahead or 0) + 1
+
+
+def queue_position(session: Session, job: Job, refresh: float | None = None, *, ahead: int | None = None,
+                   ahead_limit: int = 0) -> int | None:
+    """1 + the queued jobs created before this one (first come, first served). ``ahead``: those jobs as the job's
+    own read counted them, up to ``ahead_limit`` (exact below it; `repository.get_job_view_row`). Otherwise, or at
+    the limit, with ``refresh``: from this process's snapshot of the queue, at most that many seconds old; None:
+    counted now."""
+    if job.status != JobStatus.QUEUED:
+        return None
+    if ahead is not None and ahead < ahead_limit:
+        return ahead + 1
+    if refresh is None:
+        return count_position(session, job.created_at)
+    return max(QUEUE_SNAPSHOT.position(session, job.created_at, refresh), (ahead or 0) + 1)
+
+
+def job_etag(view: JobView) -> str:
+    """A weak validator of a job view: it changes with the status (`status_seq`), the progress and the queue
+    position (image URLs are re-signed on every read, so the bytes are not identical: weak)."""
+    return f'W/"{view.id.hex}.{view.status_seq}.{view.progress:.6f}.{view.queue_position or 0}"'
+
+
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """`If-None-Match` against a weak ETag (RFC 9110's weak comparison; ``*`` matches any)."""
+    if not if_none_match:
+        return False
+    if if_none_match.strip() == "*":
+        return True
+    bare = etag.removeprefix("W/")
+    return any(tag.strip().removeprefix("W/") == bare for tag in if_none_match.split(","))
 
 
 def eta_seconds(job: Job) -> float | None:

@@ -125,23 +125,6 @@ def test_batch_invariant_is_stored_and_keeps_the_job_out_of_batches(api_only: Fa
     assert found[ids[2]][1] == "false" and found[ids[2]][0] is not None and len(found[ids[2]][0]) == 32
 
 
-def test_a_submit_hands_its_connection_back_before_its_background_task_takes_one(
-        api_only: Farm, client: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
-    """FastAPI runs background tasks before a request's yield dependencies exit: a submit that still held
-    its session's connection while `_mark_published` waited for another was hold-and-wait, and two dozen
-    concurrent submits emptied the pool (QueuePool timeouts, seen in bench/batching.py)."""
-    from api.routes import jobs as job_routes
-    from shared.db.session import get_session_factory
-
-    pool = get_session_factory().kw["bind"].pool
-    seen: list[int] = []
-    original = job_routes._mark_published
-    monkeypatch.setattr(job_routes, "_mark_published", lambda ids: (seen.append(pool.checkedout()), original(ids)))
-    resp = client.post("/v1/jobs", json=VALID)
-    assert resp.status_code == 202, resp.text
-    assert seen == [0]
-
-
 @pytest.mark.parametrize("raw", [
     '{"prompt": "x", "cfg_scale": NaN}', '{"prompt": "x", "cfg_scale": Infinity}',
     '{"prompt": "x", "hr_scale": -Infinity}', '{"prompt": "\\ud800 lone surrogate"}',

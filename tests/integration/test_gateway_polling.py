@@ -1,0 +1,364 @@
+"""The gateway's cheap polls (issue 20): ETag/304, long-polls woken by job notices, what a request costs, the key
+cache's revocation bound, a POST in one transaction.
+
+The API runs in this process (httpx's ASGI transport against `api.main.app`, no lifespan) on the worker-less
+API's database and Redis; jobs are moved by calling the lifecycle, as a worker would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import anyio.to_thread
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from tests.conftest import make_key, reset_process_caches
+
+KEY_CACHE_SECONDS = 1.0
+BODY = {"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 4}
+
+
+@pytest.fixture(scope="module")
+def gateway_env(api_only_env: dict[str, str]) -> Iterator[dict[str, str]]:
+    env = {**api_only_env, "RENDERFARM_API_KEY_CACHE_SECONDS": str(KEY_CACHE_SECONDS)}
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in env.items():
+            if os.environ.get(name) != value:
+                mp.setenv(name, value)
+        reset_process_caches()
+        _clear_gateway_caches()
+        try:
+            yield env
+        finally:
+            _clear_gateway_caches()
+            reset_process_caches()
+
+
+def _clear_gateway_caches() -> None:
+    from shared.auth import API_KEY_CACHE
+    from shared.jobs.views import QUEUE_SNAPSHOT
+
+    API_KEY_CACHE.clear()
+    QUEUE_SNAPSHOT.clear()
+
+
+@pytest.fixture
+def key(gateway_env: dict[str, str]) -> str:
+    return make_key(gateway_env["DATABASE_URL"], f"gw-{uuid.uuid4().hex[:8]}")
+
+
+def _client(key: str) -> httpx.AsyncClient:
+    from api.main import app
+
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver",
+                             headers={"Authorization": f"Bearer {key}"}, timeout=120)
+
+
+async def _submit(client: httpx.AsyncClient) -> str:
+    resp = await client.post("/v1/jobs", json=BODY)
+    assert resp.status_code == 202, resp.text
+    return str(resp.json()["id"])
+
+
+def _claim(job_id: str, worker: str = "gw-test:1") -> None:
+    from shared.db.session import get_session_factory
+    from shared.jobs import lifecycle
+
+    with get_session_factory()() as session:
+        assert lifecycle.claim(session, uuid.UUID(job_id), worker, 60) is not None
+        lifecycle.commit(session)
+
+
+def _progress(job_id: str, value: float, worker: str = "gw-test:1") -> None:
+    from shared.db.session import get_session_factory
+    from shared.jobs import lifecycle
+
+    with get_session_factory()() as session:
+        assert lifecycle.report_progress(session, uuid.UUID(job_id), worker, value)
+        lifecycle.commit(session)
+
+
+class Counter:
+    """SQL statements and transactions on the API's engine while it is active."""
+
+    def __init__(self) -> None:
+        from shared.db.session import get_engine
+
+        self.engine = get_engine()
+        self.statements: list[str] = []
+        self.transactions = 0
+
+    def _statement(self, _conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        self.statements.append(statement)
+
+    def _begin(self, *_: Any) -> None:
+        self.transactions += 1
+
+    def __enter__(self) -> Counter:
+        sa.event.listen(self.engine, "before_cursor_execute", self._statement)
+        sa.event.listen(self.engine, "begin", self._begin)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        sa.event.remove(self.engine, "before_cursor_execute", self._statement)
+        sa.event.remove(self.engine, "begin", self._begin)
+
+
+def test_etag_and_304(key: str) -> None:
+    async def scenario() -> None:
+        async with _client(key) as client:
+            job_id = await _submit(client)
+            first = await client.get(f"/v1/jobs/{job_id}")
+            assert first.status_code == 200 and first.json()["status"] == "queued"
+            etag = first.headers["ETag"]
+            again = await client.get(f"/v1/jobs/{job_id}", headers={"If-None-Match": etag})
+            assert again.status_code == 304 and again.content == b"" and again.headers["ETag"] == etag
+            other = await client.get(f"/v1/jobs/{job_id}", headers={"If-None-Match": 'W/"something-else"'})
+            assert other.status_code == 200
+            await asyncio.to_thread(_claim, job_id)
+            moved = await client.get(f"/v1/jobs/{job_id}", headers={"If-None-Match": etag})
+            assert moved.status_code == 200 and moved.json()["status"] == "running"
+            assert moved.headers["ETag"] != etag
+            await asyncio.to_thread(_progress, job_id, 0.5)
+            stepped = await client.get(f"/v1/jobs/{job_id}", headers={"If-None-Match": moved.headers["ETag"]})
+            assert stepped.status_code == 200 and stepped.json()["progress"] == 0.5
+
+    asyncio.run(scenario())
+
+
+def test_long_poll_returns_early_on_a_status_change_and_on_progress(key: str) -> None:
+    async def scenario() -> None:
+        async with _client(key) as client:
+            job_id = await _submit(client)
+            etag = (await client.get(f"/v1/jobs/{job_id}")).headers["ETag"]
+            started = time.monotonic()
+            poll = asyncio.create_task(client.get(f"/v1/jobs/{job_id}", params={"wait": 30},
+                                                  headers={"If-None-Match": etag}))
+            await asyncio.sleep(0.5)
+            assert not poll.done()
+            await asyncio.to_thread(_claim, job_id)
+            resp = await poll
+            assert resp.status_code == 200 and resp.json()["status"] == "running"
+            assert time.monotonic() - started < 5
+            # Without If-None-Match: it waits for a change from the job as it was when it came.
+            started = time.monotonic()
+            poll = asyncio.create_task(client.get(f"/v1/jobs/{job_id}", params={"wait": 30}))
+            await asyncio.sleep(0.5)
+            assert not poll.done()
+            await asyncio.to_thread(_progress, job_id, 0.25)
+            resp = await poll
+            assert resp.status_code == 200 and resp.json()["progress"] == 0.25
+            assert time.monotonic() - started < 5
+
+    asyncio.run(scenario())
+
+
+def test_long_poll_returns_on_time_when_nothing_changes(key: str) -> None:
+    async def scenario() -> None:
+        async with _client(key) as client:
+            job_id = await _submit(client)
+            first = await client.get(f"/v1/jobs/{job_id}")
+            started = time.monotonic()
+            resp = await client.get(f"/v1/jobs/{job_id}", params={"wait": 1.5},
+                                    headers={"If-None-Match": first.headers["ETag"]})
+            elapsed = time.monotonic() - started
+            assert resp.status_code == 304, resp.text
+            assert 1.4 <= elapsed < 3.5, elapsed
+            started = time.monotonic()
+            resp = await client.get(f"/v1/jobs/{job_id}", params={"wait": 1})
+            elapsed = time.monotonic() - started
+            assert resp.status_code == 200 and resp.json()["status"] == "queued"
+            assert 0.9 <= elapsed < 3, elapsed
+            # An out-of-date ETag, or a finished job, answers at once.
+            started = time.monotonic()
+            resp = await client.get(f"/v1/jobs/{job_id}", params={"wait": 30}, headers={"If-None-Match": 'W/"x"'})
+            assert resp.status_code == 200 and time.monotonic() - started < 2
+
+    asyncio.run(scenario())
+
+
+def test_long_poll_of_an_unknown_job_is_404(key: str) -> None:
+    async def scenario() -> None:
+        async with _client(key) as client:
+            resp = await client.get(f"/v1/jobs/{uuid.uuid4()}", params={"wait": 5})
+            assert resp.status_code == 404
+
+    asyncio.run(scenario())
+
+
+def _view_reads(statements: list[str]) -> list[str]:
+    return [s for s in statements if "LEFT OUTER JOIN job_images" in s]
+
+
+def test_many_long_polls_hold_no_thread_and_no_connection(key: str) -> None:
+    """200 clients long-polling one job: while they wait, no thread-pool slot and no pooled database connection
+    is taken; one change answers them all (with one shared read)."""
+    from shared.db.session import get_engine
+    from shared.queueing import job_notices
+
+    waiters = 200
+
+    async def scenario() -> None:
+        async with _client(key) as client:
+            job_id = await _submit(client)
+            etag = (await client.get(f"/v1/jobs/{job_id}")).headers["ETag"]
+            limiter = anyio.to_thread.current_default_thread_limiter()
+            pool = get_engine().pool
+            with Counter() as first_reads:
+                polls = [asyncio.create_task(client.get(f"/v1/jobs/{job_id}", params={"wait": 60},
+                                                        headers={"If-None-Match": etag}))
+                         for _ in range(waiters)]
+                hub = job_notices.get_hub()
+                deadline = time.monotonic() + 45
+                # Every one of them past its first read of the job, and nothing held any more.
+                while time.monotonic() < deadline and (
+                        len(_view_reads(first_reads.statements)) < waiters or limiter.borrowed_tokens
+                        or pool.checkedout()):
+                    await asyncio.sleep(0.05)
+            assert len(_view_reads(first_reads.statements)) >= waiters
+            assert hub.waiter_count() == waiters
+            await asyncio.sleep(0.5)
+            assert limiter.borrowed_tokens == 0, limiter.borrowed_tokens
+            assert pool.checkedout() == 0, pool.status()
+            assert not any(poll.done() for poll in polls)
+            with Counter() as counter:
+                started = time.monotonic()
+                await asyncio.to_thread(_claim, job_id)
+                answers = await asyncio.gather(*polls)
+            assert all(a.status_code == 200 and a.json()["status"] == "running" for a in answers)
+            assert time.monotonic() - started < 10
+            assert len(_view_reads(counter.statements)) < 10  # the waiters share their re-reads
+            assert hub.waiter_count() == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_poll_is_one_query(key: str) -> None:
+    """With the key cached, a GET is one statement: the job, its images and, while it is queued, the (bounded)
+    count of the queued jobs ahead of it."""
+    async def scenario() -> None:
+        async with _client(key) as client:
+            job_id = await _submit(client)
+            await client.get(f"/v1/jobs/{job_id}")  # the key is cached now
+            with Counter() as counter:
+                for _ in range(5):
+                    assert (await client.get(f"/v1/jobs/{job_id}")).json()["queue_position"] >= 1
+            assert len(counter.statements) == 5, counter.statements
+            assert counter.transactions == 5
+            await asyncio.to_thread(_claim, job_id)
+            with Counter() as counter:
+                resp = await client.get(f"/v1/jobs/{job_id}")
+            assert resp.json()["status"] == "running"
+            assert len(counter.statements) == 1, counter.statements
+            assert counter.transactions == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_submit_is_one_transaction_and_holds_no_connection_after(gateway_env: dict[str, str], key: str) -> None:
+    from shared.db.session import get_engine
+
+    async def scenario() -> None:
+        async with _client(key) as client:
+            await _submit(client)  # the key is cached now
+            for headers in ({}, {"Idempotency-Key": f"gw-{uuid.uuid4()}"}):
+                with Counter() as counter:
+                    resp = await client.post("/v1/jobs", json=BODY, headers=headers)
+                assert resp.status_code == 202, resp.text
+                # One transaction, and the queue snapshot's own read when it was due (at most once a second).
+                snapshot = any(s.lstrip().startswith("SELECT jobs.created_at") for s in counter.statements)
+                assert counter.transactions == 1 + snapshot, counter.statements
+                assert get_engine().pool.checkedout() == 0
+                job_id = resp.json()["id"]
+                if headers:
+                    with Counter() as counter:
+                        replay = await client.post("/v1/jobs", json=BODY, headers=headers)
+                    assert replay.json()["id"] == job_id and counter.transactions == 1
+
+    asyncio.run(scenario())
+    engine = sa.create_engine(gateway_env["DATABASE_URL"])
+    with engine.connect() as conn:
+        unpublished = conn.execute(sa.text("SELECT count(*) FROM jobs WHERE published_at IS NULL")).scalar_one()
+    engine.dispose()
+    assert unpublished == 0
+
+
+def test_concurrent_submits_with_one_idempotency_key_make_one_job(key: str) -> None:
+    async def scenario() -> None:
+        async with _client(key) as client:
+            headers = {"Idempotency-Key": f"gw-{uuid.uuid4()}"}
+            answers = await asyncio.gather(*(client.post("/v1/jobs", json=BODY, headers=headers) for _ in range(8)))
+            assert {a.status_code for a in answers} == {202}, [a.text for a in answers]
+            assert len({a.json()["id"] for a in answers}) == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_message_that_cannot_be_sent_leaves_the_job_unpublished(gateway_env: dict[str, str], key: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The row is inserted as published; when the broker refuses the message, the job is un-marked so the recovery
+    loop publishes it (as before, when `published_at` was set after the message went out)."""
+    from shared.jobs import lifecycle
+
+    def broken(*_: object) -> None:
+        raise ConnectionError("broker down")
+
+    monkeypatch.setattr(lifecycle, "publish_render", broken)
+
+    async def scenario() -> str:
+        async with _client(key) as client:
+            return await _submit(client)
+
+    job_id = asyncio.run(scenario())
+    engine = sa.create_engine(gateway_env["DATABASE_URL"])
+    with engine.connect() as conn:
+        published = conn.execute(sa.text("SELECT published_at FROM jobs WHERE id = :id"), {"id": job_id}).scalar_one()
+    engine.dispose()
+    assert published is None
+
+
+def test_a_revoked_key_is_refused_within_the_cache_bound(gateway_env: dict[str, str], key: str) -> None:
+    from shared.auth import hash_key
+
+    async def scenario() -> float:
+        async with _client(key) as client:
+            assert (await client.get("/v1/jobs")).status_code == 200  # cached now
+            engine = sa.create_engine(gateway_env["DATABASE_URL"])
+            with engine.begin() as conn:
+                conn.execute(sa.text("UPDATE api_keys SET revoked_at = now() WHERE key_hash = :h"),
+                             {"h": hash_key(key)})
+            engine.dispose()
+            revoked = time.monotonic()
+            while time.monotonic() - revoked < KEY_CACHE_SECONDS + 5:
+                if (await client.get("/v1/jobs")).status_code == 401:
+                    return time.monotonic() - revoked
+                await asyncio.sleep(0.05)
+            raise AssertionError("the revoked key was still accepted")
+
+    refused_after = asyncio.run(scenario())
+    assert refused_after <= KEY_CACHE_SECONDS + 0.5, refused_after
+
+
+def test_the_webhook_secret_is_not_served_stale_from_the_key_cache(key: str) -> None:
+    async def scenario() -> None:
+        async with _client(key) as client:
+            first = (await client.get("/v1/webhook-secret")).json()["secret"]
+            rotated = (await client.post("/v1/webhook-secret/rotate")).json()["secret"]
+            assert rotated != first
+            assert (await client.get("/v1/webhook-secret")).json()["secret"] == rotated
+
+    asyncio.run(scenario())
+
+
+def test_api_process_count_defaults_to_the_cores() -> None:
+    from shared.settings import GatewaySettings
+
+    assert GatewaySettings(api_workers=0).api_worker_count() == max(1, os.cpu_count() or 1)
+    assert GatewaySettings(api_workers=3).api_worker_count() == 3
