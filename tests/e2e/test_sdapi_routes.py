@@ -132,7 +132,7 @@ def test_send_images_false_and_styles(client: httpx.Client) -> None:
      ["body", "alwayson_scripts", "ControlNet", "args", 0, "model"]),
     ({"sampler_name": "Nope"}, ["body", "sampler_name"]),
     ({"override_settings": {"sd_model_checkpoint": "missing"}}, ["body", "override_settings", "sd_model_checkpoint"]),
-    ({"width": 65}, ["body", "width"]),
+    ({"width": 4096}, ["body", "width"]),
 ])
 def test_bad_requests_are_422_and_create_no_job(farm: Farm, client: httpx.Client, key: str, payload: dict,
                                                  loc: list) -> None:
