@@ -45,7 +45,8 @@ class StandInEngine:
 
     def render_batch(self, pipe: Any, jobs: list[BatchJob], config: Any, load_image: Any = None,
                      on_step: Any = None, loras: Any = None, limits: Any = None,
-                     controlnets: Any = None, upscalers: Any = None) -> dict[uuid.UUID, Any]:
+                     controlnets: Any = None, upscalers: Any = None,
+                     face_restorer: Any = None) -> dict[uuid.UUID, Any]:
         self.batches.append([job.job_id for job in jobs])
         out: dict[uuid.UUID, Any] = {}
         for job in jobs:
