@@ -166,7 +166,7 @@ class AdminSettings(BaseSettings):
 
 
 class GatewaySettings(BaseSettings):
-    """The API gateway's processes and what it keeps in memory between requests (docs/gateway-notes.md)."""
+    """The API gateway's processes and what it keeps in memory between requests (README: "How cheap a poll is")."""
 
     model_config = _FLAT
 
