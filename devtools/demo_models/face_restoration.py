@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from devtools.demo_models.pickles import MarkerTrap, save_pth_atomically
 from devtools.demo_models.sd15 import save_safetensors_atomically
 from shared.models.face_restoration import DETECTOR_FILE, GFPGAN_DIR, PARSER_FILE, face_restoration_files
 
@@ -133,20 +134,6 @@ def build_parser_state(seed: int = 0) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_pth_atomically(obj: object, path: Path) -> Path:
-    """``torch.save`` to ``path`` so that a crash leaves no half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def write_helper(state: dict[str, torch.Tensor], path: Path, *, module_prefix: bool = False) -> Path:
     """A detector or parser state dict as ``.pth`` (``torch.save``; keys prefixed ``module.`` if asked) or as
     ``.safetensors`` (plain keys), by ``path``'s suffix."""
@@ -177,20 +164,10 @@ def ensure_demo_face_restoration(models_dir: Path) -> list[Path]:
     return write_demo_face_restoration(models_dir)
 
 
-class _Trap:
-    """Unpickling this calls ``Path.touch(marker)``: harmless, but it leaves a trace."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = Path(marker)
-
-    def __reduce__(self) -> tuple[object, tuple[Path]]:
-        return (Path.touch, (self.marker,))
-
-
 def write_booby_trapped_pth(path: Path, marker: Path) -> Path:
     """A real ``torch.save`` file: a small state dict plus an object whose unpickling creates ``marker``. A
     loader that unpickles it leaves the marker; the weights-only unpickler refuses it without creating it."""
-    return save_pth_atomically({"module.body.conv1.weight": torch.zeros(64, 3, 7, 7), "meta": _Trap(marker)}, path)
+    return save_pth_atomically({"module.body.conv1.weight": torch.zeros(64, 3, 7, 7), "meta": MarkerTrap(marker)}, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from devtools.demo_models.pickles import MarkerTrap, save_pth_atomically
 from devtools.demo_models.sd15 import save_safetensors_atomically
 
 UPSCALER_DIR = "ESRGAN"  # the WebUI's UpscalerESRGAN folder: spandrel loads any architecture found there
@@ -101,26 +102,13 @@ def esrgan_to_new_arch(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
-def _save_pth_atomically(obj: object, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def write_esrgan(path: Path, seed: int = 0, scale: int = ESRGAN_SCALE) -> Path:
     """Write the tiny ESRGAN to ``path``: ``.safetensors`` in old-arch keys (community ESRGAN files), ``.pth``
     as ``{"params_ema": new-arch keys}`` (Real-ESRGAN's released RRDBNet files). Same weights either way."""
     state = build_esrgan_state(seed, scale)
     if Path(path).suffix == ".safetensors":
         return save_safetensors_atomically(state, path)
-    return _save_pth_atomically({"params_ema": esrgan_to_new_arch(state)}, path)
+    return save_pth_atomically({"params_ema": esrgan_to_new_arch(state)}, path)
 
 
 def write_compact(path: Path, seed: int = 0, scale: int = COMPACT_SCALE) -> Path:
@@ -129,7 +117,7 @@ def write_compact(path: Path, seed: int = 0, scale: int = COMPACT_SCALE) -> Path
     state = build_compact_state(seed, scale)
     if Path(path).suffix == ".safetensors":
         return save_safetensors_atomically(state, path)
-    return _save_pth_atomically({"params": state}, path)
+    return save_pth_atomically({"params": state}, path)
 
 
 def write_demo_upscalers(models_dir: Path) -> list[Path]:
@@ -153,22 +141,12 @@ def ensure_demo_upscalers(models_dir: Path) -> list[Path]:
     return write_demo_upscalers(models_dir)
 
 
-class _Trap:
-    """Unpickling this calls ``Path.touch(marker)``: harmless, but it leaves a trace."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = Path(marker)
-
-    def __reduce__(self) -> tuple[object, tuple[Path]]:
-        return (Path.touch, (self.marker,))
-
-
 def write_booby_trapped_pth(path: Path, marker: Path) -> Path:
     """A real ``torch.save`` file holding the tiny ESRGAN in Real-ESRGAN's layout plus an object whose
     unpickling creates ``marker``: a loader that unpickles it (``torch.load(..., weights_only=False)``, the
     WebUI's spandrel path) leaves the marker; the weights-only unpickler refuses it without creating it."""
     state = esrgan_to_new_arch(build_esrgan_state())
-    return _save_pth_atomically({"params_ema": state, "meta": _Trap(marker)}, path)
+    return save_pth_atomically({"params_ema": state, "meta": MarkerTrap(marker)}, path)
 
 
 def main(argv: list[str] | None = None) -> int:
