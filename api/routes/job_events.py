@@ -21,10 +21,9 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import CachedKey, SettingsDep, StoreDep
 from api.responses import NOT_FOUND
-from shared.jobs import repository
+from api.routes.jobs import read_job_view
 from shared.jobs.schemas import JobView
 from shared.jobs.states import JobStatus
-from shared.jobs.views import job_view, queue_position
 from shared.queueing import job_notices
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -60,18 +59,8 @@ async def job_events(
     store: StoreDep,
     last_event_id: str | None = Header(None, alias="Last-Event-ID"),
 ) -> StreamingResponse:
-    owner = key.owner
-    expires = settings.services.url_expires_seconds
-    refresh = settings.gateway.queue_position_refresh_seconds
-
     def snapshot() -> JobView | None:
-        with repository.read_session() as session:
-            found = repository.get_job_view_row(session, job_id, owner)
-            if found is None:
-                return None
-            job, ahead = found
-            position = queue_position(session, job, refresh, ahead=ahead, ahead_limit=repository.AHEAD_COUNT_LIMIT)
-            return job_view(job, store, expires, position)
+        return read_job_view(job_id, key.owner, store, settings)
 
     hub = job_notices.get_hub()
     watching = hub.watch(job_id)

@@ -21,6 +21,8 @@ from shared.jobs.schemas import JobListView, JobView, Txt2ImgRequest, UpscaleReq
 from shared.jobs.states import JobStatus
 from shared.jobs.views import etag_matches, job_etag, job_view, queue_position
 from shared.queueing import job_notices
+from shared.settings import Settings
+from shared.storage.base import ObjectStore
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -84,6 +86,18 @@ WaitQuery = Annotated[float, Query(
 IfNoneMatch = Annotated[str | None, Header(alias="If-None-Match", description="an ETag from an earlier answer")]
 
 
+def read_job_view(job_id: uuid.UUID, owner: str, store: ObjectStore, settings: Settings) -> JobView | None:
+    """The owner's job as the API shows it, from one statement (its images, the queued jobs ahead of it), or None."""
+    with repository.read_session() as session:
+        found = repository.get_job_view_row(session, job_id, owner)
+        if found is None:
+            return None
+        job, ahead = found
+        position = queue_position(session, job, settings.gateway.queue_position_refresh_seconds, ahead=ahead,
+                                  ahead_limit=repository.AHEAD_COUNT_LIMIT)
+        return job_view(job, store, settings.services.url_expires_seconds, position)
+
+
 @router.get("/{job_id}", response_model=JobView, responses={**NOT_FOUND, **NOT_MODIFIED})
 async def get_job(job_id: uuid.UUID, key: CachedKey, settings: SettingsDep, store: StoreDep, wait: WaitQuery = 0,
                   if_none_match: IfNoneMatch = None) -> Response:
@@ -91,17 +105,9 @@ async def get_job(job_id: uuid.UUID, key: CachedKey, settings: SettingsDep, stor
     answers as soon as the job changes, or when `wait` runs out. Waiting holds no thread and no database
     connection: the route waits on this process's job-notice subscriber (shared/queueing/job_notices.py)."""
     owner = key.owner
-    expires = settings.services.url_expires_seconds
-    refresh = settings.gateway.queue_position_refresh_seconds
 
     def load() -> JobView | None:
-        with repository.read_session() as session:
-            found = repository.get_job_view_row(session, job_id, owner)
-            if found is None:
-                return None
-            job, ahead = found
-            position = queue_position(session, job, refresh, ahead=ahead, ahead_limit=repository.AHEAD_COUNT_LIMIT)
-            return job_view(job, store, expires, position)
+        return read_job_view(job_id, owner, store, settings)
 
     wait = min(wait, settings.gateway.long_poll_max_seconds)
     if wait <= 0:
