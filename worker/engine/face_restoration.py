@@ -45,7 +45,6 @@ WebUI), so restored faces vary slightly from call to call unless torch's RNG is 
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +62,7 @@ from worker.engine.face_nets import (
     decode_landmarks,
     priors,
 )
+from worker.engine.weight_files import UnreadableWeights, first_line, read_weights
 
 __all__ = [
     "CONF_THRESHOLD",
@@ -94,7 +94,6 @@ CROP_BORDER_VALUE = (135, 133, 132)  # align_warp_face's gray (BGR)
 FACE_LABELS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 15)  # MASK_COLORMAP entries of 255
 MASK_BLUR = ((101, 101), 11)  # applied twice
 MASK_BORDER = 10
-PICKLE_SUFFIXES = (".pth", ".pt")
 
 
 class FaceRestorationUnavailable(Exception):
@@ -135,53 +134,14 @@ class FaceRestorer:
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
-
-
-def _unpickler_detail(exc: BaseException) -> str:
-    """The useful line of torch's weights-only refusal ("Unsupported global: GLOBAL posix.system ...")."""
-    text = str(exc)
-    marker = "WeightsUnpickler error:"
-    if marker in text:
-        lines = [line.strip() for line in text.split(marker, 1)[1].splitlines() if line.strip()]
-        if lines:
-            return lines[0][:300]
-    return _first_line(exc)
-
-
 def _read_file(path: Path) -> dict[object, object]:
     """The file's top-level mapping, read without running pickled code."""
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return {k: v for k, v in load_file(str(path), device="cpu").items()}
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise FaceRestorationUnavailable(f"{path.name}: not a readable .safetensors file ({_first_line(exc)})") \
-                from exc
-    if suffix in PICKLE_SUFFIXES:
-        try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            detail = _unpickler_detail(exc)
-            if detail.startswith("Unsupported global"):
-                raise FaceRestorationUnavailable(
-                    f"{path.name}: refused: its pickle holds objects other than tensors and plain containers, "
-                    f"which are never unpickled here (torch's weights-only unpickler: {detail})") from exc
-            raise FaceRestorationUnavailable(f"{path.name}: not a readable {suffix} file ({detail})") from exc
-        except FileNotFoundError as exc:
-            raise FaceRestorationUnavailable(f"{path.name}: not found") from exc
-        except Exception as exc:  # a broken zip, a truncated or foreign file, ...
-            raise FaceRestorationUnavailable(f"{path.name}: not a readable {suffix} file ({_first_line(exc)})") \
-                from exc
-        if not isinstance(loaded, dict):
-            raise FaceRestorationUnavailable(f"{path.name}: holds a {type(loaded).__name__}, not a state dict")
-        return dict(loaded)
-    raise FaceRestorationUnavailable(f"{path.name}: unsupported file type {suffix!r}; expected .pth or .safetensors")
+    try:
+        return read_weights(path)
+    except FileNotFoundError as exc:
+        raise FaceRestorationUnavailable(f"{path.name}: not found") from exc
+    except UnreadableWeights as exc:
+        raise FaceRestorationUnavailable(exc.reason) from exc
 
 
 def _load_strict(module: torch.nn.Module, raw: dict[object, object], path: Path, what: str) -> None:
@@ -203,7 +163,7 @@ def _load_strict(module: torch.nn.Module, raw: dict[object, object], path: Path,
     try:
         module.load_state_dict(state, strict=True)
     except (RuntimeError, ValueError) as exc:
-        raise FaceRestorationUnavailable(f"{path.name}: not {what} state dict ({_first_line(exc)})") from exc
+        raise FaceRestorationUnavailable(f"{path.name}: not {what} state dict ({first_line(exc)})") from exc
 
 
 def _ready(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -248,7 +208,7 @@ def _load_gfpgan(path: Path, device: torch.device) -> torch.nn.Module:
             from exc
     except Exception as exc:  # detected, but the weights do not build the network
         raise FaceRestorationUnavailable(
-            f"{path.name}: its weights do not form a GFPGAN model ({_first_line(exc)})") from exc
+            f"{path.name}: its weights do not form a GFPGAN model ({first_line(exc)})") from exc
     if descriptor.architecture.id != "GFPGAN":
         raise FaceRestorationUnavailable(f"{path.name}: is a {descriptor.architecture.name} model, not GFPGAN")
     return _ready(descriptor.model, device)

@@ -29,7 +29,6 @@ Running mirrors the WebUI:
 from __future__ import annotations
 
 import math
-import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,14 +38,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from worker.engine.weight_files import UnreadableWeights, first_line, read_weights
+
 if TYPE_CHECKING:
     from spandrel import ImageModelDescriptor
 
 Tiling = Literal["grid", "weighted"]
 
 LANCZOS = Image.Resampling.LANCZOS
-PICKLE_SUFFIXES = (".pth", ".pt")
-SAFETENSORS_SUFFIX = ".safetensors"
 # WebUI upscalers whose do_upscale calls upscaler_utils.upscale_2 (tiled_upscale_2) rather than
 # upscale_with_model, keyed by their models/ folder: extensions-builtin/SwinIR and extensions-builtin/ScuNET.
 WEIGHTED_TILING_FOLDERS = frozenset({"SwinIR", "ScuNET"})
@@ -96,49 +95,12 @@ def _first_param(module: torch.nn.Module) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def _read_state_dict(path: Path) -> dict[str, object]:
-    """The file's top-level object, read without running pickled code; UpscalerRefused if it can't be."""
-    suffix = path.suffix.lower()
-    if suffix == SAFETENSORS_SUFFIX:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return dict(load_file(str(path), device="cpu"))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise UpscalerRefused(f"{path.name}: not a readable .safetensors file ({_first_line(exc)})") from exc
-    if suffix in PICKLE_SUFFIXES:
-        try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            raise UpscalerRefused(
-                f"{path.name}: refused: the pickle holds objects other than tensors and plain containers, "
-                f"which are never unpickled here ({_unpickler_complaint(exc)})") from exc
-        except FileNotFoundError:
-            raise
-        except Exception as exc:  # a broken zip, a truncated or foreign file, a TorchScript archive, ...
-            raise UpscalerRefused(f"{path.name}: not a readable {suffix} file ({_first_line(exc)})") from exc
-        if not isinstance(loaded, dict):
-            raise UpscalerRefused(f"{path.name}: holds a {type(loaded).__name__}, not a state dict")
-        return loaded
-    raise UpscalerRefused(
-        f"{path.name}: unsupported file type {suffix or '(none)'!r}; upscaler models are .pth, .pt or .safetensors")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
-
-
-def _unpickler_complaint(exc: BaseException) -> str:
-    """The useful part of torch's weights-only refusal ("Unsupported global: GLOBAL posix.system", ...)."""
-    text = str(exc)
-    marker = "WeightsUnpickler error:"
-    if marker in text:
-        detail = [line.strip() for line in text.split(marker, 1)[1].splitlines() if line.strip()]
-        if detail:
-            return f"torch's weights-only unpickler: {detail[0][:300]}"
-    return _first_line(exc)
+def _read_state_dict(path: Path) -> dict[object, object]:
+    """The file's top-level mapping, read without running pickled code; UpscalerRefused if it can't be."""
+    try:
+        return read_weights(path)
+    except UnreadableWeights as exc:
+        raise UpscalerRefused(exc.reason) from exc
 
 
 def _tensors_only(raw: dict[str, object], name: str) -> dict[str, torch.Tensor]:
@@ -176,7 +138,7 @@ def load_upscaler(path: Path, device: torch.device | str = "cpu", *, prefer_half
             f"in this file (keys such as {sample})") from exc
     except Exception as exc:  # detected, but the weights do not build that architecture
         raise UpscalerRefused(
-            f"{path.name}: its weights do not form a model spandrel can build ({_first_line(exc)})") from exc
+            f"{path.name}: its weights do not form a model spandrel can build ({first_line(exc)})") from exc
     del state
     arch = descriptor.architecture
     if not isinstance(descriptor, spandrel.ImageModelDescriptor):
