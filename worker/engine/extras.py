@@ -20,6 +20,7 @@ from typing import Any
 from PIL import Image
 
 from shared.jobs.contract import UpscaleSpec
+from shared.webui.infotext import quote
 from worker.engine.upscalers import LoadedUpscaler, upscale_by
 
 __all__ = ["ExtrasImage", "builtin_upscale", "extras_infotext", "run_extras", "upscale_with"]
@@ -128,14 +129,8 @@ def _upscale_step(image: Image.Image, spec: UpscaleSpec, load_upscaler: Upscaler
 
 def extras_infotext(info: dict[str, object]) -> str:
     """The WebUI's postprocessing text: ``key: value`` joined by ", ", values quoted as ``infotext_utils.quote``
-    does (JSON quoting only when they hold a comma, colon or newline)."""
-    import json
-
-    def quote(value: object) -> str:
-        text = str(value)
-        return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
-
-    return ", ".join(key if key == value else f"{key}: {quote(value)}" for key, value in info.items()
+    does (:func:`shared.webui.infotext.quote`)."""
+    return ", ".join(key if key == value else f"{key}: {quote(str(value))}" for key, value in info.items()
                      if value is not None)
 
 
