@@ -29,6 +29,7 @@ from api.routes import (
     models,
     png_info,
     sdapi,
+    studio,
     styles,
     uploads,
     webhooks,
@@ -104,10 +105,11 @@ def create_app() -> FastAPI:
     for router in (health.router, jobs.router, job_events.router, models.router, files.router, webhooks.router,
                    uploads.router, png_info.router, styles.router, sdapi.router, controlnet.router):
         app.include_router(router)
-    for router in (admin.router, admin_jobs.router, admin.page_router, metrics.router):
+    for router in (admin.router, admin_jobs.router, admin.page_router, metrics.router, studio.router):
         app.include_router(router)
     app.include_router(catalog.router)
     app.mount("/admin/static", StaticFiles(directory=admin.PAGE_DIR), name="admin-static")
+    app.mount("/studio/static", StaticFiles(directory=studio.PAGE_DIR), name="studio-static")
     app.openapi = lambda: farm_openapi(app, get_settings())  # type: ignore[method-assign]
 
     @app.middleware("http")
