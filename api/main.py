@@ -28,6 +28,7 @@ from api.routes import (
     metrics,
     models,
     png_info,
+    prompt_dictionary,
     sdapi,
     studio,
     styles,
@@ -103,7 +104,8 @@ def create_app() -> FastAPI:
         return JSONResponse(status_code=422, content={"detail": json_safe(errors)})
 
     for router in (health.router, jobs.router, job_events.router, models.router, files.router, webhooks.router,
-                   uploads.router, png_info.router, styles.router, sdapi.router, controlnet.router):
+                   uploads.router, png_info.router, styles.router, sdapi.router, controlnet.router,
+                   prompt_dictionary.router):
         app.include_router(router)
     for router in (admin.router, admin_jobs.router, admin.page_router, metrics.router, studio.router):
         app.include_router(router)
