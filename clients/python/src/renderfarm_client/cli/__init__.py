@@ -1,0 +1,1 @@
+"""The `renderfarm` command line, built on the client (needs the ``cli`` extra: rich)."""
