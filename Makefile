@@ -6,10 +6,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: up test lint install clean-var chromium
 
-$(STAMP): pyproject.toml
+# The Python client (clients/python) is installed too: its `renderfarm` CLI replaces the farm's script of that
+# name and hands the operator commands (`up`, `create-key`, `migrate`) to devtools.cli.
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e 'clients/python[cli,webhooks]'
 	@$(MAKE) --no-print-directory chromium
 	@touch $(STAMP)
 
