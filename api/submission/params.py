@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from api.model_catalog import resolve_job_loras, upscaler_checks, vae_hash
 from api.submission.controlnet import ResolvedUnit, resolve_units
+from api.submission.prompt_builder import apply_prompt_builder
 from shared.controlnet.infotext import units_from_infotext
 from shared.errors import FieldError
 from shared.jobs.contract import RenderSpec
@@ -279,7 +280,7 @@ def _render_spec(params: dict[str, Any]) -> RenderSpec:
 def plan_job(req: Txt2ImgRequest, settings: Settings, style_book: StyleBook | None = None,
              skipped_loras: list[str] | None = None) -> JobPlan:
     """Every check that needs no image bytes; raises FieldError naming the field (or infotext) at fault."""
-    merged, origins = merge_request(req, settings)
+    merged, origins = merge_request(apply_prompt_builder(req, settings), settings)
     try:
         check_mode(merged)
         check_limits(merged, settings)

@@ -26,6 +26,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shared.controlnet.units import ControlUnit
+from shared.prompt_dictionary.choices import PromptBuilderRequest
 from shared.webui.prompts import extract_lora_tags
 
 __all__ = ["CONTRACT_VERSION", "BatchKey", "JobSpec", "LoraSpec", "RenderSpec", "UpscaleSpec", "parse_job_spec"]
@@ -119,6 +120,9 @@ class RenderSpec(BaseModel):
     controlnet: tuple[ControlUnit, ...] = Field((), description="enabled ControlNet units, in order")
     batch_invariant: bool = Field(False, description="images denoised one at a time, never with other jobs': "
                                                      "image k is pixel-identical to a single job with seed + k")
+    prompt_builder: PromptBuilderRequest | None = Field(None, description="the prompt dictionary's resolved choices "
+                                                                          "and seed, for the record: the prompt holds "
+                                                                          "their text already")
 
     @model_validator(mode="before")
     @classmethod

@@ -19,6 +19,7 @@ from shared.controlnet.units import UnitRequest
 from shared.errors import FieldError
 from shared.jobs.contract import HIRES_DENOISING, IMG2IMG_DENOISING
 from shared.jobs.states import JobStatus
+from shared.prompt_dictionary.choices import PromptBuilderRequest
 from shared.settings import Settings
 from shared.webui.samplers import SamplerChoice, resolve_sampler
 from shared.webui.styles import BUILTIN_STYLES_FILE, StyleBook, read_styles_csv
@@ -119,6 +120,12 @@ class Txt2ImgRequest(BaseModel):
                                           description="ControlNet units (the extension's unit fields); a unit "
                                                       "without image on img2img uses the init image")
     # WebUI conveniences, turned into the fields above before anything else looks at the request
+    prompt_builder: PromptBuilderRequest | None = Field(
+        None, description="choices from GET /v1/prompt-dictionary (as POST /v1/prompts/build takes them): the built "
+                          "prompt is the job's prompt, and a prompt sent too follows it on its own line; the built "
+                          "negative prompt is used unless negative_prompt is set; a character's settings fill the "
+                          "fields not given. Not with an infotext. The params record the resolved choices and seed"
+    )
     infotext: str | None = Field(None, max_length=50000,
                                  description="a WebUI infotext; its values fill every field not given")
     override_settings: dict[str, Any] | None = Field(
@@ -379,6 +386,8 @@ def resolve_params(
         "hr_scheduler": hr_scheduler,
         "output_format": req.output_format,
         "restore_faces": req.restore_faces,
+        # Resolved by api.submission.prompt_builder (no "random" left), so the build repeats.
+        "prompt_builder": req.prompt_builder.model_dump(mode="json") if req.prompt_builder is not None else None,
         # Filled from the models folder by api.submission.params.plan_job (LoRA files and hashes, VAE hash).
         "loras": [],
         "vae_hash": None,
