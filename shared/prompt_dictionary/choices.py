@@ -16,7 +16,7 @@ _TEXT = Field(max_length=500)
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True, serialize_by_alias=True)
 
 
 class OutfitChoice(_Strict):
