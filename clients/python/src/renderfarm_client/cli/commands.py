@@ -49,7 +49,7 @@ def _follow(client: Client, job_id: str, args: argparse.Namespace, out: Console,
         return exit_code_for_job(job.status)
     if args.output is not None:
         for path in client.download_images(job, args.output):
-            out.print(str(path), soft_wrap=True, highlight=False)
+            out.print(str(path), highlight=False)
     if args.json:
         out.print_json(data=job.raw)
     return ExitCode.OK
@@ -82,7 +82,7 @@ def png_info(args: argparse.Namespace, client: Client | None, out: Console, err:
     if "parameters" not in texts:
         err.print(f"[red]{args.file} has no 'parameters' text chunk[/red] (chunks: {', '.join(texts) or 'none'})")
         return ExitCode.BAD_INPUT
-    out.print(texts["parameters"], markup=False, highlight=False, soft_wrap=True)
+    out.print(texts["parameters"], markup=False, highlight=False)
     return ExitCode.OK
 
 
@@ -91,9 +91,9 @@ def build_prompt(args: argparse.Namespace, client: Client, out: Console, err: Co
     if args.json:
         out.print_json(data=built.raw)
         return ExitCode.OK
-    out.print(built.prompt, markup=False, highlight=False, soft_wrap=True)
+    out.print(built.prompt, markup=False, highlight=False)
     if built.negative_prompt:
-        out.print(f"Negative prompt: {built.negative_prompt}", markup=False, highlight=False, soft_wrap=True)
+        out.print(f"Negative prompt: {built.negative_prompt}", markup=False, highlight=False)
     return ExitCode.OK
 
 

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     if args_list and args_list[0] in OPERATOR_COMMANDS:
         return _operator_command(args_list)
     args = build_parser().parse_args(args_list)
-    out, err = Console(), Console(stderr=True)
+    out, err = Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)  # a message stays one line
     try:
         if args.command == "png-info":
             return commands.png_info(args, None, out, err)

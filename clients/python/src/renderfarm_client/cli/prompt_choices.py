@@ -8,6 +8,7 @@ from typing import Any
 # option -> choice key, for the single-valued choices
 SINGLE = {"preset": "preset", "character": "character", "hair": "hair_length", "hair_style": "hair_style",
           "eye_color": "eye_color", "expression": "expression"}
+HAIR_LENGTH_WORDS = ("long", "short")
 # repeatable option -> list choice key
 LISTS = {"hair_color": "hair_colors", "trait": "traits", "prop": "props"}
 
@@ -15,7 +16,7 @@ LISTS = {"hair_color": "hair_colors", "trait": "traits", "prop": "props"}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", help="quality preset (portrait, background, ...)")
     parser.add_argument("--character", help="character preset id (ahri, edward_elric, inuyasha)")
-    parser.add_argument("--hair", metavar="LENGTH", help="hair length: long or short")
+    parser.add_argument("--hair", metavar="LENGTH", help="hair length: long or short (or 'long hair', 'random')")
     parser.add_argument("--hair-style", help='e.g. "pony tail", "twin tail"')
     parser.add_argument("--hair-color", action="append", metavar="COLOR",
                         help="once, or twice for two-tone hair; 'random' lets the seed pick")
@@ -40,6 +41,8 @@ def choices_from(args: argparse.Namespace) -> dict[str, Any]:
     for option, key in LISTS.items():
         if getattr(args, option):
             choices[key] = list(getattr(args, option))
+    if choices.get("hair_length") in HAIR_LENGTH_WORDS:
+        choices["hair_length"] = f"{choices['hair_length']} hair"  # the dictionary's own text
     if args.outfit or args.outfit_color:
         outfit = {"name": args.outfit, "color": args.outfit_color}
         choices["outfit"] = {k: v for k, v in outfit.items() if v is not None}
