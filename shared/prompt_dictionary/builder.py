@@ -114,7 +114,10 @@ class _Rules:
         chosen: list[str] = []
         for index, color in enumerate(values):
             if color == RANDOM:
-                color = self.pick("hair_colors", index, [c for c in colors if c not in values and c not in chosen])
+                left = [c for c in colors if c not in values and c not in chosen]
+                if not left:
+                    raise self.error("hair_colors", "no colour is left to pick at random for two-tone hair")
+                color = self.pick("hair_colors", index, left)
             elif color not in colors:
                 raise self.error("hair_colors", f"unknown colour {color!r}; allowed: {', '.join(colors)}, or {RANDOM}")
             if color in chosen:

@@ -295,3 +295,11 @@ def test_a_file_that_is_not_json_is_refused(tmp_path: Path) -> None:
     (tmp_path / "prompt-dictionary.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(PromptDictionaryError, match="cannot read it as JSON"):
         load_prompt_dictionary(_settings(tmp_path))
+
+
+def test_two_random_hair_colours_need_two_colours_in_the_list(tmp_path: Path) -> None:
+    _write(tmp_path, lambda d: d.update(colors=[{"value": "black", "label_ko": "검은색"}]))
+    dictionary = load_prompt_dictionary(_settings(tmp_path))
+    assert build(dictionary, **LONG, hair_colors=["random"]).choices.hair_colors == ["black"]
+    error = refused(dictionary, **LONG, hair_colors=["random", "random"])
+    assert error.field == ("body", "choices", "hair_colors") and "no colour is left" in error.message
