@@ -3,12 +3,14 @@ random picks repeat from their seed, sections come in the notes' order, an opera
 
 from __future__ import annotations
 
+import doctest
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import shared.prompt_dictionary.builder
 from shared.errors import FieldError
 from shared.prompt_dictionary.builder import build_prompt
 from shared.prompt_dictionary.vocabulary import (
@@ -90,6 +92,11 @@ def test_the_character_presets_carry_their_infotext_settings(shipped: PromptDict
 
 
 # -- building ------------------------------------------------------------------------------------------
+
+
+def test_doctests() -> None:
+    results = doctest.testmod(shared.prompt_dictionary.builder)
+    assert results.attempted == 3 and results.failed == 0
 
 
 def test_sections_come_in_the_notes_order_one_per_line(shipped: PromptDictionary) -> None:
