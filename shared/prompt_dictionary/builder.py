@@ -30,7 +30,7 @@ from typing import Any
 
 from shared.errors import FieldError
 from shared.prompt_dictionary.choices import MAX_BUILDER_SEED, BlendChoice, Choices, OutfitChoice
-from shared.prompt_dictionary.vocabulary import Character, CharacterSettings, PromptDictionary
+from shared.prompt_dictionary.vocabulary import Character, CharacterSettings, PromptDictionary, QualityPreset
 
 __all__ = ["RANDOM", "BuiltPrompt", "build_prompt"]
 
@@ -169,7 +169,23 @@ def _eyes_line(eye_color: str | None, expression: str | None, rules: _Rules, def
     if expression is not None:
         option = rules.dictionary.category("expression").option(expression)
         companions = option.companions if option is not None else ()
-    return _line(eyes, *(expression or "",), *companions)
+    return _line(eyes, expression or "", *companions)
+
+
+def _preset_and_character(rules: _Rules, choices: Choices) -> tuple[QualityPreset | None, Character | None]:
+    dictionary = rules.dictionary
+    preset = dictionary.preset(choices.preset) if choices.preset is not None else None
+    if choices.preset is not None and preset is None:
+        raise rules.error("preset", f"unknown preset {choices.preset!r}; allowed: "
+                                    f"{', '.join(p.id for p in dictionary.presets) or 'none'}")
+    character = dictionary.character(choices.character) if choices.character is not None else None
+    if choices.character is not None and character is None:
+        raise rules.error("character", f"unknown character {choices.character!r}; allowed: "
+                                       f"{', '.join(c.id for c in dictionary.characters) or 'none'}")
+    if preset is not None and character is not None:
+        raise rules.error("character", "choose a quality preset or a character, not both: a character brings its "
+                                       "own quality line and negative prompt")
+    return preset, character
 
 
 def build_prompt(dictionary: PromptDictionary, choices: Choices | Mapping[str, Any], seed: int | None = None,
@@ -190,17 +206,7 @@ def build_prompt(dictionary: PromptDictionary, choices: Choices | Mapping[str, A
     if seed is None or seed == -1:
         seed = secrets.randbelow(MAX_BUILDER_SEED)
     rules = _Rules(dictionary, seed, field)
-    preset = dictionary.preset(choices.preset) if choices.preset is not None else None
-    if choices.preset is not None and preset is None:
-        raise rules.error("preset", f"unknown preset {choices.preset!r}; allowed: "
-                                    f"{', '.join(p.id for p in dictionary.presets) or 'none'}")
-    character = dictionary.character(choices.character) if choices.character is not None else None
-    if choices.character is not None and character is None:
-        raise rules.error("character", f"unknown character {choices.character!r}; allowed: "
-                                       f"{', '.join(c.id for c in dictionary.characters) or 'none'}")
-    if preset is not None and character is not None:
-        raise rules.error("character", "choose a quality preset or a character, not both: a character brings its "
-                                       "own quality line and negative prompt")
+    preset, character = _preset_and_character(rules, choices)
     people = preset.people if preset is not None else True
     _check_combination(rules, choices, people, character)
     defaults = people and character is None  # the notes' defaults make a person; a character is one already

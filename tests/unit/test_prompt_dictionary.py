@@ -23,6 +23,7 @@ from shared.prompt_dictionary.vocabulary import (
     read_prompt_dictionary,
 )
 from shared.settings import ModelSettings, Settings
+from shared.webui.prompts import prompt_schedules
 
 COLORS = ["black", "blue", "brown", "golden", "gray", "green", "orange", "pink", "purple", "red", "white", "yellow"]
 QUALITY = ("(best quality), (masterpiece), (high resolution), hyper detail, ultra detailed face, "
@@ -115,6 +116,9 @@ def test_sections_come_in_the_notes_order_one_per_line(shipped: PromptDictionary
     ]
     assert built.negative_prompt.startswith(PORTRAIT_NEGATIVE_START)
     assert built.settings is None
+    # The blend is the WebUI's prompt editing, as the farm's own parser reads it: "young" for 2 of 10 steps.
+    schedules = prompt_schedules(built.prompt, 10)
+    assert [step for step, _ in schedules] == [2, 10] and str(schedules[0][1]).endswith("\nyoung,")
 
 
 def test_two_hair_colours_are_two_tone_hair(shipped: PromptDictionary) -> None:
