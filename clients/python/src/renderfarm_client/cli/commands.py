@@ -60,10 +60,17 @@ def jobs(args: argparse.Namespace, client: Client, out: Console, err: Console) -
     if args.json:
         out.print_json(data={"jobs": [j.raw for j in page.jobs], "total": page.total})
         return ExitCode.OK
-    table = Table("id", "status", "model", "created", "steps", "images", title=f"{page.total} jobs")
-    for job in page.jobs:
-        table.add_row(job.id, job.status, job.model, str(job.raw.get("created_at", ""))[:19],
-                      f"{job.current_step}/{job.total_steps}", str(len(job.images)))
+    rows = [(job.id, job.status, job.model, str(job.raw.get("created_at", ""))[:19].replace("T", " "),
+             f"{job.current_step}/{job.total_steps}", str(len(job.images))) for job in page.jobs]
+    if not out.is_terminal:  # piped: one tab-separated line per job, nothing cut short
+        for row in rows:
+            print("\t".join(row), file=out.file)  # not through rich, which would expand the tabs
+        return ExitCode.OK
+    table = Table(title=f"{len(rows)} of {page.total} jobs")
+    for column in ("id", "status", "model", "created", "steps", "images"):
+        table.add_column(column, no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
     out.print(table)
     return ExitCode.OK
 
