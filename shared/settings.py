@@ -178,6 +178,9 @@ class GatewaySettings(BaseSettings):
     long_poll_max_seconds: float = Field(60.0, ge=0, le=600)
     # Queue positions come from a snapshot of the queued jobs refreshed at most this often per process.
     queue_position_refresh_seconds: float = Field(1.0, ge=0, le=60)
+    # Celery's `task-sent` monitoring event on every submit (for Flower's "pending" list). Off: it was an eighth of
+    # a POST's cost, and the farm's own queue state is in Postgres (`/metrics`, the admin dashboard).
+    task_sent_events: bool = False
 
     def api_worker_count(self) -> int:
         """The configured process count, or one per core."""

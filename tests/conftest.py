@@ -184,6 +184,8 @@ def farm(request: pytest.FixtureRequest, postgres: EmbeddedPostgres, redis_db_ur
         # Test receivers listen on loopback, which the SSRF guard refuses unless allowed.
         RENDERFARM_WEBHOOK_ALLOW_HOSTS="127.0.0.1", RENDERFARM_WEBHOOK_RETRY_SCHEDULE="1,1,2",
         RENDERFARM_WEBHOOK_JITTER="0",
+        # Off by default (a submit's cost); on here so tests/e2e/test_metrics.py sees Celery's whole event stream.
+        RENDERFARM_TASK_SENT_EVENTS="1",
     )
     api, base_url = start_api(env, logs)
     farm = Farm(base_url=base_url, admin_key=ADMIN_KEY, env=env, procs=[api])

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import Select, bindparam, case, func, literal, select
-from sqlalchemy.orm import Session, aliased, contains_eager
+from sqlalchemy.orm import Session, aliased, contains_eager, lazyload
 
 from shared.db.models import Job, JobImage
 from shared.db.session import get_engine
@@ -51,6 +51,40 @@ def _job_view_query() -> Select[Any]:
 
 
 _JOB_VIEW_QUERY = _job_view_query()  # built once: building it (an alias, a lateral) cost more than running it
+ACTIVE_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+def _latest_job_query() -> Select[Any]:
+    ahead, mine = aliased(Job), aliased(Job)
+    first_ahead = (select(literal(1)).select_from(ahead)
+                   .where(ahead.status == JobStatus.QUEUED, ahead.created_at < Job.created_at)
+                   .limit(AHEAD_COUNT_LIMIT).correlate(Job).lateral("first_ahead"))
+    count_ahead = select(func.count()).select_from(first_ahead).scalar_subquery()
+    first_active = (select(literal(1)).select_from(mine)
+                    .where(mine.owner == bindparam("owner"), mine.status.in_([str(s) for s in ACTIVE_STATUSES]))
+                    .limit(AHEAD_COUNT_LIMIT).lateral("first_active"))
+    count_active = select(func.count()).select_from(first_active).scalar_subquery()
+    return (
+        select(Job, case((Job.status == JobStatus.QUEUED, count_ahead), else_=None), count_active)
+        .where(Job.owner == bindparam("owner"))
+        .order_by(Job.created_at.desc()).limit(1)
+        .options(lazyload(Job.images))  # a progress poll shows no images: not read unless touched
+        .execution_options(populate_existing=True)
+    )
+
+
+_LATEST_JOB_QUERY = _latest_job_query()
+
+
+def get_latest_job_row(session: Session, owner: str) -> tuple[Job | None, int | None, int]:
+    """What the WebUI API's progress poll reads, in one round trip: the owner's newest job, the queued jobs ahead
+    of it while it is queued, and the owner's queued and running jobs; both counts stop at ``AHEAD_COUNT_LIMIT``
+    (index scans that stop there: a poll never recounts a long queue)."""
+    row = session.execute(_LATEST_JOB_QUERY, {"owner": owner}).first()
+    if row is None:
+        return None, None, 0
+    job, ahead, active = row
+    return job, (None if ahead is None else int(ahead)), int(active or 0)
 
 
 def get_job_view_row(session: Session, job_id: uuid.UUID, owner: str) -> tuple[Job, int | None] | None:
@@ -67,15 +101,28 @@ def get_job_view_row(session: Session, job_id: uuid.UUID, owner: str) -> tuple[J
 
 
 def list_jobs(
-    session: Session, owner: str, *, status: JobStatus | None = None, limit: int = 20, offset: int = 0
+    session: Session, owner: str, *, status: JobStatus | None = None, model: str | None = None, limit: int = 20,
+    offset: int = 0,
 ) -> tuple[list[Job], int]:
-    query = select(Job).where(Job.owner == owner)
-    count = select(func.count()).select_from(Job).where(Job.owner == owner)
+    """A page of the owner's jobs, newest first, with their images, and how many match in all: one statement (the
+    total is a window count over the matching rows). A page past the end has no row to carry the total, so only
+    then is it counted on its own."""
+    where = [Job.owner == owner]
     if status is not None:
-        query = query.where(Job.status == status)
-        count = count.where(Job.status == status)
-    rows = session.scalars(query.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)).all()
-    return list(rows), int(session.scalar(count) or 0)
+        where.append(Job.status == status)
+    if model is not None:
+        where.append(Job.model_name == model)
+    page = (select(Job.id, Job.created_at, func.count().over().label("total")).where(*where)
+            .order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset).subquery("page"))
+    rows = session.execute(
+        select(Job, page.c.total).join(page, page.c.id == Job.id)
+        .outerjoin(Job.images).options(contains_eager(Job.images))
+        .order_by(page.c.created_at.desc(), page.c.id, JobImage.index)
+        .execution_options(populate_existing=True)
+    ).unique().all()
+    if rows:
+        return [row[0] for row in rows], int(rows[0][1])
+    return [], int(session.scalar(select(func.count()).select_from(Job).where(*where)) or 0) if offset else 0
 
 
 def held_job(session: Session, job_id: uuid.UUID, worker: str) -> Job | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
@@ -76,9 +77,22 @@ def safetensors_header_or_none(path: Path) -> SafetensorsHeader | None:
 def safetensors_problem(path: Path) -> str | None:
     """Why a ``.safetensors`` file is refused unopened (its header does not parse: a pickle renamed, a truncated
     download), or None when it is readable. Registries call this on every scan, so a bad file is listed as
-    refused and named in a 422 at submit instead of failing on a worker."""
+    refused and named in a 422 at submit instead of failing on a worker.
+
+    The answer is remembered per file version (its inode, size and modification time, to the nanosecond): a POST
+    scans the checkpoints folder, and re-parsing every header's JSON was half of a submit's cost (issue 20). A
+    file replaced or rewritten in place has a new version and is read again."""
     try:
-        read_safetensors_header(path)
+        info = Path(path).stat()
+    except OSError as exc:
+        return f"{Path(path).name}: cannot read file: {exc}"
+    return _problem_of_version(str(path), info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+@lru_cache(maxsize=4096)
+def _problem_of_version(path: str, inode: int, size: int, mtime_ns: int) -> str | None:
+    try:
+        read_safetensors_header(Path(path))
     except InvalidSafetensorsError as exc:
         return f"{exc}; only real .safetensors files are loaded (a renamed pickle is never opened)"
     return None

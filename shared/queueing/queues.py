@@ -47,7 +47,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             TaskName.DELIVER_WEBHOOK: {"queue": QueueName.WEBHOOKS},
         },
         "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        "task_send_sent_event": settings.gateway.task_sent_events,
         "worker_hijack_root_logger": False,
     }
 

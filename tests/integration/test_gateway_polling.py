@@ -262,6 +262,54 @@ def test_a_poll_is_one_query(key: str) -> None:
     asyncio.run(scenario())
 
 
+def test_a_job_list_and_a_webui_progress_poll_are_one_query_each(key: str) -> None:
+    """The list (a page with its images and the total) and `/sdapi/v1/progress` (the newest job, the queue ahead
+    of it, the caller's active jobs) are one statement each once the key is cached, whatever the page holds."""
+    async def scenario() -> None:
+        async with _client(key) as client:
+            first, second = await _submit(client), await _submit(client)
+            await asyncio.to_thread(_claim, first)
+            with Counter() as counter:
+                page = (await client.get("/v1/jobs", params={"limit": 5})).json()
+                progress = (await client.get("/sdapi/v1/progress")).json()
+            assert len(counter.statements) == 2, counter.statements
+            assert [job["id"] for job in page["jobs"]] == [second, first] and page["total"] == 2
+            assert progress["state"]["job_count"] == 2 and progress["state"]["job"] == f"job {second}"
+            position = (await client.get(f"/v1/jobs/{second}")).json()["queue_position"]
+            assert progress["textinfo"].endswith(f"queued, position {position}")  # the job GET's own count
+            queued = (await client.get("/v1/jobs", params={"status": "queued"})).json()
+            assert [job["id"] for job in queued["jobs"]] == [second] and queued["total"] == 1
+            past_the_end = (await client.get("/v1/jobs", params={"offset": 10})).json()
+            assert past_the_end["jobs"] == [] and past_the_end["total"] == 2
+            other_model = (await client.get("/v1/jobs", params={"model": "no-such-model"})).json()
+            assert other_model == {"jobs": [], "total": 0, "limit": 20, "offset": 0}
+
+    asyncio.run(scenario())
+
+
+def test_a_pooled_connection_that_died_while_idle_is_replaced_unseen(gateway_env: dict[str, str], key: str) -> None:
+    """Connections are pinged only after sitting idle (shared/db/session.py): one the database dropped meanwhile
+    (a restart, an idle timeout) is replaced before the request uses it, so the request still answers 200."""
+    from shared.db.session import PING_AFTER_IDLE_SECONDS
+
+    async def scenario() -> None:
+        async with _client(key) as client:
+            job_id = await _submit(client)
+            assert (await client.get(f"/v1/jobs/{job_id}")).status_code == 200
+            engine = sa.create_engine(gateway_env["DATABASE_URL"])
+            with engine.connect() as conn:
+                killed = conn.execute(sa.text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid() AND state = 'idle'")).scalar_one()
+            engine.dispose()
+            assert killed >= 1
+            await asyncio.sleep(PING_AFTER_IDLE_SECONDS + 0.2)
+            assert (await client.get(f"/v1/jobs/{job_id}")).status_code == 200
+            assert (await client.post("/v1/jobs", json=BODY)).status_code == 202
+
+    asyncio.run(scenario())
+
+
 def test_a_submit_is_one_transaction_and_holds_no_connection_after(gateway_env: dict[str, str], key: str) -> None:
     from shared.db.session import get_engine
 

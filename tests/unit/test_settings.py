@@ -45,6 +45,7 @@ def test_defaults() -> None:
     assert s.jobs.republish_after_seconds == 30.0 and s.jobs.sdapi_timeout is None
     assert s.jobs.broker_visibility_timeout == 600 * 2 + 60
     assert s.routing.affinity_routing is True and s.routing.affinity_max_wait_seconds == 15.0
+    assert s.gateway.task_sent_events is False
     assert s.admin.admin_key is None and s.admin.sample_seconds == 10.0 and s.admin.metrics_public is False
     assert s.admin.pause_poll_seconds == 5.0 and s.admin.forget_lost_worker_seconds == 3600
     hooks = s.webhooks
@@ -97,6 +98,7 @@ def test_defaults() -> None:
         ("RENDERFARM_WEBHOOK_REDISPATCH_SECONDS", "2", "webhooks", "redispatch_after_seconds", 2.0),
         ("RENDERFARM_WEBHOOK_MAX_RETRY_AFTER_SECONDS", "60", "webhooks", "max_retry_after_seconds", 60.0),
         ("RENDERFARM_WEBHOOK_KEEP_DAYS", "1", "webhooks", "keep_days", 1.0),
+        ("RENDERFARM_TASK_SENT_EVENTS", "1", "gateway", "task_sent_events", True),
     ],
 )
 def test_environment_names_map_into_their_group(

@@ -12,19 +12,19 @@ from typing import Any
 
 from fastapi import APIRouter
 from pydantic import BaseModel
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
-from api.deps import SessionDep
+from api.deps import SessionDep, SettingsDep
 from api.sdapi.auth import SdapiKey
 from api.sdapi.info import job_timestamp
 from shared.db.models import Job
-from shared.jobs import lifecycle
+from shared.jobs import lifecycle, repository
 from shared.jobs.states import JobStatus
 from shared.jobs.views import eta_seconds, queue_position
 
 router = APIRouter()
-_ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
 
 
 class ProgressResponse(BaseModel):
@@ -35,19 +35,19 @@ class ProgressResponse(BaseModel):
     textinfo: str | None = None
 
 
-def _textinfo(session: Session, job: Job) -> str:
+def _textinfo(job: Job, position: int | None) -> str:
     if job.status == JobStatus.QUEUED:
-        return f"job {job.id} queued, position {queue_position(session, job)}"
+        return f"job {job.id} queued, position {position}"
     if job.status == JobStatus.RUNNING:
         return f"job {job.id} running on {job.lease_owner or 'a worker'}"
     return f"job {job.id} {job.status}"
 
 
-@router.get("/progress", response_model=ProgressResponse)
-def progress(key: SdapiKey, session: SessionDep, skip_current_image: bool = False) -> ProgressResponse:
-    job = session.scalar(select(Job).where(Job.owner == key.owner).order_by(Job.created_at.desc()).limit(1))
-    active = session.scalar(select(func.count()).select_from(Job)
-                            .where(Job.owner == key.owner, Job.status.in_([str(s) for s in _ACTIVE])))
+def _progress(owner: str, refresh: float) -> ProgressResponse:
+    with repository.read_session() as session:
+        job, ahead, active = repository.get_latest_job_row(session, owner)
+        position = (queue_position(session, job, refresh, ahead=ahead, ahead_limit=repository.AHEAD_COUNT_LIMIT)
+                    if job is not None else None)
     running_job = job if job is not None and job.status == JobStatus.RUNNING else None
     running = running_job is not None
     total = int(job.params.get("steps", 0)) * int(job.params.get("n_iter", 1)) if job is not None else 0
@@ -56,7 +56,7 @@ def progress(key: SdapiKey, session: SessionDep, skip_current_image: bool = Fals
         "interrupted": job is not None and job.status == JobStatus.CANCELED,
         "stopping_generation": job is not None and job.cancel_requested_at is not None and running,
         "job": f"job {job.id}" if job is not None else "",
-        "job_count": int(active or 0),
+        "job_count": active,
         "job_timestamp": job_timestamp(job) if job is not None else "0",
         "job_no": 0,
         "sampling_step": round(running_job.progress * total) if running_job is not None else 0,
@@ -66,8 +66,15 @@ def progress(key: SdapiKey, session: SessionDep, skip_current_image: bool = Fals
         progress=running_job.progress if running_job is not None else 0.0,
         eta_relative=(eta_seconds(running_job) or 0.0) if running_job is not None else 0.0,
         state=state,
-        textinfo=_textinfo(session, job) if job is not None else None,
+        textinfo=_textinfo(job, position) if job is not None else None,
     )
+
+
+@router.get("/progress", response_model=ProgressResponse)
+async def progress(key: SdapiKey, settings: SettingsDep, skip_current_image: bool = False) -> ProgressResponse:
+    """The caller's newest job, in one statement (`repository.get_latest_job_row`); ``job_count`` counts the
+    caller's queued and running jobs up to 1,000."""
+    return await run_in_threadpool(_progress, key.owner, settings.gateway.queue_position_refresh_seconds)
 
 
 def _cancel_running(key: SdapiKey, session: Session) -> dict[str, Any]:
