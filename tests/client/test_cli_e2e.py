@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from renderfarm_client import Job
 from renderfarm_client.pnginfo import read_png_text
 
@@ -41,6 +42,19 @@ def test_generate_draws_a_progress_bar_and_writes_the_png(farm: Farm, owner_key:
     assert table.code == 0 and f"{job_id}\tsucceeded\tdemo-tiny\t" in table.stdout, "piped: tab-separated lines"
     watched = run("watch", job_id, "--json", env=cli_env(farm.base_url, owner_key))
     assert watched.code == 0 and json.loads(watched.stdout)["id"] == job_id
+
+
+def test_img2img_from_a_local_file_with_any_other_field(farm: Farm, owner_key: str, tmp_path: Path) -> None:
+    Image.new("RGB", (64, 64), (20, 90, 200)).save(tmp_path / "blue.png")
+    result = run("generate", "a blue square", "--init-image", str(tmp_path / "blue.png"), "--denoising-strength",
+                 "0.4", "--steps", "3", "-W", "64", "-H", "64", "--set", "batch_invariant=true", "--set", "styles=[]",
+                 "--json",
+                 env=cli_env(farm.base_url, owner_key))
+    assert result.code == 0, result
+    job = json.loads(result.stdout)
+    assert job["mode"] == "img2img" and job["status"] == "succeeded"
+    assert job["params"]["batch_invariant"] is True and job["params"]["denoising_strength"] == 0.4
+    assert [(i["width"], i["height"]) for i in job["images"]] == [(64, 64)]
 
 
 def test_refusals_exit_3_and_name_the_field(farm: Farm, owner_key: str) -> None:
