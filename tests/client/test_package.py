@@ -50,3 +50,19 @@ def test_the_cli_without_rich_says_which_extra_to_install() -> None:
     done = python("from renderfarm_client.cli import main; sys.exit(main(['jobs']))")
     assert done.returncode == 2
     assert "pip install 'renderfarm-client[cli]'" in done.stderr
+
+
+def test_the_async_client_mirrors_the_sync_one() -> None:
+    import inspect
+
+    from renderfarm_client import AsyncClient, Client
+
+    def public(cls: type) -> dict[str, inspect.Signature]:
+        return {name: inspect.signature(member) for name, member in vars(cls).items()
+                if callable(member) and not name.startswith("_") and name not in ("close", "aclose")}
+
+    sync, async_ = public(Client), public(AsyncClient)
+    assert sync.keys() == async_.keys() and "wait" in sync and "download_images" in sync
+    for name, signature in sync.items():
+        assert list(signature.parameters) == list(async_[name].parameters), name
+        assert inspect.iscoroutinefunction(getattr(AsyncClient, name)) != (name == "verify_webhook"), name

@@ -92,6 +92,11 @@ def get_job(job_id: str) -> Call[Job]:
     return Call(RequestSpec("GET", f"/v1/jobs/{job_id}"), _job)
 
 
+def get_job_tagged(job_id: str) -> Call[tuple[Job, str | None]]:
+    """The job and its ETag, which later long-polls send back as If-None-Match."""
+    return Call(RequestSpec("GET", f"/v1/jobs/{job_id}"), lambda r: (_job(r), r.headers.get("ETag")))
+
+
 def poll_job(job_id: str, wait: float, etag: str | None) -> Call[tuple[Job | None, str | None]]:
     """A long-poll: the job once it differs from ``etag`` (or ``wait`` runs out), or (None, etag) on a 304."""
     headers = {"If-None-Match": etag} if etag else {}

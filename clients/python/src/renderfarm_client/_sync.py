@@ -80,8 +80,7 @@ class Client:
         """The job once it is succeeded, failed or canceled (check ``job.status`` or ``raise_for_status()``).
         ``on_progress(job)`` is called on every change. WaitTimeout after ``timeout`` seconds."""
         watch = JobWatch(job_id, on_progress, timeout, self.poll_wait)
-        job, watch.etag = self._call(ops.poll_job(job_id, 0, None))
-        assert job is not None
+        job, watch.etag = self._call(ops.get_job_tagged(job_id))
         if watch.see(job) or (use_sse and self._follow_events(watch)):
             return watch.job or job
         return self._long_poll(watch)

@@ -81,8 +81,7 @@ class AsyncClient:
         """The job once it is succeeded, failed or canceled (check ``job.status`` or ``raise_for_status()``).
         ``on_progress(job)`` is called on every change. WaitTimeout after ``timeout`` seconds."""
         watch = JobWatch(job_id, on_progress, timeout, self.poll_wait)
-        job, watch.etag = await self._call(ops.poll_job(job_id, 0, None))
-        assert job is not None
+        job, watch.etag = await self._call(ops.get_job_tagged(job_id))
         if watch.see(job) or (use_sse and await self._follow_events(watch)):
             return watch.job or job
         return await self._long_poll(watch)

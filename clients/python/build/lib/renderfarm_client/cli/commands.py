@@ -42,8 +42,12 @@ def watch(args: argparse.Namespace, client: Client, out: Console, err: Console) 
 
 
 def _follow(client: Client, job_id: str, args: argparse.Namespace, out: Console, err: Console) -> ExitCode:
-    with JobProgress(err, job_id) as bar:
-        job = client.wait(job_id, on_progress=bar.update, timeout=args.timeout)
+    try:
+        with JobProgress(err, job_id) as bar:
+            job = client.wait(job_id, on_progress=bar.update, timeout=args.timeout)
+    except KeyboardInterrupt:
+        err.print(f"stopped watching; job {job_id} goes on (renderfarm cancel {job_id} stops it)", highlight=False)
+        raise
     if job.status != "succeeded":
         err.print(f"[red]job {job.id} {describe(job)}[/red]")
         return exit_code_for_job(job.status)
