@@ -135,6 +135,34 @@ class RoutingSettings(BaseSettings):
     affinity_max_wait_seconds: float = 15.0
 
 
+class FairShareSettings(BaseSettings):
+    """Sharing the fleet between owners (issue 17; README "Many users, one fleet"). Per-owner values set by an
+    admin (`owner_policies`) override these defaults; 0 means "no cap" wherever a cap is meant."""
+
+    model_config = _FLAT
+
+    # Claims pick the owner with the least recent render time per unit of weight (off: oldest job first).
+    fair_share: bool = True
+    # Recent render time decays with this half-life: what an owner used an hour ago barely counts now.
+    fair_share_half_life_seconds: float = Field(600.0, gt=0, le=86400 * 7)
+    default_weight: float = Field(1.0, gt=0, le=1_000_000)
+    default_max_running: int = Field(0, ge=0)
+    # The priority range of a job; an owner may ask up to its max_priority (default below), never above.
+    min_priority: int = Field(-100, le=0)
+    max_priority_limit: int = Field(100, ge=0)
+    default_max_priority: int = Field(0)
+    default_max_queued: int = Field(10_000, ge=0)
+    # Job creation per owner (token bucket in Redis): a person never reaches it by hand, a runaway script does.
+    rate_limit: bool = True
+    default_rate_burst: int = Field(60, ge=1)
+    default_rate_per_second: float = Field(10.0, gt=0)
+    # Quotas per UTC day and month (0: none).
+    default_gpu_seconds_per_day: float = Field(0.0, ge=0)
+    default_gpu_seconds_per_month: float = Field(0.0, ge=0)
+    default_images_per_day: int = Field(0, ge=0)
+    default_images_per_month: int = Field(0, ge=0)
+
+
 class BatchingSettings(BaseSettings):
     """Micro-batching (docs/architecture.md, "Batches"): a worker's claim takes queued jobs with the same
     batch key along with the one its message named, and the engine denoises their images together."""
@@ -298,6 +326,7 @@ class Settings(BaseModel):
     admin: AdminSettings = Field(default_factory=AdminSettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    fair_share: FairShareSettings = Field(default_factory=FairShareSettings)
 
 
 def worker_process_name(settings: Settings, pid: int) -> str:

@@ -88,6 +88,10 @@ class Job(Base):
     batch_id: Mapped[uuid.UUID | None] = mapped_column(nullable=True)
     batch_images: Mapped[int | None] = mapped_column(Integer, nullable=True)
     render_seconds: Mapped[float | None] = mapped_column(nullable=True)
+    # Fair share (issue 17): orders the owner's own queued jobs (higher first; the range an owner may use is its
+    # policy's), and `front_at`, set by an admin, puts a job ahead of every fair-share choice.
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    front_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
     images: Mapped[list[JobImage]] = relationship(
         back_populates="job", order_by="JobImage.index", lazy="selectin"
@@ -186,3 +190,36 @@ class IdempotencyKey(Base):
     fingerprint: Mapped[str] = mapped_column(String(64))
     job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(), index=True)
+
+
+class OwnerPolicy(Base):
+    """What an admin set for one owner (the `owner` of its API keys): its fair-share weight and limits. A missing
+    row, or a NULL column, means the default from settings (shared/settings.py, `FairShareSettings`)."""
+
+    __tablename__ = "owner_policies"
+
+    owner: Mapped[str] = mapped_column(String(200), primary_key=True)
+    # Share of the fleet relative to other owners with queued work (2.0 gets twice a 1.0's GPU time).
+    weight: Mapped[float | None] = mapped_column(nullable=True)
+    # Jobs of this owner running at once across the fleet (0: no cap).
+    max_running: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Highest `priority` this owner's jobs may ask for (lower values are always allowed, down to the minimum).
+    max_priority: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Jobs this owner may have queued at once (0: no cap).
+    max_queued: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Job creation rate limit (token bucket): burst size and sustained rate per second.
+    rate_burst: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    rate_per_second: Mapped[float | None] = mapped_column(nullable=True)
+    # Quotas per UTC day and month (0: none), in measured render seconds and in images.
+    gpu_seconds_per_day: Mapped[float | None] = mapped_column(nullable=True)
+    gpu_seconds_per_month: Mapped[float | None] = mapped_column(nullable=True)
+    images_per_day: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    images_per_month: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(),
+                                                 onupdate=func.now())
+
+
+# Fair share reads the queued jobs a worker may take per owner, and the owners' recent render time.
+Index("ix_jobs_queued_owner", Job.owner, Job.priority.desc(), Job.created_at,
+      postgresql_where=text("status = 'queued'"))
+Index("ix_jobs_running_owner", Job.owner, postgresql_where=text("status = 'running'"))
