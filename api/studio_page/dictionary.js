@@ -1,7 +1,8 @@
-// The prompt dictionary (GET /v1/prompt-dictionary) as pickers that cannot express a conflict: radio buttons where
-// a category takes exactly one, radio buttons with "none" where it takes at most one, checkboxes that disable
-// themselves at a category's limit (two hair colours), colour + outfit selects. "Build prompt" sends the choices
-// to POST /v1/prompts/build, which still checks every rule, and fills the prompt boxes with its answer.
+// The prompt dictionary (GET /v1/prompt-dictionary) as pickers that cannot express a conflict: one "start from"
+// select (a quality preset or a character, never both), radio buttons where a category takes exactly one, radio
+// buttons with "none" where it takes at most one, checkboxes that disable themselves at a category's limit (two hair
+// colours), colour + outfit selects, and categories locked while the preset draws no people or the character's own
+// prompt decides them. "Build prompt" sends the choices to POST /v1/prompts/build, which still checks every rule.
 
 import { $, ApiError, api, el, fillSelect } from "./lib.js";
 
@@ -15,6 +16,7 @@ const RULES = {
 };
 
 let dictionary = null;
+let wired = false; // a second sign-in reloads the dictionary, not the listeners
 
 function optionLabel(input, option) {
   const companions = option.companions?.length ? ` + ${option.companions.join(", ")}` : "";
@@ -30,8 +32,8 @@ function radios(category, options, withNone) {
   const items = options.map((option) => optionLabel(
     el("input", { type: "radio", name, value: option.value, checked: option.value === chosen }), option));
   if (withNone) {
-    items.unshift(optionLabel(el("input", { type: "radio", name, value: "", checked: chosen === "" }),
-      { value: category.select === "color" ? "random" : "none", label_ko: category.select === "color" ? "무작위" : "없음" }));
+    const none = category.select === "color" ? { value: "random", label_ko: "무작위" } : { value: "none", label_ko: "없음" };
+    items.unshift(optionLabel(el("input", { type: "radio", name, value: "", checked: chosen === "" }), none));
   }
   return items;
 }
@@ -71,24 +73,68 @@ function categoryPicker(category) {
   if (!build) return null;
   const rule = RULES[category.select](category);
   return el("fieldset", { class: `dict-category select-${category.select}`, "data-key": category.key },
-    el("legend", {}, `${category.label_ko || ""} ${category.label} `, el("span", { class: "muted", text: rule })),
+    el("legend", {}, `${category.label_ko || ""} ${category.label} `, el("span", { class: "muted", text: rule }),
+      el("span", { class: "locked" })),
     ...build());
 }
 
 function render() {
-  fillSelect($("dict-preset"), [["", "no preset"], ...dictionary.presets.map((p) => [p.id, p.label])], false);
-  fillSelect($("dict-character"), [["", "no character"], ...dictionary.characters.map((c) => [c.id, c.name])], false);
-  $("dict-character-note").textContent = "";
+  fillSelect($("dict-base"), [["", "the notes' quality line"],
+    ...dictionary.presets.map((p) => [`preset:${p.id}`, `preset: ${p.label}`]),
+    ...dictionary.characters.map((c) => [`character:${c.id}`, `character: ${c.name}`])], false);
   $("dict-categories").replaceChildren(...dictionary.categories.map(categoryPicker).filter(Boolean));
   $("dict-error").textContent = "";
+  lockCategories();
+}
+
+function chosenBase() {
+  const [kind, id] = $("dict-base").value.split(":");
+  return {
+    preset: kind === "preset" ? dictionary.presets.find((p) => p.id === id) : null,
+    character: kind === "character" ? dictionary.characters.find((c) => c.id === id) : null,
+  };
+}
+
+// Until the dictionary's views carry `people` and `sets`: a preset whose negative prompt excludes people draws none,
+// and a character's prompt decides the categories whose option text it contains.
+const drawsPeople = (preset) => preset.people ?? !/(^|,)\s*(human|1girl)\s*,/i.test(preset.negative_prompt);
+function categoriesSet(character) {
+  if (character.sets) return character.sets;
+  const parts = character.prompt.split(/[,\n]/).map((part) => part.trim().toLowerCase());
+  const has = (text) => parts.includes(text.toLowerCase());
+  return dictionary.categories.filter((category) => {
+    if (category.select === "colors") return dictionary.colors.some((c) => has(`${c.value} hair`));
+    if (category.select === "color") return dictionary.colors.some((c) => has(`${c.value} eyes`));
+    return category.options.some((o) => has(o.value));
+  }).map((category) => category.key);
+}
+
+/** Categories the base decides are disabled (and left out of the choices), saying why. */
+function lockCategories() {
+  const { preset, character } = chosenBase();
+  let locked = [];
+  let why = "";
+  if (preset && !drawsPeople(preset)) {
+    [locked, why] = [dictionary.categories.map((c) => c.key), `${preset.label} draws no people`];
+  }
+  if (character) [locked, why] = [categoriesSet(character), `set by ${character.name}`];
+  for (const fieldset of document.querySelectorAll(".dict-category")) {
+    const isLocked = locked.includes(fieldset.dataset.key);
+    fieldset.disabled = isLocked;
+    fieldset.querySelector(".locked").textContent = isLocked ? ` · ${why}` : "";
+  }
+  $("dict-base-note").textContent = character
+    ? `fidelity ${character.fidelity}${character.note ? ` · ${character.note}` : ""}` : "";
 }
 
 /** The choices as POST /v1/prompts/build takes them; unset ones are left out. */
 export function readChoices() {
   const choices = {};
-  if ($("dict-preset").value) choices.preset = $("dict-preset").value;
-  if ($("dict-character").value) choices.character = $("dict-character").value;
+  const { preset, character } = chosenBase();
+  if (preset) choices.preset = preset.id;
+  if (character) choices.character = character.id;
   for (const category of dictionary.categories) {
+    if (document.querySelector(`.dict-category[data-key="${category.key}"]`)?.disabled) continue;
     const inputs = [...document.querySelectorAll(`[name="dict-${category.key}"]`)];
     if (category.select === "colors" || category.select === "many") {
       const values = inputs.filter((i) => i.checked).map((i) => i.value);
@@ -101,13 +147,14 @@ export function readChoices() {
       if (value) choices[category.key] = value;
     }
   }
+  const [from, to] = [$("blend-from").value.trim(), $("blend-to").value.trim()];
+  if (from || to) choices.blend = { from, to, when: Number($("blend-when").value) };
   return choices;
 }
 
 function blendText() {
-  const from = $("blend-from").value.trim();
-  const to = $("blend-to").value.trim();
-  return `[${from || "young"}:${to || "old"}:${$("blend-when").value}]`;
+  const [from, to] = [$("blend-from").value.trim(), $("blend-to").value.trim()];
+  return from || to ? `[${from}:${to}:${$("blend-when").value}]` : "";
 }
 
 async function build(onBuilt) {
@@ -117,16 +164,14 @@ async function build(onBuilt) {
     const built = await api("/v1/prompts/build", {
       method: "POST", body: { choices: readChoices(), seed: seedText === "" ? null : Number(seedText) },
     });
-    let prompt = built.prompt;
-    if ($("blend-from").value.trim() && $("blend-to").value.trim()) prompt = `${prompt.replace(/[\s,]*$/, "")}, ${blendText()}`;
     $("dict-seed").value = built.seed ?? "";
-    onBuilt({ prompt, negative_prompt: built.negative_prompt, settings: built.settings });
+    onBuilt(built);
   } catch (err) {
     $("dict-error").textContent = err.message;
   }
 }
 
-/** Load the dictionary and wire its pickers; `onBuilt({prompt, negative_prompt, settings})` takes a build. */
+/** Load the dictionary and wire its pickers; `onBuilt({prompt, negative_prompt, settings, ...})` takes a build. */
 export async function setupDictionary(onBuilt) {
   try {
     dictionary = await api("/v1/prompt-dictionary");
@@ -137,12 +182,14 @@ export async function setupDictionary(onBuilt) {
     return;
   }
   render();
-  $("dict-character").addEventListener("change", () => {
-    const character = dictionary.characters.find((c) => c.id === $("dict-character").value);
-    $("dict-character-note").textContent = character
-      ? `fidelity ${character.fidelity}${character.note ? ` · ${character.note}` : ""}` : "";
-  });
-  const preview = () => { $("blend-preview").textContent = blendText(); };
+  if (wired) return;
+  wired = true;
+  $("dict-base").addEventListener("change", lockCategories);
+  // The blend's texts cannot hold what would break the [from:to:when] syntax.
+  const preview = (event) => {
+    if (event.target.type === "text") event.target.value = event.target.value.replace(/[[\]:\n]/g, "");
+    $("blend-preview").textContent = blendText();
+  };
   for (const id of ["blend-from", "blend-to", "blend-when"]) $(id).addEventListener("input", preview);
   $("dict-build").addEventListener("click", () => build(onBuilt));
   $("dict-reset").addEventListener("click", () => { render(); $("dict-seed").value = ""; });

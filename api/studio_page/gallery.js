@@ -26,7 +26,8 @@ function jobCard(job) {
       el("strong", { class: `status-${job.status}`, text: job.status }),
       el("span", { class: "muted", text: `${new Date(job.created_at).toLocaleString()} · ${job.mode} · ${job.model}` }),
       el("span", { class: "spacer" }),
-      active ? el("button", { type: "button", class: "small", text: "Watch", onclick: () => actions.watch(job) }) : null,
+      active ? el("button", { type: "button", class: "small", text: "Watch", onclick: () => actions.watch(job) })
+        : null,
       el("button", { type: "button", class: "small reuse", text: "Reuse these settings",
         onclick: () => actions.reuse(job) })),
     el("p", { class: "prompt", text: job.params.prompt || "" }),
@@ -39,11 +40,11 @@ async function load() {
   const model = $("gallery-model").value;
   const query = new URLSearchParams({ limit: PAGE, offset });
   if (status) query.set("status", status);
+  if (model) query.set("model", model);
   try {
     const page = await api(`/v1/jobs?${query}`);
-    // GET /v1/jobs has no model filter: the model filter narrows the page shown.
-    const jobs = model ? page.jobs.filter((job) => job.model === model) : page.jobs;
-    $("gallery-jobs").replaceChildren(...(jobs.length ? jobs.map(jobCard) : [el("p", { class: "muted", text: "No jobs." })]));
+    const cards = page.jobs.length ? page.jobs.map(jobCard) : [el("p", { class: "muted", text: "No jobs." })];
+    $("gallery-jobs").replaceChildren(...cards);
     const last = Math.min(offset + page.jobs.length, page.total);
     $("gallery-range").textContent = page.total ? `${offset + 1}–${last} of ${page.total}` : "";
     $("gallery-prev").disabled = offset === 0;

@@ -6,8 +6,9 @@ const PARAM = /\s*([\p{L}\p{N}_][\p{L}\p{N}_ \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)
 const IMAGE_SIZE = /^(\d+)x(\d+)$/;
 // The WebUI's schedule types, label then aliases (modules/sd_schedulers.py), tried in this order.
 const SCHEDULE_TYPES = [
-  ["Automatic"], ["Uniform"], ["Karras"], ["Exponential"], ["Polyexponential"], ["SGM Uniform", "sgm_uniform", "SGMUniform"],
-  ["KL Optimal", "kl_optimal"], ["Align Your Steps", "align_your_steps"], ["Simple"], ["Normal"], ["DDIM"], ["Beta"],
+  ["Automatic"], ["Uniform"], ["Karras"], ["Exponential"], ["Polyexponential"],
+  ["SGM Uniform", "sgm_uniform", "SGMUniform"], ["KL Optimal", "kl_optimal"], ["Align Your Steps", "align_your_steps"],
+  ["Simple"], ["Normal"], ["DDIM"], ["Beta"],
 ];
 
 function unquote(value) {

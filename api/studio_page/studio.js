@@ -55,7 +55,8 @@ function findModel(wanted) {
 function fillForm(params) {
   const missed = [];
   if ("sampler_name" in params) {
-    const known = catalog.samplers.find((s) => s.name === params.sampler_name || s.aliases.includes(params.sampler_name));
+    const wanted = params.sampler_name;
+    const known = catalog.samplers.find((s) => s.name === wanted || s.aliases.includes(wanted));
     if (known) $("sampler_name").value = known.name;
     else missed.push(`sampler ${params.sampler_name}`);
     updateSchedules();
@@ -127,9 +128,10 @@ async function loadCatalogs() {
   fillSelect($("sampler_name"), samplers.map((s) => [s.name]));
   if (samplers.some((s) => s.name === "DPM++ 2M")) $("sampler_name").value = "DPM++ 2M";
   updateSchedules();
-  if (schedulers.includes("Karras") && [...$("scheduler").options].some((o) => o.value === "Karras")) $("scheduler").value = "Karras";
-  fillSelect($("lora-select"), loras.filter((l) => !l.refused_reason).map((l) => [l.name]));
-  $("lora-add").disabled = !$("lora-select").options.length;
+  if ([...$("scheduler").options].some((o) => o.value === "Karras")) $("scheduler").value = "Karras";
+  const usable = loras.filter((l) => !l.refused_reason).map((l) => [l.name]);
+  fillSelect($("lora-select"), usable.length ? usable : [["", "none installed"]]);
+  $("lora-add").disabled = !usable.length;
   fillSelect($("styles"), styles.map((s) => [s.name]));
   fillSelect($("hr_upscaler"), upscalers.filter((u) => !u.refused_reason).map((u) => [u.name]));
   fillSelect($("cn-model"), cnModels.filter((m) => m.loadable).map((m) => [m.title, m.name]));
@@ -197,7 +199,7 @@ function showOutput(job) {
   if (box.childElementCount === job.images.length && box.dataset.job === job.id) return;
   box.dataset.job = job.id;
   box.replaceChildren(...job.images.map((image) => el("img", {
-    src: safeUrl(image.url), alt: `seed ${image.seed}`, title: `seed ${image.seed}`,
+    src: safeUrl(image.url), alt: `seed ${image.seed}`, title: `seed ${image.seed}`, "data-index": image.index,
     onclick: () => selectOutput(job, image),
   })));
   if (job.images.length) selectOutput(job, job.images[0]);
@@ -211,7 +213,9 @@ function selectOutput(job, image) {
   $("output-download").download = `${job.id}-${image.index}.${job.params.output_format || "png"}`;
   $("output-infotext").textContent = image.infotext;
   $("output-to-img2img").onclick = () => sendToImg2img(image, job.params);
-  for (const img of $("output-images").children) img.classList.toggle("selected", img.src === image.url);
+  for (const img of $("output-images").children) {
+    img.classList.toggle("selected", img.dataset.index === String(image.index));
+  }
 }
 
 // ---- a job's progress ------------------------------------------------------------------------------
@@ -287,7 +291,8 @@ async function start() {
   $("login").hidden = true;
   $("studio").hidden = false;
   await setupDictionary(({ prompt, negative_prompt: negative, settings }) => {
-    const missed = settings ? fillForm(settings) : [];
+    const { model, model_hash: hash, ...rest } = settings || {};
+    const missed = settings ? fillForm({ ...rest, model: { name: model, hash } }) : [];
     $("prompt").value = prompt;
     $("negative_prompt").value = negative;
     note(missed.length ? `Built. Not on this farm, kept as it was: ${missed.join(", ")}` : "Built.");
@@ -314,13 +319,17 @@ function wire() {
     }
   });
   $("logout-btn").addEventListener("click", () => signOut());
-  for (const tab of document.querySelectorAll("[data-tab]")) tab.addEventListener("click", () => setMode(tab.dataset.tab));
+  for (const tab of document.querySelectorAll("[data-tab]")) {
+    tab.addEventListener("click", () => setMode(tab.dataset.tab));
+  }
   form.addEventListener("submit", generate);
   $("cancel-btn").addEventListener("click", cancel);
   $("sampler_name").addEventListener("change", updateSchedules);
   for (const toggle of [form.elements.enable_hr, $("cn-enabled")]) toggle.addEventListener("change", showToggles);
   $("seed-random").addEventListener("click", () => { form.elements.seed.value = "-1"; });
-  $("seed-reuse").addEventListener("click", () => { if (lastSeed != null) form.elements.seed.value = String(lastSeed); });
+  $("seed-reuse").addEventListener("click", () => {
+    if (lastSeed != null) form.elements.seed.value = String(lastSeed);
+  });
   $("lora-add").addEventListener("click", () => insertIntoPrompt(`<lora:${$("lora-select").value}:1>`));
   $("paste-btn").addEventListener("click", () => { $("paste-box").hidden = !$("paste-box").hidden; });
   $("paste-apply").addEventListener("click", () => {
@@ -328,11 +337,15 @@ function wire() {
     if (text.trim()) fillForm(infotextToParams(parseInfotext(text)));
     $("paste-box").hidden = true;
   });
-  $("png-file").addEventListener("change", () => { if ($("png-file").files[0]) fillFromImageFile($("png-file").files[0]); });
-  $("init-file").addEventListener("change", () => { if ($("init-file").files[0]) setInitImage($("init-file").files[0]); });
+  onFileChosen($("png-file"), fillFromImageFile);
+  onFileChosen($("init-file"), setInitImage);
   dropTarget($("png-drop"), fillFromImageFile);
   dropTarget($("init-drop"), setInitImage);
   setupGallery({ reuse: reuseSettings, toImg2img: sendToImg2img, watch: (job) => { setMode("txt2img"); watch(job); } });
+}
+
+function onFileChosen(input, onFile) {
+  input.addEventListener("change", () => { if (input.files[0]) onFile(input.files[0]); });
 }
 
 function dropTarget(node, onFile) {
