@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared.errors import FieldError
 from shared.jobs import lifecycle
 from shared.jobs.contract import JobSpec, RenderSpec, UpscaleSpec, parse_job_spec
+from shared.jobs.fair_share import FairOrder
 from shared.jobs.repository import held_job
 from shared.jobs.states import ErrorType
 from shared.queueing.farm_state import get_pause_state
@@ -173,6 +174,7 @@ class JobRunner:
         self.session_factory = session_factory
         self.store = store
         self.settings = settings
+        self._fair_order = FairOrder.from_settings(settings.fair_share)
         self._limits = limits
         self._engine: Any = None
 
@@ -214,15 +216,25 @@ class JobRunner:
         if not batch:
             log.info("job %s is not queued any more (duplicate delivery or done); nothing to do", job_id)
             return RunOutcome.SKIPPED
+        leader = batch[0].job_id  # with fair share, not always the job the message named
+        if leader != jid:
+            log.info("message for job %s: fair share chose job %s", job_id, leader)
         self.control.begin([job.job_id for job in batch], self.settings.jobs.render_time_limit)
         try:
-            batch += self._wait_for_partners(jid, batch)
+            batch += self._wait_for_partners(leader, batch)
             if len(batch) > 1:
-                log.info("job %s: batch of %d jobs (%s)", job_id, len(batch), ", ".join(str(j.job_id) for j in batch))
+                log.info("job %s: batch of %d jobs (%s)", leader, len(batch), ", ".join(str(j.job_id) for j in batch))
             outcomes = self._run_batch(batch)
         finally:
             self.control.end()
-        return outcomes[jid]
+        if self._fair_order is not None:
+            with_db_retry(lambda: self._nudge([job.job_id for job in batch]), "nudging capped owners' next jobs")
+        return outcomes.get(jid, outcomes[leader])
+
+    def _nudge(self, job_ids: list[uuid.UUID]) -> None:
+        with self.session_factory() as session:
+            lifecycle.nudge_capped_owners(session, job_ids, self.settings.fair_share.default_max_running)
+            lifecycle.commit(session)
 
     def _partner_limit(self, session: Session) -> int:
         """The claim limit, or 0 while the farm is paused: a message taken just before a pause renders its
@@ -233,7 +245,7 @@ class JobRunner:
     def _claim(self, jid: uuid.UUID) -> list[_Claimed]:
         with self.session_factory() as session:
             jobs = lifecycle.claim_batch(session, jid, self.worker, self.settings.jobs.lease_seconds, self.queues(),
-                                         self._partner_limit(session))
+                                         self._partner_limit(session), self._fair_order)
             claimed = [_Claimed(job.id, dict(job.params)) for job in jobs]
             lifecycle.commit(session)
             return claimed
@@ -255,7 +267,7 @@ class JobRunner:
                     if leader is None or not self._partner_limit(session):
                         return []
                     jobs = lifecycle.claim_partners(session, leader, self.worker, self.settings.jobs.lease_seconds,
-                                                    self.queues(), room)
+                                                    self.queues(), room, self._fair_order)
                     claimed = [_Claimed(job.id, dict(job.params)) for job in jobs]
                     lifecycle.commit(session)
                     return claimed

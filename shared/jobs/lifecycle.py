@@ -31,7 +31,9 @@ from sqlalchemy.orm import Session
 
 from shared.clock import utcnow
 from shared.db.models import Job, JobImage
+from shared.jobs import fair_share
 from shared.jobs.contract import RenderSpec
+from shared.jobs.fair_share import FairOrder
 from shared.jobs.states import ErrorType, JobStatus, check_transition
 from shared.queueing import job_notices
 from shared.queueing.queues import QueueName, publish_render
@@ -280,44 +282,112 @@ def image_count(params: dict[str, Any] | None) -> int:
 
 
 def claim_batch(session: Session, job_id: uuid.UUID, worker: str, lease_seconds: int, queues: Collection[str],
-                max_images: int) -> list[Job]:
-    """Claim the job a message named and, in the same transaction, its partners (:func:`claim_partners`):
-    the batch, its first job first; empty when that job is not queued any more (a duplicate message).
-    The named job is always in its batch, whatever its size: partners join it, never replace it."""
-    leader = claim(session, job_id, worker, lease_seconds, batch_id=uuid.uuid4())
+                max_images: int, order: FairOrder | None = None) -> list[Job]:
+    """Claim a batch for the message naming ``job_id``: its first job first; empty when there is nothing to take
+    (a duplicate message).
+
+    Without ``order`` the named job leads, whatever its size: partners join it, never replace it. With ``order``
+    (fair share, shared/jobs/fair_share.py) the leader is the fair choice among the queued jobs of ``queues``,
+    which may be another owner's job: the named job, still queued, then gets its message back (published once this
+    transaction commits), so every queued job keeps one."""
+    batch_id = uuid.uuid4()
+    if order is None:
+        leader = claim(session, job_id, worker, lease_seconds, batch_id=batch_id)
+    else:
+        leader = _claim_fair_leader(session, job_id, worker, lease_seconds, queues, order, batch_id)
     if leader is None:
         return []
     room = max_images - image_count(leader.params)
-    return [leader, *claim_partners(session, leader, worker, lease_seconds, queues, room)]
+    return [leader, *claim_partners(session, leader, worker, lease_seconds, queues, room, order)]
+
+
+_FAIR_TRIES = 8  # owners at their running cap skipped before a claim gives up on the fair choice
+
+
+def _claim_fair_leader(session: Session, job_id: uuid.UUID, worker: str, lease_seconds: int,
+                       queues: Collection[str], order: FairOrder, batch_id: uuid.UUID) -> Job | None:
+    at_cap: set[str] = set()
+    for _ in range(_FAIR_TRIES):
+        found = fair_share.pick(session, order, [*queues, *_named_route(session, job_id)], limit=1,
+                                exclude_owners=at_cap)
+        if not found:
+            return None
+        choice = found[0]
+        if fair_share.within_cap(session, choice.owner, choice.max_running) < 1:
+            at_cap.add(choice.owner)  # its next job is nudged when one of its running jobs ends
+            continue
+        leader = claim(session, choice.job_id, worker, lease_seconds, batch_id=batch_id)
+        if leader is not None and leader.id != job_id:
+            _keep_message(session, job_id)
+        return leader
+    return None
+
+
+def _named_route(session: Session, job_id: uuid.UUID) -> list[str]:
+    """The named job's own queue, if it is queued: a message that reached this worker from a queue the job has
+    since left (affinity's bounded wait moved it) still lets the worker take it."""
+    route = session.scalar(select(Job.route).where(Job.id == job_id, Job.status == JobStatus.QUEUED))
+    return [route] if route else []
+
+
+def _keep_message(session: Session, job_id: uuid.UUID) -> None:
+    """A message spent on another (fairer) job: the job it named, if still queued, is published again to its queue.
+    Not a state change; a spare duplicate message is harmless (claims are compare-and-set)."""
+    route = session.scalar(select(Job.route).where(Job.id == job_id, Job.status == JobStatus.QUEUED))
+    if route is not None:
+        _pending(session).renders.append((job_id, route, False))
+
+
+def nudge_capped_owners(session: Session, job_ids: Collection[uuid.UUID], default_max_running: int) -> None:
+    """After jobs leave `running`: for each of their owners with a `max_running` cap, publish its next queued
+    job again (once this transaction commits). A claim that found the owner at its cap spent that job's message on
+    another owner's job, or on nothing; without this nudge the job would wait for the recovery loop."""
+    if not job_ids:
+        return
+    owners = session.scalars(select(Job.owner).where(Job.id.in_(list(job_ids))).distinct()).all()
+    for next_id, route in fair_share.next_of_capped_owners(session, owners, default_max_running):
+        _pending(session).renders.append((next_id, route or QueueName.RENDER, False))
 
 
 def claim_partners(session: Session, leader: Job, worker: str, lease_seconds: int, queues: Collection[str],
-                   room: int) -> list[Job]:
-    """Queued jobs with ``leader``'s batch key from the queues this worker consumes, oldest first, up to
-    ``room`` images, claimed into ``leader``'s batch (``FOR UPDATE SKIP LOCKED``: jobs another claim is
-    taking are skipped, never waited for or taken twice). Their messages then find nothing to claim."""
+                   room: int, order: FairOrder | None = None) -> list[Job]:
+    """Queued jobs with ``leader``'s batch key from the queues this worker consumes, up to ``room`` images,
+    claimed into ``leader``'s batch (``FOR UPDATE SKIP LOCKED``: jobs another claim is taking are skipped, never
+    waited for or taken twice). Their messages then find nothing to claim. Oldest first; with ``order``, in fair
+    order, and no owner past its running cap."""
     if leader.batch_key is None or room <= 0 or not queues:
         return []
-    candidates = session.execute(
-        select(Job.id, Job.params)
-        .where(Job.status == JobStatus.QUEUED, Job.batch_key == leader.batch_key, Job.route.in_(list(queues)),
-               Job.id != leader.id)
-        .order_by(Job.created_at, Job.id)
-        .limit(room)
-        .with_for_update(skip_locked=True)
-    ).all()
+    if order is None:
+        candidates = [(job_id, params, "", 0) for job_id, params in session.execute(
+            select(Job.id, Job.params)
+            .where(Job.status == JobStatus.QUEUED, Job.batch_key == leader.batch_key, Job.route.in_(list(queues)),
+                   Job.id != leader.id)
+            .order_by(Job.created_at, Job.id)
+            .limit(room)
+            .with_for_update(skip_locked=True)
+        ).all()]
+    else:
+        candidates = [(c.job_id, c.params, c.owner, c.max_running) for c in fair_share.pick(
+            session, order, queues, limit=room, batch_key=leader.batch_key, exclude_ids=[leader.id])]
     chosen: list[uuid.UUID] = []
-    for candidate_id, params in candidates:
+    slots: dict[str, int] = {}
+    for candidate_id, params, owner, cap in candidates:
         images = image_count(params)
         if images > room:
-            break  # oldest first: a younger, smaller job does not overtake an older one into this batch
+            break  # in order: a later, smaller job does not overtake an earlier one into this batch
+        if cap > 0:
+            if owner not in slots:
+                slots[owner] = fair_share.within_cap(session, owner, cap, taking=room)
+            if slots[owner] <= 0:
+                continue
+            slots[owner] -= 1
         chosen.append(candidate_id)
         room -= images
     if not chosen:
         return []
     jobs = _claim_where(session, [Job.id.in_(chosen)], worker, lease_seconds, leader.batch_id)
-    order = {job_id: i for i, job_id in enumerate(chosen)}
-    return sorted(jobs, key=lambda job: order[job.id])
+    order_of = {job_id: i for i, job_id in enumerate(chosen)}
+    return sorted(jobs, key=lambda job: order_of[job.id])
 
 
 def _held_by(job_id: uuid.UUID, worker: str) -> list[ColumnElement[bool]]:

@@ -22,7 +22,14 @@ from sqlalchemy.orm import sessionmaker
 from shared.errors import FieldError
 from shared.jobs import lifecycle, repository
 from shared.jobs.states import ErrorType, JobStatus
-from shared.settings import BatchingSettings, JobSettings, ModelSettings, ServiceSettings, Settings
+from shared.settings import (
+    BatchingSettings,
+    FairShareSettings,
+    JobSettings,
+    ModelSettings,
+    ServiceSettings,
+    Settings,
+)
 from shared.storage.local import LocalObjectStore
 from worker.control.job_control import JobCanceled, JobControl, JobTimedOut
 from worker.engine.batch import BatchJob, BatchLimits
@@ -71,7 +78,10 @@ def _runner(database_url: str, tmp_path: Path, render: Any, time_limit: int = 90
     store = LocalObjectStore(tmp_path / "objects", "http://127.0.0.1:1", b"secret")
     settings = Settings(services=ServiceSettings(database_url=database_url),
                         jobs=JobSettings(job_time_limit=time_limit), models=ModelSettings(models_dir=tmp_path),
-                        batching=BatchingSettings(batching=batching))
+                        batching=BatchingSettings(batching=batching),
+                        # The message's own job leads here (these tests share the "render" queue with other
+                        # modules' queued jobs); fair share's choice is tests/integration/test_fair_share.py's.
+                        fair_share=FairShareSettings(fair_share=False))
     pipelines = SimpleNamespace(get=lambda name: model, names=lambda: ["m"], controlnets=lambda: [], device="cpu")
     runner = JobRunner("worker-1", JobControl(), pipelines, factory, store, settings,  # type: ignore[arg-type]
                        time_limit_errors, limits=BatchLimits(max_images=4))

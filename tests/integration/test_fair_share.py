@@ -1,0 +1,215 @@
+"""Fair share in the claim (shared/jobs/fair_share.py, lifecycle.claim_batch with an order) against a real
+PostgreSQL: owners take turns by recent render time per weight, priorities order one owner's jobs, an admin's
+front wins, `max_running` holds with two workers claiming at once, and no job loses its message.
+
+Each test uses a queue of its own, so other tests' queued jobs are never candidates."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from shared.clock import utcnow
+from shared.db.models import OwnerPolicy
+from shared.jobs import lifecycle
+from shared.jobs.fair_share import FairOrder
+
+ORDER = FairOrder(half_life_seconds=600.0, default_weight=1.0, default_max_running=0)
+PARAMS = {"mode": "txt2img", "prompt": "p", "negative_prompt": "", "steps": 3, "cfg_scale": 7.0,
+          "sampler_name": "Euler", "scheduler": "Automatic", "seed": 5, "width": 64, "height": 64}
+
+
+@pytest.fixture
+def route() -> str:
+    return f"render.t.{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def owners(session: Session) -> Iterator[Any]:
+    """Unique owner names; their policies are removed afterwards."""
+    made: list[str] = []
+
+    def make(label: str) -> str:
+        made.append(f"{label}-{uuid.uuid4().hex[:6]}")
+        return made[-1]
+
+    yield make
+    session.rollback()
+    session.execute(sa.delete(OwnerPolicy).where(OwnerPolicy.owner.in_(made)))
+    session.commit()
+
+
+@pytest.fixture
+def published(monkeypatch: pytest.MonkeyPatch) -> list[tuple[uuid.UUID, str]]:
+    sent: list[tuple[uuid.UUID, str]] = []
+    monkeypatch.setattr(lifecycle, "publish_render", lambda job_id, queue: sent.append((job_id, queue)))
+    return sent
+
+
+def queue(session: Session, owner: str, route: str, priority: int = 0, **params: Any) -> uuid.UUID:
+    job = lifecycle.submit(session, owner=owner, api_key_id=None, params=PARAMS | {"model": "m"} | params,
+                           model_name="m", route=route)
+    job.priority = priority
+    lifecycle.commit(session)
+    return job.id
+
+
+def policy(session: Session, owner: str, **values: Any) -> None:
+    session.merge(OwnerPolicy(owner=owner, **values))
+    session.commit()
+
+
+def claim_one(session: Session, route: str, message: uuid.UUID, worker: str = "w1",
+              order: FairOrder | None = ORDER) -> lifecycle.Job | None:
+    batch = lifecycle.claim_batch(session, message, worker, 60, [route], max_images=0, order=order)
+    lifecycle.commit(session)
+    return batch[0] if batch else None
+
+
+def finish(session: Session, job: lifecycle.Job, seconds: float = 1.0, worker: str = "w1") -> None:
+    assert lifecycle.succeed(session, job.id, worker, [], render_seconds=seconds)
+    lifecycle.commit(session)
+
+
+def drain(session: Session, route: str, messages: list[uuid.UUID], order: FairOrder | None = ORDER,
+          seconds: dict[str, float] | None = None) -> list[str]:
+    """One worker taking one job per message, each rendering for ``seconds[owner]`` (default 1 s); the owners in
+    the order their jobs ran."""
+    ran: list[str] = []
+    for message in messages:
+        job = claim_one(session, route, message, order=order)
+        if job is None:
+            continue
+        ran.append(job.owner)
+        finish(session, job, (seconds or {}).get(job.owner, 1.0))
+    return ran
+
+
+def test_a_light_owner_is_not_stuck_behind_a_heavy_backlog(session: Session, route: str, owners: Any,
+                                                           published: list[Any]) -> None:
+    heavy, light = owners("heavy"), owners("light")
+    messages = [queue(session, heavy, route) for _ in range(20)] + [queue(session, light, route) for _ in range(3)]
+    ran = drain(session, route, messages)
+    assert len(ran) == 23
+    light_turns = [i for i, owner in enumerate(ran) if owner == light]
+    assert light_turns == [1, 3, 5], ran  # taking turns with the heavy owner, not after its 20 jobs
+
+
+def test_first_come_first_served_when_fair_share_is_off(session: Session, route: str, owners: Any,
+                                                        published: list[Any]) -> None:
+    heavy, light = owners("heavy"), owners("light")
+    messages = [queue(session, heavy, route) for _ in range(5)] + [queue(session, light, route) for _ in range(2)]
+    assert drain(session, route, messages, order=None) == [heavy] * 5 + [light] * 2
+
+
+def test_weights_two_to_one_give_two_to_one_render_time(session: Session, route: str, owners: Any,
+                                                        published: list[Any]) -> None:
+    big, small = owners("big"), owners("small")
+    policy(session, big, weight=2.0)
+    messages = [queue(session, big, route) for _ in range(40)] + [queue(session, small, route) for _ in range(40)]
+    ran = drain(session, route, messages[:30] + messages[40:70])[:30]  # the first 30 turns, both still busy
+    shares = Counter(ran)
+    assert abs(shares[big] - 20) <= 1 and abs(shares[small] - 10) <= 1, shares
+
+
+def test_render_time_not_job_count_is_what_is_shared(session: Session, route: str, owners: Any,
+                                                     published: list[Any]) -> None:
+    """An owner whose jobs take 3x as long gets a third of the turns: fairness is in GPU time."""
+    slow, quick = owners("slow"), owners("quick")
+    messages = [queue(session, slow, route) for _ in range(20)] + [queue(session, quick, route) for _ in range(20)]
+    ran = drain(session, route, messages[:16] + messages[20:36], seconds={slow: 3.0, quick: 1.0})[:16]
+    shares = Counter(ran)
+    assert abs(shares[quick] - 12) <= 1 and abs(shares[slow] - 4) <= 1, shares
+
+
+def test_priorities_order_one_owners_jobs_and_the_front_wins(session: Session, route: str, owners: Any,
+                                                             published: list[Any]) -> None:
+    a, b = owners("a"), owners("b")
+    low, normal, high = (queue(session, a, route, priority=p) for p in (-1, 0, 5))
+    other = queue(session, b, route)
+    fronted = queue(session, b, route)
+    session.execute(sa.text("UPDATE jobs SET front_at = :now WHERE id = :id"), {"now": utcnow(), "id": fronted})
+    session.commit()
+    order = []
+    for message in (low, normal, high, other, fronted):
+        job = claim_one(session, route, message)
+        assert job is not None
+        order.append(job.id)
+        finish(session, job)
+    assert order[0] == fronted
+    assert [job_id for job_id in order if job_id in (low, normal, high)] == [high, normal, low]
+
+
+def test_a_spent_message_is_given_back_to_the_job_it_named(session: Session, route: str, owners: Any,
+                                                           published: list[tuple[uuid.UUID, str]]) -> None:
+    heavy, light = owners("heavy"), owners("light")
+    first = queue(session, heavy, route)
+    finish(session, claim_one(session, route, first))  # the heavy owner has used 1 s
+    named = queue(session, heavy, route)
+    fair = queue(session, light, route)
+    published.clear()
+    job = claim_one(session, route, named)
+    assert job is not None and job.id == fair
+    assert published == [(named, route)]  # the heavy job keeps a message: nobody waits for the recovery loop
+
+
+def test_a_lone_owner_gets_every_worker(session: Session, route: str, owners: Any, published: list[Any]) -> None:
+    alone = owners("alone")
+    jobs = [queue(session, alone, route) for _ in range(3)]
+    first = claim_one(session, route, jobs[0], worker="w1")
+    second = claim_one(session, route, jobs[1], worker="w2")
+    assert first is not None and second is not None and first.id != second.id
+
+
+def test_max_running_holds_with_two_workers_claiming_at_once(database_url: str, session: Session, route: str,
+                                                             owners: Any, published: list[Any]) -> None:
+    capped, other = owners("capped"), owners("other")
+    policy(session, capped, max_running=1)
+    capped_jobs = [queue(session, capped, route) for _ in range(4)]
+    other_job = queue(session, other, route)
+    engine = sa.create_engine(database_url)
+    results: dict[str, Any] = {}
+    barrier = threading.Barrier(2)
+
+    def worker(name: str, message: uuid.UUID) -> None:
+        with Session(engine, expire_on_commit=False) as own:
+            barrier.wait()
+            results[name] = claim_one(own, route, message, worker=name)
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}", capped_jobs[i])) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    engine.dispose()
+    taken = {name: job.owner for name, job in results.items() if job is not None}
+    assert sorted(taken.values()) == sorted([capped, other]), taken  # one capped job, and the other owner's
+    running = session.scalar(sa.text("SELECT count(*) FROM jobs WHERE owner = :o AND status = 'running'"),
+                             {"o": capped})
+    assert running == 1
+    # A third claim finds the capped owner at its cap and nothing else: it takes nothing.
+    assert claim_one(session, route, capped_jobs[2], worker="w3") is None
+    assert other_job in {job.id for job in results.values() if job is not None}
+
+
+def test_a_capped_owners_next_job_is_nudged_when_its_running_job_ends(session: Session, route: str, owners: Any,
+                                                                       published: list[tuple[uuid.UUID, str]]) -> None:
+    capped = owners("capped")
+    policy(session, capped, max_running=1)
+    jobs = [queue(session, capped, route) for _ in range(3)]
+    running = claim_one(session, route, jobs[0])
+    assert running is not None and claim_one(session, route, jobs[1], worker="w2") is None  # at its cap
+    finish(session, running)
+    published.clear()
+    lifecycle.nudge_capped_owners(session, [running.id], default_max_running=0)
+    lifecycle.commit(session)
+    assert published == [(jobs[1], route)]
+    nudged = claim_one(session, route, jobs[1], worker="w2")
+    assert nudged is not None and nudged.id == jobs[1]
