@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.admin import metrics_rollup
+from api.admin import autoscaling, metrics_rollup
 from api.admin import queries as admin_queries
 from api.admin.metrics_rollup import BATCH_IMAGES_BUCKETS, DURATION_BUCKETS, WAIT_BUCKETS, le
 from shared.db.models import Job
@@ -52,6 +52,9 @@ class Snapshot:
     broker: dict[str, int] = field(default_factory=dict)
     # name, heartbeat age, lost, jobs done, images per second of rendering (None before the first image)
     workers: list[tuple[str, float, bool, int, float | None]] = field(default_factory=list)
+    # For autoscalers (api/admin/autoscaling.py); None when its source failed this scrape.
+    queued_work: autoscaling.QueuedWork | None = None
+    activity: autoscaling.WorkerActivity | None = None
 
 
 def jobs_by_state(session: Session) -> dict[str, int]:
@@ -79,6 +82,7 @@ def take_snapshot(
             snap.depth_by_model[(entry.model, "queued")] = entry.queued
             snap.depth_by_model[(entry.model, "running")] = entry.running
         snap.oldest_queued_age = depth.oldest_queued_age_seconds or 0.0
+        snap.queued_work = autoscaling.read_queued_work(session)
         snap.paused = get_pause_state(session).paused
         metrics_rollup.advance(session, batch_size=1000)  # bounded: the sampler does the bulk of a backfill
         session.commit()
@@ -92,9 +96,11 @@ def take_snapshot(
     try:
         queue = broker_queue(client)
         snap.broker = {"waiting": queue.waiting, "unacked": queue.unacked}
-        for s in read_fleet(client, lost_after_seconds=lost_after_seconds, forget_after_seconds=forget_after_seconds):
+        sightings = read_fleet(client, lost_after_seconds=lost_after_seconds, forget_after_seconds=forget_after_seconds)
+        for s in sightings:
             snap.workers.append((str(s.info.get("name")), s.heartbeat_age, s.lost, int(s.info.get("jobs_done") or 0),
                                  images_per_second(s.info)))
+        snap.activity = autoscaling.worker_activity(s.info for s in sightings if not s.lost)
         snap.sources_up["redis"] = True
     except Exception:
         log.exception("metrics: Redis reads failed")
@@ -201,6 +207,7 @@ def families(snap: Snapshot) -> Iterator[Metric]:
     yield age
     yield done
     yield rate
+    yield from autoscaling.families(snap.queued_work, snap.activity, snap.counters)
 
 
 class FarmCollector(Collector):

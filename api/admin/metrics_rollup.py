@@ -3,7 +3,9 @@
 Counting all jobs at every scrape costs time in proportion to the table (about 0.5 s per
 scrape at 100,000 jobs, see docs/benchmarks.md). Instead, newly finished jobs are
 added to running totals: jobs by model and status, images by model, failures by error type,
-the render-time, queue-wait and images-per-UNet-call histograms by model, and batches formed.
+the render-time, queue-wait and images-per-UNet-call histograms by model, and batches formed. Each
+succeeded job's render seconds and planned steps also go into its model's decayed history
+(`api.admin.work_estimate`), the seconds per step that price the queued work.
 
 Exactly once, without a clock lag: the jobs already counted are remembered (for
 `KEEP`) and each pass looks at jobs finished since `OVERLAP` before the newest one counted,
@@ -23,6 +25,14 @@ from sqlalchemy import delete, func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from api.admin.work_estimate import (
+    PLAN_SQL,
+    SECONDS_COUNTER,
+    STEPS_COUNTER,
+    fold,
+    histories_from_counters,
+    job_steps,
+)
 from shared.db.models import MetricCounter, MetricsCountedJob
 
 BATCH_IMAGES_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64)
@@ -37,7 +47,8 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _NEW_FINISHED = text(
     "SELECT j.id, j.model_name, j.status, j.error_type, j.created_at, j.started_at, j.finished_at, "
     "(SELECT count(*) FROM job_images i WHERE i.job_id = j.id) AS images, j.batch_images, "
-    "(SELECT count(*) FROM jobs b WHERE b.batch_id = j.batch_id) AS batch_jobs "
+    "(SELECT count(*) FROM jobs b WHERE b.batch_id = j.batch_id) AS batch_jobs, "
+    f"j.render_seconds, {PLAN_SQL} AS plan "
     "FROM jobs j WHERE j.finished_at >= :since "
     "AND NOT EXISTS (SELECT 1 FROM metrics_counted_jobs c WHERE c.job_id = j.id) "
     "ORDER BY j.finished_at LIMIT :limit"
@@ -101,6 +112,7 @@ def advance(session: Session, *, batches: int = 1, batch_size: int = BATCH) -> i
             index_elements=[MetricCounter.name, MetricCounter.model, MetricCounter.key],
             set_={"value": MetricCounter.value + stmt.excluded.value},
         ))
+        _fold_render_history(session, rows)
         session.execute(insert(MetricsCountedJob).values([{"job_id": r[0], "finished_at": r[6]} for r in rows]))
         counted += len(rows)
         if len(rows) < batch_size:
@@ -109,6 +121,37 @@ def advance(session: Session, *, batches: int = 1, batch_size: int = BATCH) -> i
     if newest is not None:
         session.execute(delete(MetricsCountedJob).where(MetricsCountedJob.finished_at < newest - KEEP))
     return counted
+
+
+def render_observations(rows: Sequence[tuple]) -> list[tuple[str, float, int]]:
+    """(model, render seconds, planned steps) of the succeeded jobs among `advance`'s rows, in finish order."""
+    observed = []
+    for _id, model, status, *rest in rows:
+        render_seconds, plan = (*rest[7:], None, None)[:2]
+        if status == "succeeded" and render_seconds:
+            observed.append((model, float(render_seconds), job_steps(plan)))
+    return observed
+
+
+def _fold_render_history(session: Session, rows: Sequence[tuple]) -> None:
+    """Fold the rows' succeeded jobs into their models' decayed histories (read, fold, overwrite: under the lock)."""
+    observed = render_observations(rows)
+    if not observed:
+        return
+    models = sorted({model for model, _s, _n in observed})
+    current = {(n, m, k): v for n, m, k, v in session.execute(
+        select(MetricCounter.name, MetricCounter.model, MetricCounter.key, MetricCounter.value)
+        .where(MetricCounter.name.in_([SECONDS_COUNTER, STEPS_COUNTER]), MetricCounter.model.in_(models)))}
+    changed = fold(histories_from_counters(current), observed)
+    if not changed:
+        return
+    stmt = insert(MetricCounter).values(
+        [{"name": SECONDS_COUNTER, "model": m, "key": "", "value": h.seconds} for m, h in changed.items()]
+        + [{"name": STEPS_COUNTER, "model": m, "key": "", "value": h.steps} for m, h in changed.items()])
+    session.execute(stmt.on_conflict_do_update(
+        index_elements=[MetricCounter.name, MetricCounter.model, MetricCounter.key],
+        set_={"value": stmt.excluded.value},
+    ))
 
 
 def read_counters(session: Session) -> dict[tuple[str, str, str], float]:

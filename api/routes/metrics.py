@@ -37,7 +37,8 @@ def get_registry() -> CollectorRegistry:
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text exposition format"}},
 )
 def metrics(request: Request, session: SessionDep) -> Response:
-    """Jobs by state, queue depth per model, job duration and queue wait histograms, images, failures, workers."""
+    """Jobs by state, queue depth per model and per route, queued work, job duration and queue wait histograms,
+    images, failures, workers (busy and idle)."""
     if not get_settings().admin.metrics_public:
         require_admin(require_key(request, session))
     return Response(generate_latest(get_registry()), media_type=CONTENT_TYPE_LATEST)
