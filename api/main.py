@@ -14,11 +14,13 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.routing import Match, Mount
 
+from api import limits
 from api.admin.sampler import run_sampler
 from api.openapi import farm_openapi
 from api.routes import (
     admin,
     admin_jobs,
+    admin_owners,
     catalog,
     controlnet,
     files,
@@ -33,6 +35,7 @@ from api.routes import (
     studio,
     styles,
     uploads,
+    usage,
     webhooks,
 )
 from shared.errors import FieldError
@@ -105,11 +108,13 @@ def create_app() -> FastAPI:
 
     for router in (health.router, jobs.router, job_events.router, models.router, files.router, webhooks.router,
                    uploads.router, png_info.router, styles.router, sdapi.router, controlnet.router,
-                   prompt_dictionary.router):
+                   prompt_dictionary.router, usage.router):
         app.include_router(router)
-    for router in (admin.router, admin_jobs.router, admin.page_router, metrics.router, studio.router):
+    for router in (admin.router, admin_jobs.router, admin_owners.router, admin.page_router, metrics.router,
+                   studio.router):
         app.include_router(router)
     app.include_router(catalog.router)
+    limits.install(app)
     app.mount("/admin/static", StaticFiles(directory=admin.PAGE_DIR), name="admin-static")
     app.mount("/studio/static", StaticFiles(directory=studio.PAGE_DIR), name="studio-static")
     app.openapi = lambda: farm_openapi(app, get_settings())  # type: ignore[method-assign]

@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from api.limits import document_limits
 from api.responses import BAD_BODY, ErrorView
 from shared.settings import Settings
 
@@ -54,6 +55,7 @@ def farm_openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
     schemas = schema.setdefault("components", {}).setdefault("schemas", {})
     schemas.setdefault("ErrorView", ErrorView.model_json_schema())
     _limits(schemas, settings)
+    document_limits(app, schema)
     for operations in schema.get("paths", {}).values():
         for operation in operations.values():
             if isinstance(operation, dict) and "requestBody" in operation:

@@ -157,6 +157,11 @@ def farm_env(*, database_url: str, redis_url: str, storage_url: str, models_dir:
         AWS_SECRET_ACCESS_KEY="testing",
         HF_HUB_OFFLINE="1",
         PYTHONUNBUFFERED="1",
+        # The job creation rate limit (on by default: a burst of 60, then 10 a second) would answer 429 to tests
+        # that submit many jobs at once; the tests of the limit itself set a tight one per owner
+        # (tests/integration/test_limits.py).
+        RENDERFARM_DEFAULT_RATE_BURST="1000000",
+        RENDERFARM_DEFAULT_RATE_PER_SECOND="1000000",
     )
     env.update(extra)
     return env

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import CachedKey, CurrentKey, SessionDep, SettingsDep, StoreDep
+from api.limits import CREATE_LIMITS
 from api.responses import CONFLICT, NOT_FOUND
 from api.submission import idempotency, submit
 from shared.db.models import ApiKey
@@ -51,7 +52,7 @@ JobRequest = Annotated[
 ]
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobView)
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobView, dependencies=CREATE_LIMITS)
 def submit_job(
     body: Annotated[JobRequest, Body(description="a render (txt2img, img2img; the default) or, with "
                                                  "mode \"upscale\", an upscale job (the WebUI's Extras)")],

@@ -7,13 +7,14 @@ A job exists when its row commits; broker messages only carry its id.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
+    Date,
     DateTime,
     ForeignKey,
     Index,
@@ -223,3 +224,16 @@ class OwnerPolicy(Base):
 Index("ix_jobs_queued_owner", Job.owner, Job.priority.desc(), Job.created_at,
       postgresql_where=text("status = 'queued'"))
 Index("ix_jobs_running_owner", Job.owner, postgresql_where=text("status = 'running'"))
+
+
+class OwnerUsage(Base):
+    """What one owner's finished jobs used on one UTC day: measured render seconds and images (issue 17). Kept
+    as each job succeeds (`shared.owners.usage.record_usage`), so a quota check reads at most a month of rows."""
+
+    __tablename__ = "owner_usage"
+
+    owner: Mapped[str] = mapped_column(String(200), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    gpu_seconds: Mapped[float] = mapped_column(default=0.0, server_default=text("0"))
+    images: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+    jobs: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))

@@ -74,8 +74,8 @@ class PolicyCache:
         self._entries: dict[str, tuple[float, dict[str, float | int | None] | None]] = {}
         self._lock = threading.Lock()
 
-    def cache_clear(self) -> None:
-        """Forget every row (tests/conftest.py's `reset_process_caches` calls it by this name)."""
+    def clear(self) -> None:
+        """Forget every row."""
         with self._lock:
             self._entries.clear()
 

@@ -61,7 +61,7 @@ def test_cache_reads_each_owner_once_per_ttl_and_forgets_on_demand() -> None:
     cache.forget("a")
     cache.row(session, "a")  # type: ignore[arg-type]
     assert session.reads == 3
-    cache.cache_clear()
+    cache.clear()
     cache.row(session, "b")  # type: ignore[arg-type]
     assert session.reads == 4
 

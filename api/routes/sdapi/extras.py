@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import SettingsDep, StoreDep
+from api.limits import SDAPI_CREATE_LIMITS
 from api.routes.sdapi.generate import USER_ERRORS, wait_for_job, wait_timeout
 from api.sdapi.auth import SdapiKey
 from api.submission.submit import submit_upscale
@@ -118,14 +119,14 @@ async def _extras(request: UpscaleRequest, key: ApiKey, settings: Settings, stor
     return await run_in_threadpool(_answer, job_id, store, single)
 
 
-@router.post("/extra-single-image", response_model=ExtrasSingleImageResponse)
+@router.post("/extra-single-image", response_model=ExtrasSingleImageResponse, dependencies=SDAPI_CREATE_LIMITS)
 async def extra_single_image(body: ExtrasSingleImageBody, key: SdapiKey, settings: SettingsDep,
                              store: StoreDep) -> Response:
     request = UpscaleRequest(mode="upscale", image=body.image, **body.farm_fields())
     return await _extras(request, key, settings, store, single=True)
 
 
-@router.post("/extra-batch-images", response_model=ExtrasBatchImagesResponse)
+@router.post("/extra-batch-images", response_model=ExtrasBatchImagesResponse, dependencies=SDAPI_CREATE_LIMITS)
 async def extra_batch_images(body: ExtrasBatchImagesBody, key: SdapiKey, settings: SettingsDep,
                              store: StoreDep) -> Response:
     request = UpscaleRequest(mode="upscale", images=[item.data for item in body.imageList], **body.farm_fields())

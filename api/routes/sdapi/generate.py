@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import SettingsDep, StoreDep
+from api.limits import SDAPI_CREATE_LIMITS
 from api.sdapi.auth import SdapiKey
 from api.sdapi.info import build_info, info_json
 from api.sdapi.options import job_defaults, read_options
@@ -129,11 +130,11 @@ async def generate(body: WebuiBody, key: ApiKey, settings: Settings, store: Obje
     return await run_in_threadpool(_answer, body, job_id, settings, store, warnings)
 
 
-@router.post("/txt2img", response_model=GenerationResponse)
+@router.post("/txt2img", response_model=GenerationResponse, dependencies=SDAPI_CREATE_LIMITS)
 async def txt2img(body: Txt2ImgBody, key: SdapiKey, settings: SettingsDep, store: StoreDep) -> Response:
     return await generate(body, key, settings, store)
 
 
-@router.post("/img2img", response_model=GenerationResponse)
+@router.post("/img2img", response_model=GenerationResponse, dependencies=SDAPI_CREATE_LIMITS)
 async def img2img(body: Img2ImgBody, key: SdapiKey, settings: SettingsDep, store: StoreDep) -> Response:
     return await generate(body, key, settings, store)

@@ -1,0 +1,188 @@
+"""Limits on job creation per owner (issue 17): the rate limit, the cap on queued jobs, and the quotas.
+
+A route that creates jobs lists one dependency on its decorator (`dependencies=CREATE_LIMITS`, or
+`SDAPI_CREATE_LIMITS` behind the WebUI API's auth). It runs before the body is used and answers 429 when the
+owner is over a limit:
+
+- rate limit: a token bucket per owner in Redis (shared/owners/ratelimit.py), with `Retry-After` and the
+  `RateLimit-Policy` / `RateLimit` fields of draft-ietf-httpapi-ratelimit-headers-10; the two fields ride on
+  every successful creation too (`RateLimitHeaders` adds them to whatever response the route builds);
+- queued cap: "N jobs queued; the cap is M" (one count on the partial index ix_jobs_queued_owner);
+- quotas: GPU-seconds and images per UTC day and month, with `Retry-After` to the reset and `resets_at` in the body.
+
+A broker that cannot be reached does not stop submissions: the rate limit lets the request through and says so in
+the log (the submit's own publish decides what happens next).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+import redis
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.deps import CachedKey
+from api.responses import ErrorView
+from api.sdapi.auth import SdapiKey
+from shared.clock import utcnow
+from shared.db.models import ApiKey
+from shared.db.session import get_session_factory
+from shared.owners import effective_policy
+from shared.owners.periods import seconds_until
+from shared.owners.policy import EffectivePolicy
+from shared.owners.ratelimit import TokenBuckets, policy_header
+from shared.owners.usage import exceeded_quota, owner_used, queued_jobs, quotas_set
+from shared.queueing.fleet import get_redis
+from shared.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+# Where a request's RateLimit fields wait for `RateLimitHeaders` to add them to the response.
+STATE_KEY = "ratelimit_headers"
+
+
+class LimitExceeded(Exception):
+    """A 429: `detail` for people, `headers` for clients (Retry-After, RateLimit fields), `extra` body fields."""
+
+    def __init__(self, detail: str, headers: dict[str, str], **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.headers = headers
+        self.extra = extra
+
+
+@lru_cache
+def _buckets() -> TokenBuckets:
+    return TokenBuckets(get_redis())
+
+
+def _take_token(policy: EffectivePolicy) -> dict[str, str]:
+    """One token from the owner's bucket: its RateLimit fields, or LimitExceeded when the bucket is empty."""
+    try:
+        state = _buckets().take(policy.owner, policy.rate_burst, policy.rate_per_second)
+    except redis.RedisError as error:
+        log.warning("rate limit not checked for owner %r: Redis said %s", policy.owner, error)
+        return {"RateLimit-Policy": policy_header(policy.rate_burst, policy.rate_per_second)}
+    headers = state.headers()
+    if not state.allowed:
+        raise LimitExceeded(
+            f"too many jobs created: {policy.rate_burst} at once and {policy.rate_per_second:g} a second after "
+            f"that; retry in {state.retry_after} s",
+            {**headers, "Retry-After": str(state.retry_after)}, limit="rate", retry_after=state.retry_after,
+        )
+    return headers
+
+
+@dataclass(frozen=True)
+class Checked:
+    headers: dict[str, str]
+
+
+def check_job_creation(owner: str, settings: Settings, now: datetime | None = None) -> Checked:
+    """Every limit on one more job of `owner`; raises LimitExceeded. Sync (Redis and Postgres): call it in a
+    thread. The session is closed before the route runs."""
+    with get_session_factory()() as session:
+        policy = effective_policy(session, owner, settings)
+        headers = _take_token(policy) if settings.fair_share.rate_limit else {}
+        if policy.max_queued > 0:
+            queued = queued_jobs(session, owner)
+            if queued >= policy.max_queued:
+                raise LimitExceeded(
+                    f"{queued} jobs queued; the cap is {policy.max_queued} (policy max_queued): wait for some to "
+                    f"start or cancel some", {**headers, "Retry-After": "10"}, limit="max_queued", queued=queued,
+                    cap=policy.max_queued,
+                )
+        if quotas_set(policy):
+            now = now or utcnow()
+            hit = exceeded_quota(policy, owner_used(session, owner, now), now)
+            if hit is not None:
+                raise LimitExceeded(
+                    hit.message, {**headers, "Retry-After": str(seconds_until(hit.resets_at, now))},
+                    limit=hit.quota, used=hit.used, quota=hit.limit,
+                    resets_at=hit.resets_at.isoformat().replace("+00:00", "Z"),
+                )
+    return Checked(headers)
+
+
+async def _limit(request: Request, key: ApiKey) -> None:
+    checked = await run_in_threadpool(check_job_creation, key.owner, get_settings())
+    if checked.headers:
+        request.scope.setdefault("state", {})[STATE_KEY] = checked.headers
+
+
+async def limit_job_creation(request: Request, key: CachedKey) -> None:
+    """The limits for `POST /v1/jobs` (the key as the route reads it: FastAPI resolves it once per request)."""
+    await _limit(request, key)
+
+
+async def limit_sdapi_job_creation(request: Request, key: SdapiKey) -> None:
+    """The same limits behind the WebUI API's auth (txt2img, img2img, the Extras routes)."""
+    await _limit(request, key)
+
+
+CREATE_LIMITS = [Depends(limit_job_creation)]
+SDAPI_CREATE_LIMITS = [Depends(limit_sdapi_job_creation)]
+_LIMIT_CALLS = (limit_job_creation, limit_sdapi_job_creation)
+
+
+async def _limit_exceeded(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, LimitExceeded)
+    return JSONResponse({"detail": exc.detail, **exc.extra}, status_code=429, headers=exc.headers)
+
+
+class RateLimitHeaders:
+    """Adds a request's RateLimit fields (set by the limit dependency) to its response, whatever the route
+    returned (the WebUI routes build their own JSONResponse). Pure ASGI: a request without them costs one lookup."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_fields(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                fields = scope.get("state", {}).get(STATE_KEY)
+                if fields:
+                    present = {name.lower() for name, _ in message.get("headers", [])}
+                    message["headers"] = list(message.get("headers", [])) + [
+                        (name.lower().encode(), value.encode()) for name, value in fields.items()
+                        if name.lower().encode() not in present
+                    ]
+            await send(message)
+
+        await self.app(scope, receive, send_with_fields)
+
+
+def install(app: FastAPI) -> None:
+    """The 429 answer and the success headers (api/main.py calls this once)."""
+    app.add_exception_handler(LimitExceeded, _limit_exceeded)
+    app.add_middleware(RateLimitHeaders)
+
+
+TOO_MANY = {"model": ErrorView, "description": "over a limit of the owner: the job creation rate (Retry-After, "
+                                               "RateLimit fields), queued jobs, or a GPU-seconds/images quota "
+                                               "(Retry-After to the reset, `resets_at`)"}
+
+
+def document_limits(app: FastAPI, schema: dict[str, Any]) -> None:
+    """Add the 429 to the OpenAPI operations of the routes that carry a limit dependency."""
+    for route in app.routes:
+        if not isinstance(route, APIRoute) or not any(dep.call in _LIMIT_CALLS for dep in route.dependant.dependencies):
+            continue
+        for method in route.methods or ():
+            operation = schema.get("paths", {}).get(route.path_format, {}).get(method.lower())
+            if isinstance(operation, dict):
+                operation.setdefault("responses", {}).setdefault("429", {
+                    "description": TOO_MANY["description"],
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorView"}}},
+                })
