@@ -222,6 +222,7 @@ function selectOutput(job, image) {
 
 function showJob(job) {
   const running = job.status === "running";
+  $("progress-panel").dataset.job = job.id;
   $("job-status").textContent = job.status;
   $("job-status").className = `status-${job.status}`;
   const parts = [job.id.slice(0, 8)];

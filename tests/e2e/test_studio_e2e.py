@@ -19,7 +19,7 @@ import pytest
 
 from devtools.embedded import EmbeddedPostgres
 from tests.conftest import ADMIN_KEY, _fresh_database, farm_env, make_key
-from tests.farm_harness import Farm, start_api, start_worker
+from tests.farm_harness import Farm, start_api, start_worker, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -46,6 +46,19 @@ def studio_farm(postgres: EmbeddedPostgres, redis_db_url: Callable[[], str], mod
 
 def dict_input(name: str, value: str) -> str:
     return f'input[name="dict-{name}"][value="{value}"]'
+
+
+def generate(page: Any) -> None:
+    """Click Generate and wait until the progress panel follows the new job."""
+    previous = page.get_attribute("#progress-panel", "data-job")
+    page.click("#generate-btn")
+    page.wait_for_function("(previous) => (document.getElementById('progress-panel').dataset.job ?? null) !== previous",
+                           arg=previous)
+
+
+def job_of(farm: Farm, key: str, job_id: str) -> dict[str, Any]:
+    with farm.client(key) as client:
+        return client.get(f"/v1/jobs/{job_id}").json()
 
 
 def jobs_of(farm: Farm, key: str) -> list[dict[str, Any]]:
@@ -133,7 +146,7 @@ def test_studio_in_a_real_browser(studio_farm: Farm) -> None:
             page.fill('input[name="height"]', "256")
             page.fill('input[name="steps"]', "40")
             page.fill("#seed", "4242")
-            page.click("#generate-btn")
+            generate(page)
             expect(page.locator("#job-status")).to_have_text("running", timeout=60_000)
             page.wait_for_function("() => { const p = document.getElementById('job-progress');"
                                    " return p.value > 0 && p.value < 1; }", timeout=60_000)
@@ -152,13 +165,22 @@ def test_studio_in_a_real_browser(studio_farm: Farm) -> None:
             page.click("#seed-random")
             expect(page.locator("#seed")).to_have_value("-1")
 
-            # Cancel a long job from the page.
-            page.fill('input[name="steps"]', "150")
-            page.click("#generate-btn")
-            expect(page.locator("#cancel-btn")).to_be_enabled(timeout=30_000)
+            # Behind a running job, a job shows its queue position, and Cancel takes it out of the queue.
+            busy = studio_farm.submit({"prompt": "busy", "width": 256, "height": 256, "steps": 150}, key=key)["id"]
+            wait_until(lambda: job_of(studio_farm, key, busy)["status"] == "running", 60, message="the busy job")
+            page.fill('input[name="steps"]', "20")
+            generate(page)
+            expect(page.locator("#job-status")).to_have_text("queued", timeout=30_000)
+            expect(page.locator("#job-detail")).to_contain_text(re.compile(r"queue position \d+"))
+            page.click("#cancel-btn")
+            expect(page.locator("#job-status")).to_have_text("canceled", timeout=30_000)
+            # The running one, found in the gallery and watched, stops when canceled.
+            page.click('[data-tab="gallery"]')
+            page.locator(f'article[data-job="{busy}"] button', has_text="Watch").click()
+            expect(page.locator("#job-status")).to_have_text("running", timeout=30_000)
             page.click("#cancel-btn")
             expect(page.locator("#job-status")).to_have_text("canceled", timeout=60_000)
-            assert [job["status"] for job in jobs_of(studio_farm, key)] == ["canceled", "succeeded"]
+            assert [job["status"] for job in jobs_of(studio_farm, key)] == ["canceled", "canceled", "succeeded"]
 
             # A pasted infotext fills the form, legacy sampler names split as the WebUI splits them.
             page.click("#paste-btn")
@@ -177,10 +199,10 @@ def test_studio_in_a_real_browser(studio_farm: Farm) -> None:
             # The gallery: my jobs, newest first, filterable; reuse the finished one's settings.
             page.click('[data-tab="gallery"]')
             cards = page.locator("#gallery-jobs article.job")
-            expect(cards).to_have_count(2)
-            expect(page.locator("#gallery-range")).to_have_text("1–2 of 2")
+            expect(cards).to_have_count(3)
+            expect(page.locator("#gallery-range")).to_have_text("1–3 of 3")
             page.select_option("#gallery-model", "demo-tiny")
-            expect(cards).to_have_count(2)
+            expect(cards).to_have_count(3)
             page.select_option("#gallery-status", "succeeded")
             expect(cards).to_have_count(1)
             done = cards.first
@@ -194,7 +216,8 @@ def test_studio_in_a_real_browser(studio_farm: Farm) -> None:
                 expect(page.locator(f'[name="{name}"]')).to_have_value(value)
 
             # A PNG dropped on the page fills the form from its own infotext.
-            image_url = jobs_of(studio_farm, key)[1]["images"][0]["url"]
+            rendered = next(job for job in jobs_of(studio_farm, key) if job["status"] == "succeeded")
+            image_url = rendered["images"][0]["url"]
             png = SCREENSHOTS / "rendered.png"
             png.write_bytes(httpx.get(image_url, timeout=30).content)
             page.fill("#seed", "-1")
@@ -209,11 +232,34 @@ def test_studio_in_a_real_browser(studio_farm: Farm) -> None:
             expect(page.locator("#hires-panel")).to_be_hidden()
             page.fill('input[name="steps"]', "4")
             page.fill('#img2img-panel input[name="denoising_strength"]', "0.5")
-            page.click("#generate-btn")
+            generate(page)
             expect(page.locator("#job-status")).to_have_text("succeeded", timeout=120_000)
             img2img = jobs_of(studio_farm, key)[0]
             assert img2img["mode"] == "img2img" and img2img["params"]["denoising_strength"] == 0.5
             page.screenshot(path=str(SCREENSHOTS / "studio-img2img.png"), full_page=True)
+
+            # Hires fix and a ControlNet unit from their panels.
+            page.click('[data-tab="txt2img"]')
+            for name, value in (("width", "64"), ("height", "64"), ("steps", "2")):
+                page.fill(f'input[name="{name}"]', value)
+            page.click("#hires-panel summary")
+            page.check("#enable_hr")
+            page.select_option("#hr_upscaler", "Latent")
+            page.fill('input[name="hr_second_pass_steps"]', "2")
+            page.click("#cn-panel summary")
+            page.check("#cn-enabled")
+            page.select_option("#cn-module", "canny")
+            page.select_option("#cn-model", label="demo-tiny-control")
+            page.fill("#cn-weight", "0.8")
+            page.set_input_files("#cn-image", str(png))
+            generate(page)
+            expect(page.locator("#job-status")).to_have_text("succeeded", timeout=120_000)
+            job = jobs_of(studio_farm, key)[0]
+            assert job["params"]["enable_hr"] is True and job["params"]["hr_upscaler"] == "Latent", job["params"]
+            assert job["images"][0]["width"] == 128
+            unit = job["params"]["controlnet"][0]
+            assert (unit["module"], unit["model"], unit["weight"]) == ("canny", "demo-tiny-control", 0.8), unit
+            page.screenshot(path=str(SCREENSHOTS / "studio-hires-controlnet.png"), full_page=True)
         finally:
             browser.close()
     print(f"screenshots in {SCREENSHOTS}")
