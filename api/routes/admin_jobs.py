@@ -19,9 +19,9 @@ from api.deps import AdminKey, SessionDep, SettingsDep, StoreDep
 from api.responses import CONFLICT, NOT_FOUND
 from shared.db.models import Job
 from shared.jobs import lifecycle, repository
-from shared.jobs.schemas import ErrorView
+from shared.jobs.schemas import ErrorView, JobView
 from shared.jobs.states import JobStatus
-from shared.jobs.views import job_view
+from shared.jobs.views import job_view, queue_position
 from shared.queueing.routing import get_router
 from shared.storage.base import ObjectStore
 from shared.storage.local import LocalObjectStore
@@ -108,3 +108,19 @@ def retry_job(
     lifecycle.commit(session)  # commit, then publish: a lost message costs a re-publish, never the job
     session.refresh(job)
     return RetryResult(retry_of=job_id, job=job_view(job, store, settings.services.url_expires_seconds))
+
+
+@router.post("/{job_id}/front", response_model=JobView, responses={**NOT_FOUND, **CONFLICT})
+def move_job_to_front(
+    job_id: uuid.UUID, _: AdminKey, session: SessionDep, settings: SettingsDep, store: StoreDep
+) -> JobView:
+    """The queued job runs next, ahead of fair share and priorities (among jobs moved to the front, the first
+    moved runs first). Its message is sent again, so a worker takes it at its next claim."""
+    _job_or_404(session, job_id)
+    if not lifecycle.move_to_front(session, job_id):
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=f"job {job_id} is not queued; only a queued job can "
+                                                              "be moved to the front")
+    lifecycle.commit(session)
+    job = _job_or_404(session, job_id)
+    session.refresh(job)
+    return job_view(job, store, settings.services.url_expires_seconds, queue_position(session, job, 0.0))

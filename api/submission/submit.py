@@ -23,9 +23,10 @@ from shared.db.models import ApiKey, Job
 from shared.errors import FieldError
 from shared.jobs import lifecycle, repository
 from shared.jobs.schemas import Txt2ImgRequest, UpscaleRequest
+from shared.owners import effective_policy
 from shared.queueing.queues import QueueName
 from shared.queueing.routing import get_router
-from shared.settings import Settings
+from shared.settings import Settings, get_settings
 from shared.storage.base import ObjectStore
 from shared.webhooks.outbox import check_webhook_events
 from shared.webhooks.ssrf import WebhookUrlError, check_webhook_url
@@ -96,6 +97,17 @@ def submit_upscale(
                     webhook_events, store, settings.jobs.max_attempts, idempotency_key)
 
 
+def check_priority(session: Session, owner: str, priority: int) -> None:
+    """A job may ask for any priority up to its owner's `max_priority` (0 unless an admin raised it)."""
+    if priority <= 0:
+        return
+    allowed = effective_policy(session, owner, get_settings()).max_priority
+    if priority > allowed:
+        raise FieldError(("body", "priority"),
+                         f"priority {priority} is above this owner's max_priority {allowed}; an admin can raise it "
+                         "(PUT /v1/admin/owners/{owner})")
+
+
 class _KeyTaken(Exception):
     """A concurrent request recorded the same Idempotency-Key first."""
 
@@ -108,6 +120,7 @@ def _persist(session: Session, key: ApiKey, body: Txt2ImgRequest | UpscaleReques
     key's record; the inputs written before it commits; then the publish (rule 2). Nothing runs after the
     response: a message that cannot be sent un-marks the job for the recovery loop (`lifecycle.commit`)."""
     body_fingerprint = idempotency.fingerprint(body.model_dump(mode="json")) if idempotency_key is not None else ""
+    check_priority(session, key.owner, body.priority)
     if idempotency_key is not None:
         earlier = _replay(session, key, idempotency_key, body_fingerprint, plan)
         if earlier is not None:
@@ -117,7 +130,7 @@ def _persist(session: Session, key: ApiKey, body: Txt2ImgRequest | UpscaleReques
         job = lifecycle.submit(
             session, owner=key.owner, api_key_id=key.id, params=params, model_name=model_name,
             route=route, max_attempts=max_attempts, webhook_url=body.webhook_url,
-            webhook_events=webhook_events, published=True,
+            webhook_events=webhook_events, published=True, priority=body.priority,
         )
         set_committed_value(job, "images", [])  # a new job has none: its view needs no query for them
         if idempotency_key is not None and not idempotency.record(session, key.id, idempotency_key,

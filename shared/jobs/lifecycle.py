@@ -184,6 +184,7 @@ def submit(
     webhook_url: str | None = None,
     webhook_events: list[str] | None = None,
     published: bool = False,
+    priority: int = 0,
 ) -> Job:
     """A new queued job: the row, its `queued` event, and its render message once committed. ``published``: the
     row is inserted with `published_at` set (no second transaction to record it), and un-marked by `commit` if
@@ -205,6 +206,7 @@ def submit(
         route=route,
         batch_key=_batch_key(params),
         published_at=utcnow() if published else None,
+        priority=priority,
     )
     session.add(job)
     session.flush()
@@ -336,6 +338,18 @@ def _keep_message(session: Session, job_id: uuid.UUID) -> None:
     route = session.scalar(select(Job.route).where(Job.id == job_id, Job.status == JobStatus.QUEUED))
     if route is not None:
         _pending(session).renders.append((job_id, route, False))
+
+
+def move_to_front(session: Session, job_id: uuid.UUID) -> bool:
+    """An admin's "run this next": the queued job goes ahead of fair share and priorities (not a state change), and
+    its message is sent again once this transaction commits. False when the job is not queued."""
+    moved = session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+                            .values(front_at=utcnow()).returning(Job.route)).first()
+    if moved is None:
+        return False
+    _pending(session).renders.append((job_id, moved[0] or QueueName.RENDER, False))
+    _pending(session).notices.append(job_id)
+    return True
 
 
 def nudge_capped_owners(session: Session, job_ids: Collection[uuid.UUID], default_max_running: int) -> None:

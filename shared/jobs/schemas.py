@@ -138,6 +138,9 @@ class Txt2ImgRequest(BaseModel):
     override_settings_restore_afterwards: bool = Field(
         True, description="accepted for WebUI clients: jobs never change global settings, nothing to restore"
     )
+    priority: int = Field(0, ge=-100, le=100, description="orders your own queued jobs, higher first (fair share "
+                                                       "orders owners); above your max_priority (0 unless an admin "
+                                                       "raised it) is refused")
     webhook_url: str | None = Field(None, max_length=2000, description="http(s) URL told about this job's events")
     webhook_events: list[str] | None = Field(
         None, min_length=1, description="subset of queued, started, progress, succeeded, failed, canceled; "
@@ -173,6 +176,9 @@ class UpscaleRequest(BaseModel):
     codeformer_visibility: float = Field(0.0, ge=0.0, le=1.0, description="CodeFormer: not available (licence)")
     codeformer_weight: float = Field(0.0, ge=0.0, le=1.0)
     output_format: Literal["png", "jpeg", "webp"] = "png"
+    priority: int = Field(0, ge=-100, le=100, description="orders your own queued jobs, higher first (fair share "
+                                                       "orders owners); above your max_priority (0 unless an admin "
+                                                       "raised it) is refused")
     webhook_url: str | None = Field(None, max_length=2000, description="http(s) URL told about this job's events")
     webhook_events: list[str] | None = Field(
         None, min_length=1, description="subset of queued, started, progress, succeeded, failed, canceled; "

@@ -12,9 +12,10 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from shared.clock import utcnow
-from shared.db.models import Job
+from shared.db.models import Job, OwnerPolicy
 from shared.jobs.schemas import ErrorView, ImageView, JobView
 from shared.jobs.states import JobStatus
+from shared.settings import get_settings
 from shared.storage.base import ObjectStore
 
 
@@ -69,14 +70,79 @@ def count_position(session: Session, created_at: datetime) -> int:
     return int(ahead or 0) + 1
 
 
+_OwnerKey = tuple[int, datetime]  # (-priority, created_at): an owner's own order
+
+
+class FairQueueSnapshot:
+    """The queued jobs by owner (in each owner's own order), the owners' weights and the jobs moved to the front,
+    read at most once per ``refresh`` seconds per process: a poll's fair-share position is computed from it.
+
+    The position is an estimate, stated as such in the README: fair share orders owners by recent render time per
+    weight, which depends on how long jobs will take. Assuming jobs of equal cost, before the r-th job of owner A
+    (in A's own order) run the jobs moved to the front, A's r - 1 earlier jobs, and from every other owner B with
+    queued work up to ``floor(r * w_B / w_A)`` of its jobs."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._read_at = float("-inf")
+        self._owners: dict[str, list[_OwnerKey]] = {}
+        self._weights: dict[str, float] = {}
+        self._fronts: list[datetime] = []
+
+    def clear(self) -> None:
+        with self._lock:
+            self._read_at = float("-inf")
+
+    def _read(self, session: Session, default_weight: float) -> None:
+        rows = session.execute(
+            select(Job.owner, Job.priority, Job.created_at, Job.front_at,
+                   func.coalesce(OwnerPolicy.weight, default_weight))
+            .outerjoin(OwnerPolicy, OwnerPolicy.owner == Job.owner)
+            .where(Job.status == JobStatus.QUEUED).limit(SNAPSHOT_LIMIT)
+        ).all()
+        owners: dict[str, list[_OwnerKey]] = {}
+        weights: dict[str, float] = {}
+        fronts: list[datetime] = []
+        for owner, priority, created_at, front_at, weight in rows:
+            if front_at is not None:
+                fronts.append(front_at)
+                continue
+            owners.setdefault(owner, []).append((-int(priority or 0), created_at))
+            weights[owner] = float(weight)
+        for keys in owners.values():
+            keys.sort()
+        self._owners, self._weights, self._fronts = owners, weights, sorted(fronts)
+        self._read_at = time.monotonic()
+
+    def position(self, session: Session, job: Job, refresh: float, default_weight: float) -> int:
+        with self._lock:
+            if time.monotonic() - self._read_at >= refresh:
+                self._read(session, default_weight)
+            owners, weights, fronts = self._owners, self._weights, self._fronts
+        if job.front_at is not None:
+            return bisect.bisect_left(fronts, job.front_at) + 1
+        rank = bisect.bisect_left(owners.get(job.owner, []), (-int(job.priority or 0), job.created_at)) + 1
+        mine = weights.get(job.owner, default_weight)
+        others = sum(min(len(keys), int(rank * weights[owner] / mine))
+                     for owner, keys in owners.items() if owner != job.owner)
+        return len(fronts) + rank + others
+
+
+FAIR_QUEUE_SNAPSHOT = FairQueueSnapshot()
+
+
 def queue_position(session: Session, job: Job, refresh: float | None = None, *, ahead: int | None = None,
                    ahead_limit: int = 0) -> int | None:
-    """1 + the queued jobs created before this one (first come, first served). ``ahead``: those jobs as the job's
-    own read counted them, up to ``ahead_limit`` (exact below it; `repository.get_job_view_row`). Otherwise, or at
-    the limit, with ``refresh``: from this process's snapshot of the queue, at most that many seconds old; None:
-    counted now."""
+    """1 = next to run, while the job is queued. With fair share on (the default), its place in the fair order
+    (:class:`FairQueueSnapshot`, at most ``refresh`` seconds old). Otherwise 1 + the queued jobs created before it
+    (first come, first served): ``ahead`` is those jobs as the job's own read counted them, up to ``ahead_limit``
+    (exact below it; `repository.get_job_view_row`); otherwise, or at the limit, with ``refresh``: from this
+    process's snapshot of the queue, at most that many seconds old; None: counted now."""
     if job.status != JobStatus.QUEUED:
         return None
+    fair = get_settings().fair_share
+    if fair.fair_share:
+        return FAIR_QUEUE_SNAPSHOT.position(session, job, refresh or 0.0, fair.default_weight)
     if ahead is not None and ahead < ahead_limit:
         return ahead + 1
     if refresh is None:

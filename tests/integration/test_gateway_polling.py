@@ -43,10 +43,11 @@ def gateway_env(api_only_env: dict[str, str]) -> Iterator[dict[str, str]]:
 
 def _clear_gateway_caches() -> None:
     from shared.auth import API_KEY_CACHE
-    from shared.jobs.views import QUEUE_SNAPSHOT
+    from shared.jobs.views import FAIR_QUEUE_SNAPSHOT, QUEUE_SNAPSHOT
 
     API_KEY_CACHE.clear()
     QUEUE_SNAPSHOT.clear()
+    FAIR_QUEUE_SNAPSHOT.clear()
 
 
 @pytest.fixture
