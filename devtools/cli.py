@@ -1,4 +1,4 @@
-"""`renderfarm` command line: run the farm, create API keys, migrate."""
+"""`renderfarm` command line: run the farm, create API keys, migrate, owners' limits."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ def main(argv: list[str] | None = None) -> int:
     key.add_argument("--name", default="", help="a label for the key")
     key.add_argument("--admin", action="store_true", help="allow admin routes")
     sub.add_parser("migrate", help="apply database migrations")
+    from devtools import owners
+
+    owners.add_parser(sub)
     args = parser.parse_args(argv)
 
     if args.command == "up":
@@ -38,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"created key {row.key_prefix}... for owner {args.owner!r}{' (admin)' if args.admin else ''}",
               file=sys.stderr)
         return 0
+    if args.command == "owners":
+        from shared.db.session import session_scope
+
+        with session_scope() as session:
+            return owners.run(session, get_settings(), args)
     return 2
 
 

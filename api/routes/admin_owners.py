@@ -11,9 +11,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, status
-from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import delete, select
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.deps import AdminKey, SessionDep, SettingsDep
@@ -22,57 +20,27 @@ from shared.clock import utcnow
 from shared.db.models import ApiKey, OwnerPolicy
 from shared.errors import FieldError
 from shared.owners import effective_policy, forget_policy
-from shared.owners.policy import POLICY_FIELDS, resolve, row_values
-from shared.owners.usage import Used, known_owners, used_by_owner
+from shared.owners.changes import PolicyUpdate, reset_policy, write_policy
+from shared.owners.policy import resolve, row_values
+from shared.owners.usage import Used, known_owners, owner_used, used_by_owner
 from shared.settings import Settings
 
 router = APIRouter(prefix="/v1/admin/owners", tags=["admin"])
 OwnerName = Annotated[str, Path(min_length=1, max_length=200, description="the `owner` of API keys")]
 
 
-class PolicyUpdate(BaseModel):
-    """Fields to set; null (or, for PUT, absent) means the settings default."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    weight: float | None = Field(None, gt=0, le=1_000_000, description="share of GPU time relative to others")
-    max_running: int | None = Field(None, ge=0, le=1_000_000, description="jobs running at once (0: no cap)")
-    max_priority: int | None = Field(None, description="highest job priority allowed (within the settings' range)")
-    max_queued: int | None = Field(None, ge=0, le=100_000_000, description="jobs queued at once (0: no cap)")
-    rate_burst: int | None = Field(None, ge=1, le=1_000_000, description="job creations allowed at once")
-    rate_per_second: float | None = Field(None, gt=0, le=1_000_000, description="sustained creations a second")
-    gpu_seconds_per_day: float | None = Field(None, ge=0, le=1e12, description="0: no quota")
-    gpu_seconds_per_month: float | None = Field(None, ge=0, le=1e12, description="0: no quota")
-    images_per_day: int | None = Field(None, ge=0, le=1_000_000_000, description="0: no quota")
-    images_per_month: int | None = Field(None, ge=0, le=1_000_000_000, description="0: no quota")
-
-
 def _check_priority(update: PolicyUpdate, settings: Settings) -> None:
-    low, high = settings.fair_share.min_priority, settings.fair_share.max_priority_limit
-    if update.max_priority is not None and not low <= update.max_priority <= high:
-        raise FieldError(("body", "max_priority"),
-                         f"max_priority must be between {low} and {high} (RENDERFARM_MIN_PRIORITY and "
-                         f"RENDERFARM_MAX_PRIORITY_LIMIT), got {update.max_priority}")
+    error = update.priority_error(settings.fair_share)
+    if error:
+        raise FieldError(("body", "max_priority"), error)
 
 
 def _owner_view(session: Session, owner: str, settings: Settings) -> OwnerView:
-    now = utcnow()
-    today, month = used_by_owner(session, now).get(owner, (Used(), Used()))
+    used = owner_used(session, owner, utcnow())
     forget_policy(owner)  # an admin reads the row as it is now
     policy = effective_policy(session, owner, settings)
-    return OwnerView(owner=owner, policy=PolicyView.of(policy), today=UsedView.of(today), month=UsedView.of(month))
-
-
-def _write(session: Session, owner: str, values: dict[str, float | int | None]) -> None:
-    statement = insert(OwnerPolicy).values(owner=owner, **values)
-    if values:
-        statement = statement.on_conflict_do_update(index_elements=[OwnerPolicy.owner],
-                                                    set_={**values, "updated_at": utcnow()})
-    else:
-        statement = statement.on_conflict_do_nothing(index_elements=[OwnerPolicy.owner])
-    session.execute(statement)
-    session.commit()
-    forget_policy(owner)
+    return OwnerView(owner=owner, policy=PolicyView.of(policy), today=UsedView.of(used.today),
+                     month=UsedView.of(used.month))
 
 
 @router.get("", response_model=OwnerList)
@@ -104,7 +72,7 @@ def put_owner(owner: OwnerName, body: PolicyUpdate, _: AdminKey, session: Sessio
               settings: SettingsDep) -> OwnerView:
     """Replace the owner's policy: every field not sent goes back to its default."""
     _check_priority(body, settings)
-    _write(session, owner, {name: getattr(body, name) for name in POLICY_FIELDS})
+    write_policy(session, owner, body.replacement())
     return _owner_view(session, owner, settings)
 
 
@@ -113,14 +81,12 @@ def patch_owner(owner: OwnerName, body: PolicyUpdate, _: AdminKey, session: Sess
                 settings: SettingsDep) -> OwnerView:
     """Change the fields sent (null resets one to its default); the others keep their values."""
     _check_priority(body, settings)
-    _write(session, owner, {name: getattr(body, name) for name in POLICY_FIELDS if name in body.model_fields_set})
+    write_policy(session, owner, body.changes())
     return _owner_view(session, owner, settings)
 
 
 @router.delete("/{owner}", response_model=OwnerView)
 def reset_owner(owner: OwnerName, _: AdminKey, session: SessionDep, settings: SettingsDep) -> OwnerView:
     """Reset the owner to the defaults (its policy row is removed); its usage is kept."""
-    session.execute(delete(OwnerPolicy).where(OwnerPolicy.owner == owner))
-    session.commit()
-    forget_policy(owner)
+    reset_policy(session, owner)
     return _owner_view(session, owner, settings)
