@@ -85,6 +85,11 @@ def test_studio_in_a_real_browser(studio_farm: Farm) -> None:
             # Sign in: / leads to the studio; the key lives in sessionStorage, never in the URL.
             page.goto(studio_farm.base_url + "/")
             assert page.url.endswith("/studio")
+            page.fill("#login-key", "rf_not_a_key")
+            page.click("#login-submit")
+            expect(page.locator("#login-error")).to_contain_text("not valid")
+            assert page.evaluate("sessionStorage.getItem('renderfarm.apiKey')") is None
+            errors.clear()  # the browser logs the 401 it was shown
             page.fill("#login-key", key)
             page.click("#login-submit")
             expect(page.locator("#studio")).to_be_visible()
@@ -260,6 +265,10 @@ def test_studio_in_a_real_browser(studio_farm: Farm) -> None:
             unit = job["params"]["controlnet"][0]
             assert (unit["module"], unit["model"], unit["weight"]) == ("canny", "demo-tiny-control", 0.8), unit
             page.screenshot(path=str(SCREENSHOTS / "studio-hires-controlnet.png"), full_page=True)
+
+            page.click("#logout-btn")
+            expect(page.locator("#login")).to_be_visible()
+            assert page.evaluate("sessionStorage.getItem('renderfarm.apiKey')") is None
         finally:
             browser.close()
     print(f"screenshots in {SCREENSHOTS}")
