@@ -140,6 +140,23 @@ function renderJobs(list) {
   }), 9);
 }
 
+function renderOwners(list) {
+  const shown = (policy, name, unit = "") => `${policy[name]}${unit}${policy.overrides.includes(name) ? "*" : ""}`;
+  fillTable("owners-table", list.owners.map(({ owner, policy, today, month }) =>
+    el("tr", { "data-owner": owner },
+      el("td", { text: owner }),
+      el("td", { class: "num", text: shown(policy, "weight") }),
+      el("td", { class: "num", text: shown(policy, "max_running") }),
+      el("td", { class: "num", text: shown(policy, "max_queued") }),
+      el("td", { text: `${shown(policy, "rate_burst")} + ${shown(policy, "rate_per_second", "/s")}` }),
+      el("td", { text: `${shown(policy, "gpu_seconds_per_day", " s")} · ${shown(policy, "images_per_day", " img")}` }),
+      el("td", { text: `${shown(policy, "gpu_seconds_per_month", " s")} · ${shown(policy, "images_per_month", " img")}` }),
+      el("td", { class: "num", text: `${today.gpu_seconds.toFixed(1)} s` }),
+      el("td", { class: "num", text: today.images }),
+      el("td", { class: "num", text: `${month.gpu_seconds.toFixed(1)} s` }),
+      el("td", { class: "num", text: month.images }))), 11);
+}
+
 function renderStats(stats) {
   setText("hour-images", stats.images);
   setText("hour-failed", stats.failed);
@@ -200,7 +217,11 @@ async function refresh() {
     renderQueue(queue);
     renderWorkers(fleet);
     renderJobs(jobs);
-    if (tick++ % STATS_EVERY === 0) renderStats(await api("/v1/admin/stats?window=1h"));
+    if (tick++ % STATS_EVERY === 0) {
+      const [stats, owners] = await Promise.all([api("/v1/admin/stats?window=1h"), api("/v1/admin/owners")]);
+      renderStats(stats);
+      renderOwners(owners);
+    }
     setText("updated", `updated ${new Date().toLocaleTimeString()}`);
   } catch (err) {
     if (err instanceof AuthError) return signOut(err.message);
