@@ -42,7 +42,8 @@ def test_the_rate_limit_outlives_an_api_restart(api_farm: Farm) -> None:
     owner = f"restart-{uuid.uuid4().hex[:6]}"
     key = make_key(api_farm.env["DATABASE_URL"], owner)
     with api_farm.client() as admin:
-        assert admin.put(f"/v1/admin/owners/{owner}", json={"rate_burst": 2, "rate_per_second": 0.01}).status_code == 200
+        policy = {"rate_burst": 2, "rate_per_second": 0.01}
+        assert admin.put(f"/v1/admin/owners/{owner}", json=policy).status_code == 200
     with api_farm.client(key) as c:
         assert [c.post("/v1/jobs", json={**BODY, "seed": i}).status_code for i in range(3)] == [202, 202, 429]
 
