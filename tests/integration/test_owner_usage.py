@@ -1,0 +1,86 @@
+"""Usage accounting (shared/owners/usage.py) and its metrics (api/admin/owner_metrics.py) on a real PostgreSQL:
+a succeeded job counts toward its owner's UTC day of `finished_at`, sums per day and month, the queued count."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from api.admin.owner_metrics import owner_usage_metrics
+from shared.clock import utcnow
+from shared.db.models import Job
+from shared.jobs import lifecycle
+from shared.owners.usage import owner_used, queued_jobs, record_usage, used_by_owner
+
+PARAMS = {"mode": "txt2img", "prompt": "p", "seed": 5, "batch_size": 1, "n_iter": 1}
+
+
+def _finished(session: Session, owner: str, seconds: float, images: int, at: datetime) -> None:
+    job = lifecycle.submit(session, owner=owner, api_key_id=None, params=PARAMS, model_name="m", route="render")
+    session.execute(update(Job).where(Job.id == job.id).values(status="succeeded", finished_at=at,
+                                                               render_seconds=seconds))
+    record_usage(session, job.id, seconds, images)
+    session.commit()
+
+
+def test_usage_counts_per_utc_day_and_month(session: Session) -> None:
+    owner = f"usage-{uuid.uuid4().hex[:6]}"
+    now = utcnow()
+    month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    _finished(session, owner, 2.0, 1, now)
+    _finished(session, owner, 3.5, 4, now)
+    _finished(session, owner, 10.0, 2, month_start - timedelta(seconds=1))  # last month: not counted
+    if now.day > 1:
+        _finished(session, owner, 1.0, 1, month_start)  # this month, not today
+    used = owner_used(session, owner, now)
+    assert (used.today.gpu_seconds, used.today.images, used.today.jobs) == (5.5, 5, 2)
+    expected_month = (6.5, 6, 3) if now.day > 1 else (5.5, 5, 2)
+    assert (used.month.gpu_seconds, used.month.images, used.month.jobs) == expected_month
+    assert [day for day, _ in used.days][-1] == now.date()
+    today, month = used_by_owner(session, now)[owner]
+    assert today == used.today and month == used.month
+    # Seen from tomorrow, today's use is yesterday's: nothing today, the month unchanged (unless it ends).
+    tomorrow = owner_used(session, owner, now + timedelta(days=1))
+    assert tomorrow.today.jobs == 0
+
+
+def test_a_job_finished_just_before_utc_midnight_counts_for_that_day(session: Session) -> None:
+    owner = f"usage-{uuid.uuid4().hex[:6]}"
+    late = datetime(2026, 7, 14, 23, 59, 59, tzinfo=UTC)
+    _finished(session, owner, 4.0, 1, late)
+    assert owner_used(session, owner, late).today.gpu_seconds == 4.0
+    assert owner_used(session, owner, late + timedelta(seconds=2)).today.gpu_seconds == 0.0
+
+
+class _Families(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        return iter(self.families)
+
+
+def test_metrics_per_owner(session: Session) -> None:
+    owner = f"usage-{uuid.uuid4().hex[:6]}"
+    now = utcnow()
+    _finished(session, owner, 2.5, 3, now)
+    waiting = lifecycle.submit(session, owner=owner, api_key_id=None, params=PARAMS, model_name="m", route="render")
+    session.commit()
+    assert queued_jobs(session, owner) == 1
+    registry = CollectorRegistry()
+    registry.register(_Families(owner_usage_metrics(session, now)))
+    session.execute(update(Job).where(Job.id == waiting.id).values(status="canceled"))  # leave no queued job behind
+    session.commit()
+    text = generate_latest(registry).decode()
+    assert f'renderfarm_owner_gpu_seconds_total{{owner="{owner}"}} 2.5' in text
+    assert f'renderfarm_owner_images_total{{owner="{owner}"}} 3.0' in text
+    assert f'renderfarm_owner_jobs_succeeded_total{{owner="{owner}"}} 1.0' in text
+    assert f'renderfarm_owner_gpu_seconds_today{{owner="{owner}"}} 2.5' in text
+    assert f'renderfarm_owner_images_month{{owner="{owner}"}} 3.0' in text
+    assert f'renderfarm_owner_queued_jobs{{owner="{owner}"}} 1.0' in text
