@@ -166,3 +166,26 @@ def test_queued_work_is_read_through_the_status_index(session: Session) -> None:
     session.execute(sa.text("SET LOCAL enable_seqscan = off"))
     plan = "\n".join(row[0] for row in session.execute(sa.text("EXPLAIN " + str(autoscaling._QUEUED.text))))
     assert "ix_jobs_status_created" in plan or "ix_jobs_queued" in plan, plan
+
+
+def test_batch_sizes_are_counted_without_a_scan_per_job(session: Session) -> None:
+    """A batch counts once when all its jobs are counted, also when one member finishes after the first is counted
+    (it is running then, and counted among the batch's jobs)."""
+    batch, lone = uuid.uuid4(), uuid.uuid4()
+    first = add_job(session, status="succeeded", finished=NOW, render_seconds=1.0)
+    second = add_job(session, status="running")
+    third = add_job(session, status="succeeded", finished=NOW, render_seconds=1.0)
+    first.batch_id = second.batch_id = batch
+    third.batch_id = lone
+    session.commit()
+    assert metrics_rollup.advance(session) == 2
+    session.commit()
+    second.status, second.finished_at, second.render_seconds = "succeeded", NOW + timedelta(seconds=1), 1.0
+    session.commit()
+    assert metrics_rollup.advance(session) == 1
+    session.commit()
+    assert metrics_rollup.read_counters(session)[("batches", "a.safetensors", "")] == pytest.approx(2.0)
+    plan = "\n".join(row[0] for row in session.execute(
+        sa.text("EXPLAIN " + str(metrics_rollup._NEW_FINISHED.text)),
+        {"since": NOW, "batch_since": NOW - metrics_rollup.BATCH_SPAN, "limit": 10}))
+    assert "SubPlan" not in plan or "batch_id = j.batch_id" not in plan, plan
