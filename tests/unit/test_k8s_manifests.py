@@ -108,7 +108,7 @@ def _broken(doc: dict[str, Any], path: list[str | int], key: str, value: Any) ->
 
 @pytest.mark.parametrize(("name", "path", "key", "value"), [
     ("worker.yaml", ["spec"], "replica", 2),  # misspelled field
-    ("worker.yaml", ["spec"], "replicas", "two"),  # wrong type
+    ("api.yaml", ["spec"], "replicas", "two"),  # wrong type
     ("worker.yaml", ["spec", "template", "spec"], "terminationGracePeriod", 900),
     ("api.yaml", ["spec", "template", "spec", "containers", 0, "readinessProbe", "httpGet"], "port", [7861]),
     ("worker-scaledobject.yaml", ["spec"], "minReplicas", 0),  # the HPA's name, not KEDA's
@@ -128,6 +128,7 @@ def test_gpu_worker_takes_one_gpu_and_outlives_a_job_on_shutdown() -> None:
     (container,) = pod["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert pod["terminationGracePeriodSeconds"] > JOB_TIME_LIMIT_S
+    assert "replicas" not in worker["spec"]  # KEDA owns the count; an apply must not reset it
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
     assert container["command"] == compose["worker"]["command"]
     assert container["image"] == compose["worker"]["image"]
