@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import math
 import threading
 import time
 from datetime import datetime
@@ -80,7 +81,7 @@ class FairQueueSnapshot:
     The position is an estimate, stated as such in the README: fair share orders owners by recent render time per
     weight, which depends on how long jobs will take. Assuming jobs of equal cost, before the r-th job of owner A
     (in A's own order) run the jobs moved to the front, A's r - 1 earlier jobs, and from every other owner B with
-    queued work up to ``floor(r * w_B / w_A)`` of its jobs."""
+    queued work the jobs whose turn comes first (:func:`_ahead_of`)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -121,11 +122,23 @@ class FairQueueSnapshot:
             owners, weights, fronts = self._owners, self._weights, self._fronts
         if job.front_at is not None:
             return bisect.bisect_left(fronts, job.front_at) + 1
-        rank = bisect.bisect_left(owners.get(job.owner, []), (-int(job.priority or 0), job.created_at)) + 1
+        key = (-int(job.priority or 0), job.created_at)
+        rank = bisect.bisect_left(owners.get(job.owner, []), key) + 1
         mine = weights.get(job.owner, default_weight)
-        others = sum(min(len(keys), int(rank * weights[owner] / mine))
+        others = sum(_ahead_of(rank, key, mine, weights[owner], keys)
                      for owner, keys in owners.items() if owner != job.owner)
         return len(fronts) + rank + others
+
+
+def _ahead_of(rank: int, key: _OwnerKey, weight: float, other_weight: float, other: list[_OwnerKey]) -> int:
+    """How many of another owner's queued jobs (``other``, in its order) fair share runs before the ``rank``-th job
+    of an owner: its k-th job goes first while (k - 1) / other_weight < (rank - 1) / weight (equal costs), and on
+    a tie when it comes first in the claim's own tie-break (priority, then age)."""
+    share = (rank - 1) * other_weight / weight
+    before = min(len(other), math.ceil(share))
+    if share == int(share) and before < len(other) and other[before] < key:
+        before += 1
+    return before
 
 
 FAIR_QUEUE_SNAPSHOT = FairQueueSnapshot()

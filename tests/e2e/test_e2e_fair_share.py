@@ -1,5 +1,6 @@
 """Fair share with real workers (issue 17): a light owner's few jobs are not stuck behind a heavy owner's backlog,
-an owner's priorities order its own jobs, and an admin's "run next" wins. One worker, the demo model, 64x64.
+an owner's priorities order its own jobs, an admin's "run next" wins, and `max_running` holds with two workers.
+Two workers, the demo model, 64x64.
 
 This module runs its own farm (API + one worker, own database and Redis db): it pauses the queue while the
 backlog is submitted, and the session's shared farms keep taking jobs whatever happens here."""
@@ -34,7 +35,7 @@ def fair_farm(postgres: EmbeddedPostgres, redis_db_url: Callable[[], str], model
     api, base_url = start_api(env, logs)
     farm = Farm(base_url=base_url, admin_key=ADMIN_KEY, env=env, procs=[api])
     try:
-        farm.procs.append(start_worker(env, logs, name="f1"))
+        farm.procs += [start_worker(env, logs, name="f1"), start_worker(env, logs, name="f2")]
         yield farm
     finally:
         farm.stop()
@@ -47,12 +48,13 @@ def admin(farm: Farm, path: str) -> dict[str, Any]:
     return resp.json()
 
 
-def finish_order(farm: Farm) -> list[tuple[str, str]]:
-    """(owner, job id) of every finished job, in the order they finished (a batch's jobs finish together)."""
+def finish_order(farm: Farm, by: str = "finished_at") -> list[tuple[str, str]]:
+    """(owner, job id) of every finished job, in the order they finished (a batch's jobs finish together), or
+    started (``by="started_at"``: the claim order, with two workers rendering at once)."""
     engine = sa.create_engine(farm.env["DATABASE_URL"])
     with engine.connect() as conn:
-        rows = conn.execute(sa.text("SELECT owner, id::text FROM jobs WHERE status = 'succeeded' "
-                                    "ORDER BY finished_at, id")).all()
+        rows = conn.execute(sa.text(f"SELECT owner, id::text FROM jobs WHERE status = 'succeeded' "
+                                    f"ORDER BY {by}, id")).all()
     engine.dispose()
     return [(owner, job_id) for owner, job_id in rows]
 
@@ -98,5 +100,31 @@ def test_priorities_order_one_owners_jobs_and_the_admins_front_wins(fair_farm: F
         admin(fair_farm, "/v1/admin/queue/resume")
     for job_id, key in ((low, owner), (normal, owner), (late, other)):
         assert fair_farm.wait_for(job_id, key=key, timeout=120)["status"] == "succeeded"
-    ran = [job_id for _, job_id in finish_order(fair_farm) if job_id in (low, normal, late)]
+    ran = [job_id for _, job_id in finish_order(fair_farm, by="started_at") if job_id in (low, normal, late)]
     assert ran == [late, normal, low]
+
+
+def test_max_running_holds_with_two_workers_and_every_job_still_runs(fair_farm: Farm) -> None:
+    """Owner alone with a cap of 1 and two idle workers: never two of its jobs at once, and each finished job
+    nudges the next (the messages the capped claims spent are not needed)."""
+    owner = make_key(fair_farm.env["DATABASE_URL"], "fair-capped")
+    engine = sa.create_engine(fair_farm.env["DATABASE_URL"])
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO owner_policies (owner, max_running) VALUES ('fair-capped', 1)"))
+    ids = [fair_farm.submit(JOB | {"seed": i, "steps": 3, "batch_invariant": True}, key=owner)["id"]
+           for i in range(6)]
+    most = 0
+
+    def all_done() -> bool:
+        nonlocal most
+        with engine.connect() as conn:
+            counts = dict(conn.execute(sa.text("SELECT status, count(*) FROM jobs WHERE owner = 'fair-capped' "
+                                               "GROUP BY status")).all())
+        most = max(most, int(counts.get("running", 0)))
+        return counts.get("succeeded", 0) == len(ids)
+
+    try:
+        wait_until(all_done, 240, interval=0.05, message="the capped owner's jobs")
+    finally:
+        engine.dispose()
+    assert most == 1
