@@ -52,6 +52,7 @@ class PresetView(BaseModel):
     label: str
     prompt: str
     negative_prompt: str
+    people: bool = Field(True, description="False: the preset draws no people; person choices are refused with it")
 
 
 class SettingsView(BaseModel):
@@ -74,6 +75,8 @@ class CharacterView(BaseModel):
     settings: SettingsView
     fidelity: str
     note: str
+    sets: list[str] = Field(default_factory=list, description="categories the character's prompt already decides; "
+                                                              "choosing them too is refused")
 
 
 class DictionaryView(BaseModel):
@@ -122,10 +125,11 @@ def get_prompt_dictionary(key: CurrentKey, settings: SettingsDep) -> DictionaryV
         colors=[ColorView(value=c.value, label_ko=c.label_ko) for c in dictionary.colors],
         categories=[_category(category, dictionary) for category in dictionary.categories],
         outfits=[ColorView(value=o.value, label_ko=o.label_ko) for o in dictionary.category("outfit").options],
-        presets=[PresetView(id=p.id, label=p.label, prompt=p.prompt, negative_prompt=p.negative_prompt)
-                 for p in dictionary.presets],
+        presets=[PresetView(id=p.id, label=p.label, prompt=p.prompt, negative_prompt=p.negative_prompt,
+                            people=p.people) for p in dictionary.presets],
         characters=[CharacterView(id=c.id, name=c.name, prompt=c.prompt, negative_prompt=c.negative_prompt,
-                                  settings=SettingsView(**c.settings.model_dump()), fidelity=c.fidelity, note=c.note)
+                                  settings=SettingsView(**c.settings.model_dump()), fidelity=c.fidelity, note=c.note,
+                                  sets=list(c.sets))
                     for c in dictionary.characters],
         notes=dict(dictionary.notes),
     )

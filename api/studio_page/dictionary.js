@@ -95,8 +95,9 @@ function chosenBase() {
   };
 }
 
-// Until the dictionary's views carry `people` and `sets`: a preset whose negative prompt excludes people draws none,
-// and a character's prompt decides the categories whose option text it contains.
+// The dictionary's `people` and `sets` say what a preset or character decides. The fallbacks read an operator's
+// older dictionary file without them: a preset whose negative prompt excludes people draws none, and a character's
+// prompt decides the categories whose option text it contains.
 const drawsPeople = (preset) => preset.people ?? !/(^|,)\s*(human|1girl)\s*,/i.test(preset.negative_prompt);
 function categoriesSet(character) {
   if (character.sets) return character.sets;

@@ -67,10 +67,12 @@ def test_the_dictionary_has_the_studio_shape(client: httpx.Client) -> None:
     assert crying["companions"] == ["tears"]
     assert body["outfits"][0] == {"value": "kimono", "label_ko": "기모노"}
     assert [p["id"] for p in body["presets"]] == ["portrait", "background"]
-    assert set(body["presets"][0]) == {"id", "label", "prompt", "negative_prompt"}
+    assert set(body["presets"][0]) == {"id", "label", "prompt", "negative_prompt", "people"}
+    assert [p["people"] for p in body["presets"]] == [True, False]  # the wallpaper preset draws no people
     ahri = body["characters"][0]
     assert [c["id"] for c in body["characters"]] == ["ahri", "edward_elric", "inuyasha"]
-    assert set(ahri) == {"id", "name", "prompt", "negative_prompt", "settings", "fidelity", "note"}
+    assert set(ahri) == {"id", "name", "prompt", "negative_prompt", "settings", "fidelity", "note", "sets"}
+    assert "hair_length" in ahri["sets"]  # "short hair" is in Ahri's prompt
     assert ahri["settings"]["seed"] == 1960455555 and ahri["settings"]["model"] == "AnythingV5V3_v5PrtRE"
     assert ahri["settings"]["sampler_name"] == "DPM++ 2M" and ahri["settings"]["scheduler"] == "Karras"
     assert "ahri_league_of_legends," in ahri["prompt"].splitlines() and ahri["fidelity"] == "high"
