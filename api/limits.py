@@ -7,7 +7,9 @@ owner is over a limit:
 - rate limit: a token bucket per owner in Redis (shared/owners/ratelimit.py), with `Retry-After` and the
   `RateLimit-Policy` / `RateLimit` fields of draft-ietf-httpapi-ratelimit-headers-10; the two fields ride on
   every successful creation too (`RateLimitHeaders` adds them to whatever response the route builds);
-- queued cap: "N jobs queued; the cap is M" (one count on the partial index ix_jobs_queued_owner);
+- queued cap: "N jobs queued; the cap is M" (a count on the partial index ix_jobs_queued_owner, skipped while a
+  recent count plus what the rate limit lets the owner create since is still below the cap: `QueuedCounts`, so a
+  submit stays one transaction, issue 20);
 - quotas: GPU-seconds and images per UTC day and month, with `Retry-After` to the reset and `resets_at` in the body.
 
 A broker that cannot be reached does not stop submissions: the rate limit lets the request through and says so in
@@ -17,6 +19,8 @@ the log (the submit's own publish decides what happens next).
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -38,7 +42,7 @@ from shared.db.session import get_session_factory
 from shared.owners import effective_policy
 from shared.owners.periods import seconds_until
 from shared.owners.policy import EffectivePolicy
-from shared.owners.ratelimit import TokenBuckets, policy_header
+from shared.owners.ratelimit import TokenBuckets
 from shared.owners.usage import exceeded_quota, owner_used, queued_jobs, quotas_set
 from shared.queueing.fleet import get_redis
 from shared.settings import Settings, get_settings
@@ -63,13 +67,14 @@ def _buckets() -> TokenBuckets:
     return TokenBuckets(get_redis())
 
 
-def _take_token(policy: EffectivePolicy) -> dict[str, str]:
-    """One token from the owner's bucket: its RateLimit fields, or LimitExceeded when the bucket is empty."""
+def _take_token(policy: EffectivePolicy) -> dict[str, str] | None:
+    """One token from the owner's bucket: its RateLimit fields, LimitExceeded when the bucket is empty, or None
+    when Redis could not be asked (the request goes on)."""
     try:
         state = _buckets().take(policy.owner, policy.rate_burst, policy.rate_per_second)
     except redis.RedisError as error:
         log.warning("rate limit not checked for owner %r: Redis said %s", policy.owner, error)
-        return {"RateLimit-Policy": policy_header(policy.rate_burst, policy.rate_per_second)}
+        return None
     headers = state.headers()
     if not state.allowed:
         raise LimitExceeded(
@@ -85,14 +90,56 @@ class Checked:
     headers: dict[str, str]
 
 
+class QueuedCounts:
+    """Each owner's queued jobs as last counted by this process, and when.
+
+    The rate limit bounds what an owner can create in any span of L seconds, across every API process, by
+    `burst + rate * L`. So a count taken `age` seconds ago plus `burst + rate * (age + IN_FLIGHT_SECONDS)` (the last
+    term: submits that took their token before the count but committed after it) is an upper bound of the owner's
+    queued jobs now, and while that bound is below the cap no new count is needed. A count is reused for at most
+    `FRESH_SECONDS` (jobs an admin retries take no token). Without the rate limit, or when Redis could not be asked
+    (the request went through untaxed), every check counts."""
+
+    FRESH_SECONDS = 60.0
+    IN_FLIGHT_SECONDS = 1.0
+
+    def __init__(self) -> None:
+        self._counts: dict[str, tuple[float, int]] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def bound(cls, count: int, age: float, burst: int, rate: float) -> float:
+        return count + burst + rate * (age + cls.IN_FLIGHT_SECONDS)
+
+    def below_cap(self, owner: str, policy: EffectivePolicy, rate_limited: bool, now: float) -> bool:
+        """True when a recent count proves the owner is below its cap without a query."""
+        with self._lock:
+            entry = self._counts.get(owner)
+        if not rate_limited or entry is None or now - entry[0] > self.FRESH_SECONDS:
+            return False
+        return self.bound(entry[1], now - entry[0], policy.rate_burst, policy.rate_per_second) < policy.max_queued
+
+    def counted(self, owner: str, count: int, now: float) -> None:
+        with self._lock:
+            if len(self._counts) > 10_000:
+                self._counts = {o: e for o, e in self._counts.items() if now - e[0] <= self.FRESH_SECONDS}
+            self._counts[owner] = (now, count)
+
+
+QUEUED_COUNTS = QueuedCounts()
+
+
 def check_job_creation(owner: str, settings: Settings, now: datetime | None = None) -> Checked:
     """Every limit on one more job of `owner`; raises LimitExceeded. Sync (Redis and Postgres): call it in a
     thread. The session is closed before the route runs."""
     with get_session_factory()() as session:
         policy = effective_policy(session, owner, settings)
-        headers = _take_token(policy) if settings.fair_share.rate_limit else {}
-        if policy.max_queued > 0:
+        taken = _take_token(policy) if settings.fair_share.rate_limit else None
+        rate_limited, headers = taken is not None, taken or {}
+        if policy.max_queued > 0 and not QUEUED_COUNTS.below_cap(owner, policy, rate_limited, time.monotonic()):
+            counted_at = time.monotonic()
             queued = queued_jobs(session, owner)
+            QUEUED_COUNTS.counted(owner, queued, counted_at)
             if queued >= policy.max_queued:
                 raise LimitExceeded(
                     f"{queued} jobs queued; the cap is {policy.max_queued} (policy max_queued): wait for some to "

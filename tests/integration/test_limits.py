@@ -190,3 +190,20 @@ def test_the_webui_api_gets_the_same_429(api_only: Farm, path: str, body: dict[s
     assert refused.status_code == 429, refused.text
     assert int(refused.headers["Retry-After"]) >= 90
     assert refused.headers["RateLimit-Policy"] == '"burst";q=1;w=100'
+
+
+def test_without_redis_the_rate_limit_lets_requests_through_and_the_cap_still_counts(
+        api_only: Farm, monkeypatch: pytest.MonkeyPatch) -> None:
+    from api import limits
+
+    class Down:
+        def take(self, *args: object, **kwargs: object) -> None:
+            raise redis.ConnectionError("Connection refused")
+
+    _, key = _owner(api_only, {"rate_burst": 1, "rate_per_second": 0.01, "max_queued": 2})
+    monkeypatch.setattr(limits, "_buckets", lambda: Down())
+    with api_only.client(key) as c:
+        answers = [_post(c, seed=i) for i in range(3)]
+    assert [a.status_code for a in answers] == [202, 202, 429]  # past the burst of 1; the queued cap holds
+    assert "RateLimit" not in answers[0].headers
+    assert answers[2].json()["limit"] == "max_queued"

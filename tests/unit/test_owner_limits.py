@@ -98,3 +98,20 @@ def test_when_day_and_month_are_both_used_up_the_later_reset_wins() -> None:
     # The month alone used up (today is fine): still refused until the month ends.
     hit = exceeded_quota(policy, _used(Used(0.0, 0, 0), Used(100.0, 9, 9)), NOW)
     assert hit is not None and hit.period is Period.MONTH
+
+
+def test_a_recent_count_spares_the_query_only_while_the_rate_cannot_reach_the_cap() -> None:
+    from api.limits import QueuedCounts
+
+    counts = QueuedCounts()
+    policy = resolve("o", {"rate_burst": 60, "rate_per_second": 10, "max_queued": 200}, FairShareSettings())
+    assert not counts.below_cap("o", policy, rate_limited=True, now=100.0)  # never counted
+    counts.counted("o", 100, now=100.0)
+    assert counts.below_cap("o", policy, rate_limited=True, now=100.5)  # 100 + 60 + 10 * 1.5 = 175 < 200
+    assert not counts.below_cap("o", policy, rate_limited=True, now=104.0)  # 100 + 60 + 10 * 5 = 210
+    assert not counts.below_cap("o", policy, rate_limited=False, now=100.5)  # nothing bounds the creations
+    counts.counted("o", 130, now=200.0)
+    assert not counts.below_cap("o", policy, rate_limited=True, now=200.1)  # 130 + 60 + 11 = 201: count again
+    roomy = resolve("o", {"rate_burst": 60, "rate_per_second": 10, "max_queued": 10_000}, FairShareSettings())
+    assert counts.below_cap("o", roomy, rate_limited=True, now=259.0)
+    assert not counts.below_cap("o", roomy, rate_limited=True, now=261.0)  # older than FRESH_SECONDS
