@@ -113,8 +113,8 @@ def _operator_command(argv: list[str]) -> int:
     try:
         farm_cli = importlib.import_module("devtools.cli")  # the farm's package, not a dependency of this one
     except ImportError:
-        print(f"renderfarm {argv[0]}: an operator command; run it where the farm itself is installed",
-              file=sys.stderr)
+        print(f"renderfarm {argv[0]}: an operator command; run `renderfarm-admin {argv[0]}` where the farm itself "
+              "is installed", file=sys.stderr)
         return ExitCode.USAGE
     return int(farm_cli.main(argv))
 
