@@ -212,6 +212,8 @@ def reset_process_caches() -> None:
         if module is None or name.split(".")[0] not in ("api", "shared"):
             continue
         for value in list(vars(module).values()):
+            if isinstance(value, type):
+                continue  # a class whose instances cache (shared/owners/policy.py's PolicyCache): not a cache itself
             if callable(getattr(value, "cache_clear", None)) and getattr(value, "__module__", None) == name:
                 value.cache_clear()
 
