@@ -29,7 +29,7 @@ from typing import Any
 import redis
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
+from fastapi.routing import APIRoute, iter_route_contexts
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -223,11 +223,12 @@ TOO_MANY = {"model": ErrorView, "description": "over a limit of the owner: the j
 
 def document_limits(app: FastAPI, schema: dict[str, Any]) -> None:
     """Add the 429 to the OpenAPI operations of the routes that carry a limit dependency."""
-    for route in app.routes:
+    for context in iter_route_contexts(app.routes):  # included routers' routes, with their full paths
+        route = context.original_route
         if not isinstance(route, APIRoute) or not any(dep.call in _LIMIT_CALLS for dep in route.dependant.dependencies):
             continue
         for method in route.methods or ():
-            operation = schema.get("paths", {}).get(route.path_format, {}).get(method.lower())
+            operation = schema.get("paths", {}).get(context.path_format, {}).get(method.lower())
             if isinstance(operation, dict):
                 operation.setdefault("responses", {}).setdefault("429", {
                     "description": TOO_MANY["description"],

@@ -115,3 +115,15 @@ def test_a_recent_count_spares_the_query_only_while_the_rate_cannot_reach_the_ca
     roomy = resolve("o", {"rate_burst": 60, "rate_per_second": 10, "max_queued": 10_000}, FairShareSettings())
     assert counts.below_cap("o", roomy, rate_limited=True, now=259.0)
     assert not counts.below_cap("o", roomy, rate_limited=True, now=261.0)  # older than FRESH_SECONDS
+
+
+def test_the_schema_documents_the_429_on_exactly_the_job_creation_routes() -> None:
+    from api.main import create_app
+    from api.openapi import farm_openapi
+    from shared.settings import Settings
+
+    schema = farm_openapi(create_app(), Settings())
+    limited = {(path, method) for path, operations in schema["paths"].items()
+               for method, operation in operations.items() if "429" in operation.get("responses", {})}
+    assert limited == {("/v1/jobs", "post"), ("/sdapi/v1/txt2img", "post"), ("/sdapi/v1/img2img", "post"),
+                       ("/sdapi/v1/extra-single-image", "post"), ("/sdapi/v1/extra-batch-images", "post")}
