@@ -120,7 +120,7 @@ def timed(fn: Callable[[], object], repeat: int) -> tuple[float, float]:
 
 
 def query_cases(session_factory: sessionmaker[Session], client: redis.Redis) -> dict[str, Callable[[], object]]:
-    from api.admin import metrics, metrics_rollup
+    from api.admin import autoscaling, metrics, metrics_rollup
     from api.admin import queries as admin_queries
     from shared.queueing.farm_state import get_pause_state
 
@@ -148,6 +148,7 @@ def query_cases(session_factory: sessionmaker[Session], client: redis.Redis) -> 
         "metrics: jobs_by_state (live count)": run(metrics.jobs_by_state),
         "metrics: rollup pass, 20 jobs newly finished": run(lambda s: finish_some(s, 20)),
         "metrics: read counters": run(metrics_rollup.read_counters),
+        "metrics: queued jobs per route, steps per model (autoscaling)": run(autoscaling.read_queued_work),
         "metrics: whole snapshot (Postgres + Redis)": run(lambda s: metrics.take_snapshot(
             s, client, lost_after_seconds=45, forget_after_seconds=3600)),
     }
