@@ -195,10 +195,11 @@ class RateLimitHeaders:
         if scope["type"] != "http" or scope.get("method") != "POST":
             await self.app(scope, receive, send)
             return
+        state = scope.setdefault("state", {})  # shared with the routes' scopes (copies of this one)
 
         async def send_with_fields(message: Message) -> None:
             if message["type"] == "http.response.start":
-                fields = scope.get("state", {}).get(STATE_KEY)
+                fields = state.get(STATE_KEY)
                 if fields:
                     present = {name.lower() for name, _ in message.get("headers", [])}
                     message["headers"] = list(message.get("headers", [])) + [

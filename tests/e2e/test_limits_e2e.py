@@ -45,7 +45,9 @@ def test_the_rate_limit_outlives_an_api_restart(api_farm: Farm) -> None:
         policy = {"rate_burst": 2, "rate_per_second": 0.01}
         assert admin.put(f"/v1/admin/owners/{owner}", json=policy).status_code == 200
     with api_farm.client(key) as c:
-        assert [c.post("/v1/jobs", json={**BODY, "seed": i}).status_code for i in range(3)] == [202, 202, 429]
+        answers = [c.post("/v1/jobs", json={**BODY, "seed": i}) for i in range(3)]
+    assert [a.status_code for a in answers] == [202, 202, 429]
+    assert answers[0].headers["RateLimit"] == '"burst";r=1;t=100'  # on a success too, through uvicorn
 
     api_farm.procs[0].stop()
     api, api_farm.base_url = start_api(api_farm.env, api_farm.logs, name="api-restarted")  # type: ignore[attr-defined]
