@@ -13,6 +13,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from api.admin.owner_metrics import owner_usage_metrics
+from devtools.embedded import EmbeddedPostgres
 from shared.clock import utcnow
 from shared.db.models import Job
 from shared.jobs import lifecycle
@@ -84,3 +85,38 @@ def test_metrics_per_owner(session: Session) -> None:
     assert f'renderfarm_owner_gpu_seconds_today{{owner="{owner}"}} 2.5' in text
     assert f'renderfarm_owner_images_month{{owner="{owner}"}} 3.0' in text
     assert f'renderfarm_owner_queued_jobs{{owner="{owner}"}} 1.0' in text
+
+
+def test_the_migration_counts_jobs_that_succeeded_before_it(postgres: EmbeddedPostgres) -> None:
+    """0010 fills owner_usage from the succeeded jobs already there, so no owner starts over on upgrade."""
+    import psycopg
+    import sqlalchemy as sa
+
+    from shared.db.migrate import upgrade
+
+    name = "farm_usage_migration"
+    with psycopg.connect(host="127.0.0.1", port=postgres.port, user=postgres.user, dbname="postgres",
+                         autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = f"postgresql+psycopg://{postgres.user}@127.0.0.1:{postgres.port}/{name}"
+    upgrade(url, "0009")
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        for n, (status, seconds, images) in enumerate([("succeeded", 2.0, 2), ("succeeded", 1.5, 1),
+                                                       ("failed", None, 0)]):
+            job_id = uuid.uuid4()
+            conn.execute(sa.text(
+                "INSERT INTO jobs (id, owner, mode, status, status_seq, params, model_name, seed, attempt, "
+                "max_attempts, progress, finished_at, render_seconds) VALUES (:id, 'old', 'txt2img', :status, 1, "
+                "'{}', 'm', :n, 1, 3, 1, '2026-11-30 23:30:00+00', :seconds)"),
+                {"id": job_id, "status": status, "n": n, "seconds": seconds})
+            for index in range(images):
+                conn.execute(sa.text(
+                    "INSERT INTO job_images (job_id, index, key, seed, width, height, infotext) "
+                    "VALUES (:id, :index, 'k', 1, 64, 64, '')"), {"id": job_id, "index": index})
+    upgrade(url)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT owner, day, gpu_seconds, images, jobs FROM owner_usage")).all()
+    engine.dispose()
+    assert [tuple(row) for row in rows] == [("old", datetime(2026, 11, 30).date(), 3.5, 3, 2)]
