@@ -1,4 +1,4 @@
-"""`renderfarm owners ...`: owners' limits and usage straight from Postgres (like `create-key`), for an operator
+"""`renderfarm-admin owners ...`: owners' limits and usage straight from Postgres (like `create-key`), for an operator
 without the API or an admin key at hand. `/v1/admin/owners` does the same over HTTP."""
 
 from __future__ import annotations
