@@ -24,6 +24,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.admin import autoscaling, metrics_rollup
 from api.admin import queries as admin_queries
 from api.admin.metrics_rollup import BATCH_IMAGES_BUCKETS, DURATION_BUCKETS, WAIT_BUCKETS, le
+from api.admin.owner_metrics import owner_usage_metrics
+from shared.clock import utcnow
 from shared.db.models import Job
 from shared.jobs.states import JobStatus
 from shared.queueing.farm_state import get_pause_state
@@ -55,6 +57,8 @@ class Snapshot:
     # For autoscalers (api/admin/autoscaling.py); None when its source failed this scrape.
     queued_work: autoscaling.QueuedWork | None = None
     activity: autoscaling.WorkerActivity | None = None
+    # Per-owner usage and queued jobs (api/admin/owner_metrics.py, issue 17's quotas).
+    owners: list[Metric] = field(default_factory=list)
 
 
 def jobs_by_state(session: Session) -> dict[str, int]:
@@ -88,6 +92,7 @@ def take_snapshot(
         session.commit()
         snap.counters = metrics_rollup.read_counters(session)
         snap.webhook_outcomes = webhook_outcomes(session)
+        snap.owners = owner_usage_metrics(session, utcnow())
         snap.sources_up["postgres"] = True
     except Exception:  # report the source as down, keep the rest of the scrape
         log.exception("metrics: Postgres queries failed")
@@ -208,6 +213,7 @@ def families(snap: Snapshot) -> Iterator[Metric]:
     yield done
     yield rate
     yield from autoscaling.families(snap.queued_work, snap.activity, snap.counters)
+    yield from snap.owners
 
 
 class FarmCollector(Collector):

@@ -35,6 +35,7 @@ from shared.jobs import fair_share
 from shared.jobs.contract import RenderSpec
 from shared.jobs.fair_share import FairOrder
 from shared.jobs.states import ErrorType, JobStatus, check_transition
+from shared.owners.usage import record_usage
 from shared.queueing import job_notices
 from shared.queueing.queues import QueueName, publish_render
 from shared.queueing.routing import MODEL_QUEUE_PREFIX, model_queue
@@ -471,6 +472,7 @@ def succeed(
         session.add(JobImage(job_id=job_id, index=image.index, key=image.key, seed=image.seed, width=image.width,
                              height=image.height, infotext=image.infotext))
     session.flush()
+    record_usage(session, job_id, render_seconds, len(images))  # the owner's quotas, in the same transaction
     _record_event(session, job_id)
     return True
 

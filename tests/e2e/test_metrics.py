@@ -111,6 +111,9 @@ def test_metrics_counters_move_when_a_job_runs(farm: Farm) -> None:
     assert "renderfarm_queue_depth" not in after or all(v >= 0 for v in after["renderfarm_queue_depth"].values())
     assert value(after, "renderfarm_queue_paused") == 0
     assert value(after, "renderfarm_broker_messages", kind="waiting") >= 0
+    # The worker's succeed recorded the owner's usage (its quotas count from it), and /metrics shows it.
+    owner_images = [sum(scraped.get("renderfarm_owner_images_total", {}).values()) for scraped in (before, after)]
+    assert owner_images[1] == owner_images[0] + 1, owner_images
 
 
 @pytest.mark.e2e

@@ -18,7 +18,7 @@ from renderfarm_client.errors import ApiError, describe_detail
 from renderfarm_client.pnginfo import NotAPng
 
 # `make up`'s operator commands live in the farm's own package; in a checkout of the farm they share this name.
-OPERATOR_COMMANDS = ("up", "create-key", "migrate")
+OPERATOR_COMMANDS = ("up", "create-key", "migrate", "owners")
 EPILOG = f"""environment:
   RENDERFARM_URL       the farm (default http://127.0.0.1:7861); --url wins
   RENDERFARM_API_KEY   your API key; --key wins
