@@ -102,10 +102,10 @@ def read_job_view(job_id: uuid.UUID, owner: str, store: ObjectStore, settings: S
         found = repository.get_job_view_row(session, job_id, owner)
         if found is None:
             return None
-        job, ahead = found
-        position = queue_position(session, job, settings.gateway.queue_position_refresh_seconds, ahead=ahead,
-                                  ahead_limit=repository.AHEAD_COUNT_LIMIT)
-        return job_view(job, store, settings.services.url_expires_seconds, position)
+        position = queue_position(session, found.job, settings.gateway.queue_position_refresh_seconds,
+                                  ahead=found.ahead, ahead_limit=repository.AHEAD_COUNT_LIMIT,
+                                  own_ahead=found.own_ahead)
+        return job_view(found.job, store, settings.services.url_expires_seconds, position)
 
 
 @router.get("/{job_id}", response_model=JobView, responses={**NOT_FOUND, **NOT_MODIFIED})

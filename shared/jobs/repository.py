@@ -5,9 +5,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Select, bindparam, case, func, literal, select
+from sqlalchemy import Select, and_, bindparam, case, func, literal, or_, select
 from sqlalchemy.orm import Session, aliased, contains_eager, lazyload
 
 from shared.db.models import Job, JobImage
@@ -41,8 +42,16 @@ def _job_view_query() -> Select[Any]:
                    .where(ahead.status == JobStatus.QUEUED, ahead.created_at < Job.created_at)
                    .limit(AHEAD_COUNT_LIMIT).correlate(Job).lateral("first_ahead"))
     count_ahead = select(func.count()).select_from(first_ahead).scalar_subquery()
+    mine = aliased(Job)
+    first_of_mine = (select(literal(1)).select_from(mine)
+                     .where(mine.status == JobStatus.QUEUED, mine.owner == Job.owner, mine.front_at.is_(None),
+                            or_(mine.priority > Job.priority,
+                                and_(mine.priority == Job.priority, mine.created_at < Job.created_at)))
+                     .limit(AHEAD_COUNT_LIMIT).correlate(Job).lateral("first_of_mine"))
+    count_mine = select(func.count()).select_from(first_of_mine).scalar_subquery()
     return (
-        select(Job, case((Job.status == JobStatus.QUEUED, count_ahead), else_=None))
+        select(Job, case((Job.status == JobStatus.QUEUED, count_ahead), else_=None),
+               case((Job.status == JobStatus.QUEUED, count_mine), else_=None))
         .outerjoin(Job.images).options(contains_eager(Job.images))
         .where(Job.id == bindparam("job_id"), Job.owner == bindparam("owner"))
         .order_by(JobImage.index)
@@ -87,17 +96,24 @@ def get_latest_job_row(session: Session, owner: str) -> tuple[Job | None, int | 
     return job, (None if ahead is None else int(ahead)), int(active or 0)
 
 
-def get_job_view_row(session: Session, job_id: uuid.UUID, owner: str) -> tuple[Job, int | None] | None:
+def get_job_view_row(session: Session, job_id: uuid.UUID, owner: str) -> JobViewRow | None:
     """What a poll reads, in one round trip: the job with its images (a LEFT JOIN) and, while it is queued, the
-    queued jobs created before it, counted up to ``AHEAD_COUNT_LIMIT`` (an index range scan on
-    ``(status, created_at)`` that stops there: a poll never recounts a long queue). None when the job is not
-    ``owner``'s. A fresh read even when the session already holds the row."""
+    queued jobs created before it and the owner's own queued jobs ahead of it in the owner's order (priority, then
+    age), each counted up to ``AHEAD_COUNT_LIMIT`` (index range scans that stop there: a poll never recounts a long
+    queue). None when the job is not ``owner``'s. A fresh read even when the session already holds the row."""
     rows = session.execute(_JOB_VIEW_QUERY, {"job_id": job_id, "owner": owner}).unique().all()
     if not rows:
         return None
     job: Job = rows[0][0]
-    count: int | None = rows[0][1]
-    return job, (None if count is None else int(count))
+    ahead, mine = rows[0][1], rows[0][2]
+    return JobViewRow(job, None if ahead is None else int(ahead), None if mine is None else int(mine))
+
+
+@dataclass(frozen=True)
+class JobViewRow:
+    job: Job
+    ahead: int | None  # queued jobs created before it (any owner), up to AHEAD_COUNT_LIMIT
+    own_ahead: int | None  # its owner's queued jobs before it in the owner's order, up to AHEAD_COUNT_LIMIT
 
 
 def list_jobs(

@@ -115,7 +115,10 @@ class FairQueueSnapshot:
         self._owners, self._weights, self._fronts = owners, weights, sorted(fronts)
         self._read_at = time.monotonic()
 
-    def position(self, session: Session, job: Job, refresh: float, default_weight: float) -> int:
+    def position(self, session: Session, job: Job, refresh: float, default_weight: float,
+                 own_ahead: int | None = None) -> int:
+        """``own_ahead``: the owner's queued jobs before this one as the job's own read counted them (fresh, where the
+        snapshot may still hold jobs claimed since); the snapshot's count when None."""
         with self._lock:
             if time.monotonic() - self._read_at >= refresh:
                 self._read(session, default_weight)
@@ -123,7 +126,7 @@ class FairQueueSnapshot:
         if job.front_at is not None:
             return bisect.bisect_left(fronts, job.front_at) + 1
         key = (-int(job.priority or 0), job.created_at)
-        rank = bisect.bisect_left(owners.get(job.owner, []), key) + 1
+        rank = (own_ahead if own_ahead is not None else bisect.bisect_left(owners.get(job.owner, []), key)) + 1
         mine = weights.get(job.owner, default_weight)
         others = sum(_ahead_of(rank, key, mine, weights[owner], keys)
                      for owner, keys in owners.items() if owner != job.owner)
@@ -145,17 +148,20 @@ FAIR_QUEUE_SNAPSHOT = FairQueueSnapshot()
 
 
 def queue_position(session: Session, job: Job, refresh: float | None = None, *, ahead: int | None = None,
-                   ahead_limit: int = 0) -> int | None:
+                   ahead_limit: int = 0, own_ahead: int | None = None) -> int | None:
     """1 = next to run, while the job is queued. With fair share on (the default), its place in the fair order
     (:class:`FairQueueSnapshot`, at most ``refresh`` seconds old). Otherwise 1 + the queued jobs created before it
     (first come, first served): ``ahead`` is those jobs as the job's own read counted them, up to ``ahead_limit``
     (exact below it; `repository.get_job_view_row`); otherwise, or at the limit, with ``refresh``: from this
-    process's snapshot of the queue, at most that many seconds old; None: counted now."""
+    process's snapshot of the queue, at most that many seconds old; None: counted now. ``own_ahead``: the owner's
+    own queued jobs ahead of it, as its read counted them (fair share: the owner's part of the estimate is fresh).
+    """
     if job.status != JobStatus.QUEUED:
         return None
     fair = get_settings().fair_share
     if fair.fair_share:
-        return FAIR_QUEUE_SNAPSHOT.position(session, job, refresh or 0.0, fair.default_weight)
+        fresh = own_ahead if own_ahead is not None and own_ahead < ahead_limit else None
+        return FAIR_QUEUE_SNAPSHOT.position(session, job, refresh or 0.0, fair.default_weight, fresh)
     if ahead is not None and ahead < ahead_limit:
         return ahead + 1
     if refresh is None:
