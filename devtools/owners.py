@@ -54,7 +54,8 @@ def set_fields(session: Session, settings: Settings, args: argparse.Namespace) -
         print("nothing to set: give at least one of " + ", ".join(map(_flag, POLICY_FIELDS)), file=sys.stderr)
         return 2
     try:
-        update = PolicyUpdate(**{name: None if value == DEFAULT else value for name, value in given.items()})
+        update = PolicyUpdate.model_validate(  # command-line text: numbers arrive as strings
+            {name: None if value == DEFAULT else value for name, value in given.items()}, strict=False)
     except ValidationError as error:
         for problem in error.errors():
             print(f"{_flag(str(problem['loc'][0]))}: {problem['msg']} (got {problem.get('input')!r})",

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from api.deps import AdminKey, SessionDep, SettingsDep
 from api.owner_views import OwnerList, OwnerView, PolicyView, UsedView
+from api.responses import NOT_FOUND
 from shared.clock import utcnow
 from shared.db.models import ApiKey, OwnerPolicy
 from shared.errors import FieldError
@@ -58,7 +59,7 @@ def list_owners(_: AdminKey, session: SessionDep, settings: SettingsDep) -> Owne
     return OwnerList(owners=owners, checked_at=now)
 
 
-@router.get("/{owner}", response_model=OwnerView)
+@router.get("/{owner}", response_model=OwnerView, responses=NOT_FOUND)
 def get_owner(owner: OwnerName, _: AdminKey, session: SessionDep, settings: SettingsDep) -> OwnerView:
     known = session.scalar(select(ApiKey.owner).where(ApiKey.owner == owner).limit(1)) or session.get(
         OwnerPolicy, owner)

@@ -20,7 +20,7 @@ from shared.settings import FairShareSettings
 class PolicyUpdate(BaseModel):
     """Fields to set; null (or, for a replacement, absent) means the settings default."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # `true` is not a number here
 
     weight: float | None = Field(None, gt=0, le=1_000_000, description="share of GPU time relative to others")
     max_running: int | None = Field(None, ge=0, le=1_000_000, description="jobs running at once (0: no cap)")

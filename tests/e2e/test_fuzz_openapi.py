@@ -103,7 +103,8 @@ def test_no_request_makes_a_server_error_and_the_schema_and_the_server_agree(gat
             case.validate_response(response, excluded_checks=[positive_data_acceptance])
         except BaseException as exc:  # noqa: BLE001 - schemathesis raises a FailureGroup of its findings
             first = next((line.strip() for line in str(exc).splitlines() if line.startswith("- ")), str(exc))
-            problems.setdefault(f"{operation.label}: {first}", f"{response.status_code} {response.text[:160]}")
+            problems.setdefault(f"{operation.label}: {first}", f"{response.status_code} {response.text[:160]}\n"
+                                                                f"  {case.as_curl_command()[:400]}")
 
     raw = exercise(gateway, "fuzzer", visit)
     print(f"fuzzer: {len(statuses)} requests over {len(raw['paths'])} paths, {len(failures)} server errors, "
