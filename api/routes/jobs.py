@@ -98,7 +98,7 @@ IfNoneMatch = Annotated[str | None, Header(alias="If-None-Match", description="a
 
 def read_job_view(job_id: uuid.UUID, owner: str, store: ObjectStore, settings: Settings) -> JobView | None:
     """The owner's job as the API shows it, from one statement (its images, the queued jobs ahead of it), or None."""
-    with repository.read_session() as session:
+    def view(session: Session) -> JobView | None:
         found = repository.get_job_view_row(session, job_id, owner)
         if found is None:
             return None
@@ -106,6 +106,8 @@ def read_job_view(job_id: uuid.UUID, owner: str, store: ObjectStore, settings: S
                                   ahead=found.ahead, ahead_limit=repository.AHEAD_COUNT_LIMIT,
                                   own_ahead=found.own_ahead)
         return job_view(found.job, store, settings.services.url_expires_seconds, position)
+
+    return repository.read(view)
 
 
 @router.get("/{job_id}", response_model=JobView, responses={**NOT_FOUND, **NOT_MODIFIED})
@@ -202,12 +204,11 @@ async def list_jobs(
     """The caller's jobs, newest first, with their images: one statement (`repository.list_jobs`)."""
     owner, expires = key.owner, settings.services.url_expires_seconds
 
-    def load() -> JobListView:
-        with repository.read_session() as session:
-            jobs, total = repository.list_jobs(session, owner, status=status_filter, model=model, limit=limit,
-                                               offset=offset)
-            return JobListView(jobs=[job_view(j, store, expires) for j in jobs], total=total, limit=limit,
-                               offset=offset)
+    def load(session: Session) -> JobListView:
+        jobs, total = repository.list_jobs(session, owner, status=status_filter, model=model, limit=limit,
+                                           offset=offset)
+        return JobListView(jobs=[job_view(j, store, expires) for j in jobs], total=total, limit=limit,
+                           offset=offset)
 
-    page = await run_in_threadpool(load)
+    page = await run_in_threadpool(repository.read, load)
     return Response(page.model_dump_json(), media_type="application/json")

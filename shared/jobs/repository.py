@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Select, and_, bindparam, case, func, literal, or_, select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, aliased, contains_eager, lazyload
 
 from shared.db.models import Job, JobImage
 from shared.db.session import get_engine
 from shared.jobs.states import JobStatus
+
+T = TypeVar("T")
 
 
 def get_job(session: Session, job_id: uuid.UUID, owner: str | None = None) -> Job | None:
@@ -31,6 +34,21 @@ def read_session() -> Iterator[Session]:
     with get_engine().connect().execution_options(isolation_level="AUTOCOMMIT") as connection, \
             Session(bind=connection) as session:
         yield session
+
+
+def read(fn: Callable[[Session], T]) -> T:
+    """``fn`` in a :func:`read_session`, once more on a fresh connection if the first one turned out dead: pooled
+    connections are pinged only after sitting idle (shared/db/session.py), so after a database restart a busy
+    process's next read can meet a dropped connection; SQLAlchemy then invalidates the pool, and a read is safe to
+    repeat."""
+    try:
+        with read_session() as session:
+            return fn(session)
+    except DBAPIError as error:
+        if not error.connection_invalidated:
+            raise
+    with read_session() as session:
+        return fn(session)
 
 
 AHEAD_COUNT_LIMIT = 1000  # a poll counts at most this many queued jobs ahead of its own

@@ -311,6 +311,27 @@ def test_a_pooled_connection_that_died_while_idle_is_replaced_unseen(gateway_env
     asyncio.run(scenario())
 
 
+def test_a_read_that_meets_a_connection_dropped_a_moment_ago_is_repeated(gateway_env: dict[str, str],
+                                                                        key: str) -> None:
+    """A connection used a moment ago is not pinged; if the database dropped it meanwhile (a restart), the read
+    fails on it, SQLAlchemy invalidates the pool, and the read is repeated on a fresh connection: still 200."""
+    async def scenario() -> None:
+        async with _client(key) as client:
+            job_id = await _submit(client)
+            assert (await client.get(f"/v1/jobs/{job_id}")).status_code == 200
+            engine = sa.create_engine(gateway_env["DATABASE_URL"])
+            with engine.connect() as conn:
+                killed = conn.execute(sa.text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid() AND state = 'idle'")).scalar_one()
+            engine.dispose()
+            assert killed >= 1
+            for path in (f"/v1/jobs/{job_id}", "/v1/jobs", "/sdapi/v1/progress"):
+                assert (await client.get(path)).status_code == 200, path
+
+    asyncio.run(scenario())
+
+
 def test_a_submit_is_one_transaction_and_holds_no_connection_after(gateway_env: dict[str, str], key: str) -> None:
     from shared.db.session import get_engine
 

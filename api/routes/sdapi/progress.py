@@ -44,10 +44,13 @@ def _textinfo(job: Job, position: int | None) -> str:
 
 
 def _progress(owner: str, refresh: float) -> ProgressResponse:
-    with repository.read_session() as session:
+    def latest(session: Session) -> tuple[Job | None, int | None, int]:
         job, ahead, active = repository.get_latest_job_row(session, owner)
         position = (queue_position(session, job, refresh, ahead=ahead, ahead_limit=repository.AHEAD_COUNT_LIMIT)
                     if job is not None else None)
+        return job, position, active
+
+    job, position, active = repository.read(latest)
     running_job = job if job is not None and job.status == JobStatus.RUNNING else None
     running = running_job is not None
     total = int(job.params.get("steps", 0)) * int(job.params.get("n_iter", 1)) if job is not None else 0
