@@ -99,12 +99,13 @@ IfNoneMatch = Annotated[str | None, Header(alias="If-None-Match", description="a
 def read_job_view(job_id: uuid.UUID, owner: str, store: ObjectStore, settings: Settings) -> JobView | None:
     """The owner's job as the API shows it, from one statement (its images, the queued jobs ahead of it), or None."""
     def view(session: Session) -> JobView | None:
-        found = repository.get_job_view_row(session, job_id, owner)
+        fair = settings.fair_share.fair_share
+        found = repository.get_job_view_row(session, job_id, owner, fair)
         if found is None:
             return None
         position = queue_position(session, found.job, settings.gateway.queue_position_refresh_seconds,
-                                  ahead=found.ahead, ahead_limit=repository.AHEAD_COUNT_LIMIT,
-                                  own_ahead=found.own_ahead)
+                                  ahead=found.ahead, own_ahead=found.own_ahead,
+                                  ahead_limit=repository.OWN_AHEAD_LIMIT if fair else repository.AHEAD_COUNT_LIMIT)
         return job_view(found.job, store, settings.services.url_expires_seconds, position)
 
     return repository.read(view)

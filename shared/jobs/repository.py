@@ -54,22 +54,27 @@ def read(fn: Callable[[Session], T]) -> T:
 AHEAD_COUNT_LIMIT = 1000  # a poll counts at most this many queued jobs ahead of its own
 
 
-def _job_view_query() -> Select[Any]:
+OWN_AHEAD_LIMIT = 100  # fair share: a poll counts at most this many of its owner's jobs ahead of it
+
+
+def _job_view_query(fair: bool) -> Select[Any]:
+    """The job and its images, and while it is queued one bounded count: first come, first served counts the
+    queued jobs created before it (any owner); fair share counts its owner's own queued jobs ahead of it in the
+    owner's order (priority, then age), the part of its fair position the queue snapshot may hold stale."""
     ahead = aliased(Job)
-    first_ahead = (select(literal(1)).select_from(ahead)
-                   .where(ahead.status == JobStatus.QUEUED, ahead.created_at < Job.created_at)
-                   .limit(AHEAD_COUNT_LIMIT).correlate(Job).lateral("first_ahead"))
-    count_ahead = select(func.count()).select_from(first_ahead).scalar_subquery()
-    mine = aliased(Job)
-    first_of_mine = (select(literal(1)).select_from(mine)
-                     .where(mine.status == JobStatus.QUEUED, mine.owner == Job.owner, mine.front_at.is_(None),
-                            or_(mine.priority > Job.priority,
-                                and_(mine.priority == Job.priority, mine.created_at < Job.created_at)))
-                     .limit(AHEAD_COUNT_LIMIT).correlate(Job).lateral("first_of_mine"))
-    count_mine = select(func.count()).select_from(first_of_mine).scalar_subquery()
+    if fair:
+        first = (select(literal(1)).select_from(ahead)
+                 .where(ahead.status == JobStatus.QUEUED, ahead.owner == Job.owner, ahead.front_at.is_(None),
+                        or_(ahead.priority > Job.priority,
+                            and_(ahead.priority == Job.priority, ahead.created_at < Job.created_at)))
+                 .limit(OWN_AHEAD_LIMIT).correlate(Job).lateral("first_ahead"))
+    else:
+        first = (select(literal(1)).select_from(ahead)
+                 .where(ahead.status == JobStatus.QUEUED, ahead.created_at < Job.created_at)
+                 .limit(AHEAD_COUNT_LIMIT).correlate(Job).lateral("first_ahead"))
+    count = select(func.count()).select_from(first).scalar_subquery()
     return (
-        select(Job, case((Job.status == JobStatus.QUEUED, count_ahead), else_=None),
-               case((Job.status == JobStatus.QUEUED, count_mine), else_=None))
+        select(Job, case((Job.status == JobStatus.QUEUED, count), else_=None))
         .outerjoin(Job.images).options(contains_eager(Job.images))
         .where(Job.id == bindparam("job_id"), Job.owner == bindparam("owner"))
         .order_by(JobImage.index)
@@ -77,7 +82,8 @@ def _job_view_query() -> Select[Any]:
     )
 
 
-_JOB_VIEW_QUERY = _job_view_query()  # built once: building it (an alias, a lateral) cost more than running it
+# Built once: building one (an alias, a lateral) cost more than running it.
+_JOB_VIEW_QUERIES = {fair: _job_view_query(fair) for fair in (False, True)}
 ACTIVE_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)
 
 
@@ -114,24 +120,24 @@ def get_latest_job_row(session: Session, owner: str) -> tuple[Job | None, int | 
     return job, (None if ahead is None else int(ahead)), int(active or 0)
 
 
-def get_job_view_row(session: Session, job_id: uuid.UUID, owner: str) -> JobViewRow | None:
-    """What a poll reads, in one round trip: the job with its images (a LEFT JOIN) and, while it is queued, the
-    queued jobs created before it and the owner's own queued jobs ahead of it in the owner's order (priority, then
-    age), each counted up to ``AHEAD_COUNT_LIMIT`` (index range scans that stop there: a poll never recounts a long
-    queue). None when the job is not ``owner``'s. A fresh read even when the session already holds the row."""
-    rows = session.execute(_JOB_VIEW_QUERY, {"job_id": job_id, "owner": owner}).unique().all()
+def get_job_view_row(session: Session, job_id: uuid.UUID, owner: str, fair: bool = False) -> JobViewRow | None:
+    """What a poll reads, in one round trip: the job with its images (a LEFT JOIN) and, while it is queued, one
+    count of the jobs ahead of it (:func:`_job_view_query`; an index range scan that stops at its bound: a poll never
+    recounts a long queue). None when the job is not ``owner``'s. A fresh read even when the session already holds
+    the row."""
+    rows = session.execute(_JOB_VIEW_QUERIES[fair], {"job_id": job_id, "owner": owner}).unique().all()
     if not rows:
         return None
     job: Job = rows[0][0]
-    ahead, mine = rows[0][1], rows[0][2]
-    return JobViewRow(job, None if ahead is None else int(ahead), None if mine is None else int(mine))
+    count = None if rows[0][1] is None else int(rows[0][1])
+    return JobViewRow(job, None if fair else count, count if fair else None)
 
 
 @dataclass(frozen=True)
 class JobViewRow:
     job: Job
-    ahead: int | None  # queued jobs created before it (any owner), up to AHEAD_COUNT_LIMIT
-    own_ahead: int | None  # its owner's queued jobs before it in the owner's order, up to AHEAD_COUNT_LIMIT
+    ahead: int | None  # first come, first served: queued jobs created before it, up to AHEAD_COUNT_LIMIT
+    own_ahead: int | None  # fair share: its owner's queued jobs before it in the owner's order, up to OWN_AHEAD_LIMIT
 
 
 def list_jobs(
