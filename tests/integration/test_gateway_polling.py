@@ -288,6 +288,17 @@ def test_a_job_list_and_a_webui_progress_poll_are_one_query_each(key: str) -> No
     asyncio.run(scenario())
 
 
+def _drop_idle_connections(database_url: str) -> int:
+    """What a database restart does to the API's pooled connections: every idle one is closed by the server."""
+    engine = sa.create_engine(database_url)
+    with engine.connect() as conn:
+        killed = conn.execute(sa.text(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid() AND state = 'idle'")).scalar_one()
+    engine.dispose()
+    return int(killed)
+
+
 def test_a_pooled_connection_that_died_while_idle_is_replaced_unseen(gateway_env: dict[str, str], key: str) -> None:
     """Connections are pinged only after sitting idle (shared/db/session.py): one the database dropped meanwhile
     (a restart, an idle timeout) is replaced before the request uses it, so the request still answers 200."""
@@ -297,13 +308,7 @@ def test_a_pooled_connection_that_died_while_idle_is_replaced_unseen(gateway_env
         async with _client(key) as client:
             job_id = await _submit(client)
             assert (await client.get(f"/v1/jobs/{job_id}")).status_code == 200
-            engine = sa.create_engine(gateway_env["DATABASE_URL"])
-            with engine.connect() as conn:
-                killed = conn.execute(sa.text(
-                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND pid <> pg_backend_pid() AND state = 'idle'")).scalar_one()
-            engine.dispose()
-            assert killed >= 1
+            assert _drop_idle_connections(gateway_env["DATABASE_URL"]) >= 1
             await asyncio.sleep(PING_AFTER_IDLE_SECONDS + 0.2)
             assert (await client.get(f"/v1/jobs/{job_id}")).status_code == 200
             assert (await client.post("/v1/jobs", json=BODY)).status_code == 202
@@ -319,13 +324,7 @@ def test_a_read_that_meets_a_connection_dropped_a_moment_ago_is_repeated(gateway
         async with _client(key) as client:
             job_id = await _submit(client)
             assert (await client.get(f"/v1/jobs/{job_id}")).status_code == 200
-            engine = sa.create_engine(gateway_env["DATABASE_URL"])
-            with engine.connect() as conn:
-                killed = conn.execute(sa.text(
-                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND pid <> pg_backend_pid() AND state = 'idle'")).scalar_one()
-            engine.dispose()
-            assert killed >= 1
+            assert _drop_idle_connections(gateway_env["DATABASE_URL"]) >= 1
             for path in (f"/v1/jobs/{job_id}", "/v1/jobs", "/sdapi/v1/progress"):
                 assert (await client.get(path)).status_code == 200, path
 
