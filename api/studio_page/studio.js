@@ -116,8 +116,10 @@ function insertIntoPrompt(text) {
 
 async function loadCatalogs() {
   const get = (path) => api(path).catch((err) => { if (err instanceof AuthError) throw err; return []; });
-  const [models, samplers, schedulers, loras, styles, upscalers, cnModels, cnModules] = await Promise.all([
-    api("/v1/models"), get("/v1/samplers"), get("/v1/schedulers"), get("/v1/loras"), get("/v1/styles"),
+  // The models first: they check the key, so a wrong one is refused once, not by every catalog at once.
+  const models = await api("/v1/models");
+  const [samplers, schedulers, loras, styles, upscalers, cnModels, cnModules] = await Promise.all([
+    get("/v1/samplers"), get("/v1/schedulers"), get("/v1/loras"), get("/v1/styles"),
     get("/v1/upscalers"), get("/v1/controlnet/models"), get("/v1/controlnet/modules"),
   ]);
   Object.assign(catalog, { models: models.filter((m) => m.loadable), samplers, schedulers });

@@ -57,10 +57,11 @@ AHEAD_COUNT_LIMIT = 1000  # a poll counts at most this many queued jobs ahead of
 OWN_AHEAD_LIMIT = 100  # fair share: a poll counts at most this many of its owner's jobs ahead of it
 
 
-def _job_view_query(fair: bool) -> Select[Any]:
-    """The job and its images, and while it is queued one bounded count: first come, first served counts the
-    queued jobs created before it (any owner); fair share counts its owner's own queued jobs ahead of it in the
-    owner's order (priority, then age), the part of its fair position the queue snapshot may hold stale."""
+def _count_ahead(fair: bool) -> Any:
+    """While ``Job`` is queued, one bounded count of the jobs ahead of it (an index range scan that stops at its
+    bound: a poll never recounts a long queue). First come, first served: the queued jobs created before it (any
+    owner). Fair share: its owner's own queued jobs ahead of it in the owner's order (priority, then age), the part
+    of its fair position the queue snapshot may hold stale."""
     ahead = aliased(Job)
     if fair:
         first = (select(literal(1)).select_from(ahead)
@@ -72,9 +73,14 @@ def _job_view_query(fair: bool) -> Select[Any]:
         first = (select(literal(1)).select_from(ahead)
                  .where(ahead.status == JobStatus.QUEUED, ahead.created_at < Job.created_at)
                  .limit(AHEAD_COUNT_LIMIT).correlate(Job).lateral("first_ahead"))
-    count = select(func.count()).select_from(first).scalar_subquery()
+    return case((Job.status == JobStatus.QUEUED, select(func.count()).select_from(first).scalar_subquery()),
+                else_=None)
+
+
+def _job_view_query(fair: bool) -> Select[Any]:
+    """The job, its images, and :func:`_count_ahead`."""
     return (
-        select(Job, case((Job.status == JobStatus.QUEUED, count), else_=None))
+        select(Job, _count_ahead(fair))
         .outerjoin(Job.images).options(contains_eager(Job.images))
         .where(Job.id == bindparam("job_id"), Job.owner == bindparam("owner"))
         .order_by(JobImage.index)
@@ -87,18 +93,14 @@ _JOB_VIEW_QUERIES = {fair: _job_view_query(fair) for fair in (False, True)}
 ACTIVE_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)
 
 
-def _latest_job_query() -> Select[Any]:
-    ahead, mine = aliased(Job), aliased(Job)
-    first_ahead = (select(literal(1)).select_from(ahead)
-                   .where(ahead.status == JobStatus.QUEUED, ahead.created_at < Job.created_at)
-                   .limit(AHEAD_COUNT_LIMIT).correlate(Job).lateral("first_ahead"))
-    count_ahead = select(func.count()).select_from(first_ahead).scalar_subquery()
+def _latest_job_query(fair: bool) -> Select[Any]:
+    mine = aliased(Job)
     first_active = (select(literal(1)).select_from(mine)
                     .where(mine.owner == bindparam("owner"), mine.status.in_([str(s) for s in ACTIVE_STATUSES]))
                     .limit(AHEAD_COUNT_LIMIT).lateral("first_active"))
     count_active = select(func.count()).select_from(first_active).scalar_subquery()
     return (
-        select(Job, case((Job.status == JobStatus.QUEUED, count_ahead), else_=None), count_active)
+        select(Job, _count_ahead(fair), count_active)
         .where(Job.owner == bindparam("owner"))
         .order_by(Job.created_at.desc()).limit(1)
         .options(lazyload(Job.images))  # a progress poll shows no images: not read unless touched
@@ -106,18 +108,19 @@ def _latest_job_query() -> Select[Any]:
     )
 
 
-_LATEST_JOB_QUERY = _latest_job_query()
+_LATEST_JOB_QUERIES = {fair: _latest_job_query(fair) for fair in (False, True)}
 
 
-def get_latest_job_row(session: Session, owner: str) -> tuple[Job | None, int | None, int]:
-    """What the WebUI API's progress poll reads, in one round trip: the owner's newest job, the queued jobs ahead
-    of it while it is queued, and the owner's queued and running jobs; both counts stop at ``AHEAD_COUNT_LIMIT``
-    (index scans that stop there: a poll never recounts a long queue)."""
-    row = session.execute(_LATEST_JOB_QUERY, {"owner": owner}).first()
+def get_latest_job_row(session: Session, owner: str, fair: bool = False) -> tuple[JobViewRow | None, int]:
+    """What the WebUI API's progress poll reads, in one round trip: the owner's newest job with the count a job
+    poll reads (:func:`_count_ahead`), and the owner's queued and running jobs, counted up to
+    ``AHEAD_COUNT_LIMIT``."""
+    row = session.execute(_LATEST_JOB_QUERIES[fair], {"owner": owner}).first()
     if row is None:
-        return None, None, 0
+        return None, 0
     job, ahead, active = row
-    return job, (None if ahead is None else int(ahead)), int(active or 0)
+    count = None if ahead is None else int(ahead)
+    return JobViewRow(job, None if fair else count, count if fair else None), int(active or 0)
 
 
 def get_job_view_row(session: Session, job_id: uuid.UUID, owner: str, fair: bool = False) -> JobViewRow | None:

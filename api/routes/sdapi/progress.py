@@ -43,12 +43,14 @@ def _textinfo(job: Job, position: int | None) -> str:
     return f"job {job.id} {job.status}"
 
 
-def _progress(owner: str, refresh: float) -> ProgressResponse:
+def _progress(owner: str, refresh: float, fair: bool) -> ProgressResponse:
     def latest(session: Session) -> tuple[Job | None, int | None, int]:
-        job, ahead, active = repository.get_latest_job_row(session, owner)
-        position = (queue_position(session, job, refresh, ahead=ahead, ahead_limit=repository.AHEAD_COUNT_LIMIT)
-                    if job is not None else None)
-        return job, position, active
+        found, active = repository.get_latest_job_row(session, owner, fair)
+        if found is None:
+            return None, None, active
+        position = queue_position(session, found.job, refresh, ahead=found.ahead, own_ahead=found.own_ahead,
+                                  ahead_limit=repository.OWN_AHEAD_LIMIT if fair else repository.AHEAD_COUNT_LIMIT)
+        return found.job, position, active
 
     job, position, active = repository.read(latest)
     running_job = job if job is not None and job.status == JobStatus.RUNNING else None
@@ -77,7 +79,8 @@ def _progress(owner: str, refresh: float) -> ProgressResponse:
 async def progress(key: SdapiKey, settings: SettingsDep, skip_current_image: bool = False) -> ProgressResponse:
     """The caller's newest job, in one statement (`repository.get_latest_job_row`); ``job_count`` counts the
     caller's queued and running jobs up to 1,000."""
-    return await run_in_threadpool(_progress, key.owner, settings.gateway.queue_position_refresh_seconds)
+    return await run_in_threadpool(_progress, key.owner, settings.gateway.queue_position_refresh_seconds,
+                                   settings.fair_share.fair_share)
 
 
 def _cancel_running(key: SdapiKey, session: Session) -> dict[str, Any]:
