@@ -12,7 +12,8 @@ Transitions: `submit` (-> queued), `claim` / `claim_batch` / `claim_partners` (q
 claimed in one transaction), `report_progress` and `renew_lease(s)`
 (running, no state change), `succeed`, `fail`, `cancel` / `finish_canceled`, `retry` (a finished job
 -> a new queued job), and recovery: `expire_leases` (running -> queued or failed), `republish_*`
-(queued, published again).
+(queued, published again). Not state changes either: `move_to_front` (an admin's "run next") and
+`nudge_capped_owners` (a capped owner's next job published again when one of its jobs ends).
 """
 
 from __future__ import annotations
@@ -326,17 +327,21 @@ def _claim_fair_leader(session: Session, job_id: uuid.UUID, worker: str, lease_s
     return None
 
 
+def _queued_route(session: Session, job_id: uuid.UUID) -> str | None:
+    return session.scalar(select(Job.route).where(Job.id == job_id, Job.status == JobStatus.QUEUED))
+
+
 def _named_route(session: Session, job_id: uuid.UUID) -> list[str]:
     """The named job's own queue, if it is queued: a message that reached this worker from a queue the job has
     since left (affinity's bounded wait moved it) still lets the worker take it."""
-    route = session.scalar(select(Job.route).where(Job.id == job_id, Job.status == JobStatus.QUEUED))
+    route = _queued_route(session, job_id)
     return [route] if route else []
 
 
 def _keep_message(session: Session, job_id: uuid.UUID) -> None:
     """A message spent on another (fairer) job: the job it named, if still queued, is published again to its queue.
     Not a state change; a spare duplicate message is harmless (claims are compare-and-set)."""
-    route = session.scalar(select(Job.route).where(Job.id == job_id, Job.status == JobStatus.QUEUED))
+    route = _queued_route(session, job_id)
     if route is not None:
         _pending(session).renders.append((job_id, route, False))
 
