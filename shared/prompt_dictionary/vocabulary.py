@@ -10,12 +10,12 @@ or kind of choice. A file that breaks a rule is refused with a message naming th
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from shared.file_cache import FileVersionCache
 from shared.settings import Settings
 
 __all__ = [
@@ -196,20 +196,9 @@ def dictionary_file(settings: Settings) -> Path:
     return override if override.is_file() else SHIPPED_FILE
 
 
-_cache_lock = threading.Lock()
-_cache: dict[Path, tuple[tuple[int, int], PromptDictionary]] = {}
+_DICTIONARIES: FileVersionCache[PromptDictionary] = FileVersionCache(read_prompt_dictionary)
 
 
 def load_prompt_dictionary(settings: Settings) -> PromptDictionary:
     """The dictionary in use, re-read only when its file changed (an operator's edit needs no restart)."""
-    path = dictionary_file(settings).resolve()
-    stat = path.stat()
-    version = (stat.st_mtime_ns, stat.st_size)
-    with _cache_lock:
-        cached = _cache.get(path)
-        if cached is not None and cached[0] == version:
-            return cached[1]
-    dictionary = read_prompt_dictionary(path)
-    with _cache_lock:
-        _cache[path] = (version, dictionary)
-    return dictionary
+    return _DICTIONARIES.get(dictionary_file(settings).resolve())

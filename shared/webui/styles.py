@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import csv
 import logging
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from shared.errors import FieldError
+from shared.file_cache import FileVersionCache
 from shared.settings import Settings
 
 __all__ = ["BUILTIN_STYLES_FILE", "PromptStyle", "StyleBook", "load_style_book", "merge_prompts", "read_styles_csv"]
@@ -87,22 +87,12 @@ class StyleBook:
         return prompt, negative_prompt
 
 
-_cache_lock = threading.Lock()
-_cache: dict[Path, tuple[tuple[int, int], dict[str, PromptStyle]]] = {}
+_STYLE_FILES: FileVersionCache[dict[str, PromptStyle]] = FileVersionCache(read_styles_csv)
 
 
 def _read_cached(path: Path) -> dict[str, PromptStyle]:
     """Re-read a style file only when it changed, so editing it needs no restart and costs nothing per job."""
-    stat = path.stat()
-    version = (stat.st_mtime_ns, stat.st_size)
-    with _cache_lock:
-        cached = _cache.get(path)
-        if cached is not None and cached[0] == version:
-            return cached[1]
-    styles = read_styles_csv(path)
-    with _cache_lock:
-        _cache[path] = (version, styles)
-    return styles
+    return _STYLE_FILES.get(path)
 
 
 def user_styles_file(settings: Settings) -> Path | None:
