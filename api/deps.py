@@ -80,14 +80,17 @@ def _detached_key(token: str) -> ApiKey | None:
         return detached_api_key(session, token, get_settings().gateway.api_key_cache_seconds)
 
 
+async def lookup_detached_key(token: str) -> ApiKey | None:
+    """The key for ``token`` from the key cache on the event loop (no thread, no session), else read in a session
+    of its own, closed at once; None when unknown or revoked. Detached, without `webhook_secret`: for routes that
+    only need its owner, id and admin flag."""
+    return API_KEY_CACHE.cached(token) or await run_in_threadpool(_detached_key, token)
+
+
 async def require_cached_key(request: Request) -> ApiKey:
-    """The caller's key for async read routes (job polls, long-polls, SSE): from the key cache on the event loop
-    (no thread, no session), else read in a session of its own, closed at once. The key is detached and carries
-    no `webhook_secret`: for routes that only need its owner, id and admin flag."""
+    """The caller's key for async routes (job polls, long-polls, SSE, submits): :func:`lookup_detached_key`."""
     token = _bearer_token(request)
-    if not token:
-        raise _unauthorized()
-    key = API_KEY_CACHE.cached(token) or await run_in_threadpool(_detached_key, token)
+    key = await lookup_detached_key(token) if token else None
     if key is None:
         raise _unauthorized()
     return key
