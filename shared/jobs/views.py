@@ -6,6 +6,7 @@ import bisect
 import math
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -32,29 +33,43 @@ def image_seeds(params: dict) -> list[int]:
 SNAPSHOT_LIMIT = 100_000  # queued jobs a snapshot holds; a job behind them is counted for itself
 
 
-class QueueSnapshot:
-    """The creation times of the queued jobs, oldest first, read at most once per ``refresh`` seconds per
-    process: a poll's queue position is a bisection, not a count over the queue (it may be that old)."""
+class _Refreshed:
+    """A per-process read of the queue, redone at most once per ``refresh`` seconds (positions may be that old)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._read_at = float("-inf")
-        self._created: list[datetime] = []
-        self._complete = True
 
     def clear(self) -> None:
         with self._lock:
             self._read_at = float("-inf")
 
+    def _refresh(self, refresh: float, read: Callable[[], None]) -> None:
+        """Call ``read`` (which stores what it read) if the last read is ``refresh`` seconds old; hold the lock."""
+        if time.monotonic() - self._read_at >= refresh:
+            read()
+            self._read_at = time.monotonic()
+
+
+class QueueSnapshot(_Refreshed):
+    """The creation times of the queued jobs, oldest first: a poll's queue position is a bisection, not a count
+    over the queue."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._created: list[datetime] = []
+        self._complete = True
+
+    def _read(self, session: Session) -> None:
+        rows = session.scalars(
+            select(Job.created_at).where(Job.status == JobStatus.QUEUED).order_by(Job.created_at)
+            .limit(SNAPSHOT_LIMIT + 1)
+        ).all()
+        self._created, self._complete = list(rows[:SNAPSHOT_LIMIT]), len(rows) <= SNAPSHOT_LIMIT
+
     def position(self, session: Session, created_at: datetime, refresh: float) -> int:
         with self._lock:
-            if time.monotonic() - self._read_at >= refresh:
-                rows = session.scalars(
-                    select(Job.created_at).where(Job.status == JobStatus.QUEUED).order_by(Job.created_at)
-                    .limit(SNAPSHOT_LIMIT + 1)
-                ).all()
-                self._created, self._complete = list(rows[:SNAPSHOT_LIMIT]), len(rows) <= SNAPSHOT_LIMIT
-                self._read_at = time.monotonic()
+            self._refresh(refresh, lambda: self._read(session))
             created, complete = self._created, self._complete
         if complete or (created and created_at <= created[-1]):
             return bisect.bisect_left(created, created_at) + 1
@@ -74,7 +89,7 @@ def count_position(session: Session, created_at: datetime) -> int:
 _OwnerKey = tuple[int, datetime]  # (-priority, created_at): an owner's own order
 
 
-class FairQueueSnapshot:
+class FairQueueSnapshot(_Refreshed):
     """The queued jobs by owner (in each owner's own order), the owners' weights and the jobs moved to the front,
     read at most once per ``refresh`` seconds per process: a poll's fair-share position is computed from it.
 
@@ -84,15 +99,10 @@ class FairQueueSnapshot:
     queued work the jobs whose turn comes first (:func:`_ahead_of`)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._read_at = float("-inf")
+        super().__init__()
         self._owners: dict[str, list[_OwnerKey]] = {}
         self._weights: dict[str, float] = {}
         self._fronts: list[datetime] = []
-
-    def clear(self) -> None:
-        with self._lock:
-            self._read_at = float("-inf")
 
     def _read(self, session: Session, default_weight: float) -> None:
         rows = session.execute(
@@ -113,15 +123,13 @@ class FairQueueSnapshot:
         for keys in owners.values():
             keys.sort()
         self._owners, self._weights, self._fronts = owners, weights, sorted(fronts)
-        self._read_at = time.monotonic()
 
     def position(self, session: Session, job: Job, refresh: float, default_weight: float,
                  own_ahead: int | None = None) -> int:
         """``own_ahead``: the owner's queued jobs before this one as the job's own read counted them (fresh, where the
         snapshot may still hold jobs claimed since); the snapshot's count when None."""
         with self._lock:
-            if time.monotonic() - self._read_at >= refresh:
-                self._read(session, default_weight)
+            self._refresh(refresh, lambda: self._read(session, default_weight))
             owners, weights, fronts = self._owners, self._weights, self._fronts
         if job.front_at is not None:
             return bisect.bisect_left(fronts, job.front_at) + 1
