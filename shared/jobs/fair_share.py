@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import ColumnElement, Float, String, cast, func, literal, nulls_last, select, union_all
+from sqlalchemy import ColumnElement, Float, func, literal, nulls_last, select, union_all
 from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.orm import Session
 
@@ -109,7 +109,7 @@ def within_cap(session: Session, owner: str, cap: int, taking: int = 1) -> int:
     Jobs this transaction already claimed are counted (they are running in it)."""
     if cap <= 0:
         return taking
-    session.execute(select(func.pg_advisory_xact_lock(func.hashtext(cast(literal("fair-share:"), String) + owner))))
+    session.execute(select(func.pg_advisory_xact_lock(func.hashtext(f"fair-share:{owner}"))))
     running = session.scalar(select(func.count()).select_from(Job)
                              .where(Job.owner == owner, Job.status == JobStatus.RUNNING)) or 0
     return max(0, min(taking, cap - int(running)))
