@@ -34,9 +34,11 @@ def generate_key() -> str:
 
 
 def create_api_key(
-    session: Session, owner: str, *, is_admin: bool = False, name: str = "", key: str | None = None
+    session: Session, owner: str, *, is_admin: bool = False, name: str = "", key: str | None = None,
+    can_manage_models: bool = False,
 ) -> tuple[ApiKey, str]:
-    """Store a key (a new random one unless given) and return the row with the plaintext key."""
+    """Store a key (a new random one unless given) and return the row with the plaintext key. ``can_manage_models``:
+    the key may add, rename and delete the model store's files."""
     plaintext = key or generate_key()
     existing = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(plaintext)))
     if existing is not None:
@@ -46,7 +48,8 @@ def create_api_key(
     # ON CONFLICT: several API processes starting at once each create RENDERFARM_ADMIN_KEY; one insert wins.
     session.execute(
         insert(ApiKey)
-        .values(owner=owner, name=name, key_prefix=plaintext[:10], key_hash=hash_key(plaintext), is_admin=is_admin)
+        .values(owner=owner, name=name, key_prefix=plaintext[:10], key_hash=hash_key(plaintext), is_admin=is_admin,
+                can_manage_models=can_manage_models)
         .on_conflict_do_nothing(index_elements=[ApiKey.key_hash])
     )
     row = session.scalars(select(ApiKey).where(ApiKey.key_hash == hash_key(plaintext))).one()

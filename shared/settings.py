@@ -58,6 +58,17 @@ class ModelSettings(BaseSettings):
     # A model upscaler's pass is tiled (the WebUI's ESRGAN_tile and ESRGAN_tile_overlap; 0: one whole-image pass).
     upscaler_tile: int = Field(192, ge=0, le=2048)
     upscaler_tile_overlap: int = Field(8, ge=0, le=256)
+    # The shared model store (issue 19): the registry in Postgres is listed beside the folder, uploads go to the
+    # object store, and workers pull what a job needs that their folder lacks.
+    model_store: bool = True
+    # Bytes of pulled model files a worker keeps in its models folder (least recently used go first; 0: no limit).
+    model_disk_cache_bytes: int = Field(0, ge=0)
+    # A cap on one worker's pull bandwidth in bytes per second (0: none), so pulls leave room on a shared link.
+    model_pull_bytes_per_second: int = Field(0, ge=0)
+    # Tries of one file's pull (store down, hash mismatch) before the job fails naming the file.
+    model_pull_tries: int = Field(3, ge=1, le=20)
+    # Largest file POST /v1/models takes.
+    model_upload_max_bytes: int = Field(64 * 1024**3, ge=1)
 
 
 class WorkerSettings(BaseSettings):

@@ -42,6 +42,8 @@ class ApiKey(Base):
     key_prefix: Mapped[str] = mapped_column(String(16))
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    # May add, rename and delete files of the shared model store (admins always may).
+    can_manage_models: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     # Standard Webhooks signing secret ("whsec_..."), retrievable and rotatable by the key's owner.
     webhook_secret: Mapped[str | None] = mapped_column(String(100), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
@@ -93,6 +95,9 @@ class Job(Base):
     # policy's), and `front_at`, set by an admin, puts a job ahead of every fair-share choice.
     priority: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     front_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # What a running job is doing before it renders: "downloading" while its worker pulls model files from the
+    # model store (issue 19); None otherwise. Not a state: the status stays `running`.
+    phase: Mapped[str | None] = mapped_column(String(20), nullable=True)
 
     images: Mapped[list[JobImage]] = relationship(
         back_populates="job", order_by="JobImage.index", lazy="selectin"
@@ -237,3 +242,30 @@ class OwnerUsage(Base):
     gpu_seconds: Mapped[float] = mapped_column(default=0.0, server_default=text("0"))
     images: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
     jobs: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+
+
+class ModelFile(Base):
+    """One file of the shared model store (issue 19): a checkpoint, LoRA, VAE or embedding, content-addressed by
+    SHA-256 in the object store (`shared.models.store_registry.object_key`). `name` is its path inside its kind's
+    WebUI folder (`Lora/<name>`), with extension. `stored` is false for a file registered from a models folder and
+    not uploaded: listed, but only workers that have it can render it."""
+
+    __tablename__ = "model_files"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(20))
+    name: Mapped[str] = mapped_column(String(500))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    short_hash: Mapped[str] = mapped_column(String(10))  # the WebUI's "Model hash" / "VAE hash"
+    lora_hash: Mapped[str | None] = mapped_column(String(12), nullable=True)  # "Lora hashes" (LoRAs only)
+    legacy_hash: Mapped[str | None] = mapped_column(String(8), nullable=True)  # the pre-2023 model hash
+    architecture: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    file_metadata: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict, server_default=text("'{}'::jsonb"))
+    stored: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    source: Mapped[str] = mapped_column(String(20))  # "upload", "url" or "folder"
+    added_by: Mapped[str] = mapped_column(String(200))
+    added_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+    __table_args__ = (UniqueConstraint("kind", "name", name="uq_model_files_kind_name"),
+                      Index("ix_model_files_sha256", "sha256"))

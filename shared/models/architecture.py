@@ -133,6 +133,11 @@ def checkpoint_architecture(path: Path) -> str | None:
     path = Path(path)
     if path.is_dir():
         return inspect_diffusers_folder(path).architecture
+    if not path.exists():
+        from shared.models.store_registry import record_at
+
+        record = record_at(path)  # a model store checkpoint this machine does not hold (yet)
+        return record.architecture if record is not None else None
     if path.suffix.lower() != ".safetensors":
         return None
     header = safetensors_header_or_none(path)

@@ -42,15 +42,19 @@ def _refusal(path: Path) -> str | None:
 
 
 def list_model_files(models_dir: Path, folder: str) -> list[tuple[str, str | None]]:
-    """Every candidate file in ``models/<folder>`` as (relative name with extension, refusal reason or None)."""
+    """Every candidate file in ``models/<folder>`` as (relative name with extension, refusal reason or None), and
+    the model store's files of that folder."""
+    from shared.models.store_registry import registered
+
     root = models_dir / folder
-    if not root.is_dir():
-        return []
     found = []
-    for path in sorted(root.rglob("*")):
-        if path.is_file() and path.suffix.lower() in LOADABLE_SUFFIXES + REFUSED_SUFFIXES:
-            found.append((path.relative_to(root).as_posix(), _refusal(path)))
-    return found
+    if root.is_dir():
+        for path in sorted(root.rglob("*")):
+            if path.is_file() and path.suffix.lower() in LOADABLE_SUFFIXES + REFUSED_SUFFIXES:
+                found.append((path.relative_to(root).as_posix(), _refusal(path)))
+    local = {name for name, _ in found}
+    # The model store's files of this folder that this machine does not hold (yet): checked when they were added.
+    return found + [(name, None) for name in sorted(registered(models_dir, folder)) if name not in local]
 
 
 def _safe_relative_name(name: str) -> bool:

@@ -147,9 +147,9 @@ def is_diffusers_folder(path: Path) -> bool:
 
 def scan_checkpoints(models_dir: Path) -> list[CheckpointFile]:
     root = models_dir / CHECKPOINT_DIR
-    if not root.is_dir():
-        return []
     found: list[CheckpointFile] = []
+    if not root.is_dir():
+        return _registered_checkpoints(models_dir, set())
     folders: list[Path] = []
     for path in sorted(root.rglob("*")):
         if any(path.is_relative_to(folder) for folder in folders):
@@ -172,7 +172,17 @@ def scan_checkpoints(models_dir: Path) -> list[CheckpointFile]:
         else:
             reason = safetensors_problem(path)
         found.append(CheckpointFile(rel[: -len(path.suffix)], rel, path, path.stat().st_size, reason))
-    return found
+    return found + _registered_checkpoints(models_dir, {c.filename for c in found})
+
+
+def _registered_checkpoints(models_dir: Path, local: set[str]) -> list[CheckpointFile]:
+    """The model store's checkpoints this folder does not hold (yet): a worker pulls them for a job that names
+    them (shared/models/store_registry.py)."""
+    from shared.models.store_registry import registered
+
+    root = models_dir / CHECKPOINT_DIR
+    return [CheckpointFile(filename.rsplit(".", 1)[0], filename, root / filename, record.size)
+            for filename, record in sorted(registered(models_dir, CHECKPOINT_DIR).items()) if filename not in local]
 
 
 def default_checkpoint(models_dir: Path, configured: str | None) -> str | None:

@@ -13,6 +13,8 @@ any other ``StorageError`` (bad credentials, missing bucket, missing object) is 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 # S3 caps keys at 1024 bytes of UTF-8; applying the same cap locally keeps both stores
@@ -42,6 +44,15 @@ class ObjectStore(Protocol):
 
     def get(self, key: str) -> bytes:
         """Return the object's bytes; raise ``ObjectNotFoundError`` if there is none."""
+        ...
+
+    def put_file(self, key: str, path: Path, content_type: str) -> None:
+        """Store the file at ``path`` under ``key`` streamed, never whole in memory (multi-GB model files)."""
+        ...
+
+    def get_file(self, key: str, path: Path, on_bytes: Callable[[int], None] | None = None) -> None:
+        """Write the object to ``path`` streamed; raise ``ObjectNotFoundError`` if there is none. ``on_bytes`` is
+        called with each chunk's size as it arrives (progress, or a bandwidth cap that sleeps in it)."""
         ...
 
     def exists(self, key: str) -> bool: ...

@@ -15,8 +15,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
@@ -24,6 +26,9 @@ from shared.storage.base import ObjectNotFoundError, StorageError, validate_key
 
 # Temp files start with this; it marks leftovers of a crash between write and rename.
 _TEMP_PREFIX = ".tmp-"
+
+
+_COPY_CHUNK = 1 << 20
 
 
 class LocalObjectStore:
@@ -65,6 +70,38 @@ class LocalObjectStore:
                 raise
         except OSError as e:
             raise StorageError(f"could not write {key!r} under {self.root}: {e}") from e
+
+    def put_file(self, key: str, path: Path, content_type: str) -> None:
+        target = self.path_for(key)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=target.parent)
+            try:
+                with os.fdopen(fd, "wb") as tmp, open(path, "rb") as source:
+                    shutil.copyfileobj(source, tmp, _COPY_CHUNK)
+                    tmp.flush()
+                    os.fsync(tmp.fileno())
+                os.replace(tmp_name, target)
+            except BaseException:
+                Path(tmp_name).unlink(missing_ok=True)
+                raise
+        except OSError as e:
+            raise StorageError(f"could not write {key!r} under {self.root}: {e}") from e
+
+    def get_file(self, key: str, path: Path, on_bytes: Callable[[int], None] | None = None) -> None:
+        source = self.path_for(key)
+        try:
+            with open(source, "rb") as src, open(path, "wb") as out:
+                while chunk := src.read(_COPY_CHUNK):
+                    out.write(chunk)
+                    if on_bytes is not None:
+                        on_bytes(len(chunk))
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+            if not source.is_file():
+                raise ObjectNotFoundError(f"no object under key {key!r}") from e
+            raise StorageError(f"could not read {key!r} under {self.root}: {e}") from e
+        except OSError as e:
+            raise StorageError(f"could not read {key!r} under {self.root}: {e}") from e
 
     def get(self, key: str) -> bytes:
         path = self.path_for(key)

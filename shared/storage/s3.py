@@ -15,10 +15,12 @@ callers never import botocore.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import boto3
+from boto3.exceptions import S3UploadFailedError
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -110,6 +112,22 @@ class S3ObjectStore:
             response = self._client.get_object(Bucket=self.bucket, Key=key)
             # Reading the body is network I/O too; keep it inside the translation.
             return response["Body"].read()
+
+    def put_file(self, key: str, path: Path, content_type: str) -> None:
+        validate_key(key)
+        self._ensure_bucket()
+        with self._translate_errors("put", key):  # boto3's managed transfer: multipart above its threshold
+            try:
+                self._client.upload_file(str(path), self.bucket, key, ExtraArgs={"ContentType": content_type})
+            except S3UploadFailedError as e:  # boto3 wraps the ClientError of a managed upload
+                if isinstance(e.__cause__, ClientError | BotoCoreError):
+                    raise e.__cause__ from e
+                raise StorageError(f"S3 could not put {key!r} in bucket {self.bucket!r}: {e}") from e
+
+    def get_file(self, key: str, path: Path, on_bytes: Callable[[int], None] | None = None) -> None:
+        validate_key(key)
+        with self._translate_errors("get", key):
+            self._client.download_file(self.bucket, key, str(path), Callback=on_bytes)
 
     def exists(self, key: str) -> bool:
         validate_key(key)

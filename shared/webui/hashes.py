@@ -95,6 +95,11 @@ def legacy_model_hash(path: Path | str) -> str:
     """
     if Path(path).is_dir():
         return "NOFILE"
+    if not Path(path).exists():
+        from shared.models.store_registry import record_at
+
+        record = record_at(path)
+        return record.legacy_hash if record is not None and record.legacy_hash else "NOFILE"
     try:
         with open(path, "rb") as file:
             file.seek(_LEGACY_OFFSET)
@@ -146,6 +151,16 @@ def lora_short_hash(path: Path | str) -> str:
     return addnet_hash(path)[:12]
 
 
+def _registered_hash(kind: str, path: Path) -> str | None:
+    """A digest the model store's registry holds for a file this machine does not have (yet)."""
+    from shared.models.store_registry import record_at
+
+    record = record_at(path)
+    if record is None:
+        return None
+    return record.sha256 if kind == "sha256" else (record.lora_hash or record.sha256[:12])
+
+
 class HashCache:
     """Digests of model files, each computed once per (resolved path, size, mtime_ns).
 
@@ -181,6 +196,10 @@ class HashCache:
 
     def _get(self, kind: str, path: Path | str, compute: Callable[[Path], str]) -> str:
         resolved = Path(path).resolve()
+        if not resolved.exists():
+            recorded = _registered_hash(kind, resolved)
+            if recorded is not None:
+                return recorded
         key = f"{kind}:{resolved}"
         before = _version(resolved)
         with self._lock:
