@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -28,6 +29,7 @@ from api.routes import (
     job_events,
     jobs,
     metrics,
+    model_store,
     models,
     png_info,
     prompt_dictionary,
@@ -39,7 +41,9 @@ from api.routes import (
     webhooks,
 )
 from shared.errors import FieldError
-from shared.settings import get_settings
+from shared.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
 
 
 @asynccontextmanager
@@ -51,8 +55,34 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
         with session_scope() as session:
             create_api_key(session, "admin", is_admin=True, name="RENDERFARM_ADMIN_KEY", key=settings.admin.admin_key)
-    async with run_sampler():  # queue samples for the admin dashboard's charts
-        yield
+    if settings.models.model_store:
+        start_model_registry(settings)
+    try:
+        async with run_sampler():  # queue samples for the admin dashboard's charts
+            yield
+    finally:
+        from shared.models.store_registry import activate
+
+        activate(None)
+
+
+def start_model_registry(settings: Settings) -> None:
+    """This process's lists and submission read the model store's registry beside the folder, and the folder's
+    files are registered (in the background: hashing a large folder the first time takes a while)."""
+    from shared.db.session import get_session_factory
+    from shared.models.store_files import register_folder
+    from shared.models.store_registry import RegistryView, activate
+
+    factory = get_session_factory()
+    activate(RegistryView.of_database(settings.models.models_dir, factory))
+
+    def register() -> None:
+        try:
+            register_folder(factory, settings.models.models_dir, None)
+        except Exception:
+            log.exception("registering the models folder %s failed", settings.models.models_dir)
+
+    threading.Thread(target=register, name="register-models-folder", daemon=True).start()
 
 
 def json_safe(value: Any) -> Any:
@@ -106,8 +136,8 @@ def create_app() -> FastAPI:
         errors = [{**error, "loc": _untagged(error.get("loc", ()))} for error in exc.errors()]
         return JSONResponse(status_code=422, content={"detail": json_safe(errors)})
 
-    for router in (health.router, jobs.router, job_events.router, models.router, files.router, webhooks.router,
-                   uploads.router, png_info.router, styles.router, sdapi.router, controlnet.router,
+    for router in (health.router, jobs.router, job_events.router, models.router, model_store.router, files.router,
+                   webhooks.router, uploads.router, png_info.router, styles.router, sdapi.router, controlnet.router,
                    prompt_dictionary.router, usage.router):
         app.include_router(router)
     for router in (admin.router, admin_jobs.router, admin_owners.router, admin.page_router, metrics.router,

@@ -25,6 +25,7 @@ from shared.errors import FieldError
 from shared.models.architecture import checkpoint_architecture
 from shared.models.files import VAE_DIR, list_model_files, resolve_model_file
 from shared.models.registry import scan_checkpoints
+from shared.models.store_registry import active_view, record_at
 from shared.webui.hashes import HashCache, legacy_model_hash
 from shared.webui.prompts import extract_lora_tags
 
@@ -89,8 +90,9 @@ def _scan(models_dir: Path, folder: str, digest: Any) -> list[CatalogEntry]:
     entries = []
     for filename, refused in list_model_files(models_dir, folder):
         path = models_dir / folder / filename
+        record = None if path.exists() else record_at(path)  # a model store file this folder does not hold
         entries.append(CatalogEntry(
-            name=filename.rsplit(".", 1)[0], file=filename, size=path.stat().st_size,
+            name=filename.rsplit(".", 1)[0], file=filename, size=record.size if record else path.stat().st_size,
             hash=None if refused else digest(path), refused_reason=refused,
         ))
     return entries
@@ -112,11 +114,18 @@ def list_embeddings(models_dir: Path, cache: HashCache) -> list[CatalogEntry]:
 
 
 def refresh(models_dir: Path) -> dict[str, int]:
-    """Rescan every folder and count what is there.
+    """Rescan every folder, register its files in the model store's registry (when this process reads one), and
+    count what is there (the folder's files and the store's).
 
     There is no scan cache to clear (every list reads the folder), so this only confirms what a
     client will now see; workers resolve files by name per job, so they need no restart either.
     """
+    view = active_view()
+    if view is not None and view.models_dir == Path(models_dir).resolve():
+        from shared.db.session import get_session_factory
+        from shared.models.store_files import register_folder
+
+        register_folder(get_session_factory(), models_dir, None)
     return {
         "checkpoints": len(scan_checkpoints(models_dir)),
         "loras": len(list_model_files(models_dir, LORA_DIR)),
