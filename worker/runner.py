@@ -28,7 +28,7 @@ from shared.jobs.fair_share import FairOrder
 from shared.jobs.repository import held_job
 from shared.jobs.states import ErrorType
 from shared.queueing.farm_state import get_pause_state
-from shared.queueing.routing import affinity_keys, desired_queues
+from shared.queueing.routing import affinity_keys, desired_queues, disk_key
 from shared.settings import Settings
 from shared.storage.base import ObjectStore, StorageError, TransientStorageError
 from shared.storage.object_store import image_key
@@ -40,6 +40,7 @@ from worker.engine.batch import BatchJob, BatchLimits
 if TYPE_CHECKING:
     from worker.engine.engine import RenderedImage
     from worker.engine.pipeline_cache import PipelineCache
+    from worker.model_pull.puller import ModelPuller
 
 log = logging.getLogger(__name__)
 VERSION = "renderfarm-0.1.0"
@@ -163,10 +164,12 @@ class JobRunner:
         settings: Settings,
         time_limit_errors: tuple[type[BaseException], ...] = (),
         limits: BatchLimits | None = None,
+        puller: ModelPuller | None = None,
     ) -> None:
         """`time_limit_errors`: exceptions the host process raises when a job runs out of time anywhere (the
         Celery app passes its soft time limit's), failed as `timeout` like the step deadline. `limits`: the
-        images and pixels per UNet call (default: fitted to the device, `worker.engine.batch`)."""
+        images and pixels per UNet call (default: fitted to the device, `worker.engine.batch`). `puller`: pulls
+        the model files a batch needs from the model store (None: the folder only)."""
         self.worker = worker
         self.time_limit_errors = time_limit_errors
         self.control = control
@@ -176,6 +179,7 @@ class JobRunner:
         self.settings = settings
         self._fair_order = FairOrder.from_settings(settings.fair_share)
         self._limits = limits
+        self.puller = puller
         self._engine: Any = None
 
     @property
@@ -207,6 +211,8 @@ class JobRunner:
     def queues(self) -> list[str]:
         """The render queues this worker consumes: partners come only from these."""
         keys = affinity_keys(self.pipelines.names(), self.pipelines.controlnets())
+        if self.puller is not None:
+            keys |= {disk_key(name) for name in self.puller.on_disk()}
         return sorted(desired_queues(False, keys, self.settings.routing.affinity_routing))
 
     def run(self, job_id: str) -> RunOutcome:
@@ -294,6 +300,11 @@ class JobRunner:
                 jobs.append(BatchJob(claimed.job_id, spec))
         if not jobs:
             return outcomes
+        pull_error = self._pull(jobs)
+        if pull_error is not None:
+            for job in jobs:
+                outcomes[job.job_id] = self._fail(job.job_id, ErrorType.STORAGE_ERROR, pull_error)
+            return outcomes
         try:
             model = self.pipelines.get(jobs[0].spec.model)
             started = time.monotonic()
@@ -321,6 +332,33 @@ class JobRunner:
             except Exception as exc:
                 outcomes[job.job_id] = self._end_with(job.job_id, exc)
         return outcomes
+
+    def _pull(self, jobs: list[BatchJob]) -> str | None:
+        """Download the model files the batch needs and this worker lacks (its jobs show the phase `downloading`
+        meanwhile); the error that names the file when a pull keeps failing, else None."""
+        if self.puller is None:
+            return None
+        from worker.model_pull.puller import ModelPullError
+
+        ids = [job.job_id for job in jobs]
+        needed = self.puller.needed([job.spec for job in jobs])
+        missing = self.puller.missing(needed)
+        if not missing:
+            return None
+
+        def phase(value: str | None) -> None:
+            self._write(lambda session: bool(lifecycle.set_phase(session, ids, self.worker, value)),
+                        "setting the phase")
+
+        try:
+            self.puller.pull(missing, on_start=lambda: phase("downloading"),
+                             keep=[record.relpath for record in needed])
+        except ModelPullError as exc:
+            log.error("jobs %s: %s", ", ".join(map(str, ids)), exc)
+            return str(exc)
+        finally:
+            phase(None)
+        return None
 
     def _run_upscale(self, jid: uuid.UUID, spec: UpscaleSpec) -> RunOutcome:
         """An upscale job (the Extras tab): each input upscaled, stored with the WebUI's postprocessing text."""

@@ -12,8 +12,11 @@ import os
 import threading
 from typing import Any
 
+from sqlalchemy.orm import Session, sessionmaker
+
 from shared.db.session import get_session_factory
 from shared.models.registry import default_checkpoint
+from shared.models.store_registry import RegistryView, activate
 from shared.queueing.fleet import heartbeat_interval
 from shared.settings import Settings, worker_process_name
 from shared.storage.object_store import get_object_store
@@ -23,6 +26,7 @@ from worker.control.lease_keeper import LeaseKeeper
 from worker.control.recovery import RecoveryLoop
 from worker.control.upscaler_checks import UpscalerChecks
 from worker.engine.pipeline_cache import PipelineCache
+from worker.model_pull.puller import ModelPuller, ModelPullError
 from worker.runner import JobRunner
 
 log = logging.getLogger(__name__)
@@ -81,12 +85,24 @@ class WorkerRuntime:
         beat = heartbeat_interval(settings)
         self.beacon = FleetBeacon(self.name, self.describe, settings.services.redis_url, beat)
         self.pipelines = PipelineCache(settings, self.device, self.dtype, on_change=self.beacon.advertise)
+        self.puller = self._model_puller(settings, session_factory)
         self.runner = JobRunner(self.name, self.control, self.pipelines, session_factory, get_object_store(),
-                                settings, time_limit_errors)
+                                settings, time_limit_errors, puller=self.puller)
         self.lease_keeper = LeaseKeeper(self.control, session_factory, self.name, settings.jobs.lease_seconds, beat)
         self.recovery = RecoveryLoop(session_factory, settings.services.redis_url, beat,
                                      settings.jobs.republish_after_seconds, settings.routing.affinity_max_wait_seconds)
         self.upscaler_checks = UpscalerChecks(settings.models.models_dir, max(beat, 2.0), self.beacon.advertise)
+
+    @staticmethod
+    def _model_puller(settings: Settings, session_factory: sessionmaker[Session]) -> ModelPuller | None:
+        """With the model store on: this process's lists read its registry, and jobs pull what they lack."""
+        if not settings.models.model_store:
+            return None
+        models = settings.models
+        registry = RegistryView.of_database(models.models_dir, session_factory)
+        activate(registry)
+        return ModelPuller(models.models_dir, get_object_store(), registry, models.model_disk_cache_bytes,
+                           models.model_pull_tries, models.model_pull_bytes_per_second)
 
     def start(self) -> None:
         """Start the control threads, load the configured models, then say so: the first job costs no more
@@ -106,9 +122,21 @@ class WorkerRuntime:
             default_checkpoint(self.settings.models.models_dir, self.settings.models.default_model)
         ]
         for name in names:
-            if name:
+            if name and self._pulled(name):
                 self.pipelines.get(name)
         self.ready.set()
+
+    def _pulled(self, checkpoint: str) -> bool:
+        """The checkpoint is on disk, pulled from the model store if it had to be; False (logged) when the pull
+        failed: the worker starts anyway, and a job for that checkpoint tries again."""
+        if self.puller is None:
+            return True
+        try:
+            self.puller.pull(self.puller.missing_checkpoint(checkpoint))
+        except ModelPullError as exc:
+            log.error("not warming %s: %s", checkpoint, exc)
+            return False
+        return True
 
     def describe(self) -> dict[str, Any]:
         job_id = self.control.job_id
@@ -117,6 +145,8 @@ class WorkerRuntime:
             "pid": os.getpid(),
             "device": self.device,
             "models": self.pipelines.names(),
+            "models_on_disk": self.puller.on_disk() if self.puller is not None else [],
+            "model_downloads": self.puller.downloads if self.puller is not None else 0,
             "loras": self.pipelines.resident_loras(),
             "controlnets": self.pipelines.controlnets(),
             "upscalers": self.pipelines.upscalers(),

@@ -262,7 +262,7 @@ def _claim_where(session: Session, where: Sequence[ColumnElement[bool]], worker:
     changed = _move(
         session, JobStatus.QUEUED, JobStatus.RUNNING, where,
         dict(attempt=Job.attempt + 1, lease_owner=worker, lease_until=now + timedelta(seconds=lease_seconds),
-             started_at=now, progress=0.0, batch_id=batch_id, batch_images=None, render_seconds=None),
+             started_at=now, progress=0.0, batch_id=batch_id, batch_images=None, render_seconds=None, phase=None),
     )
     if not changed:
         return []
@@ -445,6 +445,19 @@ def report_progress(session: Session, job_id: uuid.UUID, worker: str, progress: 
     _pending(session).notices.append(job_id)
     _record_event(session, job_id, "progress")
     return True
+
+
+def set_phase(session: Session, job_ids: Collection[uuid.UUID], worker: str, phase: str | None) -> list[uuid.UUID]:
+    """What running jobs are doing before they render ("downloading": their worker pulls model files), or None
+    when that is over. No state change: the status stays `running`; long-polls and SSE hear of it."""
+    changed = list(session.execute(
+        update(Job)
+        .where(Job.status == JobStatus.RUNNING, Job.id.in_(list(job_ids)), Job.lease_owner == worker)
+        .values(phase=phase)
+        .returning(Job.id)
+    ).scalars())
+    _pending(session).notices += changed
+    return changed
 
 
 @dataclass(frozen=True)

@@ -429,6 +429,8 @@ class JobView(BaseModel):
     seeds: list[int]
     attempt: int
     progress: float = Field(description="0..1 over every denoising step of the job")
+    phase: str | None = Field(None, description="while running, before the render: 'downloading' when the worker "
+                                                "pulls model files from the model store")
     current_step: int
     total_steps: int
     eta_seconds: float | None = Field(description="estimated seconds until done, while running")

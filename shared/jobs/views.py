@@ -178,9 +178,9 @@ def queue_position(session: Session, job: Job, refresh: float | None = None, *, 
 
 
 def job_etag(view: JobView) -> str:
-    """A weak validator of a job view: it changes with the status (`status_seq`), the progress and the queue
-    position (image URLs are re-signed on every read, so the bytes are not identical: weak)."""
-    return f'W/"{view.id.hex}.{view.status_seq}.{view.progress:.6f}.{view.queue_position or 0}"'
+    """A weak validator of a job view: it changes with the status (`status_seq`), the progress, the queue
+    position, the phase (image URLs are re-signed on every read, so the bytes are not identical: weak)."""
+    return f'W/"{view.id.hex}.{view.status_seq}.{view.progress:.6f}.{view.queue_position or 0}.{view.phase or ""}"'
 
 
 def etag_matches(if_none_match: str | None, etag: str) -> bool:
@@ -241,6 +241,7 @@ def job_view(job: Job, store: ObjectStore, url_expires: int, position: int | Non
         seeds=image_seeds(job.params),
         attempt=job.attempt,
         progress=job.progress,
+        phase=job.phase if job.status == JobStatus.RUNNING else None,
         current_step=round(job.progress * total_steps),
         total_steps=total_steps,
         eta_seconds=eta_seconds(job),

@@ -7,6 +7,9 @@ cached for a second) and publishes to the model's queue when some live worker ad
 model, to the shared queue otherwise; whichever worker takes a cold job loads the model and
 starts consuming its queue.
 
+A worker also consumes one queue per checkpoint it has on disk but not warm (:func:`disk_key`): with the model
+store, a job whose checkpoint no worker holds warm goes to one that need not download it.
+
 A job with ControlNet units prefers, among those, a worker that also holds its first unit's ControlNet: each
 worker also consumes one queue per (checkpoint, ControlNet) pair it holds (:func:`affinity_key`), and the
 router publishes there when some live worker advertises the pair.
@@ -55,9 +58,16 @@ def affinity_keys(models: Iterable[str], controlnets: Iterable[str] = ()) -> set
     return set(models) | {affinity_key(m, c) for m in models for c in controlnets}
 
 
+def disk_key(model_name: str) -> str:
+    """The affinity key of a checkpoint a worker holds on its disk but not in memory (issue 19's model store: a
+    worker that has the file skips the download; one that holds it warm skips the load too)."""
+    return f"{model_name}\x1fdisk"
+
+
 def worker_keys(info: dict) -> set[str]:
-    """The affinity keys one heartbeat advertises."""
-    return affinity_keys(info.get("models") or [], info.get("controlnets") or [])
+    """The affinity keys one heartbeat advertises: what it holds warm, and the checkpoints on its disk."""
+    return affinity_keys(info.get("models") or [], info.get("controlnets") or []) | {
+        disk_key(str(m)) for m in info.get("models_on_disk") or []}
 
 
 def advertised_models(infos: Iterable[dict]) -> set[str]:
@@ -96,7 +106,8 @@ class AffinityRouter:
 
     def queue_for(self, model_name: str, controlnet: str | None = None) -> str:
         """The queue of the checkpoint with ``controlnet`` (a job's first unit's title) when a live worker holds both
-        warm, else the checkpoint's when one holds it, else the shared queue (also when Redis fails: the shared
+        warm, else the checkpoint's when one holds it, else its disk queue when one has its file on disk, else the
+        shared queue (also when Redis fails: the shared
         queue is always right, only slower)."""
         if not self.enabled:
             return QueueName.RENDER
@@ -104,7 +115,7 @@ class AffinityRouter:
             held = self.warm_models()
         except redis.RedisError:
             return QueueName.RENDER
-        for key in (affinity_key(model_name, controlnet), model_name):
+        for key in (affinity_key(model_name, controlnet), model_name, disk_key(model_name)):
             if key in held:
                 return model_queue(key)
         return QueueName.RENDER
