@@ -1,0 +1,206 @@
+"""The shared model store with real workers (issue 19): two workers with separate, empty models folders and one
+object store. A checkpoint and LoRAs uploaded through the API are listed at once and render on either worker;
+a worker killed mid-download leaves nothing half-written and its job still succeeds once; a second job on the
+same worker downloads nothing; a corrupted stored file is refused by hash, the job failing with the file's name;
+the disk cache evicts the least recently used file under its budget.
+
+Pulls are held to 2 MB/s here (RENDERFARM_MODEL_PULL_BYTES_PER_SECOND), so the 8 MB demo checkpoint takes about
+four seconds to download: long enough to see the phase and to kill a worker in the middle of it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from devtools.embedded import EmbeddedPostgres
+from tests.conftest import ADMIN_KEY, _fresh_database, farm_env
+from tests.farm_harness import ROOT, Farm, Proc, start_api, start_worker, wait_until
+
+pytestmark = pytest.mark.e2e
+
+CKPT = "Stable-diffusion/demo-tiny.safetensors"
+JOB = {"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 2, "sampler_name": "Euler", "seed": 3}
+
+
+@pytest.fixture(scope="module")
+def source_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The files the test uploads: the demo checkpoint and three demo LoRAs, built by the project's builders."""
+    path = tmp_path_factory.mktemp("upload-source")
+    for module, args in (("devtools.demo_models.sd15", []), ("devtools.demo_models.lora_sd15", ["3"])):
+        subprocess.run([sys.executable, "-m", module, str(path), *args], cwd=ROOT, check=True,
+                       stdout=subprocess.DEVNULL)
+    return path
+
+
+class StoreFarm(Farm):
+    folders: dict[str, Path]
+    logs: Path
+
+    def start(self, name: str) -> Proc:
+        env = dict(self.env, RENDERFARM_MODELS_DIR=str(self.folders[name]))
+        proc = start_worker(env, self.logs, name=name)
+        self.procs.append(proc)
+        return proc
+
+    def upload(self, path: Path, kind: str, name: str | None = None) -> dict[str, Any]:
+        with self.client() as client, open(path, "rb") as file:
+            resp = client.post("/v1/models", data={"kind": kind, **({"name": name} if name else {})},
+                               files={"file": (path.name, file, "application/octet-stream")})
+        assert resp.status_code == 201, resp.text
+        return resp.json()
+
+    def worker_of(self, job_id: str) -> str:
+        engine = sa.create_engine(self.env["DATABASE_URL"])
+        with engine.connect() as conn:
+            owner = conn.execute(sa.text("SELECT lease_owner FROM jobs WHERE id = :id"), {"id": job_id}).scalar()
+        engine.dispose()
+        assert owner, job_id
+        return str(owner).split(":")[0]
+
+
+@pytest.fixture(scope="module")
+def store_farm(postgres: EmbeddedPostgres, redis_db_url: Callable[[], str],
+               tmp_path_factory: pytest.TempPathFactory, source_models: Path) -> Iterator[StoreFarm]:
+    logs = tmp_path_factory.mktemp("store-farm")
+    folders = {name: logs / f"models-{name}" for name in ("api", "w1", "w2")}
+    for folder in folders.values():
+        folder.mkdir()
+    ckpt_size = (source_models / CKPT).stat().st_size
+    lora_size = (source_models / "Lora" / "demo-lora-0.safetensors").stat().st_size
+    env = farm_env(database_url=_fresh_database(postgres, "farm_model_store"), redis_url=redis_db_url(),
+                   storage_url=str(logs / "objects"), models_dir=folders["api"], admin_key=ADMIN_KEY,
+                   RENDERFARM_MODEL_PULL_BYTES_PER_SECOND=str(2 * 1024 * 1024),
+                   # the checkpoint and one LoRA fit; a second LoRA evicts the least recently used one
+                   RENDERFARM_MODEL_DISK_CACHE_BYTES=str(ckpt_size + lora_size + lora_size // 2),
+                   RENDERFARM_AFFINITY_MAX_WAIT_SECONDS="2")
+    api, base_url = start_api(env, logs)
+    farm = StoreFarm(base_url=base_url, admin_key=ADMIN_KEY, env=env, procs=[api])
+    farm.folders, farm.logs = folders, logs
+    try:
+        farm.start("w1")
+        farm.start("w2")
+        yield farm
+    finally:
+        farm.stop()
+
+
+def _index(folder: Path) -> dict[str, Any]:
+    path = folder / ".pulled" / "index.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def test_uploaded_models_render_on_either_worker_and_a_killed_download_loses_nothing(
+        store_farm: StoreFarm, source_models: Path) -> None:
+    farm = store_farm
+    with farm.client() as client:
+        assert client.get("/v1/models").json() == []  # every folder is empty
+    ckpt = farm.upload(source_models / CKPT, "checkpoint")
+    lora = farm.upload(source_models / "Lora" / "demo-lora-0.safetensors", "lora", name="ink.safetensors")
+    assert ckpt["file"] == CKPT and ckpt["architecture"] and ckpt["stored"]
+    with farm.client() as client:  # listed at once, by the farm's lists and the WebUI's
+        assert [m["name"] for m in client.get("/v1/models").json()] == ["demo-tiny"]
+        assert client.get("/v1/models").json()[0]["hash"] == ckpt["sha256"][:10]
+        assert [entry["name"] for entry in client.get("/v1/loras").json()] == ["ink"]
+        assert [entry["name"] for entry in client.get("/sdapi/v1/loras").json()] == ["ink"]
+        assert [m["model_name"] for m in client.get("/sdapi/v1/sd-models").json()] == ["demo-tiny"]
+
+    first = farm.submit(JOB | {"prompt": "a lighthouse <lora:ink:0.8>"})["id"]
+    with farm.client() as client:
+        wait_until(lambda: client.get(f"/v1/jobs/{first}").json().get("phase") == "downloading", 60, interval=0.05,
+                   message="the job to show its download")
+        view = client.get(f"/v1/jobs/{first}").json()
+    assert view["status"] == "running", view
+    killed = farm.worker_of(first)
+    os.killpg(next(p for p in farm.procs if p.name == killed).popen.pid, signal.SIGKILL)  # parent and child
+    assert not (farm.folders[killed] / CKPT).exists()  # a partial download is never visible
+
+    done = farm.wait_for(first, timeout=120)
+    assert done["status"] == "succeeded", done
+    assert done["attempt"] == 2 and len(done["images"]) == 1
+    survivor = farm.worker_of(first)
+    assert survivor != killed
+    pulled = _index(farm.folders[survivor])
+    assert set(pulled) == {CKPT, "Lora/ink.safetensors"}
+    assert pulled[CKPT]["sha256"] == ckpt["sha256"] and pulled["Lora/ink.safetensors"]["sha256"] == lora["sha256"]
+    inode = (farm.folders[survivor] / CKPT).stat().st_ino
+
+    second = farm.submit(JOB | {"prompt": "a harbour <lora:ink:0.8>", "seed": 4})["id"]
+    assert farm.wait_for(second)["status"] == "succeeded"
+    assert farm.worker_of(second) == survivor  # it holds the model warm
+    assert (farm.folders[survivor] / CKPT).stat().st_ino == inode  # not downloaded again
+    assert next(p for p in farm.procs if p.name == survivor).log().count("pulled ") == 2  # the checkpoint, ink
+
+    # The killed worker comes back with the same folder: the half download is discarded, the checkpoint pulled
+    # whole; then it renders the next job alone (the other worker stopped), pulling only the new LoRA.
+    farm.procs = [p for p in farm.procs if p.name != killed]
+    farm.start(killed)
+    next(p for p in farm.procs if p.name == survivor).stop()
+    farm.upload(source_models / "Lora" / "demo-lora-1.safetensors", "lora", name="wash.safetensors")
+    third = farm.submit(JOB | {"prompt": "a harbour <lora:wash:1>", "seed": 5})["id"]
+    assert farm.wait_for(third, timeout=120)["status"] == "succeeded"
+    assert farm.worker_of(third) == killed
+    folder = farm.folders[killed]
+    assert not list((folder / ".pulled" / "partial").glob("*"))
+    # Under the byte budget (the checkpoint and one LoRA and a half), the least recently used LoRA goes.
+    assert set(_index(folder)) == {CKPT, "Lora/wash.safetensors"}
+    fourth = farm.submit(JOB | {"prompt": "a harbour <lora:ink:1>", "seed": 6})["id"]
+    assert farm.wait_for(fourth, timeout=120)["status"] == "succeeded"
+    assert set(_index(folder)) == {CKPT, "Lora/ink.safetensors"}
+    assert not (folder / "Lora" / "wash.safetensors").exists()
+
+
+def test_a_corrupted_stored_file_is_refused_by_hash_and_the_job_names_it(store_farm: StoreFarm,
+                                                                         source_models: Path) -> None:
+    farm = store_farm
+    entry = farm.upload(source_models / "Lora" / "demo-lora-2.safetensors", "lora", name="rust.safetensors")
+    stored = farm.logs / "objects" / "models" / "sha256" / entry["sha256"]
+    assert stored.is_file()
+    data = bytearray(stored.read_bytes())
+    data[-1] ^= 0xFF
+    stored.write_bytes(bytes(data))
+    job = farm.submit(JOB | {"prompt": "a harbour <lora:rust:1>", "seed": 7})["id"]
+    done = farm.wait_for(job, timeout=120)
+    assert done["status"] == "failed", done
+    assert done["error"]["type"] == "storage_error"
+    assert "Lora/rust.safetensors" in done["error"]["message"] and "sha256" in done["error"]["message"]
+    for name in ("w1", "w2"):
+        assert not (farm.folders[name] / "Lora" / "rust.safetensors").exists()
+
+
+def test_uploads_are_checked_before_anything_is_stored(store_farm: StoreFarm, tmp_path: Path,
+                                                       source_models: Path) -> None:
+    farm = store_farm
+    objects = farm.logs / "objects" / "models" / "sha256"
+    before = sorted(p.name for p in objects.iterdir()) if objects.exists() else []
+    pickle = tmp_path / "evil.ckpt"
+    pickle.write_bytes(b"\x80\x04would run code")
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with farm.client() as client:
+        for path, kind, field in ((pickle, "lora", "file"), (broken, "lora", "file"),
+                                  (source_models / "Lora" / "demo-lora-0.safetensors", "checkpoint", "file")):
+            with open(path, "rb") as file:
+                resp = client.post("/v1/models", data={"kind": kind}, files={"file": (path.name, file)})
+            assert resp.status_code == 422, resp.text
+            assert resp.json()["detail"][0]["loc"] == ["body", field], resp.text
+        with open(broken, "rb") as file:
+            resp = client.post("/v1/models", data={"kind": "textual"}, files={"file": ("x.safetensors", file)})
+        assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["body", "kind"]
+        with open(source_models / "Lora" / "demo-lora-0.safetensors", "rb") as file:
+            resp = client.post("/v1/models", data={"kind": "lora", "name": "ink.safetensors"},
+                               files={"file": ("x.safetensors", file)})
+        assert resp.status_code == 200, resp.text  # the same bytes under the same name: nothing new
+        with open(source_models / "Lora" / "demo-lora-1.safetensors", "rb") as file:
+            resp = client.post("/v1/models", data={"kind": "lora", "name": "ink.safetensors"},
+                               files={"file": ("x.safetensors", file)})
+        assert resp.status_code == 409, resp.text
+    assert (sorted(p.name for p in objects.iterdir()) if objects.exists() else []) == before
