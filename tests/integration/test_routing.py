@@ -19,6 +19,7 @@ from shared.queueing.routing import (
     advertised_models,
     affinity_key,
     desired_queues,
+    disk_key,
     held_by_every_worker,
     is_model_queue,
     model_queue,
@@ -147,3 +148,14 @@ def test_a_pair_queue_held_by_one_worker_only_is_still_deferral_bounded(session:
     session.commit()
     assert orphan_model_queues([model_queue(affinity_key("a", "cn"))], infos) == []
     assert orphan_model_queues([model_queue(affinity_key("a", "cn"))], infos[1:]) != []
+
+
+def test_a_job_prefers_a_worker_holding_its_checkpoint_warm_then_on_disk(client: redis.Redis) -> None:
+    router = AffinityRouter(client, cache_seconds=0)
+    client.set(WORKER_KEY_PREFIX + "w1:1", json.dumps({"ready": True, "models": ["b"], "models_on_disk": ["a", "b"]}))
+    assert router.queue_for("a") == model_queue(disk_key("a")) != model_queue("a")  # no download, a load
+    assert router.queue_for("c") == "render"  # nobody has it: any worker pulls it
+    client.set(WORKER_KEY_PREFIX + "w2:2", json.dumps({"ready": True, "models": ["a"], "models_on_disk": ["a"]}))
+    assert router.queue_for("a") == model_queue("a")  # warm beats on disk
+    assert model_queue(disk_key("a")) in desired_queues(False, worker_keys({"models": [], "models_on_disk": ["a"]}),
+                                                        affinity=True)
