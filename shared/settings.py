@@ -67,8 +67,20 @@ class ModelSettings(BaseSettings):
     model_pull_bytes_per_second: int = Field(0, ge=0)
     # Tries of one file's pull (store down, hash mismatch) before the job fails naming the file.
     model_pull_tries: int = Field(3, ge=1, le=20)
-    # Largest file POST /v1/models takes.
+    # Largest file POST /v1/models takes (and POST /v1/models/import downloads).
     model_upload_max_bytes: int = Field(64 * 1024**3, ge=1)
+    # Hosts, addresses or CIDR networks POST /v1/models/import may fetch from although they are not public
+    # (a store inside the operator's network); every other URL must resolve to public addresses only.
+    model_import_allow_hosts: Annotated[tuple[str, ...], NoDecode] = ()
+    # How long an import may wait for the next bytes from its URL.
+    model_import_timeout_seconds: float = Field(60.0, gt=0)
+
+    @field_validator("model_import_allow_hosts", mode="before")
+    @classmethod
+    def _import_hosts(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip().lower() for part in value.split(",") if part.strip())
+        return value
 
 
 class WorkerSettings(BaseSettings):

@@ -10,6 +10,7 @@ Admin keys, and keys with the model permission (``renderfarm-admin create-key --
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from datetime import datetime
@@ -30,6 +31,7 @@ from shared.db.session import get_session_factory
 from shared.errors import FieldError
 from shared.models.store_files import add_file, delete_file, rename_file
 from shared.models.store_registry import KIND_FOLDERS, ModelRecord, NameTakenError, check_kind, check_name, list_records
+from shared.models.url_import import ImportTooLargeError, fetch_to
 from shared.settings import Settings
 from shared.storage.base import ObjectStore
 
@@ -80,9 +82,24 @@ class StoreFileView(BaseModel):
                    source=record.source, added_by=record.added_by, added_at=record.added_at)
 
 
+class ImportBody(BaseModel):
+    model_config = {"extra": "forbid"}
+    url: str = Field(description="an http(s) URL of the .safetensors file; it must resolve to public addresses "
+                                 "(RENDERFARM_MODEL_IMPORT_ALLOW_HOSTS exempts an operator's own hosts)")
+    kind: str = Field(description=f"one of {', '.join(KIND_FOLDERS)}")
+    name: str | None = Field(None, description="its name inside the kind's folder (default: the file name the "
+                                               "server gives, else the URL's last path segment)")
+
+
 class RenameBody(BaseModel):
     model_config = {"extra": "forbid"}
     name: str = Field(description="the new name inside the kind's folder, ending in .safetensors")
+
+
+def require_admin(key: CurrentKey) -> ApiKey:
+    if not key.is_admin:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, detail="importing from a URL needs an admin key")
+    return key
 
 
 def require_model_manager(key: CurrentKey) -> ApiKey:
@@ -157,6 +174,46 @@ async def upload_model(request: Request, settings: SettingsDep, store: StoreDep,
             raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from exc
     finally:
         await form.close()
+    view = StoreFileView.of(record)
+    if created:
+        return view
+    return JSONResponse(view.model_dump(mode="json"), status_code=status.HTTP_200_OK)
+
+
+def _import(body: ImportBody, kind: str, owner: str, store: ObjectStore, settings: Settings
+            ) -> tuple[ModelRecord, bool]:
+    models = settings.models
+    fd, temp = tempfile.mkstemp(prefix="renderfarm-import-", suffix=".safetensors")
+    os.close(fd)
+    path = Path(temp)
+    try:
+        try:
+            served = fetch_to(body.url, path, max_bytes=models.model_upload_max_bytes,
+                              allow_hosts=models.model_import_allow_hosts,
+                              timeout=models.model_import_timeout_seconds)
+        except ImportTooLargeError as exc:
+            raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, detail=str(exc)) from exc
+        name = check_name(body.name if body.name else served, ("body", "name"))
+        with get_session_factory()() as session:
+            return add_file(session, store, path, kind, name, source="url", added_by=owner)
+    finally:
+        path.unlink(missing_ok=True)
+
+
+@router.post("/import", status_code=status.HTTP_201_CREATED, response_model=StoreFileView,
+             responses={**INVALID, **TAKEN, **TOO_LARGE,
+                        200: {"model": StoreFileView, "description": "the same file was already there"}})
+def import_model(body: ImportBody, settings: SettingsDep, store: StoreDep, key: ApiKey = Depends(require_admin)
+                 ) -> Any:
+    """Add a model file to the shared store from a URL (admin). The URL passes the webhooks' SSRF guard, each
+    redirect too; the file is then checked, stored and registered as an upload is. Answers when it is stored."""
+    kind = check_kind(body.kind.strip(), ("body", "kind"))
+    if body.name is not None:
+        check_name(body.name, ("body", "name"))
+    try:
+        record, created = _import(body, kind, key.owner, store, settings)
+    except NameTakenError as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from exc
     view = StoreFileView.of(record)
     if created:
         return view

@@ -72,7 +72,11 @@ def resolve_model_file(models_dir: Path, folder: str, requested: str, field: tup
     name = requested.strip()
     if not _safe_relative_name(name):
         raise FieldError(field, f"{what} {requested!r} is not a name inside models/{folder}/")
+    from shared.models.store_registry import refresh_for
+
     files = list_model_files(models_dir, folder)
+    if not any(name in (filename, filename.rsplit(".", 1)[0]) for filename, _ in files) and refresh_for(models_dir):
+        files = list_model_files(models_dir, folder)  # added to the model store within the view's last second?
     for filename, refused in files:
         stem = filename.rsplit(".", 1)[0]
         if name in (filename, stem):

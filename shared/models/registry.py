@@ -199,7 +199,11 @@ def resolve_checkpoint(
     name = _TITLE_HASH.sub("", requested.strip())
     if not name or name.startswith(("/", "\\")) or ".." in Path(name).parts or "\\" in name or "\x00" in name:
         raise FieldError(field, f"model {requested!r} is not a name inside the models folder")
+    from shared.models.store_registry import refresh_for
+
     checkpoints = scan_checkpoints(models_dir)
+    if not any(name in (c.name, c.filename) for c in checkpoints) and refresh_for(models_dir):
+        checkpoints = scan_checkpoints(models_dir)  # added to the model store within the view's last second?
     for ckpt in checkpoints:
         if name in (ckpt.name, ckpt.filename):
             if not ckpt.loadable:

@@ -108,6 +108,22 @@ def check_kind(kind: str, field_loc: tuple[str | int, ...] = ("body", "kind")) -
     return kind
 
 
+_LORA_MARKERS = ("lora_", "lora.", "hada_", "lokr_", ".alpha", "lora_a", "lora_b")
+
+
+def kind_mismatch(kind: str, shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """Why tensors with these names cannot be a file of ``kind`` (a LoRA uploaded as an embedding, ...), or None.
+    Lenient on purpose: it catches a file put in the wrong folder, it does not validate the weights."""
+    names = [name.lower() for name in shapes]
+    if kind == "lora" and not any(marker in name for name in names for marker in _LORA_MARKERS):
+        return "no LoRA tensors in it (lora_up/lora_down, lora_A/lora_B, LyCORIS hada_/lokr_): not a LoRA"
+    if kind == "embedding" and (len(names) > 4 or any(marker in name for name in names for marker in _LORA_MARKERS)):
+        return f"{len(names)} tensors named like a model's, not a textual-inversion embedding's (emb_params, ...)"
+    if kind == "vae" and not any(name.startswith(("decoder.", "encoder.", "first_stage_model.")) for name in names):
+        return "no encoder./decoder. tensors in it: not a VAE"
+    return None
+
+
 def describe_file(path: Path, kind: str, name: str, *, source: str, added_by: str) -> ModelRecord:
     """Check a file as the registry does before anything is stored (its safetensors header, and a checkpoint's
     architecture), then hash it as the WebUI does. Raises FieldError naming ``file`` when it is refused."""
@@ -118,6 +134,10 @@ def describe_file(path: Path, kind: str, name: str, *, source: str, added_by: st
     if kind == "checkpoint" and architecture is None:
         raise FieldError(("body", "file"), f"{name}: not a checkpoint this farm renders (SD1.5 or SDXL)")
     header = safetensors_header_or_none(path)
+    if header is not None and kind != "checkpoint":
+        mismatch = kind_mismatch(kind, header.shapes)
+        if mismatch is not None:
+            raise FieldError(("body", "file"), f"{name}: {mismatch}")
     metadata = {k: v for k, v in (header.metadata if header is not None else {}).items() if isinstance(v, str)}
     sha = sha256_file(path)
     return ModelRecord(
@@ -188,6 +208,16 @@ def registered(models_dir: Path, folder: str) -> dict[str, ModelRecord]:
         return {}
     prefix = folder + "/"
     return {relpath[len(prefix):]: record for relpath, record in view.records().items() if relpath.startswith(prefix)}
+
+
+def refresh_for(models_dir: Path) -> bool:
+    """Make the next read of the active view go to Postgres, when it serves ``models_dir``: a name that is not
+    found may have been added by another process within the view's last second. Whether there is such a view."""
+    view = _active
+    if view is None or Path(models_dir).resolve() != view.models_dir:
+        return False
+    view.invalidate()
+    return True
 
 
 def record_at(path: Path | str) -> ModelRecord | None:

@@ -83,15 +83,20 @@ def system_resolver(hostname: str, port: int) -> list[str]:
 
 def check_webhook_url(
     url: str, *, allow_hosts: Iterable[str] | None = None, resolver: Resolver | None = None,
-    only_hosts: Iterable[str] | None = None,
+    only_hosts: Iterable[str] | None = None, field: str = "webhook_url", allow_env: str = ALLOW_HOSTS_ENV,
 ) -> ResolvedTarget:
     """Parse, resolve and check `url`; raise WebhookUrlError unless every address is public (or allowlisted).
 
     `allow_hosts` defaults to RENDERFARM_WEBHOOK_ALLOW_HOSTS: host names, addresses or CIDR networks exempt from
     the public-address rule. `only_hosts` (default RENDERFARM_WEBHOOK_ONLY_HOSTS), when not empty, is the only set
     of hosts, addresses or networks a webhook may reach at all: checked before any DNS lookup of another name.
+    ``field`` and ``allow_env`` name the request field and the allow-list's variable in messages (the model store's
+    import from a URL uses the same guard).
     """
-    scheme, hostname, port, path = _parse(url)
+    try:
+        scheme, hostname, port, path = _parse(url)
+    except WebhookUrlError as exc:
+        raise WebhookUrlError(str(exc).replace("webhook_url", field, 1)) from exc
     if allow_hosts is None:
         allow_hosts = get_settings().webhooks.allow_hosts
     if only_hosts is None:
@@ -103,7 +108,7 @@ def check_webhook_url(
         except ValueError:
             literal_address = None
         if literal_address is None or not any(literal_address in network for network in only_networks):
-            raise WebhookUrlError(f"webhook_url host {hostname!r} is not one this farm sends webhooks to "
+            raise WebhookUrlError(f"{field} host {hostname!r} is not one this farm sends webhooks to "
                                   f"({ONLY_HOSTS_ENV}: {', '.join(sorted(only_hosts))})")
     allowed_names, allowed_networks = _parse_allowlist(allow_hosts)
     try:
@@ -111,10 +116,13 @@ def check_webhook_url(
         literal = True
     except ValueError:
         literal = False
-        raw = (resolver or system_resolver)(hostname, port)
+        try:
+            raw = (resolver or system_resolver)(hostname, port)
+        except UnresolvableHostError as exc:
+            raise UnresolvableHostError(str(exc).replace("webhook_url", field, 1)) from exc
         addresses = list(dict.fromkeys(ipaddress.ip_address(a) for a in raw))
         if not addresses:
-            raise UnresolvableHostError(f"webhook_url host {hostname!r} resolved to no address") from None
+            raise UnresolvableHostError(f"{field} host {hostname!r} resolved to no address") from None
     if hostname not in allowed_names:
         for address in addresses:
             if any(address in network for network in allowed_networks):
@@ -123,8 +131,9 @@ def check_webhook_url(
             if reason is not None:
                 shown = hostname if literal else f"{hostname!r} resolves to {address}, which"
                 raise WebhookUrlError(
-                    f"webhook_url host {shown} is {reason}; webhook targets must be public internet addresses "
-                    f"(operators can allow hosts for local testing with {ALLOW_HOSTS_ENV})"
+                    f"{field} host {shown} is {reason}; {'webhook targets' if field == 'webhook_url' else field} "
+                    "must be public internet addresses "
+                    f"(operators can allow hosts for local testing with {allow_env})"
                 )
     return ResolvedTarget(url=url, scheme=scheme, hostname=hostname, port=port, path=path, addresses=tuple(addresses))
 

@@ -9,11 +9,14 @@ four seconds to download: long enough to see the phase and to kill a worker in t
 
 from __future__ import annotations
 
+import hashlib
+import http.server
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,7 @@ import pytest
 import sqlalchemy as sa
 
 from devtools.embedded import EmbeddedPostgres
-from tests.conftest import ADMIN_KEY, _fresh_database, farm_env
+from tests.conftest import ADMIN_KEY, _fresh_database, farm_env, make_key
 from tests.farm_harness import ROOT, Farm, Proc, start_api, start_worker, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -81,7 +84,8 @@ def store_farm(postgres: EmbeddedPostgres, redis_db_url: Callable[[], str],
                    RENDERFARM_MODEL_PULL_BYTES_PER_SECOND=str(2 * 1024 * 1024),
                    # the checkpoint and one LoRA fit; a second LoRA evicts the least recently used one
                    RENDERFARM_MODEL_DISK_CACHE_BYTES=str(ckpt_size + lora_size + lora_size // 2),
-                   RENDERFARM_AFFINITY_MAX_WAIT_SECONDS="2")
+                   RENDERFARM_AFFINITY_MAX_WAIT_SECONDS="2",
+                   RENDERFARM_MODEL_IMPORT_ALLOW_HOSTS="127.0.0.1")  # the test's file server; 10.x stays refused
     api, base_url = start_api(env, logs)
     farm = StoreFarm(base_url=base_url, admin_key=ADMIN_KEY, env=env, procs=[api])
     farm.folders, farm.logs = folders, logs
@@ -115,8 +119,12 @@ def test_uploaded_models_render_on_either_worker_and_a_killed_download_loses_not
 
     first = farm.submit(JOB | {"prompt": "a lighthouse <lora:ink:0.8>"})["id"]
     with farm.client() as client:
-        wait_until(lambda: client.get(f"/v1/jobs/{first}").json().get("phase") == "downloading", 60, interval=0.05,
-                   message="the job to show its download")
+        def downloading() -> bool:
+            view = client.get(f"/v1/jobs/{first}").json()
+            assert view["status"] in ("queued", "running"), view.get("error")
+            return view.get("phase") == "downloading"
+
+        wait_until(downloading, 60, interval=0.05, message="the job to show its download")
         view = client.get(f"/v1/jobs/{first}").json()
     assert view["status"] == "running", view
     killed = farm.worker_of(first)
@@ -204,3 +212,65 @@ def test_uploads_are_checked_before_anything_is_stored(store_farm: StoreFarm, tm
                                files={"file": ("x.safetensors", file)})
         assert resp.status_code == 409, resp.text
     assert (sorted(p.name for p in objects.iterdir()) if objects.exists() else []) == before
+
+
+@pytest.fixture
+def file_server(source_models: Path) -> Iterator[str]:
+    """An HTTP server on loopback serving the demo files, with redirects: /to/<path> answers 302 to /<path>,
+    /private answers 302 to a private address."""
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, directory=str(source_models), **kwargs)
+
+        def do_GET(self) -> None:  # noqa: N802 - the standard library's name
+            if self.path.startswith("/to/"):
+                self.send_response(302)
+                self.send_header("Location", self.path[3:])
+                self.end_headers()
+            elif self.path == "/private":
+                self.send_response(302)
+                self.send_header("Location", "http://10.1.2.3/x.safetensors")
+                self.end_headers()
+            else:
+                super().do_GET()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_an_operator_imports_from_a_url_behind_the_ssrf_guard(store_farm: StoreFarm, file_server: str,
+                                                              source_models: Path) -> None:
+    farm = store_farm
+    lora = source_models / "Lora" / "demo-lora-1.safetensors"
+    with farm.client() as client:
+        resp = client.post("/v1/models/import", json={"url": f"{file_server}/to/Lora/demo-lora-1.safetensors",
+                                                      "kind": "lora"})
+        assert resp.status_code == 201, resp.text  # followed the redirect, named after the file
+        entry = resp.json()
+        assert entry["file"] == "Lora/demo-lora-1.safetensors" and entry["source"] == "url"
+        assert entry["sha256"] == hashlib.sha256(lora.read_bytes()).hexdigest()
+        assert "demo-lora-1" in [e["name"] for e in client.get("/v1/loras").json()]
+        for url, reason in (("http://10.1.2.3/x.safetensors", "private"), (f"{file_server}/private", "private"),
+                            ("file:///etc/passwd", "http or https"), (f"{file_server}/missing.safetensors", "404")):
+            resp = client.post("/v1/models/import", json={"url": url, "kind": "lora", "name": "x.safetensors"})
+            assert resp.status_code == 422, resp.text
+            detail = resp.json()["detail"][0]
+            assert detail["loc"] == ["body", "url"] and reason in detail["msg"], detail
+        resp = client.post("/v1/models/import", json={"url": f"{file_server}/Lora/demo-lora-0.safetensors",
+                                                      "kind": "embedding"})
+        assert resp.status_code == 422 and "embedding" in resp.text, resp.text  # a LoRA is not an embedding
+    key = make_key(farm.env["DATABASE_URL"], "painter")
+    with farm.client(key) as client:
+        resp = client.post("/v1/models/import", json={"url": f"{file_server}/Lora/demo-lora-0.safetensors",
+                                                      "kind": "lora"})
+        assert resp.status_code == 403, resp.text
+    with farm.client() as client:
+        names = [e["name"] for e in client.get("/v1/models/files", params={"kind": "lora"}).json()]
+    assert "x.safetensors" not in names

@@ -16,14 +16,17 @@ from sqlalchemy.orm import Session, sessionmaker
 from devtools.embedded import EmbeddedPostgres
 from shared.jobs.contract import LoraSpec, RenderSpec
 from shared.models.files import list_model_files
+from shared.models.registry import resolve_checkpoint, scan_checkpoints
 from shared.models.store_files import add_file, delete_file, register_folder, rename_file
 from shared.models.store_registry import (
     NameTakenError,
     RegistryView,
     activate,
+    describe_file,
     find_row,
     list_records,
     object_key,
+    register,
 )
 from shared.storage.base import ObjectNotFoundError
 from shared.storage.local import LocalObjectStore
@@ -33,6 +36,7 @@ from tests.farm_harness import ROOT
 from worker.model_pull.puller import ModelPuller, ModelPullError
 
 LORA = "Lora/demo-lora-0.safetensors"
+CKPT = "Stable-diffusion/demo-tiny.safetensors"
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +126,13 @@ def test_lists_show_registered_files_this_machine_lacks(factory: sessionmaker[Se
         add_file(session, None, source / "Lora/demo-lora-1.safetensors", "lora", "wash.safetensors",
                  source="upload", added_by="alice")  # this process's view is refreshed at once by its own change
     assert [name for name, _ in list_model_files(empty, "Lora")] == ["ink.safetensors", "wash.safetensors"]
+    # Another process adds a file: this view shows it after its TTL, but a job naming it resolves at once.
+    with factory() as session:
+        register(session, describe_file(source / CKPT, "checkpoint", "fresh.safetensors", source="upload",
+                                        added_by="bob"))
+        session.commit()
+    assert "fresh" not in [c.name for c in scan_checkpoints(empty)]
+    assert resolve_checkpoint(empty, "fresh").name == "fresh"
 
 
 @pytest.mark.parametrize("backend", ["local", "s3"])

@@ -77,8 +77,9 @@ class ModelPuller:
         self.downloads = 0  # files this process downloaded (the heartbeat shows it)
 
     def needed(self, specs: Iterable[RenderSpec]) -> list[ModelRecord]:
-        """The registry's records of the files the specs use; those this folder pulled before count as used now
-        (the least recently used go first when the disk budget needs room)."""
+        """The registry's records of the files the specs use, read afresh; those this folder pulled before count
+        as used now (the least recently used go first when the disk budget needs room)."""
+        self.registry.invalidate()  # one read per batch: a file uploaded a moment ago must be found
         records = needed_records(specs, self.registry.records())
         self.files.touch(record.relpath for record in records)
         return records

@@ -1,0 +1,28 @@
+"""The model store's light check that a file's tensors fit the kind it is added as (issue 19)."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.models.store_registry import kind_mismatch
+
+KOHYA = {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 320),
+         "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": ()}
+PEFT = {"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": (4, 320)}
+EMBEDDING = {"emb_params": (2, 768)}
+SDXL_EMBEDDING = {"clip_l": (2, 768), "clip_g": (2, 1280)}
+VAE = {"decoder.conv_in.weight": (512, 4, 3, 3), "encoder.conv_in.weight": (128, 3, 3, 3)}
+
+
+@pytest.mark.parametrize(("kind", "shapes"), [("lora", KOHYA), ("lora", PEFT), ("embedding", EMBEDDING),
+                                              ("embedding", SDXL_EMBEDDING), ("vae", VAE)])
+def test_files_of_their_kind_pass(kind: str, shapes: dict) -> None:
+    assert kind_mismatch(kind, shapes) is None
+
+
+@pytest.mark.parametrize(("kind", "shapes", "said"), [("lora", EMBEDDING, "not a LoRA"),
+                                                     ("embedding", KOHYA, "embedding"),
+                                                     ("vae", KOHYA, "not a VAE"), ("lora", VAE, "not a LoRA")])
+def test_a_file_added_as_the_wrong_kind_is_refused(kind: str, shapes: dict, said: str) -> None:
+    message = kind_mismatch(kind, shapes)
+    assert message is not None and said in message
