@@ -58,10 +58,13 @@ def affinity_keys(models: Iterable[str], controlnets: Iterable[str] = ()) -> set
     return set(models) | {affinity_key(m, c) for m in models for c in controlnets}
 
 
+_DISK_SUFFIX = "\x1fdisk"
+
+
 def disk_key(model_name: str) -> str:
     """The affinity key of a checkpoint a worker holds on its disk but not in memory (issue 19's model store: a
     worker that has the file skips the download; one that holds it warm skips the load too)."""
-    return f"{model_name}\x1fdisk"
+    return model_name + _DISK_SUFFIX
 
 
 def worker_keys(info: dict) -> set[str]:
@@ -72,12 +75,13 @@ def worker_keys(info: dict) -> set[str]:
 
 def advertised_models(infos: Iterable[dict]) -> set[str]:
     """Affinity keys (checkpoints, and checkpoint-ControlNet pairs) of workers that can take jobs now (ready and
-    not paused)."""
-    held: set[str] = set()
-    for info in infos:
-        if info.get("ready") and not info.get("paused"):
-            held.update(worker_keys(info))
-    return held
+    not paused). A checkpoint on the disk of every such worker (one machine, one folder) is left out: its disk
+    queue would be the shared queue with a detour."""
+    able = [worker_keys(info) for info in infos if info.get("ready") and not info.get("paused")]
+    if not able:
+        return set()
+    everywhere = {key for key in set.intersection(*able) if key.endswith(_DISK_SUFFIX)}
+    return set.union(*able) - everywhere
 
 
 @lru_cache

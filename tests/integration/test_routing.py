@@ -153,6 +153,8 @@ def test_a_pair_queue_held_by_one_worker_only_is_still_deferral_bounded(session:
 def test_a_job_prefers_a_worker_holding_its_checkpoint_warm_then_on_disk(client: redis.Redis) -> None:
     router = AffinityRouter(client, cache_seconds=0)
     client.set(WORKER_KEY_PREFIX + "w1:1", json.dumps({"ready": True, "models": ["b"], "models_on_disk": ["a", "b"]}))
+    assert router.queue_for("a") == "render"  # the only worker: its disk queue would be the shared queue
+    client.set(WORKER_KEY_PREFIX + "w3:3", json.dumps({"ready": True, "models": [], "models_on_disk": ["b"]}))
     assert router.queue_for("a") == model_queue(disk_key("a")) != model_queue("a")  # no download, a load
     assert router.queue_for("c") == "render"  # nobody has it: any worker pulls it
     client.set(WORKER_KEY_PREFIX + "w2:2", json.dumps({"ready": True, "models": ["a"], "models_on_disk": ["a"]}))
