@@ -30,6 +30,7 @@ from api.routes import (
     jobs,
     metrics,
     model_store,
+    model_uploads,
     models,
     png_info,
     prompt_dictionary,
@@ -136,9 +137,9 @@ def create_app() -> FastAPI:
         errors = [{**error, "loc": _untagged(error.get("loc", ()))} for error in exc.errors()]
         return JSONResponse(status_code=422, content={"detail": json_safe(errors)})
 
-    for router in (health.router, jobs.router, job_events.router, models.router, model_store.router, files.router,
-                   webhooks.router, uploads.router, png_info.router, styles.router, sdapi.router, controlnet.router,
-                   prompt_dictionary.router, usage.router):
+    for router in (health.router, jobs.router, job_events.router, models.router, model_uploads.router,
+                   model_store.router, files.router, webhooks.router, uploads.router, png_info.router, styles.router,
+                   sdapi.router, controlnet.router, prompt_dictionary.router, usage.router):
         app.include_router(router)
     for router in (admin.router, admin_jobs.router, admin_owners.router, admin.page_router, metrics.router,
                    studio.router):

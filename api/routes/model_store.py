@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from api.deps import CurrentKey, SessionDep, SettingsDep, StoreDep
+from api.deps import AdminKey, CurrentKey, SessionDep, SettingsDep, StoreDep
 from api.responses import INVALID, UNSUPPORTED_MEDIA, ErrorView
 from shared.db.models import ApiKey, ModelFile
 from shared.db.session import get_session_factory
@@ -94,12 +94,6 @@ class ImportBody(BaseModel):
 class RenameBody(BaseModel):
     model_config = {"extra": "forbid"}
     name: str = Field(description="the new name inside the kind's folder, ending in .safetensors")
-
-
-def require_admin(key: CurrentKey) -> ApiKey:
-    if not key.is_admin:
-        raise HTTPException(status.HTTP_403_FORBIDDEN, detail="importing from a URL needs an admin key")
-    return key
 
 
 def require_model_manager(key: CurrentKey) -> ApiKey:
@@ -203,8 +197,7 @@ def _import(body: ImportBody, kind: str, owner: str, store: ObjectStore, setting
 @router.post("/import", status_code=status.HTTP_201_CREATED, response_model=StoreFileView,
              responses={**INVALID, **TAKEN, **TOO_LARGE,
                         200: {"model": StoreFileView, "description": "the same file was already there"}})
-def import_model(body: ImportBody, settings: SettingsDep, store: StoreDep, key: ApiKey = Depends(require_admin)
-                 ) -> Any:
+def import_model(body: ImportBody, settings: SettingsDep, store: StoreDep, key: AdminKey) -> Any:
     """Add a model file to the shared store from a URL (admin). The URL passes the webhooks' SSRF guard, each
     redirect too; the file is then checked, stored and registered as an upload is. Answers when it is stored."""
     kind = check_kind(body.kind.strip(), ("body", "kind"))

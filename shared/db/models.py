@@ -269,3 +269,20 @@ class ModelFile(Base):
 
     __table_args__ = (UniqueConstraint("kind", "name", name="uq_model_files_kind_name"),
                       Index("ix_model_files_sha256", "sha256"))
+
+
+class ModelUpload(Base):
+    """A resumable upload of a model file in progress (``/v1/models/uploads``): its chunks are objects in the
+    store (``model-uploads/<id>/<part>``), listed in ``parts`` as [offset, length, key] in order."""
+
+    __tablename__ = "model_uploads"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    owner: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(20))
+    name: Mapped[str] = mapped_column(String(500))
+    size: Mapped[int] = mapped_column(BigInteger)
+    received: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+    parts: Mapped[list[Any]] = mapped_column(JSONB, default=list, server_default=text("'[]'::jsonb"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -274,3 +274,56 @@ def test_an_operator_imports_from_a_url_behind_the_ssrf_guard(store_farm: StoreF
     with farm.client() as client:
         names = [e["name"] for e in client.get("/v1/models/files", params={"kind": "lora"}).json()]
     assert "x.safetensors" not in names
+
+
+def test_a_resumable_upload_survives_a_dropped_chunk_and_leaves_nothing_behind(store_farm: StoreFarm,
+                                                                                 source_models: Path) -> None:
+    farm = store_farm
+    data = (source_models / CKPT).read_bytes()
+    chunk = 3 * 1024 * 1024
+    uploads = farm.logs / "objects" / "model-uploads"
+    with farm.client() as client:
+        for body, field in (({"kind": "checkpoint", "name": "big.safetensors", "size": 0}, "size"),
+                            ({"kind": "textual", "name": "big.safetensors", "size": 10}, "kind"),
+                            ({"kind": "checkpoint", "name": "big.ckpt", "size": 10}, "name")):
+            resp = client.post("/v1/models/uploads", json=body)
+            assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["body", field], resp.text
+        resp = client.post("/v1/models/uploads", json={"kind": "checkpoint", "name": "big.safetensors",
+                                                       "size": len(data)})
+        assert resp.status_code == 201, resp.text
+        upload = resp.json()["id"]
+        resp = client.patch(f"/v1/models/uploads/{upload}", content=data[:chunk], headers={"Upload-Offset": "0"})
+        assert resp.status_code == 200 and resp.headers["Upload-Offset"] == str(chunk), resp.text
+        resp = client.patch(f"/v1/models/uploads/{upload}", content=data[:chunk], headers={"Upload-Offset": "0"})
+        assert resp.status_code == 409 and resp.headers["Upload-Offset"] == str(chunk), resp.text  # sent twice
+
+        def dropped() -> Iterator[bytes]:
+            yield data[chunk:chunk + 1024 * 1024]
+            raise ConnectionError("the link dropped")
+
+        with pytest.raises(ConnectionError):
+            client.patch(f"/v1/models/uploads/{upload}", content=dropped(), headers={"Upload-Offset": str(chunk)})
+        wait_until(lambda: client.get(f"/v1/models/uploads/{upload}").json()["offset"] == chunk, 10)
+        with farm.client(make_key(farm.env["DATABASE_URL"], "stranger")) as stranger:
+            assert stranger.get(f"/v1/models/uploads/{upload}").status_code in (403, 404)
+        offset = client.get(f"/v1/models/uploads/{upload}").json()["offset"]
+        while offset < len(data):
+            resp = client.patch(f"/v1/models/uploads/{upload}", content=data[offset:offset + chunk],
+                                headers={"Upload-Offset": str(offset)})
+            offset += len(data[offset:offset + chunk])
+        assert resp.status_code == 201, resp.text
+        entry = resp.json()
+        assert entry["file"] == "Stable-diffusion/big.safetensors" and entry["architecture"]
+        assert entry["sha256"] == hashlib.sha256(data).hexdigest()
+        assert "big" in [m["name"] for m in client.get("/v1/models").json()]
+        assert client.get(f"/v1/models/uploads/{upload}").status_code == 404
+        assert not uploads.exists() or not list(uploads.rglob("*.*"))
+
+        junk = b"\x80\x04not a safetensors file at all" * 100
+        upload = client.post("/v1/models/uploads", json={"kind": "lora", "name": "junk.safetensors",
+                                                         "size": len(junk)}).json()["id"]
+        resp = client.patch(f"/v1/models/uploads/{upload}", content=junk, headers={"Upload-Offset": "0"})
+        assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["body", "file"], resp.text
+        assert client.get(f"/v1/models/uploads/{upload}").status_code == 404  # refused: nothing kept
+        assert "junk" not in [e["name"] for e in client.get("/v1/loras").json()]
+    assert not list(uploads.rglob("*.*"))
