@@ -15,9 +15,10 @@ import shutil
 import tempfile
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
@@ -25,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from api.deps import AdminKey, CurrentKey, SessionDep, SettingsDep, StoreDep
-from api.responses import INVALID, UNSUPPORTED_MEDIA, ErrorView
+from api.responses import BAD_BODY, INVALID, UNSUPPORTED_MEDIA, ErrorView
 from shared.db.models import ApiKey, ModelFile
 from shared.db.session import get_session_factory
 from shared.errors import FieldError
@@ -51,9 +52,13 @@ UPLOAD_BODY = {
         }}},
     }
 }
+FileId = Annotated[int, PathParam(ge=1, le=2**31 - 1, description="the entry's id (GET /v1/models/files)")]
 NO_ENTRY: dict[int | str, dict[str, Any]] = {404: {"model": ErrorView, "description": "no such store entry"}}
 TAKEN: dict[int | str, dict[str, Any]] = {409: {"model": ErrorView, "description": "another file has that name"}}
 TOO_LARGE: dict[int | str, dict[str, Any]] = {413: {"model": ErrorView, "description": "the file is too large"}}
+MANAGERS: dict[int | str, dict[str, Any]] = {
+    403: {"model": ErrorView, "description": "needs an admin key or a key with the model permission"}}
+ADMINS: dict[int | str, dict[str, Any]] = {403: {"model": ErrorView, "description": "needs an admin key"}}
 
 
 class StoreFileView(BaseModel):
@@ -130,7 +135,7 @@ def _store(upload: UploadFile, kind: str, name: str, owner: str, store: ObjectSt
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=StoreFileView, openapi_extra=UPLOAD_BODY,
-             responses={**INVALID, **UNSUPPORTED_MEDIA, **TAKEN, **TOO_LARGE,
+             responses={**INVALID, **UNSUPPORTED_MEDIA, **TAKEN, **TOO_LARGE, **MANAGERS, 400: BAD_BODY,
                         200: {"model": StoreFileView, "description": "the same file was already there"}})
 async def upload_model(request: Request, settings: SettingsDep, store: StoreDep,
                        key: ApiKey = Depends(require_model_manager)) -> Any:
@@ -195,7 +200,7 @@ def _import(body: ImportBody, kind: str, owner: str, store: ObjectStore, setting
 
 
 @router.post("/import", status_code=status.HTTP_201_CREATED, response_model=StoreFileView,
-             responses={**INVALID, **TAKEN, **TOO_LARGE,
+             responses={**INVALID, **TAKEN, **TOO_LARGE, **ADMINS,
                         200: {"model": StoreFileView, "description": "the same file was already there"}})
 def import_model(body: ImportBody, settings: SettingsDep, store: StoreDep, key: AdminKey) -> Any:
     """Add a model file to the shared store from a URL (admin). The URL passes the webhooks' SSRF guard, each
@@ -230,8 +235,8 @@ def _row(session: Session, file_id: int) -> ModelFile:
     return row
 
 
-@router.patch("/files/{file_id}", response_model=StoreFileView, responses={**NO_ENTRY, **TAKEN})
-def rename_store_file(file_id: int, body: RenameBody, session: SessionDep,
+@router.patch("/files/{file_id}", response_model=StoreFileView, responses={**NO_ENTRY, **TAKEN, **MANAGERS})
+def rename_store_file(file_id: FileId, body: RenameBody, session: SessionDep,
                       key: ApiKey = Depends(require_model_manager)) -> StoreFileView:
     """Rename an entry inside its kind's folder."""
     try:
@@ -240,8 +245,8 @@ def rename_store_file(file_id: int, body: RenameBody, session: SessionDep,
         raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from exc
 
 
-@router.delete("/files/{file_id}", status_code=status.HTTP_204_NO_CONTENT, responses=NO_ENTRY)
-def delete_store_file(file_id: int, session: SessionDep, store: StoreDep,
+@router.delete("/files/{file_id}", status_code=status.HTTP_204_NO_CONTENT, responses={**NO_ENTRY, **MANAGERS})
+def delete_store_file(file_id: FileId, session: SessionDep, store: StoreDep,
                       key: ApiKey = Depends(require_model_manager)) -> None:
     """Remove an entry (and its stored bytes, unless another entry has the same content). Workers that pulled
     it keep their copy until their disk cache evicts it; new jobs cannot name it."""

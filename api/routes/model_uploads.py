@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import SessionDep, SettingsDep, StoreDep
 from api.responses import INVALID, ErrorView
-from api.routes.model_store import TOO_LARGE, StoreFileView, require_model_manager
+from api.routes.model_store import MANAGERS, TOO_LARGE, StoreFileView, require_model_manager
 from shared.db.models import ApiKey, ModelUpload
 from shared.db.session import get_session_factory
 from shared.models.store_registry import KIND_FOLDERS, NameTakenError
@@ -36,7 +36,8 @@ from shared.storage.base import ObjectStore
 
 router = APIRouter(prefix="/v1/models/uploads", tags=["models"])
 
-NO_UPLOAD: dict[int | str, dict[str, Any]] = {404: {"model": ErrorView, "description": "no such upload of yours"}}
+NO_UPLOAD: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorView, "description": "no such upload of yours"}, **MANAGERS}
 WRONG_OFFSET: dict[int | str, dict[str, Any]] = {
     409: {"model": ErrorView, "description": "the chunk's Upload-Offset is not where the upload is (or, on the "
                                              "last chunk, another file has the name)"}}
@@ -77,7 +78,7 @@ def _answer(row: ModelUpload, response: Response) -> UploadView:
     return UploadView.of(row)
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=UploadView, responses=INVALID)
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=UploadView, responses={**INVALID, **MANAGERS})
 def begin_upload(body: BeginBody, response: Response, session: SessionDep, store: StoreDep, settings: SettingsDep,
                  key: ApiKey = Depends(require_model_manager)) -> UploadView:
     """Start a resumable upload of a model file; send its chunks with PATCH."""
