@@ -71,7 +71,7 @@ def start_model_registry(settings: Settings) -> None:
     """This process's lists and submission read the model store's registry beside the folder, and the folder's
     files are registered (in the background: hashing a large folder the first time takes a while)."""
     from shared.db.session import get_session_factory
-    from shared.models.store_files import register_folder
+    from shared.models.store_files import one_registration, register_folder
     from shared.models.store_registry import RegistryView, activate
 
     factory = get_session_factory()
@@ -79,7 +79,9 @@ def start_model_registry(settings: Settings) -> None:
 
     def register() -> None:
         try:
-            register_folder(factory, settings.models.models_dir, None)
+            with one_registration(factory, settings.models.models_dir) as first:
+                if first:  # the other API processes starting with this one leave the hashing to it
+                    register_folder(factory, settings.models.models_dir, None)
         except Exception:
             log.exception("registering the models folder %s failed", settings.models.models_dir)
 

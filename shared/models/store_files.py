@@ -8,10 +8,12 @@ of this process is refreshed at once so its lists show the change.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from shared.db.models import ModelFile
@@ -83,6 +85,21 @@ def delete_file(session: Session, store: ObjectStore, row: ModelFile) -> None:
     _refreshed()
     if not kept:
         store.delete(object_key(sha))
+
+
+@contextlib.contextmanager
+def one_registration(session_factory: Callable[[], Session], models_dir: Path) -> Iterator[bool]:
+    """Whether this process is the one registering ``models_dir`` now (a session-level advisory lock held for the
+    block): several API processes start at once, and one hashing pass over a large folder is enough."""
+    with session_factory() as session:
+        key = func.hashtext(f"model-store-register:{Path(models_dir).resolve()}")
+        got = bool(session.scalar(select(func.pg_try_advisory_lock(key))))
+        try:
+            yield got
+        finally:
+            if got:
+                session.execute(select(func.pg_advisory_unlock(key)))
+            session.commit()
 
 
 def register_folder(session_factory: Callable[[], Session], models_dir: Path, store: ObjectStore | None,

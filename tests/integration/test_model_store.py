@@ -17,7 +17,7 @@ from devtools.embedded import EmbeddedPostgres
 from shared.jobs.contract import LoraSpec, RenderSpec
 from shared.models.files import list_model_files
 from shared.models.registry import resolve_checkpoint, scan_checkpoints
-from shared.models.store_files import add_file, delete_file, register_folder, rename_file
+from shared.models.store_files import add_file, delete_file, one_registration, register_folder, rename_file
 from shared.models.store_registry import (
     NameTakenError,
     RegistryView,
@@ -185,3 +185,12 @@ def test_a_pull_verifies_retries_and_names_the_file(factory: sessionmaker[Sessio
     stored.unlink()  # the store lost it
     with pytest.raises(ModelPullError, match="Lora/ink.safetensors"):
         puller.pull(puller.missing(puller.needed([spec])))
+
+
+def test_one_process_at_a_time_registers_a_folder(factory: sessionmaker[Session], source: Path) -> None:
+    with one_registration(factory, source) as first:
+        assert first
+        with one_registration(factory, source) as second, one_registration(factory, source.parent) as other:
+            assert not second and other  # another folder is another lock
+    with one_registration(factory, source) as again:
+        assert again  # released
