@@ -1,4 +1,4 @@
-"""model_uploads: resumable uploads of model files in progress (issue 19)
+"""model_uploads: resumable uploads of model files in progress; model_files.details (a ControlNet's layout) (issue 19)
 
 Revision ID: 0012
 Revises: 0011
@@ -29,7 +29,9 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
     )
+    op.add_column("model_files", sa.Column("details", JSONB(), nullable=False, server_default=sa.text("'{}'::jsonb")))
 
 
 def downgrade() -> None:
+    op.drop_column("model_files", "details")
     op.drop_table("model_uploads")

@@ -185,12 +185,44 @@ def _folder_detection(folder: Path, header: SafetensorsHeader) -> ControlNetDete
 
 
 def list_controlnets(models_dir: Path) -> list[ControlNetFile]:
-    """Every ControlNet in both folders, refused ones included (with the reason), in the extension's order."""
+    """Every ControlNet in both folders, refused ones included (with the reason), and the model store's that this
+    machine does not hold (yet), in the extension's order."""
+    from shared.models.store_registry import registered
+
     models_dir = Path(models_dir)
     entries = []
     for root in _roots(models_dir):
         entries += [_describe(path, root, models_dir) for path in _candidates(root)]
+    here = {entry.path.resolve() for entry in entries}
+    for name, record in registered(models_dir, CONTROLNET_DIR).items():
+        path = models_dir / CONTROLNET_DIR / name
+        if path.resolve() in here:
+            continue
+        stem = Path(name).name.rsplit(".", 1)[0]
+        detection = ControlNetDetection(record.architecture, record.details.get("layout"))
+        entries.append(ControlNetFile(
+            name=stem, title=f"{stem} [{record.legacy_hash}]", location=path.relative_to(models_dir.parent).as_posix(),
+            path=path, size=record.size, hash=record.legacy_hash, architecture=record.architecture,
+            family=detection.family, layout=detection.layout, refused_reason=None))
     return sorted(entries, key=lambda entry: entry.title.lower())
+
+
+def controlnet_path(models_dir: Path, location: str) -> Path:
+    """The file a job's ControlNet ``location`` (relative to the models folder's parent, as the API resolved it)
+    names on this machine. A worker whose models folder has another name than the API's (each worker its own
+    folder, filled from the model store) finds ``<api folder>/ControlNet/x`` in its own ``ControlNet/``."""
+    path = Path(models_dir).parent / location
+    parts = Path(location).parts
+    if not path.exists() and len(parts) > 2 and parts[1] == CONTROLNET_DIR:
+        return Path(models_dir).joinpath(*parts[1:])
+    return path
+
+
+def controlnet_relpath(location: str) -> str | None:
+    """The path inside a models folder (``ControlNet/x.safetensors``) of a location in ``<folder>/ControlNet/``;
+    None for the extension's own folder (not part of the model store)."""
+    parts = Path(location).parts
+    return Path(*parts[1:]).as_posix() if len(parts) > 2 and parts[1] == CONTROLNET_DIR else None
 
 
 def resolve_controlnet(models_dir: Path, requested: str, field: tuple[str | int, ...],
@@ -198,11 +230,20 @@ def resolve_controlnet(models_dir: Path, requested: str, field: tuple[str | int,
     """The ControlNet ``requested`` names: its title (``name [hash]``), its name, or its file name; a title whose
     hash no longer matches still finds the file by name, as the extension falls back to the name. Raises
     FieldError naming ``field`` for an unknown or refused model (listing the loadable ones)."""
+    from shared.models.store_registry import refresh_for
+
     entries = list_controlnets(models_dir) if entries is None else entries
     wanted = requested.strip()
     bare = wanted.rsplit(" [", 1)[0] if wanted.endswith("]") else wanted
-    matches = [e for e in entries if wanted in (e.title, e.name, e.path.name, e.location)]
-    matches = matches or [e for e in entries if bare.lower() in (e.name.lower(), e.title.lower())]
+
+    def matching(entries: list[ControlNetFile]) -> list[ControlNetFile]:
+        found = [e for e in entries if wanted in (e.title, e.name, e.path.name, e.location)]
+        return found or [e for e in entries if bare.lower() in (e.name.lower(), e.title.lower())]
+
+    matches = matching(entries)
+    if not matches and refresh_for(models_dir):  # added to the model store within the view's last second?
+        entries = list_controlnets(models_dir)
+        matches = matching(entries)
     if matches:
         chosen = matches[0]
         if chosen.refused_reason is not None:

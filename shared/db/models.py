@@ -262,6 +262,8 @@ class ModelFile(Base):
     legacy_hash: Mapped[str | None] = mapped_column(String(8), nullable=True)  # the pre-2023 model hash
     architecture: Mapped[str | None] = mapped_column(String(20), nullable=True)
     file_metadata: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict, server_default=text("'{}'::jsonb"))
+    # what the farm found in the file beyond its hashes (a ControlNet's "layout": "ldm" or "diffusers")
+    details: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict, server_default=text("'{}'::jsonb"))
     stored: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     source: Mapped[str] = mapped_column(String(20))  # "upload", "url" or "folder"
     added_by: Mapped[str] = mapped_column(String(200))

@@ -116,6 +116,8 @@ def register_folder(session_factory: Callable[[], Session], models_dir: Path, st
         for path in sorted(p for p in root.rglob("*.safetensors") if p.is_file()):
             if any(is_diffusers_folder(parent) for parent in path.parents if parent.is_relative_to(root)):
                 continue  # a part of a diffusers folder, which is not stored (single files only)
+            if kind == "controlnet" and path.relative_to(root).parts[0] == "annotators":
+                continue  # the preprocessors' weights, not ControlNets
             name = path.relative_to(root).as_posix()
             with session_factory() as session:
                 known = find_row(session, kind, name)

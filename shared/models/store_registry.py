@@ -45,7 +45,8 @@ __all__ = [
 ]
 
 # The kinds the store holds, and the WebUI folder each is installed in.
-KIND_FOLDERS: dict[str, str] = {"checkpoint": CHECKPOINT_DIR, "lora": "Lora", "vae": "VAE", "embedding": "embeddings"}
+KIND_FOLDERS: dict[str, str] = {"checkpoint": CHECKPOINT_DIR, "lora": "Lora", "vae": "VAE", "embedding": "embeddings",
+                                 "controlnet": "ControlNet"}
 FOLDER_KINDS = {folder: kind for kind, folder in KIND_FOLDERS.items()}
 SOURCES = ("upload", "url", "folder")
 
@@ -66,6 +67,7 @@ class ModelRecord:
     legacy_hash: str | None
     architecture: str | None
     metadata: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
     stored: bool = False
     source: str = "upload"
     added_by: str = ""
@@ -81,7 +83,7 @@ class ModelRecord:
     def of_row(cls, row: ModelFile) -> ModelRecord:
         return cls(kind=row.kind, name=row.name, sha256=row.sha256, size=row.size, short_hash=row.short_hash,
                    lora_hash=row.lora_hash, legacy_hash=row.legacy_hash, architecture=row.architecture,
-                   metadata=dict(row.file_metadata or {}), stored=row.stored, source=row.source,
+                   metadata=dict(row.file_metadata or {}), details=dict(row.details or {}), stored=row.stored, source=row.source,
                    added_by=row.added_by, added_at=row.added_at, id=row.id)
 
 
@@ -134,7 +136,16 @@ def describe_file(path: Path, kind: str, name: str, *, source: str, added_by: st
     if kind == "checkpoint" and architecture is None:
         raise FieldError(("body", "file"), f"{name}: not a checkpoint this farm renders (SD1.5 or SDXL)")
     header = safetensors_header_or_none(path)
-    if header is not None and kind != "checkpoint":
+    details: dict[str, Any] = {}
+    if kind == "controlnet":
+        from shared.controlnet.models import detect_controlnet
+
+        detection = detect_controlnet(header, Path(name).name) if header is not None else None
+        if detection is None or detection.problem is not None:
+            raise FieldError(("body", "file"), detection.problem if detection and detection.problem
+                             else f"{name}: not a readable .safetensors file")
+        architecture, details = detection.architecture, {"layout": detection.layout}
+    elif header is not None and kind != "checkpoint":
         mismatch = kind_mismatch(kind, header.shapes)
         if mismatch is not None:
             raise FieldError(("body", "file"), f"{name}: {mismatch}")
@@ -143,8 +154,8 @@ def describe_file(path: Path, kind: str, name: str, *, source: str, added_by: st
     return ModelRecord(
         kind=kind, name=name, sha256=sha, size=path.stat().st_size, short_hash=sha[:10],
         lora_hash=lora_short_hash(path) if kind == "lora" else None,
-        legacy_hash=legacy_model_hash(path) if kind == "checkpoint" else None,
-        architecture=architecture, metadata=metadata, stored=False, source=source, added_by=added_by,
+        legacy_hash=legacy_model_hash(path) if kind in ("checkpoint", "controlnet") else None,
+        architecture=architecture, metadata=metadata, details=details, stored=False, source=source, added_by=added_by,
     )
 
 
@@ -265,7 +276,7 @@ def register(session: Session, record: ModelRecord) -> ModelFile:
     session.execute(insert(ModelFile).values(
         kind=record.kind, name=record.name, sha256=record.sha256, size=record.size, short_hash=record.short_hash,
         lora_hash=record.lora_hash, legacy_hash=record.legacy_hash, architecture=record.architecture,
-        file_metadata=record.metadata, stored=record.stored, source=record.source, added_by=record.added_by,
+        file_metadata=record.metadata, details=record.details, stored=record.stored, source=record.source, added_by=record.added_by,
     ).on_conflict_do_nothing(index_elements=[ModelFile.kind, ModelFile.name]))
     row = find_row(session, record.kind, record.name)
     assert row is not None

@@ -9,8 +9,10 @@ four seconds to download: long enough to see the phase and to kill a worker in t
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.server
+import io
 import json
 import os
 import signal
@@ -23,6 +25,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from PIL import Image
 
 from devtools.embedded import EmbeddedPostgres
 from tests.conftest import ADMIN_KEY, _fresh_database, farm_env, make_key
@@ -38,7 +41,8 @@ JOB = {"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 2, "sampler
 def source_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The files the test uploads: the demo checkpoint and three demo LoRAs, built by the project's builders."""
     path = tmp_path_factory.mktemp("upload-source")
-    for module, args in (("devtools.demo_models.sd15", []), ("devtools.demo_models.lora_sd15", ["3"])):
+    for module, args in (("devtools.demo_models.sd15", []), ("devtools.demo_models.lora_sd15", ["3"]),
+                         ("devtools.demo_models.controlnet", [])):
         subprocess.run([sys.executable, "-m", module, str(path), *args], cwd=ROOT, check=True,
                        stdout=subprocess.DEVNULL)
     return path
@@ -327,3 +331,22 @@ def test_a_resumable_upload_survives_a_dropped_chunk_and_leaves_nothing_behind(s
         assert client.get(f"/v1/models/uploads/{upload}").status_code == 404  # refused: nothing kept
         assert "junk" not in [e["name"] for e in client.get("/v1/loras").json()]
     assert not list(uploads.rglob("*.*"))
+
+
+def test_an_uploaded_controlnet_steers_a_render_on_a_worker_that_lacked_it(store_farm: StoreFarm,
+                                                                           source_models: Path) -> None:
+    farm = store_farm
+    entry = farm.upload(source_models / "ControlNet" / "demo-tiny-control.safetensors", "controlnet")
+    assert entry["file"] == "ControlNet/demo-tiny-control.safetensors" and entry["architecture"] == "demo-tiny"
+    with farm.client() as client:
+        (listed,) = [m for m in client.get("/v1/controlnet/models").json() if m["name"] == "demo-tiny-control"]
+        assert listed["loadable"] and listed["title"] == f"demo-tiny-control [{entry['legacy_hash']}]"
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 64), "white").save(buffer, "PNG")
+        unit = {"module": "none", "model": listed["title"], "image": base64.b64encode(buffer.getvalue()).decode()}
+        job = client.post("/v1/jobs", json=JOB | {"seed": 8, "controlnet": [unit]}).json()["id"]
+    done = farm.wait_for(job, timeout=120)
+    assert done["status"] == "succeeded", done
+    folder = farm.folders[farm.worker_of(job)]
+    assert _index(folder)["ControlNet/demo-tiny-control.safetensors"]["sha256"] == entry["sha256"]
+    assert "ControlNet 0" in done["images"][0]["infotext"]

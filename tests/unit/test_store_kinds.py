@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from shared.models.store_registry import kind_mismatch
@@ -26,3 +28,17 @@ def test_files_of_their_kind_pass(kind: str, shapes: dict) -> None:
 def test_a_file_added_as_the_wrong_kind_is_refused(kind: str, shapes: dict, said: str) -> None:
     message = kind_mismatch(kind, shapes)
     assert message is not None and said in message
+
+
+def test_a_controlnet_location_is_found_in_a_worker_folder_of_another_name(tmp_path: Path) -> None:
+    from shared.controlnet.models import controlnet_path, controlnet_relpath
+
+    mine = tmp_path / "models-w1"
+    (mine / "ControlNet").mkdir(parents=True)
+    (mine / "ControlNet" / "x.safetensors").write_bytes(b"")
+    assert controlnet_path(mine, "models-api/ControlNet/x.safetensors") == mine / "ControlNet" / "x.safetensors"
+    assert controlnet_path(mine, "models-w1/ControlNet/x.safetensors") == mine / "ControlNet" / "x.safetensors"
+    extension = "extensions/sd-webui-controlnet/models/y.safetensors"
+    assert controlnet_path(mine, extension) == tmp_path / extension  # the extension's folder stays where it is
+    assert controlnet_relpath("models-api/ControlNet/sub/x.safetensors") == "ControlNet/sub/x.safetensors"
+    assert controlnet_relpath(extension) is None

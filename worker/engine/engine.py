@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from shared.controlnet.models import controlnet_path
 from shared.errors import FieldError
 from shared.jobs.contract import RenderSpec
 from worker.engine import hires as hires_fix
@@ -133,7 +134,8 @@ class GenerationEngine:
         def load(unit: Any) -> Any:
             key = (unit.model_location, device, str(dtype))
             if key not in self._controlnets:
-                self._controlnets[key] = load_controlnet(self.models_dir.parent / unit.model_location, device, dtype)
+                self._controlnets[key] = load_controlnet(controlnet_path(self.models_dir, unit.model_location),
+                                                                device, dtype)
             return self._controlnets[key]
 
         return load

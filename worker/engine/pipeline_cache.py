@@ -175,8 +175,10 @@ class PipelineCache:
         if isinstance(held, LoadedControlNet):
             self._models.move_to_end(key)
             return held.model
+        from shared.controlnet.models import controlnet_path
+
         root = self.settings.models.models_dir.resolve().parent
-        path = (root / location).resolve()
+        path = controlnet_path(self.settings.models.models_dir.resolve(), location).resolve()
         if not path.is_relative_to(root) or not path.exists():
             raise UnsupportedCheckpointError(f"ControlNet {location!r} is not installed on this worker")
         float_bytes = 2 if str(self.dtype).endswith(("float16", "bfloat16")) else 4

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from shared.controlnet.models import controlnet_relpath
 from shared.jobs.contract import RenderSpec
 from shared.models.store_registry import ModelRecord, RegistryView, object_key
 from shared.storage.base import ObjectNotFoundError, ObjectStore, StorageError
@@ -40,8 +41,8 @@ def _prompts(spec: RenderSpec) -> str:
 
 
 def needed_records(specs: Iterable[RenderSpec], records: dict[str, ModelRecord]) -> list[ModelRecord]:
-    """The registry's records of every file the specs use: checkpoint, VAE, LoRAs, and the embeddings whose names
-    appear in their prompts (``records`` by path inside the models folder)."""
+    """The registry's records of every file the specs use: checkpoint, VAE, LoRAs, ControlNets, and the embeddings
+    whose names appear in their prompts (``records`` by path inside the models folder)."""
     by_kind: dict[str, dict[str, ModelRecord]] = {}
     for record in records.values():
         by_kind.setdefault(record.kind, {})[record.name] = record
@@ -56,6 +57,10 @@ def needed_records(specs: Iterable[RenderSpec], records: dict[str, ModelRecord])
             found = by_kind.get(kind, {}).get(file)
             if found is not None:
                 wanted[found.relpath] = found
+        for unit in spec.controlnet:
+            relpath = controlnet_relpath(unit.model_location)
+            if relpath is not None and relpath in records:
+                wanted[relpath] = records[relpath]
     text = "\n".join(_prompts(spec) for spec in specs)
     for name, record in by_kind.get("embedding", {}).items():
         if re.search(rf"(?<![\w-]){re.escape(Path(_stem(name)).name)}(?![\w-])", text):
