@@ -300,7 +300,7 @@ class JobRunner:
                 jobs.append(BatchJob(claimed.job_id, spec))
         if not jobs:
             return outcomes
-        pull_error = self._pull(jobs)
+        pull_error = self._pull([(job.job_id, job.spec) for job in jobs])
         if pull_error is not None:
             for job in jobs:
                 outcomes[job.job_id] = self._fail(job.job_id, ErrorType.STORAGE_ERROR, pull_error)
@@ -333,15 +333,15 @@ class JobRunner:
                 outcomes[job.job_id] = self._end_with(job.job_id, exc)
         return outcomes
 
-    def _pull(self, jobs: list[BatchJob]) -> str | None:
-        """Download the model files the batch needs and this worker lacks (its jobs show the phase `downloading`
+    def _pull(self, jobs: list[tuple[uuid.UUID, RenderSpec | UpscaleSpec]]) -> str | None:
+        """Download the model files the jobs need and this worker lacks (they show the phase `downloading`
         meanwhile); the error that names the file when a pull keeps failing, else None."""
         if self.puller is None:
             return None
         from worker.model_pull.puller import ModelPullError
 
-        ids = [job.job_id for job in jobs]
-        needed = self.puller.needed([job.spec for job in jobs])
+        ids = [job_id for job_id, _ in jobs]
+        needed = self.puller.needed([spec for _, spec in jobs])
         missing = self.puller.missing(needed)
         if not missing:
             return None
@@ -379,6 +379,9 @@ class JobRunner:
             except FaceRestorationUnavailable as exc:
                 raise FieldError(("body", "gfpgan_visibility"), f"face restoration is not available: {exc}") from exc
 
+        pull_error = self._pull([(jid, spec)])
+        if pull_error is not None:
+            return self._fail(jid, ErrorType.STORAGE_ERROR, pull_error)
         started = time.monotonic()
         try:
             results = run_extras(spec, lambda key: read_stored_image(key, self.store.get, ("body", "image")),

@@ -96,6 +96,6 @@ def get_upscalers(key: CurrentKey, settings: SettingsDep) -> list[UpscalerView]:
         check = checks.get(entry.location, {})
         views.append(UpscalerView(
             name=entry.name, kind="model", file=entry.location, architecture=check.get("architecture"),
-            scale=check.get("scale", entry.scale), size=entry.path.stat().st_size,
+            scale=check.get("scale", entry.scale), size=entry.size,
             refused_reason=entry.refused_reason or check.get("refused")))
     return views

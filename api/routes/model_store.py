@@ -44,10 +44,13 @@ UPLOAD_BODY = {
         "content": {"multipart/form-data": {"schema": {
             "type": "object", "required": ["file", "kind"],
             "properties": {
-                "file": {"type": "string", "format": "binary", "description": "the .safetensors file"},
+                "file": {"type": "string", "format": "binary",
+                         "description": "the .safetensors file (an upscaler: also .pth/.pt, read by its opcodes)"},
                 "kind": {"type": "string", "enum": list(KIND_FOLDERS)},
                 "name": {"type": "string", "description": "its name inside the kind's folder (default: the file's "
-                                                          "name), e.g. 'styles/ink.safetensors'"},
+                                                          "name), e.g. 'styles/ink.safetensors'; an upscaler's "
+                                                          "starts with its folder ('RealESRGAN/x.pth'; default "
+                                                          "ESRGAN/)"},
             },
         }}},
     }
@@ -166,7 +169,7 @@ async def upload_model(request: Request, settings: SettingsDep, store: StoreDep,
         if given is not None and not isinstance(given, str):
             raise FieldError(("body", "name"), "name is text")
         name = check_name(given if given else Path(upload.filename or "").name,
-                          ("body", "name") if given else ("body", "file"))
+                          ("body", "name") if given else ("body", "file"), kind)
         try:
             record, created = await run_in_threadpool(_store, upload, kind, name, key.owner, store, settings)
         except NameTakenError as exc:
@@ -192,7 +195,7 @@ def _import(body: ImportBody, kind: str, owner: str, store: ObjectStore, setting
                               timeout=models.model_import_timeout_seconds)
         except ImportTooLargeError as exc:
             raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, detail=str(exc)) from exc
-        name = check_name(body.name if body.name else served, ("body", "name"))
+        name = check_name(body.name if body.name else served, ("body", "name"), kind)
         with get_session_factory()() as session:
             return add_file(session, store, path, kind, name, source="url", added_by=owner)
     finally:
@@ -207,7 +210,7 @@ def import_model(body: ImportBody, settings: SettingsDep, store: StoreDep, key: 
     redirect too; the file is then checked, stored and registered as an upload is. Answers when it is stored."""
     kind = check_kind(body.kind.strip(), ("body", "kind"))
     if body.name is not None:
-        check_name(body.name, ("body", "name"))
+        check_name(body.name, ("body", "name"), kind)
     try:
         record, created = _import(body, kind, key.owner, store, settings)
     except NameTakenError as exc:

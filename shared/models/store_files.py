@@ -67,7 +67,7 @@ def add_file(session: Session, store: ObjectStore | None, path: Path, kind: str,
 def rename_file(session: Session, row: ModelFile, new_name: str) -> ModelRecord:
     """Give an entry another name inside its folder; commits. Workers that pulled it under the old name pull it
     again under the new one (the bytes are stored by content, so nothing is uploaded again)."""
-    name = check_name(new_name)
+    name = check_name(new_name, kind=row.kind)
     if find_row(session, row.kind, name) is not None:
         raise NameTakenError(f"{row.kind} {name!r} is already registered")
     row.name = name
@@ -102,6 +102,26 @@ def one_registration(session_factory: Callable[[], Session], models_dir: Path) -
             session.commit()
 
 
+def _folder_files(models_dir: Path) -> Iterator[tuple[str, Path, str]]:
+    """(kind, file, name) of every single file the store could hold in a models folder's kind folders."""
+    from shared.models.upscalers import SUFFIXES as UPSCALER_SUFFIXES
+    from shared.models.upscalers import UPSCALER_FOLDERS
+
+    for kind, folder in KIND_FOLDERS.items():
+        roots = [(Path(models_dir) / name, name + "/") for name in UPSCALER_FOLDERS] if kind == "upscaler" else \
+            [(Path(models_dir) / folder, "")]
+        suffixes = UPSCALER_SUFFIXES if kind == "upscaler" else (".safetensors",)
+        for root, prefix in roots:
+            if not root.is_dir():
+                continue
+            for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in suffixes):
+                if any(is_diffusers_folder(parent) for parent in path.parents if parent.is_relative_to(root)):
+                    continue  # a part of a diffusers folder, which is not stored (single files only)
+                if kind == "controlnet" and path.relative_to(root).parts[0] == "annotators":
+                    continue  # the preprocessors' weights, not ControlNets
+                yield kind, path, prefix + path.relative_to(root).as_posix()
+
+
 def register_folder(session_factory: Callable[[], Session], models_dir: Path, store: ObjectStore | None,
                     added_by: str = "folder") -> dict[str, int]:
     """Register every loadable single file of a models folder's kind folders (and upload it when ``store`` is
@@ -109,26 +129,17 @@ def register_folder(session_factory: Callable[[], Session], models_dir: Path, st
     (the lists show them with their reason). Returns counts: registered, skipped."""
     counts = {"registered": 0, "skipped": 0}
     hashes = HashCache.of_models_dir(Path(models_dir))
-    for kind, folder in KIND_FOLDERS.items():
-        root = Path(models_dir) / folder
-        if not root.is_dir():
-            continue
-        for path in sorted(p for p in root.rglob("*.safetensors") if p.is_file()):
-            if any(is_diffusers_folder(parent) for parent in path.parents if parent.is_relative_to(root)):
-                continue  # a part of a diffusers folder, which is not stored (single files only)
-            if kind == "controlnet" and path.relative_to(root).parts[0] == "annotators":
-                continue  # the preprocessors' weights, not ControlNets
-            name = path.relative_to(root).as_posix()
-            with session_factory() as session:
-                known = find_row(session, kind, name)
-                if known is not None and known.sha256 == hashes.sha256(path) and (known.stored or store is None):
-                    counts["registered"] += 1
-                    continue
-                try:
-                    check_name(name)
-                    add_file(session, store, path, kind, name, source="folder", added_by=added_by)
-                    counts["registered"] += 1
-                except (FieldError, NameTakenError) as exc:
-                    log.warning("models folder: %s/%s not registered: %s", folder, name, exc)
-                    counts["skipped"] += 1
+    for kind, path, name in _folder_files(models_dir):
+        with session_factory() as session:
+            known = find_row(session, kind, name)
+            if known is not None and known.sha256 == hashes.sha256(path) and (known.stored or store is None):
+                counts["registered"] += 1
+                continue
+            try:
+                check_name(name, kind=kind)
+                add_file(session, store, path, kind, name, source="folder", added_by=added_by)
+                counts["registered"] += 1
+            except (FieldError, NameTakenError) as exc:
+                log.warning("models folder: %s not registered: %s", path, exc)
+                counts["skipped"] += 1
     return counts

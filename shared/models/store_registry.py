@@ -44,10 +44,13 @@ __all__ = [
     "registered",
 ]
 
-# The kinds the store holds, and the WebUI folder each is installed in.
+# The kinds the store holds, and the WebUI folder each is installed in. An upscaler's name starts with its own
+# folder (``ESRGAN/4x-UltraSharp.pth``, ``RealESRGAN/...``: the WebUI names them by folder), so its kind has none.
 KIND_FOLDERS: dict[str, str] = {"checkpoint": CHECKPOINT_DIR, "lora": "Lora", "vae": "VAE", "embedding": "embeddings",
-                                 "controlnet": "ControlNet"}
-FOLDER_KINDS = {folder: kind for kind, folder in KIND_FOLDERS.items()}
+                                 "controlnet": "ControlNet", "upscaler": ""}
+# Kinds whose files may be torch pickles: read by their opcodes here, never run, and on a worker only through
+# torch's weights-only unpickler (shared/models/upscalers.py).
+PICKLE_KINDS = {"upscaler": (".pth", ".pt")}
 SOURCES = ("upload", "url", "folder")
 
 
@@ -77,7 +80,8 @@ class ModelRecord:
     @property
     def relpath(self) -> str:
         """The file's path inside a models folder (``Lora/style.safetensors``)."""
-        return f"{KIND_FOLDERS[self.kind]}/{self.name}"
+        folder = KIND_FOLDERS[self.kind]
+        return f"{folder}/{self.name}" if folder else self.name
 
     @classmethod
     def of_row(cls, row: ModelFile) -> ModelRecord:
@@ -87,20 +91,29 @@ class ModelRecord:
                    added_by=row.added_by, added_at=row.added_at, id=row.id)
 
 
-def check_name(name: str, field_loc: tuple[str | int, ...] = ("body", "name")) -> str:
-    """A file name a store entry may have: a relative path inside its folder ending in ``.safetensors``; pickle
-    formats are refused by their name alone, before a byte of them is read."""
+def check_name(name: str, field_loc: tuple[str | int, ...] = ("body", "name"), kind: str | None = None) -> str:
+    """A file name a store entry of ``kind`` may have: a relative path inside its folder ending in
+    ``.safetensors`` (an upscaler: also ``.pth``/``.pt``, inside one of the WebUI's upscaler folders, ``ESRGAN/``
+    when it names none); other pickle formats are refused by their name alone, before a byte of them is read."""
+    from shared.models.upscalers import UPSCALER_FOLDERS
+
     name = name.strip()
     parts = Path(name).parts
     if (not name or name.startswith(("/", "\\", ".")) or "\\" in name or "\x00" in name or ".." in parts
             or any(part.startswith(".") for part in parts) or len(name) > 500):
         raise FieldError(field_loc, f"{name!r} is not a file name inside a models folder")
     suffix = Path(name).suffix.lower()
-    if suffix in REFUSED_SUFFIXES:
+    allowed = (".safetensors", *PICKLE_KINDS.get(kind or "", ()))
+    if suffix in REFUSED_SUFFIXES and suffix not in allowed:
         raise FieldError(field_loc, f"{suffix} files are pickles that can run code when loaded; convert it to "
                                     ".safetensors (only .safetensors files are stored)")
-    if suffix != ".safetensors":
-        raise FieldError(field_loc, f"{name!r}: only .safetensors files are stored")
+    if suffix not in allowed:
+        raise FieldError(field_loc, f"{name!r}: only {', '.join(allowed)} files are stored for this kind")
+    if kind == "upscaler" and parts[0] not in UPSCALER_FOLDERS:
+        if len(parts) > 1:
+            raise FieldError(field_loc, f"{name!r}: an upscaler's name starts with its folder, one of "
+                                        f"{', '.join(UPSCALER_FOLDERS)} (or none: ESRGAN/)")
+        name = f"ESRGAN/{name}"
     return name
 
 
@@ -129,13 +142,19 @@ def kind_mismatch(kind: str, shapes: dict[str, tuple[int, ...]]) -> str | None:
 def describe_file(path: Path, kind: str, name: str, *, source: str, added_by: str) -> ModelRecord:
     """Check a file as the registry does before anything is stored (its safetensors header, and a checkpoint's
     architecture), then hash it as the WebUI does. Raises FieldError naming ``file`` when it is refused."""
-    problem = safetensors_problem(path)
+    pickled = Path(name).suffix.lower() in PICKLE_KINDS.get(kind, ())
+    if pickled:
+        from shared.models.upscalers import pickle_problem
+
+        problem = pickle_problem(path)
+    else:
+        problem = safetensors_problem(path)
     if problem is not None:
         raise FieldError(("body", "file"), f"{name}: {problem}")
     architecture = checkpoint_architecture(path) if kind == "checkpoint" else None
     if kind == "checkpoint" and architecture is None:
         raise FieldError(("body", "file"), f"{name}: not a checkpoint this farm renders (SD1.5 or SDXL)")
-    header = safetensors_header_or_none(path)
+    header = None if pickled else safetensors_header_or_none(path)
     details: dict[str, Any] = {}
     if kind == "controlnet":
         from shared.controlnet.models import detect_controlnet
@@ -145,7 +164,7 @@ def describe_file(path: Path, kind: str, name: str, *, source: str, added_by: st
             raise FieldError(("body", "file"), detection.problem if detection and detection.problem
                              else f"{name}: not a readable .safetensors file")
         architecture, details = detection.architecture, {"layout": detection.layout}
-    elif header is not None and kind != "checkpoint":
+    elif header is not None and kind not in ("checkpoint", "upscaler"):
         mismatch = kind_mismatch(kind, header.shapes)
         if mismatch is not None:
             raise FieldError(("body", "file"), f"{name}: {mismatch}")

@@ -51,7 +51,7 @@ def begin(session: Session, store: ObjectStore, owner: str, kind: str, name: str
           ) -> ModelUpload:
     """Start an upload of ``size`` bytes; commits. Raises FieldError naming the field."""
     check_kind(kind)
-    check_name(name)
+    name = check_name(name, kind=kind)
     if size <= 0 or size > max_bytes:
         raise FieldError(("body", "size"), f"size must be between 1 and {max_bytes} bytes, got {size}")
     for stale in session.scalars(select(ModelUpload).where(ModelUpload.updated_at < utcnow() - ABANDONED_AFTER)):

@@ -96,6 +96,7 @@ class UpscalerFile:
     scale: int | None
     model_name: str | None  # the WebUI's scaler model_name (ESRGAN_4x, SwinIR 4x) or None
     refused_reason: str | None = None
+    size: int = 0
 
     @property
     def location(self) -> str:
@@ -154,27 +155,36 @@ def _refusal(path: Path) -> str | None:
     return pickle_problem(path)
 
 
-def _entry(folder: str, root: Path, path: Path) -> UpscalerFile:
+def _entry(folder: str, root: Path, path: Path, stored_size: int | None = None) -> UpscalerFile:
+    """``stored_size``: a model store file not on this machine (checked when it was added)."""
     model_name, scale = UPSCALER_FOLDERS[folder]
     stem = path.stem
     name = stem
     if folder == "RealESRGAN" and stem in REALESRGAN_NAMES:
         name, scale = REALESRGAN_NAMES[stem]
     return UpscalerFile(name=name, folder=folder, filename=path.relative_to(root).as_posix(), path=path,
-                        scale=scale, model_name=model_name, refused_reason=_refusal(path))
+                        scale=scale, model_name=model_name,
+                        refused_reason=None if stored_size is not None else _refusal(path),
+                        size=stored_size if stored_size is not None else path.stat().st_size)
 
 
 def scan_upscalers(models_dir: Path) -> list[UpscalerFile]:
-    """Every model upscaler file, sorted by name as the WebUI sorts ``sd_upscalers`` (refused ones included)."""
+    """Every model upscaler file, sorted by name as the WebUI sorts ``sd_upscalers`` (refused ones included), and
+    the model store's that this machine does not hold (yet; checked when they were added)."""
+    from shared.models.store_registry import registered
+
     found = []
     for folder in UPSCALER_FOLDERS:
         root = Path(models_dir) / folder
-        if not root.is_dir():
-            continue
-        for path in sorted(root.rglob("*")):
-            if path.is_file() and path.suffix.lower() in SUFFIXES and not path.name.startswith("."):
-                if path.resolve().is_relative_to(root.resolve()):
-                    found.append(_entry(folder, root, path))
+        if root.is_dir():
+            for path in sorted(root.rglob("*")):
+                if path.is_file() and path.suffix.lower() in SUFFIXES and not path.name.startswith("."):
+                    if path.resolve().is_relative_to(root.resolve()):
+                        found.append(_entry(folder, root, path))
+        here = {entry.filename for entry in found if entry.folder == folder}
+        for name, record in registered(models_dir, folder).items():
+            if name not in here:
+                found.append(_entry(folder, root, root / name, stored_size=record.size))
     return sorted(found, key=lambda entry: entry.name.lower())
 
 
@@ -202,7 +212,11 @@ def resolve_upscaler(models_dir: Path, requested: str, field: tuple[str | int, .
     for name in builtins:
         if wanted.lower() == name.lower():
             return name, None
+    from shared.models.store_registry import refresh_for
+
     files = scan_upscalers(models_dir)
+    if not any(wanted in (e.name, e.filename, e.path.stem, e.location) for e in files) and refresh_for(models_dir):
+        files = scan_upscalers(models_dir)  # added to the model store within the view's last second?
     for entry in files:
         if wanted in (entry.name, entry.filename, entry.path.stem, entry.location):
             refused = entry.refused_reason or (checks or {}).get(entry.location, {}).get("refused")

@@ -42,7 +42,7 @@ def source_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The files the test uploads: the demo checkpoint and three demo LoRAs, built by the project's builders."""
     path = tmp_path_factory.mktemp("upload-source")
     for module, args in (("devtools.demo_models.sd15", []), ("devtools.demo_models.lora_sd15", ["3"]),
-                         ("devtools.demo_models.controlnet", [])):
+                         ("devtools.demo_models.controlnet", []), ("devtools.demo_models.upscalers", [])):
         subprocess.run([sys.executable, "-m", module, str(path), *args], cwd=ROOT, check=True,
                        stdout=subprocess.DEVNULL)
     return path
@@ -350,3 +350,32 @@ def test_an_uploaded_controlnet_steers_a_render_on_a_worker_that_lacked_it(store
     folder = farm.folders[farm.worker_of(job)]
     assert _index(folder)["ControlNet/demo-tiny-control.safetensors"]["sha256"] == entry["sha256"]
     assert "ControlNet 0" in done["images"][0]["infotext"]
+
+
+def test_an_uploaded_upscaler_pickle_is_read_by_its_opcodes_and_pulled_for_an_upscale_job(
+        store_farm: StoreFarm, source_models: Path, tmp_path: Path) -> None:
+    from devtools.demo_models.upscalers import write_booby_trapped_pth
+
+    farm = store_farm
+    entry = farm.upload(source_models / "ESRGAN" / "4x-demo-realesrgan.pth", "upscaler")  # no folder: ESRGAN/
+    assert entry["file"] == "ESRGAN/4x-demo-realesrgan.pth"
+    marker = tmp_path / "ran"
+    trap = write_booby_trapped_pth(tmp_path / "trap.pth", marker)
+    with farm.client() as client:
+        assert "4x-demo-realesrgan" in [u["name"] for u in client.get("/v1/upscalers").json()]
+        with open(trap, "rb") as file:
+            resp = client.post("/v1/models", data={"kind": "upscaler"}, files={"file": ("trap.pth", file)})
+        assert resp.status_code == 422 and "weights-only" in resp.text, resp.text
+        with open(trap, "rb") as file:  # a pickle is an upscaler's format only
+            resp = client.post("/v1/models", data={"kind": "lora"}, files={"file": ("trap.pth", file)})
+        assert resp.status_code == 422 and "pickles" in resp.text, resp.text
+        buffer = io.BytesIO()
+        Image.new("RGB", (32, 32), "gray").save(buffer, "PNG")
+        job = client.post("/v1/jobs", json={"mode": "upscale", "image": base64.b64encode(buffer.getvalue()).decode(),
+                                            "upscaler_1": "4x-demo-realesrgan", "upscaling_resize": 2})
+        assert job.status_code == 202, job.text
+    done = farm.wait_for(job.json()["id"], timeout=120)
+    assert done["status"] == "succeeded", done
+    assert (done["images"][0]["width"], done["images"][0]["height"]) == (64, 64)
+    assert "ESRGAN/4x-demo-realesrgan.pth" in _index(farm.folders[farm.worker_of(done["id"])])
+    assert not marker.exists()

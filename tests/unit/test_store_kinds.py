@@ -42,3 +42,18 @@ def test_a_controlnet_location_is_found_in_a_worker_folder_of_another_name(tmp_p
     assert controlnet_path(mine, extension) == tmp_path / extension  # the extension's folder stays where it is
     assert controlnet_relpath("models-api/ControlNet/sub/x.safetensors") == "ControlNet/sub/x.safetensors"
     assert controlnet_relpath(extension) is None
+
+
+def test_an_upscaler_name_carries_its_folder_and_only_upscalers_may_be_pickles() -> None:
+    from shared.errors import FieldError
+    from shared.models.store_registry import check_name
+
+    assert check_name("4x-UltraSharp.pth", kind="upscaler") == "ESRGAN/4x-UltraSharp.pth"
+    assert check_name("RealESRGAN/RealESRGAN_x4plus.pth", kind="upscaler") == "RealESRGAN/RealESRGAN_x4plus.pth"
+    assert check_name("DAT/x.safetensors", kind="upscaler") == "DAT/x.safetensors"
+    for name, kind, said in (("Other/x.pth", "upscaler", "starts with its folder"), ("x.pth", "lora", "pickles"),
+                             ("x.ckpt", "upscaler", "pickles"), ("x.bin", "checkpoint", "pickles"),
+                             ("../x.safetensors", "lora", "not a file name")):
+        with pytest.raises(FieldError) as raised:
+            check_name(name, kind=kind)
+        assert said in raised.value.message, (name, kind, raised.value.message)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from shared.controlnet.models import controlnet_relpath
-from shared.jobs.contract import RenderSpec
+from shared.jobs.contract import RenderSpec, UpscaleSpec
 from shared.models.store_registry import ModelRecord, RegistryView, object_key
 from shared.storage.base import ObjectNotFoundError, ObjectStore, StorageError
 from worker.model_pull.disk_cache import HashMismatchError, PulledFiles
@@ -40,15 +40,26 @@ def _prompts(spec: RenderSpec) -> str:
     return "\n".join((spec.prompt, spec.negative_prompt, spec.hr_prompt, spec.hr_negative_prompt))
 
 
-def needed_records(specs: Iterable[RenderSpec], records: dict[str, ModelRecord]) -> list[ModelRecord]:
-    """The registry's records of every file the specs use: checkpoint, VAE, LoRAs, ControlNets, and the embeddings
-    whose names appear in their prompts (``records`` by path inside the models folder)."""
+def needed_records(specs: Iterable[RenderSpec | UpscaleSpec], records: dict[str, ModelRecord]
+                   ) -> list[ModelRecord]:
+    """The registry's records of every file the specs use: checkpoint, VAE, LoRAs, ControlNets, upscalers, and the
+    embeddings whose names appear in their prompts (``records`` by path inside the models folder)."""
     by_kind: dict[str, dict[str, ModelRecord]] = {}
     for record in records.values():
         by_kind.setdefault(record.kind, {})[record.name] = record
     wanted: dict[str, ModelRecord] = {}
-    specs = list(specs)
+
+    def want(relpath: str | None) -> None:
+        if relpath is not None and relpath in records:
+            wanted[relpath] = records[relpath]
+
+    renders = []
     for spec in specs:
+        if isinstance(spec, UpscaleSpec):
+            want(spec.upscaler_1_file)
+            want(spec.upscaler_2_file)
+            continue
+        renders.append(spec)
         for name, record in by_kind.get("checkpoint", {}).items():
             if spec.model in (name, _stem(name)):
                 wanted[record.relpath] = record
@@ -58,10 +69,9 @@ def needed_records(specs: Iterable[RenderSpec], records: dict[str, ModelRecord])
             if found is not None:
                 wanted[found.relpath] = found
         for unit in spec.controlnet:
-            relpath = controlnet_relpath(unit.model_location)
-            if relpath is not None and relpath in records:
-                wanted[relpath] = records[relpath]
-    text = "\n".join(_prompts(spec) for spec in specs)
+            want(controlnet_relpath(unit.model_location))
+        want(spec.hr_upscaler_file)
+    text = "\n".join(_prompts(spec) for spec in renders)
     for name, record in by_kind.get("embedding", {}).items():
         if re.search(rf"(?<![\w-]){re.escape(Path(_stem(name)).name)}(?![\w-])", text):
             wanted[record.relpath] = record
@@ -81,7 +91,7 @@ class ModelPuller:
         self.bytes_per_second = bytes_per_second
         self.downloads = 0  # files this process downloaded (the heartbeat shows it)
 
-    def needed(self, specs: Iterable[RenderSpec]) -> list[ModelRecord]:
+    def needed(self, specs: Iterable[RenderSpec | UpscaleSpec]) -> list[ModelRecord]:
         """The registry's records of the files the specs use, read afresh; those this folder pulled before count
         as used now (the least recently used go first when the disk budget needs room)."""
         self.registry.invalidate()  # one read per batch: a file uploaded a moment ago must be found
