@@ -118,3 +118,24 @@ def find_infotext_checkpoint(models_dir: Path, model: str | None, model_hash: st
             if found == wanted:
                 return ckpt.name
     return None
+
+
+HYPERNETWORK_DIR = "hypernetworks"
+HYPERNETWORK_SUFFIXES = (".pt", ".safetensors")
+
+
+def list_hypernetworks(models_dir: Path) -> dict[str, Path]:
+    """The WebUI's hypernetworks (``models/hypernetworks/**/*.pt``, and ``.safetensors``) by name (the file's stem),
+    with the model store's that this machine does not hold (yet). The farm stores and pulls them; rendering with
+    them is not built yet (a ``<hypernet:...>`` tag is removed from the prompt)."""
+    from shared.models.store_registry import registered
+
+    root = Path(models_dir) / HYPERNETWORK_DIR
+    found: dict[str, Path] = {}
+    if root.is_dir():
+        for path in sorted(root.rglob("*")):
+            if path.is_file() and path.suffix.lower() in HYPERNETWORK_SUFFIXES:
+                found.setdefault(path.stem, path)
+    for name in sorted(registered(models_dir, HYPERNETWORK_DIR)):
+        found.setdefault(Path(name).stem, root / name)
+    return dict(sorted(found.items(), key=lambda item: item[0].lower()))

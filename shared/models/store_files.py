@@ -110,7 +110,7 @@ def _folder_files(models_dir: Path) -> Iterator[tuple[str, Path, str]]:
     for kind, folder in KIND_FOLDERS.items():
         roots = [(Path(models_dir) / name, name + "/") for name in UPSCALER_FOLDERS] if kind == "upscaler" else \
             [(Path(models_dir) / folder, "")]
-        suffixes = UPSCALER_SUFFIXES if kind == "upscaler" else (".safetensors",)
+        suffixes = {"upscaler": UPSCALER_SUFFIXES, "hypernetwork": (".pt", ".safetensors")}.get(kind, (".safetensors",))
         for root, prefix in roots:
             if not root.is_dir():
                 continue

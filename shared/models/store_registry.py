@@ -47,10 +47,10 @@ __all__ = [
 # The kinds the store holds, and the WebUI folder each is installed in. An upscaler's name starts with its own
 # folder (``ESRGAN/4x-UltraSharp.pth``, ``RealESRGAN/...``: the WebUI names them by folder), so its kind has none.
 KIND_FOLDERS: dict[str, str] = {"checkpoint": CHECKPOINT_DIR, "lora": "Lora", "vae": "VAE", "embedding": "embeddings",
-                                 "controlnet": "ControlNet", "upscaler": ""}
+                                 "controlnet": "ControlNet", "upscaler": "", "hypernetwork": "hypernetworks"}
 # Kinds whose files may be torch pickles: read by their opcodes here, never run, and on a worker only through
 # torch's weights-only unpickler (shared/models/upscalers.py).
-PICKLE_KINDS = {"upscaler": (".pth", ".pt")}
+PICKLE_KINDS = {"upscaler": (".pth", ".pt"), "hypernetwork": (".pt",)}
 SOURCES = ("upload", "url", "folder")
 
 
@@ -164,7 +164,7 @@ def describe_file(path: Path, kind: str, name: str, *, source: str, added_by: st
             raise FieldError(("body", "file"), detection.problem if detection and detection.problem
                              else f"{name}: not a readable .safetensors file")
         architecture, details = detection.architecture, {"layout": detection.layout}
-    elif header is not None and kind not in ("checkpoint", "upscaler"):
+    elif header is not None and kind not in ("checkpoint", "upscaler", "hypernetwork"):
         mismatch = kind_mismatch(kind, header.shapes)
         if mismatch is not None:
             raise FieldError(("body", "file"), f"{name}: {mismatch}")

@@ -379,3 +379,40 @@ def test_an_uploaded_upscaler_pickle_is_read_by_its_opcodes_and_pulled_for_an_up
     assert (done["images"][0]["width"], done["images"][0]["height"]) == (64, 64)
     assert "ESRGAN/4x-demo-realesrgan.pth" in _index(farm.folders[farm.worker_of(done["id"])])
     assert not marker.exists()
+
+
+def _webui_hypernetwork(path: Path) -> Path:
+    """A hypernetwork in the WebUI's own format (modules/hypernetworks/hypernetwork.py save): per context width,
+    two modules of linear layers, with the layer settings beside them."""
+    import torch
+
+    def module(width: int) -> dict[str, torch.Tensor]:
+        return {"linear.0.weight": torch.zeros(width * 2, width), "linear.0.bias": torch.zeros(width * 2),
+                "linear.1.weight": torch.zeros(width, width * 2), "linear.1.bias": torch.zeros(width)}
+
+    torch.save({768: [module(768), module(768)], "layer_structure": [1, 2, 1], "activation_func": "linear",
+                "is_layer_norm": False, "weight_initialization": "Normal", "use_dropout": False, "name": path.stem,
+                "step": 0, "sd_checkpoint": None, "sd_checkpoint_name": None}, path)
+    return path
+
+
+def test_a_hypernetwork_is_stored_listed_and_pulled_for_the_job_that_names_it(store_farm: StoreFarm,
+                                                                              tmp_path: Path) -> None:
+    from devtools.demo_models.upscalers import write_booby_trapped_pth
+
+    farm = store_farm
+    entry = farm.upload(_webui_hypernetwork(tmp_path / "anime-shading.pt"), "hypernetwork")
+    assert entry["file"] == "hypernetworks/anime-shading.pt"
+    marker = tmp_path / "ran"
+    trap = write_booby_trapped_pth(tmp_path / "trap.pt", marker)
+    with farm.client() as client:
+        assert [h["name"] for h in client.get("/sdapi/v1/hypernetworks").json()] == ["anime-shading"]
+        with open(trap, "rb") as file:
+            resp = client.post("/v1/models", data={"kind": "hypernetwork"}, files={"file": ("trap.pt", file)})
+        assert resp.status_code == 422 and "weights-only" in resp.text, resp.text
+    assert not marker.exists()
+    job = farm.submit(JOB | {"prompt": "a harbour <hypernet:anime-shading:0.5>", "seed": 9})["id"]
+    done = farm.wait_for(job, timeout=120)
+    assert done["status"] == "succeeded", done
+    pulled = _index(farm.folders[farm.worker_of(job)])["hypernetworks/anime-shading.pt"]
+    assert pulled["sha256"] == entry["sha256"]

@@ -42,8 +42,9 @@ def _prompts(spec: RenderSpec) -> str:
 
 def needed_records(specs: Iterable[RenderSpec | UpscaleSpec], records: dict[str, ModelRecord]
                    ) -> list[ModelRecord]:
-    """The registry's records of every file the specs use: checkpoint, VAE, LoRAs, ControlNets, upscalers, and the
-    embeddings whose names appear in their prompts (``records`` by path inside the models folder)."""
+    """The registry's records of every file the specs use: checkpoint, VAE, LoRAs, ControlNets, upscalers, the
+    hypernetworks their ``<hypernet:...>`` tags name, and the embeddings whose names appear in their prompts
+    (``records`` by path inside the models folder)."""
     by_kind: dict[str, dict[str, ModelRecord]] = {}
     for record in records.values():
         by_kind.setdefault(record.kind, {})[record.name] = record
@@ -72,6 +73,10 @@ def needed_records(specs: Iterable[RenderSpec | UpscaleSpec], records: dict[str,
             want(controlnet_relpath(unit.model_location))
         want(spec.hr_upscaler_file)
     text = "\n".join(_prompts(spec) for spec in renders)
+    named_hypernets = set(re.findall(r"<hypernet:([^:>]+)", text))
+    for name, record in by_kind.get("hypernetwork", {}).items():
+        if Path(_stem(name)).name in named_hypernets or _stem(name) in named_hypernets:
+            wanted[record.relpath] = record
     for name, record in by_kind.get("embedding", {}).items():
         if re.search(rf"(?<![\w-]){re.escape(Path(_stem(name)).name)}(?![\w-])", text):
             wanted[record.relpath] = record

@@ -92,8 +92,11 @@ def face_restorers(key: SdapiKey) -> list[dict[str, Any]]:
 
 
 @router.get("/hypernetworks")
-def hypernetworks(key: SdapiKey) -> list[dict[str, Any]]:
-    return []
+def hypernetworks(key: SdapiKey, settings: SettingsDep) -> list[dict[str, Any]]:
+    """The hypernetworks in the models folder and the model store, as the WebUI lists them (``name``, ``path``)."""
+    from shared.models.files import list_hypernetworks
+
+    return [{"name": name, "path": str(path)} for name, path in list_hypernetworks(settings.models.models_dir).items()]
 
 
 @router.get("/cmd-flags")
