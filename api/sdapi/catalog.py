@@ -7,6 +7,7 @@ Hashes come from the shared on-disk cache, so a checkpoint is hashed once, not o
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from shared.models.files import VAE_DIR, list_model_files
@@ -18,6 +19,7 @@ from shared.models.registry import (
     scan_checkpoints,
 )
 from shared.models.safetensors_header import safetensors_header_or_none
+from shared.models.store_registry import record_at
 from shared.models.upscalers import BUILTIN_UPSCALERS, LATENT_UPSCALERS, scan_upscalers
 from shared.settings import Settings
 from shared.webui.hashes import HashCache
@@ -74,12 +76,24 @@ def vaes(settings: Settings) -> list[dict[str, Any]]:
     return [{"model_name": name, "filename": f"{VAE_DIR}/{name}"} for name in _loadable(settings, VAE_DIR)]
 
 
+def _header_facts(path: Path) -> tuple[dict[str, Any], list[tuple[int, ...]]]:
+    """A safetensors file's metadata and tensor shapes: from its header, or, for a model store file this machine
+    does not hold, from the registry's record (metadata, and an embedding's shape)."""
+    header = safetensors_header_or_none(path)
+    if header is not None:
+        return dict(header.metadata), list(header.shapes.values())
+    record = record_at(path)
+    if record is None:
+        return {}, []
+    shape = record.details.get("shape")
+    return dict(record.metadata), [tuple(shape)] if shape else []
+
+
 def loras(settings: Settings) -> list[dict[str, Any]]:
     found = []
     for name in _loadable(settings, LORA_DIR):
         stem = name.rsplit(".", 1)[0]
-        header = safetensors_header_or_none(settings.models.models_dir / LORA_DIR / name)
-        metadata = header.metadata if header is not None else {}
+        metadata, _ = _header_facts(settings.models.models_dir / LORA_DIR / name)
         found.append({"name": stem, "alias": metadata.get("ss_output_name") or stem,
                       "path": f"{LORA_DIR}/{name}", "metadata": metadata})
     return found
@@ -89,8 +103,7 @@ def embeddings(settings: Settings) -> dict[str, dict[str, Any]]:
     """``loaded``/``skipped`` like the WebUI; shape and vector count come from the file header."""
     loaded: dict[str, Any] = {}
     for name in _loadable(settings, EMBEDDINGS_DIR):
-        header = safetensors_header_or_none(settings.models.models_dir / EMBEDDINGS_DIR / name)
-        shapes = list(header.shapes.values()) if header is not None else []
+        _, shapes = _header_facts(settings.models.models_dir / EMBEDDINGS_DIR / name)
         shape = shapes[0] if shapes and shapes[0] else [0]
         loaded[name.rsplit(".", 1)[0].rsplit("/", 1)[-1]] = {
             "step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,

@@ -168,6 +168,8 @@ def describe_file(path: Path, kind: str, name: str, *, source: str, added_by: st
         mismatch = kind_mismatch(kind, header.shapes)
         if mismatch is not None:
             raise FieldError(("body", "file"), f"{name}: {mismatch}")
+        if kind == "embedding" and header.shapes:  # the WebUI API lists its vectors and width
+            details = {"shape": list(next(iter(header.shapes.values())))}
     metadata = {k: v for k, v in (header.metadata if header is not None else {}).items() if isinstance(v, str)}
     sha = sha256_file(path)
     return ModelRecord(

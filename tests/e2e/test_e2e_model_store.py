@@ -416,3 +416,22 @@ def test_a_hypernetwork_is_stored_listed_and_pulled_for_the_job_that_names_it(st
     assert done["status"] == "succeeded", done
     pulled = _index(farm.folders[farm.worker_of(job)])["hypernetworks/anime-shading.pt"]
     assert pulled["sha256"] == entry["sha256"]
+
+
+def test_an_uploaded_embedding_is_listed_by_the_webui_api_with_its_vectors(store_farm: StoreFarm,
+                                                                           tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path / "bad-hands.safetensors"
+    save_file({"emb_params": torch.zeros(3, 768)}, str(path))
+    farm = store_farm
+    farm.upload(path, "embedding")
+    with farm.client() as client:
+        loaded = client.get("/sdapi/v1/embeddings").json()["loaded"]
+        assert loaded["bad-hands"]["vectors"] == 3 and loaded["bad-hands"]["shape"] == 768, loaded
+        (ink,) = [entry for entry in client.get("/sdapi/v1/loras").json() if entry["name"] == "ink"]
+        assert ink["metadata"] == {"format": "pt"}  # the registry's copy of the header's metadata
+        job = client.post("/v1/jobs", json=JOB | {"prompt": "a harbour, bad-hands", "seed": 10}).json()["id"]
+    assert farm.wait_for(job, timeout=120)["status"] == "succeeded"
+    assert "embeddings/bad-hands.safetensors" in _index(farm.folders[farm.worker_of(job)])
