@@ -51,7 +51,6 @@ KIND_FOLDERS: dict[str, str] = {"checkpoint": CHECKPOINT_DIR, "lora": "Lora", "v
 # Kinds whose files may be torch pickles: read by their opcodes here, never run, and on a worker only through
 # torch's weights-only unpickler (shared/models/upscalers.py).
 PICKLE_KINDS = {"upscaler": (".pth", ".pt"), "hypernetwork": (".pt",)}
-SOURCES = ("upload", "url", "folder")
 
 
 def object_key(sha256: str) -> str:

@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import quote, urlencode
 
 from shared.storage.base import ObjectNotFoundError, StorageError, validate_key
@@ -54,14 +55,15 @@ class LocalObjectStore:
             raise ValueError(f"storage key {key!r} resolves outside the storage root")
         return path
 
-    def put(self, key: str, data: bytes, content_type: str) -> None:
+    def _write(self, key: str, fill: Callable[[BinaryIO], object]) -> None:
+        """Write the object through a temporary file beside it, synced, then renamed into place (atomic)."""
         path = self.path_for(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp_name = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=path.parent)
             try:
                 with os.fdopen(fd, "wb") as tmp:
-                    tmp.write(data)
+                    fill(tmp)
                     tmp.flush()
                     os.fsync(tmp.fileno())
                 os.replace(tmp_name, path)
@@ -71,22 +73,15 @@ class LocalObjectStore:
         except OSError as e:
             raise StorageError(f"could not write {key!r} under {self.root}: {e}") from e
 
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        self._write(key, lambda out: out.write(data))
+
     def put_file(self, key: str, path: Path, content_type: str) -> None:
-        target = self.path_for(key)
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp_name = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=target.parent)
-            try:
-                with os.fdopen(fd, "wb") as tmp, open(path, "rb") as source:
-                    shutil.copyfileobj(source, tmp, _COPY_CHUNK)
-                    tmp.flush()
-                    os.fsync(tmp.fileno())
-                os.replace(tmp_name, target)
-            except BaseException:
-                Path(tmp_name).unlink(missing_ok=True)
-                raise
-        except OSError as e:
-            raise StorageError(f"could not write {key!r} under {self.root}: {e}") from e
+        def copy(out: BinaryIO) -> None:
+            with open(path, "rb") as source:
+                shutil.copyfileobj(source, out, _COPY_CHUNK)
+
+        self._write(key, copy)
 
     def get_file(self, key: str, path: Path, on_bytes: Callable[[int], None] | None = None) -> None:
         source = self.path_for(key)
