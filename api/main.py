@@ -24,6 +24,7 @@ from api.routes import (
     admin_owners,
     catalog,
     controlnet,
+    datasets,
     files,
     health,
     job_events,
@@ -141,7 +142,7 @@ def create_app() -> FastAPI:
 
     for router in (health.router, jobs.router, job_events.router, models.router, model_uploads.router,
                    model_store.router, files.router, webhooks.router, uploads.router, png_info.router, styles.router,
-                   sdapi.router, controlnet.router, prompt_dictionary.router, usage.router):
+                   sdapi.router, controlnet.router, prompt_dictionary.router, usage.router, datasets.router):
         app.include_router(router)
     for router in (admin.router, admin_jobs.router, admin_owners.router, admin.page_router, metrics.router,
                    studio.router):

@@ -118,6 +118,12 @@ class LimitSettings(BaseSettings):
     max_upload_bytes: int = 32 * 1024 * 1024
     # Upscale jobs (Extras): the largest output they may make.
     max_upscale_pixels: int = 8192 * 8192
+    # Training datasets (POST /v1/datasets): the request, the images in it, what its zip unpacks to, and the
+    # compression ratio past which a zip entry is taken for a zip bomb. Images also obey max_input_pixels.
+    dataset_max_upload_bytes: int = Field(2 * 1024**3, ge=1)
+    dataset_max_images: int = Field(5000, ge=1)
+    dataset_max_unpacked_bytes: int = Field(4 * 1024**3, ge=1)
+    dataset_max_compression_ratio: float = Field(100.0, gt=1)
 
 
 class JobSettings(BaseSettings):
