@@ -300,10 +300,10 @@ class JobRunner:
                 jobs.append(BatchJob(claimed.job_id, spec))
         if not jobs:
             return outcomes
-        pull_error = self._pull([(job.job_id, job.spec) for job in jobs])
-        if pull_error is not None:
-            for job in jobs:
-                outcomes[job.job_id] = self._fail(job.job_id, ErrorType.STORAGE_ERROR, pull_error)
+        for job_id, error in self._pull([(job.job_id, job.spec) for job in jobs]).items():
+            outcomes[job_id] = self._fail(job_id, ErrorType.STORAGE_ERROR, error)
+        jobs = [job for job in jobs if job.job_id not in outcomes]
+        if not jobs:
             return outcomes
         try:
             model = self.pipelines.get(jobs[0].spec.model)
@@ -333,32 +333,46 @@ class JobRunner:
                 outcomes[job.job_id] = self._end_with(job.job_id, exc)
         return outcomes
 
-    def _pull(self, jobs: list[tuple[uuid.UUID, RenderSpec | UpscaleSpec]]) -> str | None:
+    def _pull(self, jobs: list[tuple[uuid.UUID, RenderSpec | UpscaleSpec]]) -> dict[uuid.UUID, str]:
         """Download the model files the jobs need and this worker lacks (they show the phase `downloading`
-        meanwhile); the error that names the file when a pull keeps failing, else None."""
+        meanwhile). Returns, by job, the error naming the file that could not be pulled for it: only the jobs that
+        need that file fail; the others' files are pulled and they render."""
         if self.puller is None:
-            return None
+            return {}
         from worker.model_pull.puller import ModelPullError
 
         ids = [job_id for job_id, _ in jobs]
-        needed = self.puller.needed([spec for _, spec in jobs])
-        missing = self.puller.missing(needed)
-        if not missing:
-            return None
+        each = dict(zip(ids, self.puller.needed([spec for _, spec in jobs]), strict=True))
+        failed: dict[uuid.UUID, str] = {}
+        shown = False
 
         def phase(value: str | None) -> None:
             self._write(lambda session: bool(lifecycle.set_phase(session, ids, self.worker, value)),
                         "setting the phase")
 
+        def downloading() -> None:
+            nonlocal shown
+            if not shown:
+                phase("downloading")
+                shown = True
+
         try:
-            self.puller.pull(missing, on_start=lambda: phase("downloading"),
-                             keep=[record.relpath for record in needed])
-        except ModelPullError as exc:
-            log.error("jobs %s: %s", ", ".join(map(str, ids)), exc)
-            return str(exc)
+            while True:
+                live = {job_id: records for job_id, records in each.items() if job_id not in failed}
+                needed = list({r.relpath: r for records in live.values() for r in records}.values())
+                missing = self.puller.missing(needed)
+                if not missing:
+                    return failed
+                try:
+                    self.puller.pull(missing, on_start=downloading, keep=[record.relpath for record in needed])
+                    return failed
+                except ModelPullError as exc:
+                    hit = [job_id for job_id, records in live.items() if exc.relpath in {r.relpath for r in records}]
+                    log.error("jobs %s: %s", ", ".join(map(str, hit or live)), exc)
+                    failed |= {job_id: str(exc) for job_id in (hit or live)}
         finally:
-            phase(None)
-        return None
+            if shown:
+                phase(None)
 
     def _run_upscale(self, jid: uuid.UUID, spec: UpscaleSpec) -> RunOutcome:
         """An upscale job (the Extras tab): each input upscaled, stored with the WebUI's postprocessing text."""
@@ -379,7 +393,7 @@ class JobRunner:
             except FaceRestorationUnavailable as exc:
                 raise FieldError(("body", "gfpgan_visibility"), f"face restoration is not available: {exc}") from exc
 
-        pull_error = self._pull([(jid, spec)])
+        pull_error = self._pull([(jid, spec)]).get(jid)
         if pull_error is not None:
             return self._fail(jid, ErrorType.STORAGE_ERROR, pull_error)
         started = time.monotonic()

@@ -435,3 +435,28 @@ def test_an_uploaded_embedding_is_listed_by_the_webui_api_with_its_vectors(store
         job = client.post("/v1/jobs", json=JOB | {"prompt": "a harbour, bad-hands", "seed": 10}).json()["id"]
     assert farm.wait_for(job, timeout=120)["status"] == "succeeded"
     assert "embeddings/bad-hands.safetensors" in _index(farm.folders[farm.worker_of(job)])
+
+
+def test_a_file_that_cannot_be_pulled_fails_only_the_jobs_of_a_batch_that_need_it(store_farm: StoreFarm,
+                                                                                  tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    farm = store_farm
+    path = tmp_path / "rotten-style.safetensors"
+    save_file({"emb_params": torch.ones(2, 768)}, str(path))
+    entry = farm.upload(path, "embedding")
+    stored = farm.logs / "objects" / "models" / "sha256" / entry["sha256"]
+    stored.write_bytes(stored.read_bytes()[:-4] + b"\0\0\0\0")
+    with farm.client() as client:
+        assert client.post("/v1/admin/queue/pause").status_code == 200
+        try:
+            rotten = client.post("/v1/jobs", json=JOB | {"prompt": "a harbour, rotten-style", "seed": 11}).json()
+            fine = client.post("/v1/jobs", json=JOB | {"prompt": "a harbour at noon", "seed": 12}).json()
+        finally:
+            assert client.post("/v1/admin/queue/resume").status_code == 200
+    failed, done = farm.wait_for(rotten["id"], timeout=120), farm.wait_for(fine["id"], timeout=120)
+    assert failed["status"] == "failed" and failed["error"]["type"] == "storage_error", failed
+    assert "embeddings/rotten-style.safetensors" in failed["error"]["message"]
+    assert done["status"] == "succeeded", done
+    assert done["batch_id"] == failed["batch_id"] is not None  # they were claimed together

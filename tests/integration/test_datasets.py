@@ -43,7 +43,7 @@ def stored(farm: Farm) -> list[str]:
 
 def test_a_zip_of_images_and_captions_is_stored_listed_and_deleted(api_only: Farm) -> None:
     key = make_key(api_only.env["DATABASE_URL"], "trainer")
-    body = zipped({"ahri/1.png": png("red"), "ahri/1.txt": "ahri, fox ears, smile\n".encode(),
+    body = zipped({"ahri/1.png": png("red"), "ahri/1.txt": b"ahri, fox ears, smile\n",
                    "ahri/2.jpg": _jpeg(), "ahri/3.png": png("blue"), "__MACOSX/ahri/._1.png": b"junk",
                    "ahri/.DS_Store": b"junk"})
     with api_only.client(key) as client:

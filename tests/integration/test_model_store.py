@@ -165,26 +165,26 @@ def test_a_pull_verifies_retries_and_names_the_file(factory: sessionmaker[Sessio
     spec = RenderSpec(model="demo-tiny", prompt="a lighthouse", steps=2, cfg_scale=7, sampler_name="Euler",
                       scheduler="Automatic", seed=1, width=64, height=64, denoising_strength=0.7,
                       loras=(LoraSpec(name="ink", file="ink.safetensors"),))
-    needed = puller.needed([spec])
+    (needed,) = puller.needed([spec])
     assert [r.relpath for r in needed] == ["Lora/ink.safetensors"]
     starts: list[int] = []
     assert puller.pull(puller.missing(needed), on_start=lambda: starts.append(1)) == 1
     assert (folder / "Lora/ink.safetensors").read_bytes() == (source / LORA).read_bytes()
-    assert puller.missing(puller.needed([spec])) == [] and starts == [1]
+    assert puller.missing(puller.needed([spec])[0]) == [] and starts == [1]
 
     stored = tmp_path / "objects" / object_key(record.sha256)
     stored.write_bytes(stored.read_bytes()[:-1] + b"\x00")  # the store's copy rots
     (folder / "Lora/ink.safetensors").unlink()
     (folder / ".pulled" / "index.json").unlink()
     with pytest.raises(ModelPullError) as raised:
-        puller.pull(puller.missing(puller.needed([spec])))
+        puller.pull(puller.missing(puller.needed([spec])[0]))
     message = str(raised.value)
     assert "Lora/ink.safetensors" in message and "sha256" in message and "after 2 tries" in message
     assert not (folder / "Lora/ink.safetensors").exists()
 
     stored.unlink()  # the store lost it
     with pytest.raises(ModelPullError, match="Lora/ink.safetensors"):
-        puller.pull(puller.missing(puller.needed([spec])))
+        puller.pull(puller.missing(puller.needed([spec])[0]))
 
 
 def test_one_process_at_a_time_registers_a_folder(factory: sessionmaker[Session], source: Path) -> None:

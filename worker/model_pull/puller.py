@@ -29,7 +29,11 @@ RETRY_PAUSE_SECONDS = 0.5
 
 
 class ModelPullError(RuntimeError):
-    """A file a job needs could not be pulled; the message names it."""
+    """A file a job needs could not be pulled; the message names it, ``relpath`` is it."""
+
+    def __init__(self, relpath: str, message: str) -> None:
+        super().__init__(message)
+        self.relpath = relpath
 
 
 def _stem(name: str) -> str:
@@ -96,13 +100,14 @@ class ModelPuller:
         self.bytes_per_second = bytes_per_second
         self.downloads = 0  # files this process downloaded (the heartbeat shows it)
 
-    def needed(self, specs: Iterable[RenderSpec | UpscaleSpec]) -> list[ModelRecord]:
-        """The registry's records of the files the specs use, read afresh; those this folder pulled before count
+    def needed(self, specs: Iterable[RenderSpec | UpscaleSpec]) -> list[list[ModelRecord]]:
+        """The registry's records of the files each spec uses, read afresh; those this folder pulled before count
         as used now (the least recently used go first when the disk budget needs room)."""
         self.registry.invalidate()  # one read per batch: a file uploaded a moment ago must be found
-        records = needed_records(specs, self.registry.records())
-        self.files.touch(record.relpath for record in records)
-        return records
+        records = self.registry.records()
+        each = [needed_records([spec], records) for spec in specs]
+        self.files.touch(record.relpath for found in each for record in found)
+        return each
 
     def missing(self, records: Iterable[ModelRecord]) -> list[ModelRecord]:
         """Those of ``records`` this folder lacks: not there at all, or a pulled copy of other bytes (the entry
@@ -132,8 +137,9 @@ class ModelPuller:
         downloaded = 0
         for i, record in enumerate(records):
             if not record.stored:
-                raise ModelPullError(f"{record.relpath} was registered from another machine's models folder and "
-                                     "never uploaded to the model store (renderfarm-admin models register --upload)")
+                raise ModelPullError(record.relpath, f"{record.relpath} was registered from another machine's models "
+                                     "folder and never uploaded to the model store (renderfarm-admin models register "
+                                     "--upload)")
             if i == 0:
                 on_start()
             downloaded += self._pull_one(record, pinned)
@@ -159,8 +165,8 @@ class ModelPuller:
             log.warning("pulling %s, try %d of %d: %s", record.relpath, attempt, self.tries, problem)
             if attempt < self.tries:
                 time.sleep(RETRY_PAUSE_SECONDS * attempt)
-        raise ModelPullError(f"could not pull {record.relpath} (sha256 {record.sha256[:12]}) from the model store "
-                             f"after {self.tries} tries: {problem}")
+        raise ModelPullError(record.relpath, f"could not pull {record.relpath} (sha256 {record.sha256[:12]}) from the "
+                                             f"model store after {self.tries} tries: {problem}")
 
     def _pace(self) -> Callable[[int], None] | None:
         """A callback that holds a download to ``bytes_per_second`` (None: no cap)."""
