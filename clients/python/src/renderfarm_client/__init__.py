@@ -24,13 +24,24 @@ from renderfarm_client.errors import (
     WaitTimeout,
     WebhookVerificationFailed,
 )
-from renderfarm_client.models import BuiltPrompt, Job, JobError, JobImage, JobPage, Model, ModelFile, Upload
+from renderfarm_client.models import (
+    BuiltPrompt,
+    Job,
+    JobError,
+    JobImage,
+    JobPage,
+    Model,
+    ModelFile,
+    StoredModel,
+    Upload,
+)
 from renderfarm_client.pnginfo import read_png_text
 from renderfarm_client.webhooks import verify_webhook
 
 __all__ = [
     "ApiError", "AsyncClient", "AuthenticationError", "BuiltPrompt", "Client", "ClientError", "Conflict",
     "FarmUnreachable", "Job", "JobError", "JobFailed", "JobImage", "JobPage", "Model", "ModelFile", "NotFound",
-    "RateLimited", "RenderfarmError", "RetryPolicy", "ServerError", "Upload", "ValidationError", "WaitTimeout",
+    "RateLimited", "RenderfarmError", "RetryPolicy", "ServerError", "StoredModel", "Upload", "ValidationError",
+    "WaitTimeout",
     "WebhookVerificationFailed", "read_png_text", "verify_webhook",
 ]

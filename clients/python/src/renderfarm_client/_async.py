@@ -25,7 +25,7 @@ from renderfarm_client._http import (
 )
 from renderfarm_client._settings import resolve_api_key, resolve_url
 from renderfarm_client._watch import JobWatch, ProgressCallback, SseDecoder, StreamVerdict
-from renderfarm_client.models import BuiltPrompt, Job, JobImage, JobPage, Model, ModelFile, Upload
+from renderfarm_client.models import BuiltPrompt, Job, JobImage, JobPage, Model, ModelFile, StoredModel, Upload
 from renderfarm_client.webhooks import verify_webhook
 
 T = TypeVar("T")
@@ -111,6 +111,18 @@ class AsyncClient:
     async def upload(self, image: bytes | os.PathLike[str], filename: str | None = None) -> Upload:
         """Store an init image or mask once; use the returned ``ref`` in ``init_images``/``mask``."""
         return await self._call(ops.upload(image, filename))
+
+    async def add_model(self, path: str | os.PathLike[str], kind: str, name: str | None = None, *,
+                        chunk_bytes: int = ops.MODEL_CHUNK_BYTES) -> StoredModel:
+        """Add a model file to the farm's shared store, in resumable chunks (see ``Client.add_model``)."""
+        file = Path(path)
+        size = file.stat().st_size
+        upload_id, offset = await self._call(ops.begin_model_upload(kind, name or file.name, size))
+        while True:
+            chunk = ops.read_chunk(file, offset, chunk_bytes)
+            offset, stored = await self._call(ops.send_model_chunk(upload_id, offset, chunk))
+            if stored is not None:
+                return stored
 
     # -- catalog, prompts, webhooks
 

@@ -42,6 +42,7 @@ class RequestSpec:
     json: Any = None
     headers: dict[str, str] = field(default_factory=dict)
     files: dict[str, tuple[str, bytes, str]] | None = None
+    content: bytes | None = None  # a raw body (a chunk of a resumable model upload)
     timeout: float | None = None
     authenticated: bool = True  # image URLs are signed: sending the key there would leak it (and S3 refuses it)
     replay_safe: bool = True  # may go again after the farm may have acted on it (a 5xx, a dropped connection)
@@ -112,7 +113,7 @@ def build_request(client: httpx.Client | httpx.AsyncClient, spec: RequestSpec, a
         headers["Authorization"] = f"Bearer {api_key}"
     timeout = httpx.Timeout(spec.timeout) if spec.timeout is not None else client.timeout
     return client.build_request(spec.method, spec.path, params=spec.params, json=spec.json, files=spec.files,
-                                headers=headers, timeout=timeout)
+                                content=spec.content, headers=headers, timeout=timeout)
 
 
 def unreachable(spec: RequestSpec, base_url: str, error: httpx.TransportError) -> FarmUnreachable:

@@ -15,8 +15,8 @@ from typing import Any, TypedDict
 
 import httpx
 
-from renderfarm_client._http import Call, RequestSpec, read_json
-from renderfarm_client.models import BuiltPrompt, Job, JobPage, Model, ModelFile, Upload
+from renderfarm_client._http import Call, RequestSpec, error_for, read_json
+from renderfarm_client.models import BuiltPrompt, Job, JobPage, Model, ModelFile, StoredModel, Upload
 
 ImageInput = str | bytes | os.PathLike[str]  # base64 / data URL / upload:<id>, raw image bytes, or a file
 LONG_POLL_GRACE = 15.0  # a long-poll's timeout is its wait plus this
@@ -157,6 +157,41 @@ def upload(image: bytes | os.PathLike[str], filename: str | None) -> Call[Upload
         return Upload(id=str(data["id"]), ref=str(data["ref"]), width=int(data["width"]), height=int(data["height"]))
 
     return Call(RequestSpec("POST", "/v1/uploads", files={"file": (name, data, media_type)}), parse)
+
+
+MODEL_CHUNK_BYTES = 64 * 1024 * 1024
+
+
+def begin_model_upload(kind: str, name: str, size: int) -> Call[tuple[str, int]]:
+    """Start a resumable upload into the model store: (its id, the offset to send from)."""
+    body = {"kind": kind, "name": name, "size": size}
+    return Call(RequestSpec("POST", "/v1/models/uploads", json=body),
+                lambda r: (str(read_json(r)["id"]), int(read_json(r)["offset"])))
+
+
+def send_model_chunk(upload_id: str, offset: int, chunk: bytes) -> Call[tuple[int, StoredModel | None]]:
+    """One chunk at ``offset``: (the offset now, the stored model once the last chunk landed). A 409 is the farm
+    saying where the upload really is (a chunk sent twice after a lost answer): go on from there."""
+
+    def parse(response: httpx.Response) -> tuple[int, StoredModel | None]:
+        if response.status_code == 409 and "Upload-Offset" not in response.headers:
+            raise error_for(response)  # the last chunk landed, and another file has the name
+        offset_now = int(response.headers.get("Upload-Offset", offset))
+        if response.status_code == 409:
+            return offset_now, None
+        data = read_json(response)
+        return (offset_now, StoredModel.from_json(data)) if "sha256" in data else (offset_now, None)
+
+    spec = RequestSpec("PATCH", f"/v1/models/uploads/{upload_id}", content=chunk,
+                       headers={"Upload-Offset": str(offset), "Content-Type": "application/offset+octet-stream"},
+                       ok_statuses=frozenset({200, 201, 409}))
+    return Call(spec, parse)
+
+
+def read_chunk(path: Path, offset: int, chunk_bytes: int) -> bytes:
+    with open(path, "rb") as file:
+        file.seek(offset)
+        return file.read(chunk_bytes)
 
 
 def build_prompt(choices: Mapping[str, Any], seed: int | None) -> Call[BuiltPrompt]:

@@ -24,7 +24,7 @@ from renderfarm_client._http import (
 )
 from renderfarm_client._settings import resolve_api_key, resolve_url
 from renderfarm_client._watch import JobWatch, ProgressCallback, SseDecoder, StreamVerdict
-from renderfarm_client.models import BuiltPrompt, Job, JobImage, JobPage, Model, ModelFile, Upload
+from renderfarm_client.models import BuiltPrompt, Job, JobImage, JobPage, Model, ModelFile, StoredModel, Upload
 from renderfarm_client.webhooks import verify_webhook
 
 T = TypeVar("T")
@@ -110,6 +110,20 @@ class Client:
     def upload(self, image: bytes | os.PathLike[str], filename: str | None = None) -> Upload:
         """Store an init image or mask once; use the returned ``ref`` in ``init_images``/``mask``."""
         return self._call(ops.upload(image, filename))
+
+    def add_model(self, path: str | os.PathLike[str], kind: str, name: str | None = None, *,
+                  chunk_bytes: int = ops.MODEL_CHUNK_BYTES) -> StoredModel:
+        """Add a model file to the farm's shared store (admin keys, or keys with the model permission): sent in
+        chunks that resume where the farm is after a dropped connection. ``kind``: checkpoint, lora, vae,
+        embedding, controlnet, upscaler or hypernetwork; ``name`` its name in that folder (default: the file's)."""
+        file = Path(path)
+        size = file.stat().st_size
+        upload_id, offset = self._call(ops.begin_model_upload(kind, name or file.name, size))
+        while True:
+            offset, stored = self._call(ops.send_model_chunk(upload_id, offset,
+                                                             ops.read_chunk(file, offset, chunk_bytes)))
+            if stored is not None:
+                return stored
 
     # -- catalog, prompts, webhooks
 

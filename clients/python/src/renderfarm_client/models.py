@@ -121,6 +121,24 @@ class ModelFile:
 
 
 @dataclass(frozen=True)
+class StoredModel:
+    """A file in the farm's shared model store (``POST /v1/models``): every worker pulls it when a job needs it."""
+
+    id: int
+    kind: str
+    name: str
+    file: str  # its path inside a models folder: "Lora/ink.safetensors"
+    sha256: str
+    size: int
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StoredModel:
+        return cls(id=int(data["id"]), kind=str(data["kind"]), name=str(data["name"]), file=str(data["file"]),
+                   sha256=str(data["sha256"]), size=int(data["size"]), raw=data)
+
+
+@dataclass(frozen=True)
 class Upload:
     """An uploaded input image; put ``ref`` (``upload:<id>``) in ``init_images`` or ``mask``."""
 
