@@ -224,3 +224,29 @@ def upscaler_checks() -> dict[str, dict[str, Any]]:
         return fleet_upscaler_checks(live_worker_infos(get_redis()))
     except redis.RedisError:
         return {}
+
+
+def resolve_hypernetworks(models_dir: Path, prompt: str) -> list[dict[str, Any]]:
+    """The params' ``hypernetworks``: each ``<hypernet:name:multiplier>`` tag of the prompt, by its file in
+    ``models/hypernetworks`` (or the model store), in order. Unknown names are a 422 naming the prompt."""
+    from shared.models.files import HYPERNETWORK_DIR, list_hypernetworks
+    from shared.models.store_registry import refresh_for
+    from shared.webui.prompts import hypernet_tags
+
+    try:
+        tags = hypernet_tags(prompt)
+    except ValueError as exc:
+        raise FieldError(("body", "prompt"), str(exc)) from exc
+    if not tags:
+        return []
+    known = list_hypernetworks(models_dir)
+    if any(name not in known for name, _ in tags) and refresh_for(models_dir):
+        known = list_hypernetworks(models_dir)
+    found = []
+    for name, multiplier in tags:
+        if name not in known:
+            raise FieldError(("body", "prompt"), f"unknown hypernetwork {name!r} in <hypernet:{name}>; installed: "
+                                                 f"{', '.join(known) or 'none'}")
+        file = known[name].relative_to(Path(models_dir) / HYPERNETWORK_DIR).as_posix()
+        found.append({"name": name, "multiplier": multiplier, "file": file})
+    return found

@@ -64,6 +64,25 @@ def get_embeddings(key: CurrentKey, settings: SettingsDep) -> list[FileView]:
     return _views(list_embeddings(settings.models.models_dir, HashCache.of_models_dir(settings.models.models_dir)))
 
 
+@router.get("/hypernetworks", response_model=list[FileView])
+def get_hypernetworks(key: CurrentKey, settings: SettingsDep) -> list[FileView]:
+    """Hypernetworks a prompt may name with ``<hypernet:name:multiplier>`` (``models/hypernetworks``, and the model
+    store's); ``hash`` is the WebUI's 10-hex short hash (of the model store's record for a file not here)."""
+    from shared.models.files import HYPERNETWORK_DIR, list_hypernetworks
+    from shared.models.store_registry import record_at
+
+    models_dir = settings.models.models_dir
+    cache = HashCache.of_models_dir(models_dir)
+    views = []
+    for name, path in list_hypernetworks(models_dir).items():
+        record = None if path.exists() else record_at(path)
+        size = record.size if record is not None else path.stat().st_size
+        digest = record.short_hash if record is not None else cache.sha256(path)[:10]
+        views.append(FileView(name=name, file=path.relative_to(models_dir / HYPERNETWORK_DIR).as_posix(), size=size,
+                              hash=digest, refused_reason=None))
+    return views
+
+
 @router.post("/models/refresh", response_model=RefreshView)
 def refresh_models(key: AdminKey, settings: SettingsDep) -> RefreshView:
     """Admin only: rescan the models folder; what a client will now see, counted per folder."""

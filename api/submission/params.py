@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from api.model_catalog import resolve_job_loras, upscaler_checks, vae_hash
+from api.model_catalog import resolve_hypernetworks, resolve_job_loras, upscaler_checks, vae_hash
 from api.submission.controlnet import ResolvedUnit, resolve_units
 from api.submission.prompt_builder import apply_prompt_builder
 from shared.controlnet.infotext import units_from_infotext
@@ -302,6 +302,7 @@ def plan_job(req: Txt2ImgRequest, settings: Settings, style_book: StyleBook | No
         params["loras"] = resolve_job_loras(settings.models.models_dir, params["prompt"], params["hr_prompt"],
                                             [(lora.name, lora.weight) for lora in resolved.loras], cache,
                                             skipped_loras)
+        params["hypernetworks"] = resolve_hypernetworks(settings.models.models_dir, params["prompt"])
         params["vae_hash"] = vae_hash(settings.models.models_dir, params["vae"], cache)
         units = resolve_units(resolved.controlnet, settings.models.models_dir, checkpoint.path,
                               params["mode"] == "img2img")

@@ -29,7 +29,8 @@ from shared.controlnet.units import ControlUnit
 from shared.prompt_dictionary.choices import PromptBuilderRequest
 from shared.webui.prompts import extract_lora_tags
 
-__all__ = ["CONTRACT_VERSION", "BatchKey", "JobSpec", "LoraSpec", "RenderSpec", "UpscaleSpec", "parse_job_spec"]
+__all__ = ["CONTRACT_VERSION", "BatchKey", "HypernetSpec", "JobSpec", "LoraSpec", "RenderSpec", "UpscaleSpec",
+           "parse_job_spec"]
 
 CONTRACT_VERSION = 1
 # The WebUI's defaults: img2img's denoising slider, and txt2img's hires fix slider.
@@ -37,6 +38,16 @@ IMG2IMG_DENOISING = 0.75
 HIRES_DENOISING = 0.7
 
 BatchKey = tuple[Any, ...]
+
+
+class HypernetSpec(BaseModel):
+    """One hypernetwork of the job (a ``<hypernet:name:multiplier>`` tag): its file in ``models/hypernetworks``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    multiplier: float = 1.0
+    file: str
 
 
 class LoraSpec(BaseModel):
@@ -118,6 +129,8 @@ class RenderSpec(BaseModel):
     restore_faces: bool = Field(False, description="GFPGAN on each decoded image, before the inpainting overlay")
     loras: tuple[LoraSpec, ...] = Field((), description="every LoRA the job applies (prompt tags and the field)")
     controlnet: tuple[ControlUnit, ...] = Field((), description="enabled ControlNet units, in order")
+    hypernetworks: tuple[HypernetSpec, ...] = Field((), description="the prompt's <hypernet:> tags, applied in order "
+                                                                    "to every attention layer's keys and values")
     batch_invariant: bool = Field(False, description="images denoised one at a time, never with other jobs': "
                                                      "image k is pixel-identical to a single job with seed + k")
     prompt_builder: PromptBuilderRequest | None = Field(None, description="the prompt dictionary's resolved choices "
@@ -202,6 +215,8 @@ class RenderSpec(BaseModel):
         )
         if self.controlnet:  # keys of jobs without units stay what they were
             key += (tuple((unit.model_location, unit.model_title) for unit in self.controlnet),)
+        if self.hypernetworks:  # likewise for hypernetworks
+            key += (("hypernet", *((h.file, h.multiplier) for h in self.hypernetworks)),)
         return key
 
     @property

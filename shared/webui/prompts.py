@@ -354,6 +354,21 @@ def extract_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
     return _EXTRA_NETWORK.sub(take, prompt), loras
 
 
+def hypernet_tags(prompt: str) -> list[tuple[str, float]]:
+    """The ``<hypernet:name[:multiplier]>`` tags of a prompt, in order (the WebUI's extra network: multiplier 1.0
+    when absent). Raises ValueError for a multiplier that is not a number."""
+    found = []
+    for match in _EXTRA_NETWORK.finditer(prompt):
+        if match.group(1) != "hypernet":
+            continue
+        args = match.group(2).split(":")
+        try:
+            found.append((args[0].strip(), float(args[1]) if len(args) > 1 and args[1].strip() else 1.0))
+        except ValueError as exc:
+            raise ValueError(f"{match.group(0)}: the multiplier must be a number") from exc
+    return found
+
+
 def _lora_from_args(tag: str, args: list[str]) -> tuple[str, float]:
     positional = [arg for arg in args if len(arg.split("=", 2)) != 2]
     named = dict(arg.split("=", 1) for arg in args if len(arg.split("=", 2)) == 2)

@@ -382,21 +382,27 @@ def test_an_uploaded_upscaler_pickle_is_read_by_its_opcodes_and_pulled_for_an_up
 
 
 def _webui_hypernetwork(path: Path) -> Path:
-    """A hypernetwork in the WebUI's own format (modules/hypernetworks/hypernetwork.py save): per context width,
-    two modules of linear layers, with the layer settings beside them."""
+    """A hypernetwork in the WebUI's own format (modules/hypernetworks/hypernetwork.py save): per context width
+    (the demo model's: 32 for its text and first blocks, 64 for the next), two modules of linear layers, with the
+    layer settings beside them; random weights, so it changes a render."""
     import torch
 
-    def module(width: int) -> dict[str, torch.Tensor]:
-        return {"linear.0.weight": torch.zeros(width * 2, width), "linear.0.bias": torch.zeros(width * 2),
-                "linear.1.weight": torch.zeros(width, width * 2), "linear.1.bias": torch.zeros(width)}
+    generator = torch.Generator().manual_seed(7)
 
-    torch.save({768: [module(768), module(768)], "layer_structure": [1, 2, 1], "activation_func": "linear",
-                "is_layer_norm": False, "weight_initialization": "Normal", "use_dropout": False, "name": path.stem,
-                "step": 0, "sd_checkpoint": None, "sd_checkpoint_name": None}, path)
+    def module(width: int) -> dict[str, torch.Tensor]:
+        return {"linear.0.weight": torch.randn(width * 2, width, generator=generator) * 0.3,
+                "linear.0.bias": torch.zeros(width * 2),
+                "linear.1.weight": torch.randn(width, width * 2, generator=generator) * 0.3,
+                "linear.1.bias": torch.zeros(width)}
+
+    torch.save({32: [module(32), module(32)], 64: [module(64), module(64)], "layer_structure": [1, 2, 1],
+                "activation_func": "linear", "is_layer_norm": False, "weight_initialization": "Normal",
+                "use_dropout": False, "name": path.stem, "step": 0, "sd_checkpoint": None,
+                "sd_checkpoint_name": None}, path)
     return path
 
 
-def test_a_hypernetwork_is_stored_listed_and_pulled_for_the_job_that_names_it(store_farm: StoreFarm,
+def test_a_hypernetwork_is_stored_listed_pulled_and_applied(store_farm: StoreFarm,
                                                                               tmp_path: Path) -> None:
     from devtools.demo_models.upscalers import write_booby_trapped_pth
 
@@ -407,15 +413,33 @@ def test_a_hypernetwork_is_stored_listed_and_pulled_for_the_job_that_names_it(st
     trap = write_booby_trapped_pth(tmp_path / "trap.pt", marker)
     with farm.client() as client:
         assert [h["name"] for h in client.get("/sdapi/v1/hypernetworks").json()] == ["anime-shading"]
+        (listed,) = client.get("/v1/hypernetworks").json()
+        assert listed["file"] == "anime-shading.pt" and listed["hash"] == entry["sha256"][:10]
         with open(trap, "rb") as file:
             resp = client.post("/v1/models", data={"kind": "hypernetwork"}, files={"file": ("trap.pt", file)})
         assert resp.status_code == 422 and "weights-only" in resp.text, resp.text
     assert not marker.exists()
-    job = farm.submit(JOB | {"prompt": "a harbour <hypernet:anime-shading:0.5>", "seed": 9})["id"]
-    done = farm.wait_for(job, timeout=120)
-    assert done["status"] == "succeeded", done
-    pulled = _index(farm.folders[farm.worker_of(job)])["hypernetworks/anime-shading.pt"]
+    jobs = [farm.submit(JOB | {"prompt": f"a harbour{tag}", "seed": 9})["id"]
+            for tag in ("", " <hypernet:anime-shading:0.8>", " <hypernet:anime-shading:0>")]
+    plain, shaded, zero = (farm.wait_for(job, timeout=120) for job in jobs)
+    assert [j["status"] for j in (plain, shaded, zero)] == ["succeeded"] * 3, (plain, shaded, zero)
+    pulled = _index(farm.folders[farm.worker_of(jobs[1])])["hypernetworks/anime-shading.pt"]
     assert pulled["sha256"] == entry["sha256"]
+    pixels = [_pixels(farm, job) for job in (plain, shaded, zero)]
+    assert (pixels[0] != pixels[1]).any()  # the hypernetwork steers the keys and values
+    assert (pixels[0] == pixels[2]).all()  # multiplier 0: each module is x + 0
+    assert "<hypernet:anime-shading:0.8>" in shaded["images"][0]["infotext"]
+    with farm.client() as client:
+        resp = client.post("/v1/jobs", json=JOB | {"prompt": "a harbour <hypernet:nowhere:1>"})
+        assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["body", "prompt"], resp.text
+
+
+def _pixels(farm: StoreFarm, job: dict[str, Any]) -> Any:
+    import numpy as np
+
+    with farm.client() as client:
+        data = client.get(job["images"][0]["url"]).content
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
 def test_an_uploaded_embedding_is_listed_by_the_webui_api_with_its_vectors(store_farm: StoreFarm,

@@ -19,14 +19,16 @@ OLDEST_ROW: dict[str, Any] = {
 
 
 def stored(**fields: Any) -> dict[str, Any]:
-    """A row as today's API stores it: resolve_params plus the LoRA list, ControlNet units and hires fix's model
-    upscaler (its file and tiles) the API resolves."""
+    """A row as today's API stores it: resolve_params plus the LoRA list, ControlNet units, hypernetworks and hires
+    fix's model upscaler (its file and tiles) the API resolves."""
     units = fields.pop("controlnet", [])
+    hypernetworks = fields.pop("hypernetworks", [])
     upscaler = {"hr_upscaler_file": fields.pop("hr_upscaler_file", None), "upscaler_tile": 192,
                 "upscaler_tile_overlap": 8}
     params = resolve_params(Txt2ImgRequest(seed=7, subseed=9, width=64, height=64, steps=4, **fields), "demo")
     params["loras"] = [{"name": "alpha", "weight": 0.5, "file": "alpha.safetensors", "hash": "0123456789ab"}]
     params["controlnet"] = units
+    params["hypernetworks"] = hypernetworks
     params.update(upscaler)
     return params
 
@@ -191,3 +193,14 @@ def test_an_upscale_job_has_its_own_contract_and_is_never_batched() -> None:
     assert isinstance(parse_job_spec(OLDEST_ROW), RenderSpec)
     with pytest.raises(ValidationError):
         parse_job_spec({**row, "prompt": "not an upscale field"})
+
+
+def test_a_hypernetwork_joins_the_batch_key_and_leaves_other_keys_as_they_were() -> None:
+    plain = RenderSpec.from_stored(stored())
+    assert plain.hypernetworks == ()
+    shaded = RenderSpec.from_stored(stored(hypernetworks=[{"name": "anime", "multiplier": 0.5, "file": "anime.pt"}]))
+    assert shaded.batch_key != plain.batch_key
+    assert shaded.batch_key is not None and plain.batch_key is not None
+    assert shaded.batch_key[:len(plain.batch_key)] == plain.batch_key  # an extra part: old keys stay what they were
+    stronger = RenderSpec.from_stored(stored(hypernetworks=[{"name": "anime", "multiplier": 1.0, "file": "anime.pt"}]))
+    assert stronger.batch_key != shaded.batch_key

@@ -51,6 +51,8 @@ from worker.engine.denoise import (
     start_latents,
 )
 from worker.engine.embeddings import EmbeddingLibrary
+from worker.engine.hypernetworks import Hypernetwork, load_hypernetwork
+from worker.engine.hypernetworks import applied as applied_hypernetworks
 from worker.engine.img2img import (
     Img2ImgInputs,
     apply_overlay,
@@ -116,6 +118,7 @@ class GenerationEngine:
         self.embeddings = EmbeddingLibrary(self.models_dir / "embeddings")
         self.sdxl_embeddings = SdxlEmbeddingLibrary(self.models_dir / "embeddings")
         self.vaes = VaeLibrary(self.models_dir / "VAE")
+        self._hypernet_cache: dict[tuple[str, int, int, str, str], Hypernetwork] = {}
         # Lowered after a CUDA out-of-memory error: images per UNet call this process found to fit.
         self.max_images_learned: int | None = None
         # Callers that hold no LoraCache of their own (tests, tools) get one per pipeline, weakly keyed.
@@ -202,9 +205,10 @@ class GenerationEngine:
             key = job.spec.batch_key or ("alone", job.job_id)  # batch_invariant jobs have no key
             groups.setdefault(key, []).append(job)
         for group in groups.values():
-            try:  # the group's one LoRA set: a missing or broken file is every one of its jobs' input error
+            try:  # the group's one LoRA set (and hypernetworks): a broken file is every one of its jobs' input error
                 requests = job_loras(group[0].spec, self.models_dir / "Lora")
                 cache.apply(pipe, requests)
+                hypernets = self._hypernetworks(group[0].spec, pipe.unet)
             except FieldError as exc:
                 for job in group:
                     run.fail(job.job_id, exc)
@@ -221,9 +225,26 @@ class GenerationEngine:
             spec = group[0].spec
             per_call = 1 if spec.batch_invariant else min(limits.images_per_call(spec.width, spec.height),
                                                           self.max_images_learned or limits.max_images)
-            for start in range(0, len(slots), per_call):
-                self._render_chunk(pipe, slots[start : start + per_call], run)
+            with applied_hypernetworks(pipe.unet, hypernets):
+                for start in range(0, len(slots), per_call):
+                    self._render_chunk(pipe, slots[start : start + per_call], run)
         return run.results()
+
+    def _hypernetworks(self, spec: RenderSpec, unet: Any) -> list[tuple[Hypernetwork, float]]:
+        """The spec's hypernetworks, loaded once per file version and kept on the UNet's device and dtype."""
+        found = []
+        for wanted in spec.hypernetworks:
+            path = self.models_dir / "hypernetworks" / wanted.file
+            if not path.is_file():
+                raise FieldError(("body", "prompt"), f"hypernetwork {wanted.name!r} ({wanted.file}) is not installed "
+                                                     "on this worker")
+            stat = path.stat()
+            key = (str(path), stat.st_mtime_ns, stat.st_size, str(unet.device), str(unet.dtype))
+            if key not in self._hypernet_cache:
+                self._hypernet_cache = {k: v for k, v in self._hypernet_cache.items() if k[0] != str(path)}
+                self._hypernet_cache[key] = load_hypernetwork(path).to(unet.device, unet.dtype)
+            found.append((self._hypernet_cache[key], wanted.multiplier))
+        return found
 
     # -- check inputs, encode prompts --------------------------------------------------------------
 
