@@ -21,7 +21,7 @@ PARAM_KEYS = {
     "resize_mode", "enable_hr", "hr_scale", "hr_resize_x", "hr_resize_y", "hr_upscaler", "hr_second_pass_steps",
     "hr_prompt", "hr_negative_prompt", "hr_sampler_name", "hr_scheduler", "output_format", "loras", "vae_hash",
     "batch_invariant", "controlnet", "restore_faces", "hr_upscaler_file", "upscaler_tile", "upscaler_tile_overlap",
-    "prompt_builder",
+    "prompt_builder", "hypernetworks",
 }
 CHECKPOINT_BYTES = b"not really a checkpoint, but hashed like one"
 CHECKPOINT_HASH = hashlib.sha256(as_safetensors(CHECKPOINT_BYTES)).hexdigest()[:10]
@@ -85,7 +85,7 @@ def test_defaults_fill_every_key(settings: Settings) -> None:
         "hr_second_pass_steps": 0, "hr_prompt": "", "hr_negative_prompt": "", "hr_sampler_name": None,
         "hr_scheduler": None, "output_format": "png", "loras": [], "vae_hash": None, "batch_invariant": False,
         "controlnet": [], "restore_faces": False, "hr_upscaler_file": None, "upscaler_tile": 192,
-        "upscaler_tile_overlap": 8, "prompt_builder": None,
+        "upscaler_tile_overlap": 8, "prompt_builder": None, "hypernetworks": [],
     }
 
 
@@ -97,8 +97,8 @@ def test_random_seeds_are_recorded_and_explicit_ones_kept(settings: Settings) ->
 
 def test_resolve_params_still_works_without_settings() -> None:
     params = resolve_params(Txt2ImgRequest(prompt="orphan", width=64, height=64, steps=2, seed=3), "demo-tiny")
-    # Without settings there is no models folder: nothing resolves a model upscaler's file or its tiles.
-    assert set(params) == PARAM_KEYS - {"hr_upscaler_file", "upscaler_tile", "upscaler_tile_overlap"}
+    # Without settings there is no models folder: nothing resolves a model upscaler's file, its tiles or hypernetworks.
+    assert set(params) == PARAM_KEYS - {"hr_upscaler_file", "upscaler_tile", "upscaler_tile_overlap", "hypernetworks"}
     assert params["seed"] == 3 and params["model"] == "demo-tiny"
 
 
