@@ -75,11 +75,10 @@ def get_hypernetworks(key: CurrentKey, settings: SettingsDep) -> list[FileView]:
     cache = HashCache.of_models_dir(models_dir)
     views = []
     for name, path in list_hypernetworks(models_dir).items():
-        record = None if path.exists() else record_at(path)
-        size = record.size if record is not None else path.stat().st_size
-        digest = record.short_hash if record is not None else cache.sha256(path)[:10]
-        views.append(FileView(name=name, file=path.relative_to(models_dir / HYPERNETWORK_DIR).as_posix(), size=size,
-                              hash=digest, refused_reason=None))
+        record = None if path.exists() else record_at(path)  # the cache reads a missing file's hash from it too
+        views.append(FileView(name=name, file=path.relative_to(models_dir / HYPERNETWORK_DIR).as_posix(),
+                              size=record.size if record is not None else path.stat().st_size,
+                              hash=cache.sha256(path)[:10], refused_reason=None))
     return views
 
 

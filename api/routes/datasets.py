@@ -22,6 +22,7 @@ from starlette.datastructures import UploadFile
 from api.deps import CurrentKey, SessionDep, SettingsDep, StoreDep
 from api.responses import BAD_BODY, INVALID, UNSUPPORTED_MEDIA, ErrorView
 from api.submission.datasets import DatasetImage, DatasetLimits, read_files, read_zip
+from api.submission.multipart import spooled_form
 from shared.db.models import Dataset
 from shared.db.session import get_session_factory
 from shared.errors import FieldError
@@ -103,19 +104,8 @@ def _store(owner: str, name: str, images: list[DatasetImage], store: ObjectStore
 async def create_dataset(request: Request, key: CurrentKey, settings: SettingsDep, store: StoreDep) -> DatasetView:
     """Check and store a training dataset: one zip, or images and ``.txt`` captions, as multipart parts ``file``."""
     limits = settings.limits
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limits.dataset_max_upload_bytes:
-        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE,
-                            detail=f"the dataset is larger than {limits.dataset_max_upload_bytes} bytes")
-    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "multipart/form-data":
-        raise HTTPException(status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
-                            detail="send multipart/form-data with one zip, or images and captions, as parts 'file'")
-    try:
-        form = await request.form(max_files=MAX_PARTS, max_fields=4)
-    except HTTPException:
-        raise
-    except Exception as exc:  # a broken multipart body
-        raise HTTPException(status.HTTP_400_BAD_REQUEST, detail=f"the multipart body could not be read: {exc}") from exc
+    form = await spooled_form(request, limits.dataset_max_upload_bytes, MAX_PARTS,
+                              "one zip, or images and captions, as parts 'file'")
     try:
         parts = [part for part in form.getlist("file") if isinstance(part, UploadFile)]
         if not parts:

@@ -27,6 +27,7 @@ from starlette.datastructures import UploadFile
 
 from api.deps import AdminKey, CurrentKey, SessionDep, SettingsDep, StoreDep
 from api.responses import BAD_BODY, INVALID, UNSUPPORTED_MEDIA, ErrorView
+from api.submission.multipart import spooled_form
 from shared.db.models import ApiKey, ModelFile
 from shared.db.session import get_session_factory
 from shared.errors import FieldError
@@ -144,19 +145,9 @@ async def upload_model(request: Request, settings: SettingsDep, store: StoreDep,
                        key: ApiKey = Depends(require_model_manager)) -> Any:
     """Add a model file to the shared store (multipart: ``file``, ``kind``, optional ``name``). 201 when added, 200
     when the same bytes were already registered under that name; 409 when another file has the name."""
-    declared = request.headers.get("content-length")
-    limit = settings.models.model_upload_max_bytes
-    if declared is not None and declared.isdigit() and int(declared) > limit + (1 << 20):
-        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, detail=f"the file is larger than {limit} bytes")
-    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "multipart/form-data":
-        raise HTTPException(status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, detail="send multipart/form-data with the "
-                                                                           "parts file, kind and name")
-    try:
-        form = await request.form(max_files=1, max_fields=4)
-    except HTTPException:
-        raise
-    except Exception as exc:  # a broken multipart body
-        raise HTTPException(status.HTTP_400_BAD_REQUEST, detail=f"the multipart body could not be read: {exc}") from exc
+    # the declared size may exceed the file's by the multipart framing
+    form = await spooled_form(request, settings.models.model_upload_max_bytes + (1 << 20), 1,
+                              "the parts file, kind and name")
     try:
         upload = form.get("file")
         if not isinstance(upload, UploadFile):

@@ -2,8 +2,8 @@
 
 The upload and png-info routes take both shapes, as WebUI clients send either. The body is read
 with a byte cap before anything parses it. Multipart is parsed here (RFC 7578: one delimiter
-split, binary-safe) rather than through Starlette's form parser, which needs the optional
-``python-multipart`` package that this project does not install.
+split, binary-safe) from a capped read: an image is small. Large files go through
+:mod:`api.submission.multipart` (Starlette's parser, spooled to disk).
 """
 
 from __future__ import annotations
