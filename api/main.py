@@ -38,6 +38,7 @@ from api.routes import (
     sdapi,
     studio,
     styles,
+    trainings,
     uploads,
     usage,
     webhooks,
@@ -142,7 +143,8 @@ def create_app() -> FastAPI:
 
     for router in (health.router, jobs.router, job_events.router, models.router, model_uploads.router,
                    model_store.router, files.router, webhooks.router, uploads.router, png_info.router, styles.router,
-                   sdapi.router, controlnet.router, prompt_dictionary.router, usage.router, datasets.router):
+                   sdapi.router, controlnet.router, prompt_dictionary.router, usage.router, datasets.router,
+                   trainings.router):
         app.include_router(router)
     for router in (admin.router, admin_jobs.router, admin_owners.router, admin.page_router, metrics.router,
                    studio.router):

@@ -207,6 +207,21 @@ class BatchingSettings(BaseSettings):
     batch_pixel_budget: int = Field(0, ge=0)
 
 
+class TrainingSettings(BaseSettings):
+    """Training jobs (issue 15): embeddings and hypernetworks trained on the `train` queue. A worker takes them
+    only when its Celery consumer follows that queue (`-Q render,train`, or `-Q train` for a training-only worker)."""
+
+    model_config = _FLAT
+
+    # A training is stopped (failed as `timeout`, its last checkpoint kept) after this long on one attempt.
+    training_time_limit: int = Field(6 * 3600, ge=60)
+    training_max_steps: int = Field(100_000, ge=1)
+    # The largest training_width / training_height (and preview) side in pixels.
+    training_max_side: int = Field(1024, ge=64)
+    # A running training's step, loss and ETA are written at most this often.
+    training_progress_seconds: float = Field(2.0, ge=0.1, le=60)
+
+
 class AdminSettings(BaseSettings):
     """The admin dashboard, /metrics and pause."""
 
@@ -356,6 +371,7 @@ class Settings(BaseModel):
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     fair_share: FairShareSettings = Field(default_factory=FairShareSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
 
 
 def worker_process_name(settings: Settings, pid: int) -> str:

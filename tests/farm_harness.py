@@ -78,11 +78,13 @@ def start_api(env: dict[str, str], log_dir: Path, name: str = "api") -> tuple[Pr
     return proc, base
 
 
-def start_worker(env: dict[str, str], log_dir: Path, name: str = "w1", timeout: float = 180) -> Proc:
+def start_worker(env: dict[str, str], log_dir: Path, name: str = "w1", timeout: float = 180,
+                 queues: str = "render") -> Proc:
+    """A render worker (Celery, one process); ``queues`` "render,train" also takes trainings, "train" only them."""
     log_path = log_dir / f"worker-{name}.log"
     env = dict(env, RENDERFARM_WORKER_NAME=name)
     popen = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "render", "-c", "1",
+        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", queues, "-c", "1",
          "--prefetch-multiplier=1", "-n", f"{name}@%h", "--without-mingle", "--without-gossip",
          "--loglevel=INFO"],
         cwd=ROOT, env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True,

@@ -23,11 +23,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.errors import FieldError
 from shared.jobs import lifecycle
-from shared.jobs.contract import JobSpec, RenderSpec, UpscaleSpec, parse_job_spec
+from shared.jobs.contract import JobSpec, RenderSpec, TrainSpec, UpscaleSpec, parse_job_spec
 from shared.jobs.fair_share import FairOrder
 from shared.jobs.repository import held_job
 from shared.jobs.states import ErrorType
 from shared.queueing.farm_state import get_pause_state
+from shared.queueing.queues import QueueName
 from shared.queueing.routing import affinity_keys, desired_queues, disk_key
 from shared.settings import Settings
 from shared.storage.base import ObjectStore, StorageError, TransientStorageError
@@ -136,6 +137,20 @@ def read_spec(params: dict[str, Any]) -> JobSpec:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3])
         raise FieldError(("params",), f"this worker cannot render the job's parameters: {problems}") from exc
+
+
+class LeaseLost(RuntimeError):
+    """The job's lease went to another worker (this one was presumed lost): stop without writing anything more."""
+
+
+@dataclass
+class _ClaimedTraining:
+    """A training in hand: its id, params, owner and the state an earlier attempt left (`jobs.training`)."""
+
+    job_id: uuid.UUID
+    params: dict[str, Any]
+    owner: str
+    training: dict[str, Any]
 
 
 @dataclass
@@ -294,7 +309,10 @@ class JobRunner:
             except FieldError as exc:
                 outcomes[claimed.job_id] = self._fail(claimed.job_id, ErrorType.INVALID_INPUT, exc.message)
                 continue
-            if isinstance(spec, UpscaleSpec):  # never batched: its batch is itself
+            if isinstance(spec, TrainSpec):  # trainings come only from the train queue (run_training)
+                outcomes[claimed.job_id] = self._fail(claimed.job_id, ErrorType.INVALID_INPUT,
+                                                      "a training cannot be rendered; it runs on the train queue")
+            elif isinstance(spec, UpscaleSpec):  # never batched: its batch is itself
                 outcomes[claimed.job_id] = self._run_upscale(claimed.job_id, spec)
             else:
                 jobs.append(BatchJob(claimed.job_id, spec))
@@ -333,7 +351,112 @@ class JobRunner:
                 outcomes[job.job_id] = self._end_with(job.job_id, exc)
         return outcomes
 
-    def _pull(self, jobs: list[tuple[uuid.UUID, RenderSpec | UpscaleSpec]]) -> dict[uuid.UUID, str]:
+    def run_training(self, job_id: str) -> RunOutcome:
+        """Claim a training from the `train` queue (fair share among trainings) and run it to its end: resumed from
+        its last checkpoint when an earlier attempt was lost, checkpointed every `save_every` steps, its result
+        installed into the model store (worker/training_job.py, worker/engine/training/)."""
+        jid = uuid.UUID(job_id)
+        claimed = with_db_retry(lambda: self._claim_training(jid), "claiming a training")
+        if claimed is None:
+            log.info("training %s is not queued any more (duplicate delivery or done); nothing to do", job_id)
+            return RunOutcome.SKIPPED
+        self.control.begin([claimed.job_id], self.settings.training.training_time_limit)
+        try:
+            outcome = self._train(claimed)
+        finally:
+            self.control.end()
+        if self._fair_order is not None:
+            with_db_retry(lambda: self._nudge([claimed.job_id]), "nudging capped owners' next jobs")
+        return outcome
+
+    def _claim_training(self, jid: uuid.UUID) -> _ClaimedTraining | None:
+        with self.session_factory() as session:
+            jobs = lifecycle.claim_batch(session, jid, self.worker, self.settings.jobs.lease_seconds,
+                                         [QueueName.TRAIN], 0, self._fair_order)
+            claimed = [_ClaimedTraining(job.id, dict(job.params), job.owner, dict(job.training or {}))
+                       for job in jobs]
+            lifecycle.commit(session)
+            return claimed[0] if claimed else None
+
+    def _train(self, claimed: _ClaimedTraining) -> RunOutcome:
+        from worker.engine.training import train
+        from worker.training_job import (
+            TrainingProgress,
+            checkpoint_key,
+            install_result,
+            load_samples,
+            preview_key,
+            preview_png,
+        )
+
+        jid = claimed.job_id
+        try:
+            spec = read_spec(claimed.params)
+        except FieldError as exc:
+            return self._fail(jid, ErrorType.INVALID_INPUT, exc.message)
+        if not isinstance(spec, TrainSpec):
+            return self._fail(jid, ErrorType.INVALID_INPUT, "a job on the train queue that is not a training")
+        pull_error = self._pull([(jid, spec)]).get(jid)
+        if pull_error is not None:
+            return self._fail(jid, ErrorType.STORAGE_ERROR, pull_error)
+        progress = TrainingProgress.resumed(spec.steps, claimed.training)
+        every = self.settings.training.training_progress_seconds
+        last_write = time.monotonic()
+
+        def write() -> None:
+            nonlocal last_write
+            state, fraction = progress.as_dict(), progress.fraction
+            if not self._write(lambda s: lifecycle.report_training(s, jid, self.worker, state, fraction),
+                               "recording the training's progress"):
+                raise LeaseLost(jid)
+            last_write = time.monotonic()
+
+        def on_step(report: Any) -> None:
+            progress.record_step(report.step, report.loss, report.learn_rate)
+            self.control.on_step(jid, report.step, report.steps)  # a cancel or the time limit stops it here
+            if time.monotonic() - last_write >= every:
+                write()
+
+        def on_checkpoint(step: int, data: bytes) -> None:
+            key = checkpoint_key(jid)
+            put_with_retry(self.store, key, data, content_type="application/octet-stream")
+            progress.checkpoint = {"step": step, "key": key}
+            write()
+
+        def on_preview(step: int, image: Any, prompt: str) -> None:
+            key = preview_key(jid, step)
+            put_with_retry(self.store, key, preview_png(image, prompt, step, spec))
+            progress.previews.append({"step": step, "key": key, "prompt": prompt})
+            write()
+
+        started = time.monotonic()
+        try:
+            resume = self.store.get(progress.checkpoint["key"]) if progress.checkpoint else None
+            if resume is not None:
+                log.info("training %s: resuming from the checkpoint at step %d", jid, progress.step)
+            write()
+            samples = load_samples(spec, self.store.get)
+            model = self.pipelines.get(spec.model)
+            result = train(model.pipeline, spec, samples, resume=resume, on_step=on_step,
+                           on_checkpoint=on_checkpoint, on_preview=on_preview)
+            with self.session_factory() as session:
+                progress.result = install_result(session, self.store, spec, jid, claimed.owner, result.file_bytes)
+            progress.probe_loss = (result.probe_loss_before, result.probe_loss_after)
+        except LeaseLost:
+            log.warning("training %s: lease lost; another attempt goes on from its last checkpoint", jid)
+            return RunOutcome.LOST
+        except (Exception, *self.time_limit_errors) as exc:
+            return self._end_with(jid, exc)
+        state, seconds = progress.as_dict(), round(time.monotonic() - started, 4)
+        if not self._write(lambda s: lifecycle.succeed(s, jid, self.worker, [], spec.model_hash, None, seconds,
+                                                       training=state), "recording the training's result"):
+            log.warning("training %s: lease lost before completion; result installed, not recorded", jid)
+            return RunOutcome.LOST
+        log.info("training %s: %s installed (%s steps, loss %.4f)", jid, state["result"]["file"], spec.steps,
+                 progress.loss or float("nan"))
+        return RunOutcome.SUCCEEDED
+
+    def _pull(self, jobs: list[tuple[uuid.UUID, JobSpec]]) -> dict[uuid.UUID, str]:
         """Download the model files the jobs need and this worker lacks (they show the phase `downloading`
         meanwhile). Returns, by job, the error naming the file that could not be pulled for it: only the jobs that
         need that file fail; the others' files are pulled and they render."""

@@ -17,12 +17,13 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from api.submission import idempotency
 from api.submission.inputs import StagedInputs, stage_inputs
-from api.submission.params import JobPlan, plan_job
-from api.submission.upscale import UpscalePlan, plan_upscale, stage_upscale_inputs
+from api.submission.params import plan_job
+from api.submission.upscale import plan_upscale, stage_upscale_inputs
 from shared.db.models import ApiKey, Job
 from shared.errors import FieldError
 from shared.jobs import lifecycle, repository
 from shared.jobs.schemas import Txt2ImgRequest, UpscaleRequest
+from shared.jobs.training_schemas import TrainingRequest
 from shared.owners import effective_policy
 from shared.queueing.queues import QueueName
 from shared.queueing.routing import get_router
@@ -32,16 +33,17 @@ from shared.webhooks.outbox import check_webhook_events
 from shared.webhooks.ssrf import WebhookUrlError, check_webhook_url
 
 log = logging.getLogger(__name__)
+SubmittedBody = Txt2ImgRequest | UpscaleRequest | TrainingRequest
 
 
 @dataclass(frozen=True)
 class Submitted:
     job: Job
-    plan: JobPlan | UpscalePlan
+    plan: object  # what the request was resolved into: a JobPlan, an UpscalePlan, a TrainingPlan
     replayed: bool  # an earlier request with the same Idempotency-Key made this job
 
 
-def check_webhook(body: Txt2ImgRequest | UpscaleRequest) -> list[str] | None:
+def check_webhook(body: SubmittedBody) -> list[str] | None:
     """The SSRF guard runs at submit (and again at delivery): private and loopback targets are refused."""
     if body.webhook_url is not None:
         try:
@@ -75,7 +77,7 @@ def submit_job(
     params = plan.with_inputs(inputs.init_keys, inputs.mask_key, inputs.control_keys).to_stored()
     route = get_router().queue_for(plan.checkpoint.name,
                                    plan.spec.controlnet[0].model_title if plan.spec.controlnet else None)
-    return _persist(session, key, body, plan, params, plan.checkpoint.name, route, inputs, webhook_events, store,
+    return persist(session, key, body, plan, params, plan.checkpoint.name, route, inputs, webhook_events, store,
                     settings.jobs.max_attempts, idempotency_key)
 
 
@@ -93,7 +95,7 @@ def submit_upscale(
     plan = plan_upscale(body, settings)
     webhook_events = check_webhook(body)
     spec, inputs = stage_upscale_inputs(plan, owner=key.owner, store=store, settings=settings)
-    return _persist(session, key, body, plan, spec.to_stored(), plan.model_name, QueueName.RENDER, inputs,
+    return persist(session, key, body, plan, spec.to_stored(), plan.model_name, QueueName.RENDER, inputs,
                     webhook_events, store, settings.jobs.max_attempts, idempotency_key)
 
 
@@ -112,7 +114,7 @@ class _KeyTaken(Exception):
     """A concurrent request recorded the same Idempotency-Key first."""
 
 
-def _persist(session: Session, key: ApiKey, body: Txt2ImgRequest | UpscaleRequest, plan: JobPlan | UpscalePlan,
+def persist(session: Session, key: ApiKey, body: SubmittedBody, plan: object,
              params: dict[str, Any], model_name: str, route: str, inputs: StagedInputs,
              webhook_events: list[str] | None, store: ObjectStore, max_attempts: int,
              idempotency_key: str | None) -> Submitted:
@@ -153,7 +155,7 @@ def _persist(session: Session, key: ApiKey, body: Txt2ImgRequest | UpscaleReques
 
 
 def _replay(session: Session, key: ApiKey, idempotency_key: str, body_fingerprint: str,
-            plan: JobPlan | UpscalePlan) -> Submitted | None:
+            plan: object) -> Submitted | None:
     """The job an earlier request with this Idempotency-Key made, or None when the key is free."""
     try:
         reservation = idempotency.find(session, key.id, idempotency_key, body_fingerprint)

@@ -98,6 +98,10 @@ class Job(Base):
     # What a running job is doing before it renders: "downloading" while its worker pulls model files from the
     # model store (issue 19); None otherwise. Not a state: the status stays `running`.
     phase: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    # A training job's own state (issue 15; None for renders), written only by `lifecycle.report_training`:
+    # {"step", "steps", "loss", "learn_rate", "eta_seconds", "losses": [...], "checkpoint": {"step", "key"},
+    #  "previews": [{"step", "key", "prompt"}], "result": {"file", "sha256", ...}}.
+    training: Mapped[dict[str, Any] | None] = mapped_column(JSONB, nullable=True)
 
     images: Mapped[list[JobImage]] = relationship(
         back_populates="job", order_by="JobImage.index", lazy="selectin"

@@ -26,11 +26,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shared.controlnet.units import ControlUnit
+from shared.jobs.training_spec import TRAIN_MODE, TrainSpec
 from shared.prompt_dictionary.choices import PromptBuilderRequest
 from shared.webui.prompts import extract_lora_tags
 
-__all__ = ["CONTRACT_VERSION", "BatchKey", "HypernetSpec", "JobSpec", "LoraSpec", "RenderSpec", "UpscaleSpec",
-           "parse_job_spec"]
+__all__ = ["CONTRACT_VERSION", "BatchKey", "HypernetSpec", "JobSpec", "LoraSpec", "RenderSpec", "TrainSpec",
+           "UpscaleSpec", "parse_job_spec"]
 
 CONTRACT_VERSION = 1
 # The WebUI's defaults: img2img's denoising slider, and txt2img's hires fix slider.
@@ -274,13 +275,15 @@ class UpscaleSpec(BaseModel):
         return self.model_dump(mode="json")
 
 
-JobSpec = RenderSpec | UpscaleSpec
+JobSpec = RenderSpec | UpscaleSpec | TrainSpec
 
 
 def parse_job_spec(params: dict[str, Any]) -> JobSpec:
     """The contract of a ``jobs.params`` row, by its mode; raises pydantic's ValidationError."""
     if params.get("mode") == "upscale":
         return UpscaleSpec.from_stored(params)
+    if params.get("mode") == TRAIN_MODE:
+        return TrainSpec.from_stored(params)
     return RenderSpec.from_stored(params)
 
 

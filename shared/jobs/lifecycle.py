@@ -9,7 +9,7 @@ Callers end the transaction with `commit(session)`: commit, then publish (rule 2
 scheduled on the session, so a rollback drops it with the changes it announced.
 
 Transitions: `submit` (-> queued), `claim` / `claim_batch` / `claim_partners` (queued -> running, a batch
-claimed in one transaction), `report_progress` and `renew_lease(s)`
+claimed in one transaction), `report_progress`, `report_training` and `renew_lease(s)`
 (running, no state change), `succeed`, `fail`, `cancel` / `finish_canceled`, `retry` (a finished job
 -> a new queued job), and recovery: `expire_leases` (running -> queued or failed), `republish_*`
 (queued, published again). Not state changes either: `move_to_front` (an admin's "run next") and
@@ -27,7 +27,7 @@ from enum import StrEnum
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import ColumnElement, and_, event, func, select, update
+from sqlalchemy import ColumnElement, and_, case, event, func, select, update
 from sqlalchemy.orm import Session
 
 from shared.clock import utcnow
@@ -36,6 +36,7 @@ from shared.jobs import fair_share
 from shared.jobs.contract import RenderSpec
 from shared.jobs.fair_share import FairOrder
 from shared.jobs.states import ErrorType, JobStatus, check_transition
+from shared.jobs.training_spec import TRAIN_MODE
 from shared.owners.usage import record_usage
 from shared.queueing import job_notices
 from shared.queueing.queues import QueueName, publish_render
@@ -220,7 +221,9 @@ def submit(
 
 
 def _batch_key(params: dict[str, Any]) -> str | None:
-    """The stored batch key of a job's contract; a row the contract cannot read is never batched."""
+    """The stored batch key of a job's contract; a row the contract cannot read, or a training, is never batched."""
+    if params.get("mode") in (TRAIN_MODE, "upscale"):
+        return None
     try:
         return RenderSpec.from_stored(params).batch_key_digest
     except ValidationError:
@@ -460,6 +463,23 @@ def set_phase(session: Session, job_ids: Collection[uuid.UUID], worker: str, pha
     return changed
 
 
+def report_training(session: Session, job_id: uuid.UUID, worker: str, training: dict[str, Any], progress: float
+                    ) -> bool:
+    """A running training's own state (step, loss, ETA, its last checkpoint, previews: `jobs.training`) and its
+    progress, with a throttled `progress` event. No state change; only the lease holder writes it."""
+    changed = session.execute(
+        update(Job)
+        .where(Job.status == JobStatus.RUNNING, *_held_by(job_id, worker))
+        .values(training=training, progress=progress)
+        .returning(Job.id)
+    ).scalar_one_or_none()
+    if changed is None:
+        return False
+    _pending(session).notices.append(job_id)
+    _record_event(session, job_id, "progress")
+    return True
+
+
 @dataclass(frozen=True)
 class NewImage:
     index: int
@@ -472,11 +492,14 @@ class NewImage:
 
 def succeed(
     session: Session, job_id: uuid.UUID, worker: str, images: Sequence[NewImage], model_hash: str | None = None,
-    batch_images: int | None = None, render_seconds: float | None = None,
+    batch_images: int | None = None, render_seconds: float | None = None, training: dict[str, Any] | None = None,
 ) -> bool:
     """running -> succeeded with its outputs, in one transaction; False if the lease was lost. ``batch_images``:
-    the images per UNet call that rendered it; ``render_seconds``: its share of its batch's render time."""
+    the images per UNet call that rendered it; ``render_seconds``: its share of its batch's render time (a
+    training: its time on this attempt); ``training``: a training's final state, with its installed ``result``."""
     extra: dict[str, Any] = {"model_hash": model_hash} if model_hash else {}
+    if training is not None:
+        extra["training"] = training
     if batch_images is not None:
         extra["batch_images"] = batch_images
     if render_seconds is not None:
@@ -560,15 +583,28 @@ def expire_leases(session: Session) -> tuple[list[uuid.UUID], list[uuid.UUID]]:
     )
     requeued = _move(
         session, JobStatus.RUNNING, JobStatus.QUEUED, [*expired, Job.attempt < Job.max_attempts],
-        dict(lease_owner=None, lease_until=None, published_at=now, route=QueueName.RENDER),
+        dict(lease_owner=None, lease_until=None, published_at=now, route=_shared_queue()),
     )
     for job_id in failed:
         log.warning("job %s failed: worker lost on every attempt", job_id)
         _record_event(session, job_id)
     for job_id in requeued:
         log.warning("job %s: lease expired, back to the queue", job_id)
-    _pending(session).renders += [(job_id, QueueName.RENDER, False) for job_id in requeued]
+    _pending(session).renders += _routes_of(session, requeued)
     return requeued, failed
+
+
+def _shared_queue() -> ColumnElement[str]:
+    """The queue a job goes back to when no worker is preferred any more: `train` for trainings, else `render`."""
+    return case((Job.mode == TRAIN_MODE, str(QueueName.TRAIN)), else_=str(QueueName.RENDER))
+
+
+def _routes_of(session: Session, job_ids: Sequence[uuid.UUID]) -> list[tuple[uuid.UUID, str, bool]]:
+    """The messages to send for jobs just routed to their shared queue (after the UPDATE that set the route)."""
+    if not job_ids:
+        return []
+    routes = dict(session.execute(select(Job.id, Job.route).where(Job.id.in_(list(job_ids)))).tuples().all())
+    return [(job_id, routes.get(job_id) or QueueName.RENDER, False) for job_id in job_ids]
 
 
 def _republish(session: Session, condition: ColumnElement[bool], limit: int) -> list[uuid.UUID]:
@@ -578,11 +614,11 @@ def _republish(session: Session, condition: ColumnElement[bool], limit: int) -> 
                   .limit(limit).with_for_update(skip_locked=True))
     ids = list(
         session.execute(
-            update(Job).where(Job.id.in_(candidates)).values(published_at=utcnow(), route=QueueName.RENDER)
+            update(Job).where(Job.id.in_(candidates)).values(published_at=utcnow(), route=_shared_queue())
             .returning(Job.id)
         ).scalars()
     )
-    _pending(session).renders += [(job_id, QueueName.RENDER, False) for job_id in ids]
+    _pending(session).renders += _routes_of(session, ids)
     return ids
 
 

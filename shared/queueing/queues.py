@@ -18,11 +18,13 @@ from shared.settings import Settings, get_settings
 
 class QueueName(StrEnum):
     RENDER = "render"
+    TRAIN = "train"  # training jobs (issue 15): consumed only by workers started with `-Q ...,train`
     WEBHOOKS = "webhooks"  # consumed by worker.webhook_sender.app, never by render workers
 
 
 class TaskName(StrEnum):
     RENDER_JOB = "renderfarm.render_job"
+    TRAIN_JOB = "renderfarm.train_job"
     DELIVER_WEBHOOK = "renderfarm.deliver_webhook"
 
 
@@ -44,6 +46,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_default_queue": QueueName.RENDER,
         "task_routes": {
             TaskName.RENDER_JOB: {"queue": QueueName.RENDER},
+            TaskName.TRAIN_JOB: {"queue": QueueName.TRAIN},
             TaskName.DELIVER_WEBHOOK: {"queue": QueueName.WEBHOOKS},
         },
         "worker_send_task_events": True,
@@ -60,9 +63,10 @@ def get_producer() -> Celery:
 
 
 def publish_render(job_id: uuid.UUID, queue: str = QueueName.RENDER) -> None:
-    """Tell a render queue (the shared one, or a model's: shared/queueing/routing.py) that a job may be ready.
-    Call only after the job's row has committed."""
+    """Tell a job queue (the shared render queue, a model's: shared/queueing/routing.py, or the training queue)
+    that a job may be ready. Call only after the job's row has committed."""
+    task = TaskName.TRAIN_JOB if queue == QueueName.TRAIN else TaskName.RENDER_JOB
     get_producer().send_task(
-        TaskName.RENDER_JOB, args=[str(job_id)], queue=queue, retry=True,
+        task, args=[str(job_id)], queue=queue, retry=True,
         retry_policy={"max_retries": 3, "interval_start": 0.1, "interval_step": 0.5, "interval_max": 2},
     )

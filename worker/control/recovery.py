@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.jobs import lifecycle
 from shared.queueing.fleet import broker_queue, live_worker_infos
+from shared.queueing.queues import QueueName
 from shared.queueing.routing import held_by_every_worker, model_queue_keys, orphan_model_queues
 from worker.control.periodic import Periodic
 
@@ -97,9 +98,10 @@ class RecoveryLoop(Periodic):
             self._redis.delete(*orphans)
 
     def broker_depth(self) -> int:
-        """Messages waiting in the render queues plus those delivered but not yet acknowledged."""
+        """Messages waiting in the render queues and the training queue, plus those delivered but not yet
+        acknowledged (one hash for every queue)."""
         queue = broker_queue(self._redis)
-        return queue.waiting + queue.unacked
+        return queue.waiting + broker_queue(self._redis, QueueName.TRAIN).waiting + queue.unacked
 
     def tick(self) -> None:
         try:

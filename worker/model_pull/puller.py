@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from shared.controlnet.models import controlnet_relpath
-from shared.jobs.contract import RenderSpec, UpscaleSpec
+from shared.jobs.contract import JobSpec, RenderSpec, UpscaleSpec
 from shared.models.store_registry import ModelRecord, RegistryView, object_key
 from shared.storage.base import ObjectNotFoundError, ObjectStore, StorageError
 from worker.model_pull.disk_cache import HashMismatchError, PulledFiles
@@ -44,7 +44,7 @@ def _prompts(spec: RenderSpec) -> str:
     return "\n".join((spec.prompt, spec.negative_prompt, spec.hr_prompt, spec.hr_negative_prompt))
 
 
-def needed_records(specs: Iterable[RenderSpec | UpscaleSpec], records: dict[str, ModelRecord]
+def needed_records(specs: Iterable[JobSpec], records: dict[str, ModelRecord]
                    ) -> list[ModelRecord]:
     """The registry's records of every file the specs use: checkpoint, VAE, LoRAs, ControlNets, upscalers, the
     hypernetworks their ``<hypernet:...>`` tags name, and the embeddings whose names appear in their prompts
@@ -63,6 +63,10 @@ def needed_records(specs: Iterable[RenderSpec | UpscaleSpec], records: dict[str,
         if isinstance(spec, UpscaleSpec):
             want(spec.upscaler_1_file)
             want(spec.upscaler_2_file)
+            continue
+        if not isinstance(spec, RenderSpec):  # a training: its base checkpoint
+            wanted.update({r.relpath: r for name, r in by_kind.get("checkpoint", {}).items()
+                           if spec.model in (name, _stem(name))})
             continue
         renders.append(spec)
         for name, record in by_kind.get("checkpoint", {}).items():
@@ -100,7 +104,7 @@ class ModelPuller:
         self.bytes_per_second = bytes_per_second
         self.downloads = 0  # files this process downloaded (the heartbeat shows it)
 
-    def needed(self, specs: Iterable[RenderSpec | UpscaleSpec]) -> list[list[ModelRecord]]:
+    def needed(self, specs: Iterable[JobSpec]) -> list[list[ModelRecord]]:
         """The registry's records of the files each spec uses, read afresh; those this folder pulled before count
         as used now (the least recently used go first when the disk budget needs room)."""
         self.registry.invalidate()  # one read per batch: a file uploaded a moment ago must be found

@@ -1,0 +1,183 @@
+"""A training request checked and resolved into the training contract, then submitted as a job (issue 15).
+
+Everything is checked before anything is stored: the kind, the output's name (and whether a file already has it),
+the caller's dataset, the base checkpoint (SD1.x: the text encoder width embeddings and hypernetworks are made
+for), sizes, the learning-rate schedule, the template, the hypernetwork's structure. A bad field is a 422 naming it.
+The job goes to the `train` queue, never batched, with the dataset's images as they are now.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.orm import Session
+
+from api.submission.inputs import StagedInputs
+from api.submission.submit import Submitted, check_webhook, persist
+from shared.db.models import ApiKey, Dataset
+from shared.errors import FieldError
+from shared.jobs.training_schemas import EMBEDDING_ONLY, HYPERNETWORK_ONLY, TrainingRequest
+from shared.jobs.training_spec import (
+    DEFAULT_TEMPLATE,
+    NAME_PATTERN,
+    TEMPLATES,
+    DatasetItem,
+    TrainSpec,
+    parse_learn_rate,
+)
+from shared.models.architecture import checkpoint_architecture
+from shared.models.registry import CheckpointFile, default_checkpoint, resolve_checkpoint
+from shared.models.store_registry import registered
+from shared.queueing.queues import QueueName
+from shared.settings import Settings
+from shared.storage.base import ObjectStore
+from shared.webui.hashes import HashCache
+
+SD1_ARCHITECTURES = ("sd15", "demo-tiny")  # shared/models/architecture.py's SD1.x families
+# The WebUI's hypernetwork sizes (its "Modules" checkboxes) and activation names (its dropdown: "linear" is none).
+HYPERNETWORK_SIZES = (768, 1024, 320, 640, 1280)
+ACTIVATIONS = ("linear", "relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid", "celu", "gelu", "glu",
+               "hardshrink", "hardsigmoid", "hardtanh", "logsigmoid", "mish", "prelu", "rrelu", "relu6", "selu",
+               "silu", "softplus", "softshrink", "softsign", "tanhshrink")
+
+
+def _field(name: str) -> tuple[str, ...]:
+    return ("body", name)
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """A fully checked training: its contract and base checkpoint."""
+
+    spec: TrainSpec
+    checkpoint: CheckpointFile
+
+
+def parse_floats(value: str | list[float], name: str) -> tuple[float, ...]:
+    """'1, 2, 1' or [1, 2, 1] as numbers; a 422 naming ``name`` otherwise."""
+    try:
+        numbers = [float(part) for part in value.split(",")] if isinstance(value, str) else [float(v) for v in value]
+    except ValueError as exc:
+        raise FieldError(_field(name), f"{value!r}: numbers separated by commas, such as '1, 2, 1'") from exc
+    return tuple(numbers)
+
+
+def output_exists(models_dir: Path, spec_file: str) -> bool:
+    """Whether the models folder or the model store already has a file where the training would install."""
+    folder, name = spec_file.split("/", 1)
+    return (models_dir / spec_file).exists() or name in registered(models_dir, folder)
+
+
+def _hypernetwork_options(body: TrainingRequest) -> dict[str, object]:
+    structure = parse_floats(body.layer_structure, "layer_structure")
+    if len(structure) < 2 or structure[0] != 1 or structure[-1] != 1 or any(v <= 0 or v > 64 for v in structure):
+        raise FieldError(_field("layer_structure"), "starts and ends with 1, each value in (0, 64], such as "
+                                                    "'1, 2, 1' (the WebUI's rule)")
+    sizes = sorted(set(body.enable_sizes))
+    if any(size not in HYPERNETWORK_SIZES for size in sizes):
+        raise FieldError(_field("enable_sizes"), f"each of {', '.join(map(str, HYPERNETWORK_SIZES))}")
+    activation = body.activation_func.lower()
+    if activation not in ACTIVATIONS:
+        raise FieldError(_field("activation_func"), f"one of {', '.join(ACTIVATIONS)}")
+    dropout = None
+    if body.dropout_structure is not None:
+        dropout = parse_floats(body.dropout_structure, "dropout_structure")
+        if (len(dropout) != len(structure) or dropout[0] != 0 or dropout[-1] != 0
+                or any(not 0 <= v < 1 for v in dropout)):
+            raise FieldError(_field("dropout_structure"), "one value per layer_structure entry, each in [0, 1), "
+                                                          "the first and the last 0 (the WebUI's rule)")
+    return dict(enable_sizes=tuple(sizes), layer_structure=structure, activation_func=activation,
+                weight_init=body.weight_init, add_layer_norm=body.add_layer_norm, use_dropout=body.use_dropout,
+                dropout_structure=dropout)
+
+
+def _dataset(session: Session, dataset_id: uuid.UUID, owner: str, batch_size: int) -> Dataset:
+    row = session.get(Dataset, dataset_id)
+    if row is None or row.owner != owner:
+        raise FieldError(_field("dataset"), f"no dataset {dataset_id} of yours; upload one with POST /v1/datasets")
+    if row.image_count < batch_size:
+        raise FieldError(_field("batch_size"), f"batch_size {batch_size} is more than the dataset's "
+                                               f"{row.image_count} images")
+    return row
+
+
+def _checkpoint(body: TrainingRequest, settings: Settings) -> CheckpointFile:
+    models_dir = settings.models.models_dir
+    requested = body.model or default_checkpoint(models_dir, settings.models.default_model)
+    if requested is None:
+        raise FieldError(_field("model"), "no checkpoint is installed; put a .safetensors file in Stable-diffusion/")
+    checkpoint = resolve_checkpoint(models_dir, requested)
+    architecture = checkpoint_architecture(checkpoint.path)
+    if architecture is not None and architecture not in SD1_ARCHITECTURES:
+        raise FieldError(_field("model"), f"{checkpoint.name} is {architecture}; trainings take an SD1.x checkpoint "
+                                          "(embeddings and hypernetworks are made for its 768-wide text encoder)")
+    return checkpoint
+
+
+def plan_training(session: Session, key: ApiKey, body: TrainingRequest, settings: Settings) -> TrainingPlan:
+    """Check everything and build the contract; raises FieldError (nothing stored)."""
+    limits = settings.training
+    name = body.name.strip()
+    if not NAME_PATTERN.match(name) or name.endswith("."):
+        raise FieldError(_field("name"), "letters, digits, space, '_', '.', '-'; 1 to 100 characters, starting "
+                                         "with a letter or digit (it names a file in the models folder)")
+    if body.kind == "lora":
+        raise FieldError(_field("kind"), "lora training is not built yet; embedding or hypernetwork")
+    unused = [name for name in (HYPERNETWORK_ONLY if body.kind == "embedding" else EMBEDDING_ONLY)
+              if name in body.model_fields_set]
+    if unused:
+        raise FieldError(_field(unused[0]), f"{unused[0]} applies to "
+                                            f"{'hypernetworks' if body.kind == 'embedding' else 'embeddings'} only")
+    if body.steps > limits.training_max_steps:
+        raise FieldError(_field("steps"), f"at most {limits.training_max_steps} (RENDERFARM_TRAINING_MAX_STEPS)")
+    for side in ("training_width", "training_height"):
+        if getattr(body, side) > limits.training_max_side:
+            raise FieldError(_field(side), f"at most {limits.training_max_side} (RENDERFARM_TRAINING_MAX_SIDE)")
+    try:
+        parse_learn_rate(body.learn_rate, body.steps)
+    except ValueError as exc:
+        raise FieldError(_field("learn_rate"), str(exc)) from exc
+    if body.template is not None and body.template_filename is not None:
+        raise FieldError(_field("template"), "give template or template_filename, not both")
+    template_name = body.template_filename or (None if body.template else DEFAULT_TEMPLATE[body.kind])
+    if template_name is not None and template_name not in TEMPLATES:
+        raise FieldError(_field("template_filename"), f"one of {', '.join(TEMPLATES)}")
+    template = tuple(body.template) if body.template else TEMPLATES[template_name or ""]
+    options = _hypernetwork_options(body) if body.kind == "hypernetwork" else {}
+    if body.kind == "embedding" and not body.init_text.strip():
+        options["init_text"] = "*"
+    dataset = _dataset(session, body.dataset, key.owner, body.batch_size)
+    checkpoint = _checkpoint(body, settings)
+    cache = HashCache.of_models_dir(settings.models.models_dir)
+    spec = TrainSpec(
+        kind=body.kind, name=name, model=checkpoint.name,
+        model_hash=cache.checkpoint(checkpoint.path),
+        dataset=str(dataset.id),
+        items=tuple(DatasetItem(key=item["key"], caption=item.get("caption") or "") for item in dataset.items),
+        steps=body.steps, seed=body.seed if body.seed >= 0 else random.randrange(2**32),
+        learn_rate=body.learn_rate.strip(), batch_size=body.batch_size, gradient_step=body.gradient_step,
+        clip_grad_mode=body.clip_grad_mode, clip_grad_value=body.clip_grad_value,
+        training_width=body.training_width, training_height=body.training_height, template=template,
+        template_filename=template_name, shuffle_tags=body.shuffle_tags, tag_drop_out=body.tag_drop_out,
+        save_every=body.save_every, create_image_every=body.create_image_every,
+        preview_prompt=body.preview_prompt, preview_steps=body.preview_steps,
+        preview_cfg_scale=body.preview_cfg_scale, overwrite_old=body.overwrite_old,
+        init_text=str(options.pop("init_text", body.init_text)), nvpt=body.nvpt, **options,
+    )
+    if not spec.overwrite_old and output_exists(settings.models.models_dir, spec.output_file):
+        raise FieldError(_field("name"), f"{spec.output_file} already exists; choose another name, or set "
+                                         "overwrite_old to replace it")
+    return TrainingPlan(spec, checkpoint)
+
+
+def submit_training(session: Session, key: ApiKey, body: TrainingRequest, settings: Settings, store: ObjectStore,
+                    *, idempotency_key: str | None = None) -> Submitted:
+    """Create and enqueue a training on the `train` queue (the same transaction and Idempotency-Key rules as a
+    render job); raises FieldError with nothing stored on bad input."""
+    plan = plan_training(session, key, body, settings)
+    webhook_events = check_webhook(body)
+    return persist(session, key, body, plan, plan.spec.to_stored(), plan.checkpoint.name, QueueName.TRAIN,
+                   StagedInputs(), webhook_events, store, settings.jobs.max_attempts, idempotency_key)

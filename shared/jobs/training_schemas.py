@@ -1,0 +1,133 @@
+"""What `POST /v1/trainings` takes and what `GET /v1/trainings/{id}` shows (issue 15).
+
+Option names are the WebUI's (its Train tab, `/sdapi/v1/create/*` and `/sdapi/v1/train/*`); the request is resolved
+into the training contract (`shared/jobs/training_spec.py:TrainSpec`) by `api/submission/training.py`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from shared.jobs.schemas import ErrorView
+from shared.jobs.states import JobStatus
+
+EMBEDDING_ONLY = ("init_text", "nvpt")
+HYPERNETWORK_ONLY = ("enable_sizes", "layer_structure", "activation_func", "weight_init", "add_layer_norm",
+                     "use_dropout", "dropout_structure")
+
+
+class TrainingRequest(BaseModel):
+    """A training: what to train (`kind`, `name`), on which images (`dataset`) and checkpoint (`model`), how long
+    (`steps`), and the WebUI's options."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    kind: Literal["embedding", "hypernetwork", "lora"] = Field(
+        description="embedding (textual inversion) or hypernetwork; lora is not built yet (refused)")
+    name: str = Field(min_length=1, max_length=100, description="the output's name (models/embeddings/<name>."
+                                                                "safetensors, models/hypernetworks/<name>.pt)")
+    dataset: uuid.UUID = Field(description="a dataset of yours (POST /v1/datasets)")
+    model: str | None = Field(None, max_length=500, description="the base checkpoint (default: the farm's)")
+    steps: int = Field(ge=1, description="optimizer steps (the WebUI's max steps)")
+    seed: int = Field(-1, ge=-1, le=2**32 - 1, description="data order, timesteps and noise; -1: random")
+    learn_rate: str = Field("0.005", max_length=500, description="a rate, or the WebUI's schedule "
+                                                                  "'0.005:100, 1e-3:1000, 1e-5'")
+    batch_size: int = Field(1, ge=1, le=64)
+    gradient_step: int = Field(1, ge=1, le=1000, description="gradient accumulation steps")
+    clip_grad_mode: Literal["disabled", "value", "norm"] = "disabled"
+    clip_grad_value: float = Field(0.1, gt=0, le=1e6)
+    training_width: int = Field(512, ge=64, multiple_of=8)
+    training_height: int = Field(512, ge=64, multiple_of=8)
+    template_filename: str | None = Field(None, description="one of the farm's templates (GET /v1/trainings/"
+                                                            "templates); default by kind")
+    template: list[str] | None = Field(None, max_length=1000, description="your own prompt template's lines "
+                                                                          "([name], [filewords]) instead of a file")
+    shuffle_tags: bool = False
+    tag_drop_out: float = Field(0.0, ge=0, le=1)
+    save_every: int = Field(0, ge=0, description="a checkpoint every N steps: a lost worker resumes from the last; "
+                                                 "0: at the end only")
+    create_image_every: int = Field(0, ge=0, description="a preview image every N steps; 0: none")
+    preview_prompt: str = Field("", max_length=5000, description="the previews' prompt; empty: the template's "
+                                                                "first line for the dataset's first caption")
+    preview_steps: int = Field(20, ge=1, le=150)
+    preview_cfg_scale: float = Field(7.0, ge=1, le=30)
+    overwrite_old: bool = Field(False, description="replace an existing file of that name")
+    init_text: str = Field("*", max_length=1000, description="embedding: the words its vectors start from")
+    nvpt: int = Field(1, ge=1, le=75, description="embedding: number of vectors per token")
+    enable_sizes: list[int] = Field([768, 320, 640, 1280], min_length=1, description="hypernetwork: modules")
+    layer_structure: str | list[float] = Field("1, 2, 1", description="hypernetwork: e.g. '1, 2, 1'")
+    activation_func: str = Field("linear", max_length=40)
+    weight_init: Literal["Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal"] = "Normal"
+    add_layer_norm: bool = False
+    use_dropout: bool = False
+    dropout_structure: str | list[float] | None = Field(None, description="hypernetwork: e.g. '0, 0, 0.1, 0'")
+    priority: int = Field(0, ge=-100, le=100)
+    webhook_url: str | None = Field(None, max_length=2000)
+    webhook_events: list[str] | None = None
+
+    @field_validator("template")
+    @classmethod
+    def _lines(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        lines = [line.strip() for line in value if line.strip()]
+        if not lines:
+            raise ValueError("give at least one non-empty line")
+        if any(len(line) > 1000 for line in lines):
+            raise ValueError("a line is longer than 1000 characters")
+        return lines
+
+
+class TrainingPreview(BaseModel):
+    step: int
+    url: str
+    prompt: str
+
+
+class TrainingResult(BaseModel):
+    file: str = Field(description="where it is installed, relative to the models folder")
+    name: str = Field(description="how prompts name it: the embedding's word, or <hypernet:NAME:1>")
+    sha256: str
+    size: int
+
+
+class TrainingView(BaseModel):
+    """A training as the farm shows it: a job's status and leases, with its step, loss, ETA and result."""
+
+    id: uuid.UUID
+    kind: str
+    name: str
+    status: JobStatus
+    status_seq: int
+    model: str
+    dataset: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    attempt: int
+    progress: float
+    step: int = Field(description="steps done (survives a resume)")
+    steps: int
+    loss: float | None = Field(description="the latest step's loss")
+    learn_rate: float | None
+    eta_seconds: float | None = Field(description="estimated seconds until done, while running")
+    losses: list[list[float]] = Field(description="[step, loss] pairs, thinned to at most a few hundred")
+    checkpoint_step: int | None = Field(description="the step of the last checkpoint (where a resume starts)")
+    previews: list[TrainingPreview]
+    result: TrainingResult | None
+    probe_loss: list[float] | None = Field(None, description="once done: the loss on a fixed probe batch (fixed "
+                                                             "images, timesteps and noise) before and after training")
+    params: dict[str, Any]
+    error: ErrorView | None
+    links: dict[str, str]
+
+
+class TrainingPage(BaseModel):
+    trainings: list[TrainingView]
+    total: int
+    limit: int
+    offset: int
