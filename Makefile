@@ -6,8 +6,8 @@ STAMP := $(VENV)/.installed
 
 .PHONY: up test lint install clean-var chromium
 
-# The Python client (clients/python) is installed too: its `renderfarm` CLI replaces the farm's script of that
-# name and hands the operator commands (`up`, `create-key`, `migrate`) to devtools.cli.
+# The Python client (clients/python) is installed too: its `renderfarm` CLI passes the operator commands (`up`,
+# `create-key`, `migrate`, `owners`) on to the farm's own script, `renderfarm-admin` (devtools.cli).
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip

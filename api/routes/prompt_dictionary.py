@@ -96,6 +96,9 @@ class BuiltView(BaseModel):
                                                 "rebuild this prompt")
     seed: int
     settings: SettingsView | None = Field(description="a character's infotext settings; null without one")
+    warnings: list[str] = Field(default_factory=list,
+                                description="the notes' advice the choices go against (e.g. more than a few props "
+                                            "get swallowed); the prompt is built all the same")
 
 
 def _dictionary(settings: Settings) -> PromptDictionary:
@@ -137,8 +140,10 @@ def get_prompt_dictionary(key: CurrentKey, settings: SettingsDep) -> DictionaryV
 
 @router.post("/prompts/build", response_model=BuiltView, responses=_BROKEN)
 def build(body: PromptBuilderRequest, key: CurrentKey, settings: SettingsDep) -> BuiltView:
-    """Choices → prompt and negative prompt; a broken rule is a 422 naming the choice (``detail[0].loc``)."""
+    """Choices → prompt and negative prompt; a broken rule is a 422 naming the choice (``detail[0].loc``), advice
+    the notes give (more props than a few) is a ``warnings`` entry."""
     built = build_prompt(_dictionary(settings), body.choices, body.seed, field=("body", "choices"))
     return BuiltView(prompt=built.prompt, negative_prompt=built.negative_prompt,
                      choices=built.choices.model_dump(mode="json", by_alias=True), seed=built.seed,
-                     settings=SettingsView(**built.settings.model_dump()) if built.settings is not None else None)
+                     settings=SettingsView(**built.settings.model_dump()) if built.settings is not None else None,
+                     warnings=list(built.warnings))

@@ -2,7 +2,8 @@
 // select (a quality preset or a character, never both), radio buttons where a category takes exactly one, radio
 // buttons with "none" where it takes at most one, checkboxes that disable themselves at a category's limit (two hair
 // colours), colour + outfit selects, and categories locked while the preset draws no people or the character's own
-// prompt decides them. "Build prompt" sends the choices to POST /v1/prompts/build, which still checks every rule.
+// prompt decides them; the props picker shows the notes' warning. "Build prompt" sends the choices to POST
+// /v1/prompts/build, which still checks every rule, and lists the warnings of the build it answers.
 
 import { $, ApiError, api, el, fillSelect } from "./lib.js";
 
@@ -13,6 +14,11 @@ const RULES = {
   color: () => "one; none: random",
   many: (c) => (c.max ? `up to ${c.max}` : "any number"),
   outfit: () => "colour + outfit",
+};
+// Categories whose rule is the notes' advice rather than a limit: shown next to the picker from the dictionary's
+// notes (an operator's file may word it differently). POST /v1/prompts/build warns when the advice is not taken.
+const ADVICE = {
+  props: { note: "props", rule: "several, but not recommended" },
 };
 
 let dictionary = null;
@@ -71,10 +77,12 @@ function categoryPicker(category) {
   };
   const build = pickers[category.select];
   if (!build) return null;
-  const rule = RULES[category.select](category);
+  const advice = ADVICE[category.key] ? dictionary.notes?.[ADVICE[category.key].note] : null;
+  const rule = advice ? ADVICE[category.key].rule : RULES[category.select](category);
   return el("fieldset", { class: `dict-category select-${category.select}`, "data-key": category.key },
     el("legend", {}, `${category.label_ko || ""} ${category.label} `, el("span", { class: "muted", text: rule }),
       el("span", { class: "locked" })),
+    advice ? el("p", { class: "advice", text: `⚠ ${advice}` }) : null,
     ...build());
 }
 
@@ -84,6 +92,7 @@ function render() {
     ...dictionary.characters.map((c) => [`character:${c.id}`, `character: ${c.name}`])], false);
   $("dict-categories").replaceChildren(...dictionary.categories.map(categoryPicker).filter(Boolean));
   $("dict-error").textContent = "";
+  $("dict-warnings").textContent = "";
   lockCategories();
 }
 
@@ -160,12 +169,15 @@ function blendText() {
 
 async function build(onBuilt) {
   $("dict-error").textContent = "";
+  $("dict-warnings").textContent = "";
   const seedText = $("dict-seed").value.trim();
   try {
     const built = await api("/v1/prompts/build", {
       method: "POST", body: { choices: readChoices(), seed: seedText === "" ? null : Number(seedText) },
     });
     $("dict-seed").value = built.seed ?? "";
+    // Built all the same, but against the notes' advice (more than a few props get swallowed).
+    $("dict-warnings").replaceChildren(...(built.warnings ?? []).map((text) => el("li", { text })));
     onBuilt(built);
   } catch (err) {
     $("dict-error").textContent = err.message;

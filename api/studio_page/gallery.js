@@ -1,7 +1,7 @@
 // The gallery: the signed-in key's jobs, newest first (GET /v1/jobs), a page at a time, filtered by status and
 // model; each image with its seed, infotext and a download link, and each job's settings ready to reuse.
 
-import { $, api, el, safeUrl } from "./lib.js";
+import { $, api, el, imageFileName, safeUrl } from "./lib.js";
 
 const PAGE = 12;
 let offset = 0;
@@ -13,7 +13,7 @@ function imageCard(job, image) {
       el("img", { src: safeUrl(image.url), alt: `seed ${image.seed}`, loading: "lazy" })),
     el("figcaption", {},
       el("span", { text: `seed ${image.seed}` }),
-      el("a", { href: safeUrl(image.url), download: `${job.id}-${image.index}.png`, text: "Download" }),
+      el("a", { href: safeUrl(image.url), download: imageFileName(job, image), text: "Download" }),
       el("button", { type: "button", class: "small", text: "Send to img2img",
         onclick: () => actions.toImg2img(image, job.params) })),
     el("details", {}, el("summary", { text: "Infotext" }), el("pre", { text: image.infotext })));

@@ -120,6 +120,9 @@ export function fillSelect(select, items, keep = true) {
   if (keep && items.some(([value]) => value === previous)) select.value = previous;
 }
 
+/** The name an image downloads as: `<job id>-<index>.<the job's output_format>` (png unless it says otherwise). */
+export const imageFileName = (job, image) => `${job.id}-${image.index}.${job.params?.output_format || "png"}`;
+
 /** Only http(s) and same-origin paths become links or image sources. */
 export const safeUrl = (url) => (typeof url === "string" && /^(https?:\/\/|\/)/.test(url) ? url : null);
 

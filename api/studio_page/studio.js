@@ -6,7 +6,7 @@ import { setupDictionary } from "./dictionary.js";
 import { setupGallery, showGallery } from "./gallery.js";
 import { infotextToParams, parseInfotext } from "./infotext.js";
 import {
-  $, AuthError, api, dropKey, el, fillSelect, followEvents, getKey, safeUrl, setKey,
+  $, AuthError, api, dropKey, el, fillSelect, followEvents, getKey, imageFileName, safeUrl, setKey,
 } from "./lib.js";
 
 const TERMINAL = ["succeeded", "failed", "canceled"];
@@ -212,7 +212,7 @@ function selectOutput(job, image) {
   $("output-info").hidden = false;
   $("output-seed").textContent = image.seed;
   $("output-download").href = safeUrl(image.url) || "#";
-  $("output-download").download = `${job.id}-${image.index}.${job.params.output_format || "png"}`;
+  $("output-download").download = imageFileName(job, image);
   $("output-infotext").textContent = image.infotext;
   $("output-to-img2img").onclick = () => sendToImg2img(image, job.params);
   for (const img of $("output-images").children) {

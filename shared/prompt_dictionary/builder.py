@@ -18,6 +18,9 @@ sections apart where the WebUI joins them. A section nobody chose is left out.
 ``random`` (and a default the notes leave to chance: one hair colour) is drawn from ``seed``, one
 independent generator per choice, and written into the returned choices: building those choices again
 gives the same prompt with any seed.
+
+A build that breaks no rule but goes against the notes' advice carries ``warnings``: more props than
+:data:`PROPS_WARN_ABOVE` ("more than a few get swallowed") still build, as the notes allow several.
 """
 
 from __future__ import annotations
@@ -32,12 +35,17 @@ from shared.errors import FieldError
 from shared.prompt_dictionary.choices import MAX_BUILDER_SEED, BlendChoice, Choices, OutfitChoice
 from shared.prompt_dictionary.vocabulary import Character, CharacterSettings, PromptDictionary, QualityPreset
 
-__all__ = ["RANDOM", "BuiltPrompt", "build_prompt"]
+__all__ = ["PROPS_WARN_ABOVE", "RANDOM", "BuiltPrompt", "build_prompt"]
 
 RANDOM = "random"
 RANDOM_EYES = "random color eyes"
 # Categories that describe a person: none of them goes with a preset that draws no people.
 _PERSON_KEYS = ("hair_length", "hair_style", "hair_colors", "eye_color", "expression", "traits", "outfit", "props")
+# The notes allow several props but warn that "more than a few get swallowed" (the dictionary's notes.props);
+# they give no number, so "a few" is taken as three: a fourth prop makes the build warn (it is not refused).
+PROPS_WARN_ABOVE = 3
+# The warning when an operator's dictionary has no notes.props of its own.
+_PROPS_NOTE = "Several allowed but not recommended: more than a few get swallowed, and held props risk broken hands."
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,7 @@ class BuiltPrompt:
     choices: Choices  # resolved: no "random" left, defaults written out
     seed: int
     settings: CharacterSettings | None  # a character's infotext settings
+    warnings: tuple[str, ...] = ()  # the notes' advice the choices go against; the prompt is built all the same
 
 
 def _as_list(value: str | list[str] | None) -> list[str]:
@@ -172,6 +181,13 @@ def _eyes_line(eye_color: str | None, expression: str | None, rules: _Rules, def
     return _line(eyes, expression or "", *companions)
 
 
+def _warnings(dictionary: PromptDictionary, props: list[str]) -> tuple[str, ...]:
+    if len(props) <= PROPS_WARN_ABOVE:
+        return ()
+    note = dictionary.notes.get("props", "").strip() or _PROPS_NOTE
+    return (f"{len(props)} props chosen (more than {PROPS_WARN_ABOVE}): {note}",)
+
+
 def _preset_and_character(rules: _Rules, choices: Choices) -> tuple[QualityPreset | None, Character | None]:
     dictionary = rules.dictionary
     preset = dictionary.preset(choices.preset) if choices.preset is not None else None
@@ -193,7 +209,8 @@ def build_prompt(dictionary: PromptDictionary, choices: Choices | Mapping[str, A
     """The prompt of ``choices``; raises FieldError at ``field`` + the choice's key when a rule is broken.
 
     ``seed`` None or -1 draws a new one (returned). Omitted keys take the notes' defaults: without a
-    character, one random hair colour and ``random color eyes``.
+    character, one random hair colour and ``random color eyes``. More than :data:`PROPS_WARN_ABOVE` props
+    build, with the notes' warning in ``warnings``.
 
     >>> from shared.prompt_dictionary.vocabulary import SHIPPED_FILE, read_prompt_dictionary
     >>> built = build_prompt(read_prompt_dictionary(SHIPPED_FILE), {"hair_length": "long hair",
@@ -245,4 +262,5 @@ def build_prompt(dictionary: PromptDictionary, choices: Choices | Mapping[str, A
         "expression": expression, "traits": traits, "outfit": outfit, "props": props, "blend": blend,
     })
     return BuiltPrompt(prompt="\n".join(_line(line) for line in lines if line.strip()), negative_prompt=negative,
-                       choices=resolved, seed=seed, settings=character.settings if character is not None else None)
+                       choices=resolved, seed=seed, settings=character.settings if character is not None else None,
+                       warnings=_warnings(dictionary, props))

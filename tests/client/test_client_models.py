@@ -14,6 +14,8 @@ from safetensors.torch import save_file
 
 from tests.farm_harness import Farm
 
+pytestmark = pytest.mark.e2e  # drives a real farm (the tests/client modules mark themselves: no folder marker here)
+
 
 class DropsOneAnswer(httpx.HTTPTransport):
     """Passes every request to the farm, but loses the farm's answer to the third chunk: the client cannot know

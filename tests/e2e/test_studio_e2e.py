@@ -7,6 +7,7 @@ infotext and from a dropped PNG. The module runs its own farm (API + worker) so 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -125,7 +126,20 @@ def test_studio_in_a_real_browser(studio_farm: Farm) -> None:
             page.check(dict_input("traits", "cat ears"))
             page.select_option("#dict-outfit-color", "pink")
             page.select_option("#dict-outfit-name", "maid uniform")
-            page.check(dict_input("props", "sunglasses"))
+            # Props: as many as wanted, but the picker says what the notes say, and a build of more than a few
+            # warns (and still builds).
+            with studio_farm.client(key) as client:
+                props_note = client.get("/v1/prompt-dictionary").json()["notes"]["props"]
+            assert "more than a few get swallowed" in props_note
+            expect(page.locator('.dict-category[data-key="props"] .advice')).to_have_text(f"⚠ {props_note}")
+            expect(page.locator('.dict-category[data-key="props"] legend')).not_to_contain_text("any number")
+            for prop in ("sunglasses", "gloves", "earrings", "choker"):
+                page.check(dict_input("props", prop))
+            page.click("#dict-build")
+            expect(page.locator("#dict-warnings li")).to_have_text([f"4 props chosen (more than 3): {props_note}"])
+            expect(page.locator("#dict-error")).to_have_text("")
+            for prop in ("gloves", "earrings", "choker"):
+                page.uncheck(dict_input("props", prop))
             # The blend's texts cannot hold the characters of its own syntax.
             page.fill("#blend-from", "you[ng:")
             expect(page.locator("#blend-from")).to_have_value("young")
@@ -134,7 +148,9 @@ def test_studio_in_a_real_browser(studio_farm: Farm) -> None:
             expect(page.locator("#blend-preview")).to_have_text("[young:old:0.3]")
             page.click("#dict-build")
             prompt = page.locator("#prompt")
+            expect(prompt).to_have_value(re.compile(r"\[young:old:0\.3\],$"))
             expect(prompt).to_have_value(re.compile("two-tone hair, black hair, pink hair, long hair, pony tail"))
+            expect(page.locator("#dict-warnings li")).to_have_count(0)  # one prop: nothing to warn about
             built = prompt.input_value()
             for part in ("red eyes, crying, tears", "cat ears", "pink maid uniform", "sunglasses", "[young:old:0.3]"):
                 assert part in built, built
@@ -272,4 +288,65 @@ def test_studio_in_a_real_browser(studio_farm: Farm) -> None:
         finally:
             browser.close()
     print(f"screenshots in {SCREENSHOTS}")
+    assert errors == []
+
+
+STUDIO_DIR = Path(__file__).resolve().parents[2] / "api" / "studio_page"
+# Just the gallery's elements (index.html's ids) and its module, on an origin the browser never reaches: every
+# request is answered by the test, so the gallery's cards can show jobs of each output format without rendering.
+GALLERY_SHELL = """<!doctype html><meta charset="utf-8">
+<select id="gallery-status"><option value="">all</option></select>
+<select id="gallery-model"><option value="">all</option></select>
+<button id="gallery-prev"></button><span id="gallery-range"></span><button id="gallery-next"></button>
+<div id="gallery-jobs"></div>
+<script type="module">
+  import { setupGallery, showGallery } from "/studio/static/gallery.js";
+  setupGallery({});
+  showGallery();
+</script>"""
+
+
+def test_gallery_downloads_are_named_with_the_jobs_output_format() -> None:
+    if not (Path(CHROMIUM).exists() and shutil.which(CHROMIUM)):
+        pytest.skip(f"Debian's chromium is not installed at {CHROMIUM}")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    origin = "http://studio.test"
+
+    def job(job_id: str, **params: Any) -> dict[str, Any]:
+        return {"id": job_id, "status": "succeeded", "created_at": "2024-05-01T12:00:00Z", "mode": "txt2img",
+                "model": "demo-tiny", "error": None, "params": {"prompt": "a lighthouse", **params},
+                "images": [{"index": i, "seed": 7 + i, "url": f"/images/{job_id}-{i}", "infotext": "a lighthouse"}
+                           for i in range(2)]}
+
+    jobs = [job("j-webp", output_format="webp"), job("j-jpeg", output_format="jpeg"),
+            job("j-png", output_format="png"), job("j-older")]  # a job stored before output_format: a PNG
+    errors: list[str] = []
+
+    def answer(route: Any) -> None:
+        path = route.request.url.removeprefix(origin).split("?")[0]
+        if path == "/gallery":
+            route.fulfill(status=200, content_type="text/html", body=GALLERY_SHELL)
+        elif path.startswith("/studio/static/") and (STUDIO_DIR / path.removeprefix("/studio/static/")).is_file():
+            route.fulfill(status=200, content_type="text/javascript",
+                          body=(STUDIO_DIR / path.removeprefix("/studio/static/")).read_text(encoding="utf-8"))
+        elif path == "/v1/jobs":
+            route.fulfill(status=200, content_type="application/json",
+                          body=json.dumps({"jobs": jobs, "total": len(jobs)}))
+        else:
+            route.fulfill(status=404, body="")
+
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.route(f"{origin}/**", answer)
+            page.goto(f"{origin}/gallery")
+            links = page.locator("#gallery-jobs figcaption a[download]")
+            sync_api.expect(links).to_have_count(8)
+            names = [links.nth(i).get_attribute("download") for i in range(8)]
+        finally:
+            browser.close()
+    assert names == ["j-webp-0.webp", "j-webp-1.webp", "j-jpeg-0.jpeg", "j-jpeg-1.jpeg",
+                     "j-png-0.png", "j-png-1.png", "j-older-0.png", "j-older-1.png"]
     assert errors == []

@@ -83,8 +83,8 @@ def test_a_build_repeats_from_its_resolved_choices(client: httpx.Client) -> None
     resp = client.post("/v1/prompts/build", json={"choices": CHOICES, "seed": 42})
     assert resp.status_code == 200, resp.text
     built = resp.json()
-    assert set(built) == {"prompt", "negative_prompt", "choices", "seed", "settings"}
-    assert built["seed"] == 42 and built["settings"] is None
+    assert set(built) == {"prompt", "negative_prompt", "choices", "seed", "settings", "warnings"}
+    assert built["seed"] == 42 and built["settings"] is None and built["warnings"] == []
     lines = built["prompt"].splitlines()
     second = built["choices"]["hair_colors"][1]
     assert lines[1] == f"two-tone hair, black hair, {second} hair, long hair, pony tail,"
@@ -98,6 +98,25 @@ def test_a_character_build_returns_its_settings(client: httpx.Client) -> None:
     built = client.post("/v1/prompts/build", json={"choices": {"character": "inuyasha"}}).json()
     assert built["settings"]["seed"] == 2214400908 and built["settings"]["width"] == 507
     assert "long hair, white hair," in built["prompt"].splitlines()
+
+
+def test_more_than_a_few_props_build_with_the_notes_warning(client: httpx.Client) -> None:
+    note = client.get("/v1/prompt-dictionary").json()["notes"]["props"]
+    three = {"hair_length": "long hair", "props": ["halo", "wing", "choker"]}
+    resp = client.post("/v1/prompts/build", json={"choices": three, "seed": 1})
+    assert resp.status_code == 200 and resp.json()["warnings"] == [], resp.text
+    four = {**three, "props": [*three["props"], "fedora"]}
+    resp = client.post("/v1/prompts/build", json={"choices": four, "seed": 1})
+    assert resp.status_code == 200, resp.text  # advice, not a rule: the prompt is built all the same
+    built = resp.json()
+    assert built["prompt"].splitlines()[-1] == "halo, wing, choker, fedora,"
+    assert built["warnings"] == [f"4 props chosen (more than 3): {note}"]
+    assert "more than a few get swallowed" in note
+    # The rules stay 422s, warnings or not.
+    resp = client.post("/v1/prompts/build", json={"choices": {**four, "props": ["halo", "halo", "wing", "choker"]}})
+    assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["body", "choices", "props"], resp.text
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["BuiltView"]["properties"]["warnings"]
+    assert schema["type"] == "array" and schema["items"] == {"type": "string"}
 
 
 @pytest.mark.parametrize(("choices", "key", "message"), [

@@ -12,7 +12,7 @@ import pytest
 
 import shared.prompt_dictionary.builder
 from shared.errors import FieldError
-from shared.prompt_dictionary.builder import build_prompt
+from shared.prompt_dictionary.builder import PROPS_WARN_ABOVE, build_prompt
 from shared.prompt_dictionary.vocabulary import (
     CATEGORY_SELECTS,
     SHIPPED_FILE,
@@ -220,6 +220,32 @@ def test_the_error_location_is_the_callers(shipped: PromptDictionary) -> None:
     with pytest.raises(FieldError) as caught:
         build_prompt(shipped, {}, 1, field=("body", "prompt_builder", "choices"))
     assert caught.value.field == ("body", "prompt_builder", "choices", "hair_length")
+
+
+# -- the notes' advice: built, with a warning ------------------------------------------------------------
+
+
+def test_more_than_a_few_props_build_with_the_notes_warning(shipped: PromptDictionary) -> None:
+    props = shipped.category("props").values()
+    assert PROPS_WARN_ABOVE == 3  # the notes say "more than a few" and give no number
+    assert build(shipped, **LONG, props=props[:PROPS_WARN_ABOVE]).warnings == ()
+    assert build(shipped, **LONG).warnings == ()
+    four = build(shipped, **LONG, props=props[:4])
+    assert four.prompt.splitlines()[-1] == "sunglasses, gloves, earrings, choker,"  # not refused, not trimmed
+    assert len(four.warnings) == 1
+    warning = four.warnings[0]
+    assert warning.startswith("4 props chosen (more than 3): ") and shipped.notes["props"] in warning
+    assert "more than a few get swallowed" in warning
+    assert build(shipped, **LONG, props=props).warnings[0].startswith("9 props chosen")
+
+
+def test_the_props_warning_survives_a_dictionary_without_the_note(shipped: PromptDictionary) -> None:
+    bare = shipped.model_copy(update={"notes": {}})
+    warning = build(bare, **LONG, props=["halo", "wing", "choker", "gloves"]).warnings
+    assert len(warning) == 1 and "more than a few get swallowed" in warning[0]
+    worded = shipped.model_copy(update={"notes": {"props": "Keep it to two or three."}})
+    assert build(worded, **LONG, props=["halo", "wing", "choker", "gloves"]).warnings == (
+        "4 props chosen (more than 3): Keep it to two or three.",)
 
 
 # -- presets and characters ------------------------------------------------------------------------------
