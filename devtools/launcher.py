@@ -102,7 +102,8 @@ class Farm:
         api_workers = GatewaySettings().api_worker_count()
         self.spawn("api", [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1",
                            "--port", api_port, "--workers", str(api_workers), "--log-level", "info"])
-        self.spawn("worker", [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "render",
+        # One worker for everything on a development farm: renders and trainings (a training holds it while it runs).
+        self.spawn("worker", [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "render,train",
                               "-c", "1", "--prefetch-multiplier=1", "-E", "-n", "worker1@%h",
                               "--without-gossip", "--without-mingle", "--loglevel=INFO"])
         self.spawn("webhooks", [sys.executable, "-m", "celery", "-A", "worker.webhook_sender.app", "worker",
