@@ -436,8 +436,9 @@ class JobRunner:
                 log.info("training %s: resuming from the checkpoint at step %d", jid, progress.step)
             write()
             samples = load_samples(spec, self.store.get)
+            initial = (self.settings.models.models_dir / spec.start_from).read_bytes() if spec.start_from else None
             model = self.pipelines.get(spec.model)
-            result = train(model.pipeline, spec, samples, resume=resume, on_step=on_step,
+            result = train(model.pipeline, spec, samples, initial=initial, resume=resume, on_step=on_step,
                            on_checkpoint=on_checkpoint, on_preview=on_preview)
             with self.session_factory() as session:
                 progress.result = install_result(session, self.store, spec, jid, claimed.owner, result.file_bytes)

@@ -94,7 +94,13 @@ def _hypernetwork_options(body: TrainingRequest) -> dict[str, object]:
                 dropout_structure=dropout)
 
 
-def _dataset(session: Session, dataset_id: uuid.UUID, owner: str, batch_size: int) -> Dataset:
+def _dataset(session: Session, dataset_id: uuid.UUID | None, owner: str, batch_size: int, steps: int
+             ) -> Dataset | None:
+    if dataset_id is None:
+        if steps > 0:
+            raise FieldError(_field("dataset"), "a training needs a dataset (POST /v1/datasets); only steps 0, "
+                                                "which creates the file, goes without")
+        return None
     row = session.get(Dataset, dataset_id)
     if row is None or row.owner != owner:
         raise FieldError(_field("dataset"), f"no dataset {dataset_id} of yours; upload one with POST /v1/datasets")
@@ -102,6 +108,19 @@ def _dataset(session: Session, dataset_id: uuid.UUID, owner: str, batch_size: in
         raise FieldError(_field("batch_size"), f"batch_size {batch_size} is more than the dataset's "
                                                f"{row.image_count} images")
     return row
+
+
+def _start_from(body: TrainingRequest, models_dir: Path) -> str | None:
+    """The existing file a training goes on from, relative to the models folder (a 422 naming `start_from`)."""
+    if body.start_from is None:
+        return None
+    name = body.start_from.strip()
+    if not NAME_PATTERN.match(name) or name.endswith("."):
+        raise FieldError(_field("start_from"), "the name of an embedding or hypernetwork in the models folder")
+    relpath = f"embeddings/{name}.safetensors" if body.kind == "embedding" else f"hypernetworks/{name}.pt"
+    if not output_exists(models_dir, relpath):
+        raise FieldError(_field("start_from"), f"no {relpath} (embeddings are read as .safetensors only)")
+    return relpath
 
 
 def _checkpoint(body: TrainingRequest, settings: Settings) -> CheckpointFile:
@@ -149,14 +168,16 @@ def plan_training(session: Session, key: ApiKey, body: TrainingRequest, settings
     options = _hypernetwork_options(body) if body.kind == "hypernetwork" else {}
     if body.kind == "embedding" and not body.init_text.strip():
         options["init_text"] = "*"
-    dataset = _dataset(session, body.dataset, key.owner, body.batch_size)
+    dataset = _dataset(session, body.dataset, key.owner, body.batch_size, body.steps)
+    start_from = _start_from(body, settings.models.models_dir)
     checkpoint = _checkpoint(body, settings)
     cache = HashCache.of_models_dir(settings.models.models_dir)
     spec = TrainSpec(
         kind=body.kind, name=name, model=checkpoint.name,
         model_hash=cache.checkpoint(checkpoint.path),
-        dataset=str(dataset.id),
-        items=tuple(DatasetItem(key=item["key"], caption=item.get("caption") or "") for item in dataset.items),
+        dataset=str(dataset.id) if dataset is not None else None, start_from=start_from,
+        items=tuple(DatasetItem(key=item["key"], caption=item.get("caption") or "")
+                    for item in (dataset.items if dataset is not None else ())),
         steps=body.steps, seed=body.seed if body.seed >= 0 else random.randrange(2**32),
         learn_rate=body.learn_rate.strip(), batch_size=body.batch_size, gradient_step=body.gradient_step,
         clip_grad_mode=body.clip_grad_mode, clip_grad_value=body.clip_grad_value,

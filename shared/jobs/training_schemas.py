@@ -30,9 +30,14 @@ class TrainingRequest(BaseModel):
         description="embedding (textual inversion) or hypernetwork; lora is not built yet (refused)")
     name: str = Field(min_length=1, max_length=100, description="the output's name (models/embeddings/<name>."
                                                                 "safetensors, models/hypernetworks/<name>.pt)")
-    dataset: uuid.UUID = Field(description="a dataset of yours (POST /v1/datasets)")
+    dataset: uuid.UUID | None = Field(None, description="a dataset of yours (POST /v1/datasets); needed unless "
+                                                         "steps is 0")
     model: str | None = Field(None, max_length=500, description="the base checkpoint (default: the farm's)")
-    steps: int = Field(ge=1, description="optimizer steps (the WebUI's max steps)")
+    steps: int = Field(ge=0, description="optimizer steps (the WebUI's max steps); 0 only creates the file, as the "
+                                         "WebUI's create embedding / create hypernetwork")
+    start_from: str | None = Field(None, max_length=200, description="go on training an existing embedding or "
+                                                                     "hypernetwork of this name (its vectors or "
+                                                                     "modules, and its structure, are kept)")
     seed: int = Field(-1, ge=-1, le=2**32 - 1, description="data order, timesteps and noise; -1: random")
     learn_rate: str = Field("0.005", max_length=500, description="a rate, or the WebUI's schedule "
                                                                   "'0.005:100, 1e-3:1000, 1e-5'")

@@ -96,9 +96,12 @@ class TrainSpec(BaseModel):
                                   "models/hypernetworks/<name>.pt")
     model: str = Field(description="the base checkpoint's name in models/Stable-diffusion")
     model_hash: str | None = None
-    dataset: str = Field(description="the dataset's id (POST /v1/datasets)")
+    dataset: str | None = Field(description="the dataset's id (POST /v1/datasets); None only with steps 0")
     items: tuple[DatasetItem, ...] = Field(description="the dataset's images when the job was submitted")
-    steps: int = Field(ge=1)
+    steps: int = Field(ge=0, description="0: only create the file, as the WebUI's create/embedding and "
+                                         "create/hypernetwork do")
+    start_from: str | None = Field(None, description="an existing file to go on training (the WebUI's "
+                                                     "train/embedding names one), relative to the models folder")
     seed: int = Field(ge=0, description="data order, timesteps and noise; the same seed repeats a training")
     learn_rate: str = "0.005"
     batch_size: int = Field(1, ge=1)

@@ -64,9 +64,10 @@ def needed_records(specs: Iterable[JobSpec], records: dict[str, ModelRecord]
             want(spec.upscaler_1_file)
             want(spec.upscaler_2_file)
             continue
-        if not isinstance(spec, RenderSpec):  # a training: its base checkpoint
+        if not isinstance(spec, RenderSpec):  # a training: its base checkpoint, and the file it goes on from
             wanted.update({r.relpath: r for name, r in by_kind.get("checkpoint", {}).items()
                            if spec.model in (name, _stem(name))})
+            want(spec.start_from)
             continue
         renders.append(spec)
         for name, record in by_kind.get("checkpoint", {}).items():

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from api.routes.sdapi import extras, generate, lists, options, png_info, progress
+from api.routes.sdapi import extras, generate, lists, options, png_info, progress, training
 
 router = APIRouter(prefix="/sdapi/v1", tags=["sdapi (WebUI API)"])
-for _module in (generate, extras, progress, lists, options, png_info):
+for _module in (generate, extras, progress, lists, options, png_info, training):
     router.include_router(_module.router)
 
 __all__ = ["router"]
