@@ -6,7 +6,7 @@ groups them by route, model and the few params that decide a job's steps, so a q
 jobs comes back as a handful of rows. Workers come from the heartbeats `/metrics` already reads, and the
 seconds per step from the counters it already reads: nothing else is asked of Postgres or Redis.
 
-deploy/k8s/worker-scaledobject.yaml scales the GPU workers on `renderfarm_queued_work_seconds`.
+deploy/k8s/base/worker-scaledobject.yaml scales the GPU workers on `renderfarm_queued_work_seconds`.
 """
 
 from __future__ import annotations

@@ -20,11 +20,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from shared.jobs.views import planned_steps
+# DEFAULT_SECONDS_PER_STEP: a guess for a model with no finished job yet (about 4 steps a second on a mid-range
+# GPU), shared with the queued job's ETA in the job view.
+from shared.jobs.views import DEFAULT_SECONDS_PER_STEP, planned_steps
 
-# A guess for a model with no finished job yet: a mid-range GPU (an L4 or A10) runs SDXL at 1024x1024, or
-# SD 1.5 at a batch of 4, at about 4 steps a second. Too high only scales up early; the first job replaces it.
-DEFAULT_SECONDS_PER_STEP = 0.25
 # Weight kept by the history at each finished job: 0.95 gives the last ~20 jobs (1 / (1 - 0.95)) most say.
 HISTORY_DECAY = 0.95
 # metric_counters names holding the decayed sums (model column = checkpoint, key = "").

@@ -54,8 +54,10 @@ class Candidate:
     max_running: int  # 0: no cap
 
 
-def _recent_usage(order: FairOrder):  # noqa: ANN202 (a SQLAlchemy subquery)
-    """Seconds of render time per owner: finished jobs decayed by age, plus running jobs' time so far."""
+def recent_usage(order: FairOrder):  # noqa: ANN202 (a SQLAlchemy subquery)
+    """Seconds of render time per owner (columns ``owner``, ``used``): finished jobs decayed by age, plus running
+    jobs' time so far. The claim's first sort key (per weight); the job view's fair queue position reads the same
+    (`shared.jobs.views.FairQueueSnapshot`)."""
     age = func.extract("epoch", func.now() - Job.finished_at)
     finished = (
         select(Job.owner.label("owner"),
@@ -79,7 +81,7 @@ def pick(session: Session, order: FairOrder, queues: Collection[str], *, limit: 
     are skipped, never waited for). Caps are not checked here: see :func:`within_cap`."""
     if not queues or limit <= 0:
         return []
-    usage = _recent_usage(order)
+    usage = recent_usage(order)
     weight = func.coalesce(OwnerPolicy.weight, literal(order.default_weight, Float))
     where: list[ColumnElement[bool]] = [Job.status == JobStatus.QUEUED, Job.route.in_(list(queues))]
     if batch_key is not None:

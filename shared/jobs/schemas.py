@@ -433,7 +433,9 @@ class JobView(BaseModel):
                                                 "pulls model files from the model store")
     current_step: int
     total_steps: int
-    eta_seconds: float | None = Field(description="estimated seconds until done, while running")
+    eta_seconds: float | None = Field(description="estimated seconds until done: while running from its progress, "
+                                                  "while queued from its queue position and the fleet's recent pace "
+                                                  "(null with no live worker)")
     queue_position: int | None = Field(description="1 = next to run, while queued")
     batch_id: uuid.UUID | None = Field(None, description="the batch it was claimed in, shared by the jobs that "
                                                          "rode together")

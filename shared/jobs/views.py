@@ -3,22 +3,31 @@
 from __future__ import annotations
 
 import bisect
+import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import redis
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from shared.clock import utcnow
 from shared.db.models import Job, OwnerPolicy
+from shared.jobs import fair_share
+from shared.jobs.fair_share import FairOrder
 from shared.jobs.schemas import ErrorView, ImageView, JobView
 from shared.jobs.states import JobStatus
+from shared.jobs.training_spec import TRAIN_MODE
+from shared.queueing import fleet
 from shared.settings import get_settings
 from shared.storage.base import ObjectStore
+
+log = logging.getLogger(__name__)
 
 
 def image_seeds(params: dict) -> list[int]:
@@ -86,68 +95,204 @@ def count_position(session: Session, created_at: datetime) -> int:
     return int(ahead or 0) + 1
 
 
+# A guess for a model with no finished job yet: a mid-range GPU (an L4 or A10) runs SDXL at 1024x1024, or
+# SD 1.5 at a batch of 4, at about 4 steps a second. Too high only scales up early; the first job replaces it.
+# (`api.admin.work_estimate` prices the queued work for the autoscaler with it too.)
+DEFAULT_SECONDS_PER_STEP = 0.25
+# A job's render time when nothing has finished yet: 20 steps (the WebUI's default) at the default per step.
+DEFAULT_JOB_SECONDS = 20 * DEFAULT_SECONDS_PER_STEP
+PACE_JOBS = 50  # the succeeded jobs a RenderPace is read from, newest first
+PACE_REFRESH_SECONDS = 5.0  # a RenderPace is read at most this often per process (a heartbeat scan and PACE_JOBS rows)
+# The params that decide a job's planned steps (`planned_steps`); `api.admin.work_estimate.PLAN_SQL` reads the same.
+PLAN_KEYS = ("mode", "steps", "n_iter", "denoising_strength", "enable_hr", "hr_second_pass_steps")
+
+
+@dataclass(frozen=True)
+class RenderPace:
+    """How fast the fleet gets through the queue, for a queued job's ETA (:func:`queued_eta`).
+
+    ``workers``: live workers (heartbeats, `shared.queueing.fleet`), ``idle`` of them ready and holding no job.
+    ``seconds_per_job``: the mean measured `render_seconds` of the last `PACE_JOBS` succeeded renders (a batched
+    job's share of its batch: batching is in it), what a job ahead is assumed to cost. ``seconds_per_step``: per
+    model from the same jobs (their render seconds over their planned steps), ``fleet_seconds_per_step`` over all
+    of them: what the job itself costs (:meth:`job_seconds`)."""
+
+    workers: int
+    idle: int
+    seconds_per_job: float = DEFAULT_JOB_SECONDS
+    fleet_seconds_per_step: float = DEFAULT_SECONDS_PER_STEP
+    seconds_per_step: Mapping[str, float] = field(default_factory=dict)
+
+    def job_seconds(self, model: str | None, steps: int) -> float:
+        """A job's own render time: its planned steps at its model's pace (the fleet's for a model not seen
+        lately); a job without steps (an upscale) at the mean job's."""
+        if steps <= 0:
+            return self.seconds_per_job
+        return steps * self.seconds_per_step.get(model or "", self.fleet_seconds_per_step)
+
+
+def pace_from(renders: Iterable[tuple[str | None, float, Mapping[str, Any]]],
+              workers: Iterable[Mapping[str, Any]]) -> RenderPace:
+    """A RenderPace from recent succeeded renders (model, render seconds, the `PLAN_KEYS` of its params) and the
+    live workers' heartbeat descriptions (worker/runtime.py `describe`). Without renders the defaults stand."""
+    total = 0.0
+    jobs = 0
+    model_seconds: dict[str, float] = {}
+    model_steps: dict[str, int] = {}
+    for model, seconds, plan in renders:
+        if seconds is None or seconds <= 0:
+            continue
+        total += seconds
+        jobs += 1
+        steps = planned_steps(dict(plan)) if plan.get("steps") is not None else 0
+        if steps > 0:
+            model_seconds[model or ""] = model_seconds.get(model or "", 0.0) + seconds
+            model_steps[model or ""] = model_steps.get(model or "", 0) + steps
+    infos = list(workers)
+    idle = sum(1 for info in infos if info.get("ready") and not (info.get("current_job") or info.get("current_batch")))
+    all_steps = sum(model_steps.values())
+    return RenderPace(
+        workers=len(infos), idle=idle,
+        seconds_per_job=total / jobs if jobs else DEFAULT_JOB_SECONDS,
+        fleet_seconds_per_step=sum(model_seconds.values()) / all_steps if all_steps else DEFAULT_SECONDS_PER_STEP,
+        seconds_per_step={model: model_seconds[model] / steps for model, steps in model_steps.items()},
+    )
+
+
+def queued_eta(position: int, own_seconds: float, pace: RenderPace) -> float | None:
+    """Seconds until a queued job at ``position`` (1 = next) is done, or None with no live worker to run it.
+
+    Assumptions (an estimate, as the position is): every live worker takes this queue's jobs; the first ``idle``
+    positions start at once; the jobs ahead of the rest cost ``seconds_per_job`` each and the fleet finishes them
+    at an even pace, ``workers`` jobs per ``seconds_per_job`` (busy workers half-way through theirs on average:
+    the first frees up after half a job's share); then the job takes ``own_seconds`` itself. A paused queue, a
+    worker following other queues, a cold start or a backlog unlike the recent jobs make it wrong."""
+    if pace.workers <= 0 or position < 1:
+        return None
+    idle = min(pace.idle, pace.workers)
+    waiting = 0.0 if position <= idle else (position - idle - 0.5) * pace.seconds_per_job / pace.workers
+    return round(waiting + max(0.0, own_seconds), 2)
+
+
+def read_pace(session: Session) -> RenderPace:
+    """The latest `PACE_JOBS` succeeded renders (the finished_at index, newest first) and the heartbeats; a
+    broker that cannot be reached reads as no live worker (no ETA) rather than failing the poll."""
+    rows = session.execute(
+        select(Job.model_name, Job.render_seconds, *(Job.params[key] for key in PLAN_KEYS))
+        .where(Job.finished_at.is_not(None), Job.status == JobStatus.SUCCEEDED, Job.render_seconds > 0,
+               Job.mode != TRAIN_MODE)
+        .order_by(Job.finished_at.desc()).limit(PACE_JOBS)
+    ).all()
+    renders = [(model, float(seconds), {k: v for k, v in zip(PLAN_KEYS, plan, strict=True) if v is not None})
+               for model, seconds, *plan in rows]
+    try:
+        workers = fleet.live_worker_infos(fleet.get_redis())
+    except redis.RedisError as exc:
+        log.warning("queue ETA: the worker heartbeats could not be read: %s", exc)
+        workers = []
+    return pace_from(renders, workers)
+
+
+class PaceSnapshot(_Refreshed):
+    """This process's RenderPace, read at most every ``max(refresh, PACE_REFRESH_SECONDS)`` seconds by
+    :func:`queue_position` (which has a session); :func:`job_view` then uses the latest without any I/O."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pace: RenderPace | None = None
+
+    def clear(self) -> None:
+        super().clear()
+        self._pace = None
+
+    def read(self, session: Session, refresh: float) -> RenderPace | None:
+        def store() -> None:
+            self._pace = read_pace(session)
+        with self._lock:
+            self._refresh(max(refresh, PACE_REFRESH_SECONDS), store)
+            return self._pace
+
+    def latest(self) -> RenderPace | None:
+        return self._pace
+
+
+FLEET_PACE = PaceSnapshot()
+
+
 _OwnerKey = tuple[int, datetime]  # (-priority, created_at): an owner's own order
 
 
 class FairQueueSnapshot(_Refreshed):
-    """The queued jobs by owner (in each owner's own order), the owners' weights and the jobs moved to the front,
-    read at most once per ``refresh`` seconds per process: a poll's fair-share position is computed from it.
+    """The queued jobs by owner (in each owner's own order), the owners' weights and recent render time, and the
+    jobs moved to the front, read at most once per ``refresh`` seconds per process: a poll's fair-share position is
+    computed from it.
 
-    The position is an estimate, stated as such in the README: fair share orders owners by recent render time per
-    weight, which depends on how long jobs will take. Assuming jobs of equal cost, before the r-th job of owner A
-    (in A's own order) run the jobs moved to the front, A's r - 1 earlier jobs, and from every other owner B with
-    queued work the jobs whose turn comes first (:func:`_ahead_of`)."""
+    The position is an estimate, stated as such in the README. The claim orders owners by recent render time per
+    weight (`fair_share.recent_usage`, the same expression); assuming every job costs the recent mean job
+    (``seconds_per_job``, from :class:`RenderPace`), an owner's recent render time counts as that many jobs already
+    run. Before the r-th job of owner A (in A's own order) run the jobs moved to the front, A's r - 1 earlier jobs,
+    and from every other owner B with queued work the jobs whose turn comes first (:func:`_ahead_of`)."""
 
     def __init__(self) -> None:
         super().__init__()
         self._owners: dict[str, list[_OwnerKey]] = {}
         self._weights: dict[str, float] = {}
+        self._used: dict[str, float] = {}
         self._fronts: list[datetime] = []
 
-    def _read(self, session: Session, default_weight: float) -> None:
+    def _read(self, session: Session, order: FairOrder) -> None:
+        usage = fair_share.recent_usage(order)
         rows = session.execute(
             select(Job.owner, Job.priority, Job.created_at, Job.front_at,
-                   func.coalesce(OwnerPolicy.weight, default_weight))
+                   func.coalesce(OwnerPolicy.weight, order.default_weight), func.coalesce(usage.c.used, 0.0))
             .outerjoin(OwnerPolicy, OwnerPolicy.owner == Job.owner)
+            .outerjoin(usage, usage.c.owner == Job.owner)
             .where(Job.status == JobStatus.QUEUED).limit(SNAPSHOT_LIMIT)
         ).all()
         owners: dict[str, list[_OwnerKey]] = {}
         weights: dict[str, float] = {}
+        used: dict[str, float] = {}
         fronts: list[datetime] = []
-        for owner, priority, created_at, front_at, weight in rows:
+        for owner, priority, created_at, front_at, weight, seconds in rows:
             if front_at is not None:
                 fronts.append(front_at)
                 continue
             owners.setdefault(owner, []).append((-int(priority or 0), created_at))
             weights[owner] = float(weight)
+            used[owner] = max(0.0, float(seconds or 0.0))
         for keys in owners.values():
             keys.sort()
-        self._owners, self._weights, self._fronts = owners, weights, sorted(fronts)
+        self._owners, self._weights, self._used, self._fronts = owners, weights, used, sorted(fronts)
 
-    def position(self, session: Session, job: Job, refresh: float, default_weight: float,
-                 own_ahead: int | None = None) -> int:
+    def position(self, session: Session, job: Job, refresh: float, order: FairOrder,
+                 own_ahead: int | None = None, seconds_per_job: float = DEFAULT_JOB_SECONDS) -> int:
         """``own_ahead``: the owner's queued jobs before this one as the job's own read counted them (fresh, where the
-        snapshot may still hold jobs claimed since); the snapshot's count when None."""
+        snapshot may still hold jobs claimed since); the snapshot's count when None. ``seconds_per_job``: what a job
+        is assumed to cost, turning recent render time into jobs."""
         with self._lock:
-            self._refresh(refresh, lambda: self._read(session, default_weight))
-            owners, weights, fronts = self._owners, self._weights, self._fronts
+            self._refresh(refresh, lambda: self._read(session, order))
+            owners, weights, used, fronts = self._owners, self._weights, self._used, self._fronts
         if job.front_at is not None:
             return bisect.bisect_left(fronts, job.front_at) + 1
         key = (-int(job.priority or 0), job.created_at)
         rank = (own_ahead if own_ahead is not None else bisect.bisect_left(owners.get(job.owner, []), key)) + 1
-        mine = weights.get(job.owner, default_weight)
-        others = sum(_ahead_of(rank, key, mine, weights[owner], keys)
+        mine = weights.get(job.owner, order.default_weight)
+        cost = seconds_per_job if seconds_per_job > 0 else DEFAULT_JOB_SECONDS
+        my_jobs = used.get(job.owner, 0.0) / cost
+        others = sum(_ahead_of(rank, key, mine, weights[owner], keys, my_jobs, used.get(owner, 0.0) / cost)
                      for owner, keys in owners.items() if owner != job.owner)
         return len(fronts) + rank + others
 
 
-def _ahead_of(rank: int, key: _OwnerKey, weight: float, other_weight: float, other: list[_OwnerKey]) -> int:
+def _ahead_of(rank: int, key: _OwnerKey, weight: float, other_weight: float, other: list[_OwnerKey],
+              used: float = 0.0, other_used: float = 0.0) -> int:
     """How many of another owner's queued jobs (``other``, in its order) fair share runs before the ``rank``-th job
-    of an owner: its k-th job goes first while (k - 1) / other_weight < (rank - 1) / weight (equal costs), and on
-    a tie when it comes first in the claim's own tie-break (priority, then age)."""
-    share = (rank - 1) * other_weight / weight
-    before = min(len(other), math.ceil(share))
-    if share == int(share) and before < len(other) and other[before] < key:
+    of an owner. ``used`` and ``other_used``: the two owners' recent render time, counted in jobs. With jobs of
+    equal cost the other's k-th job goes first while (other_used + k - 1) / other_weight < (used + rank - 1) /
+    weight, and on a tie when it comes first in the claim's own tie-break (priority, then age)."""
+    share = (used + rank - 1) * other_weight / weight - other_used
+    before = min(len(other), max(0, math.ceil(share)))
+    if share >= 0 and share == int(share) and before < len(other) and other[before] < key:
         before += 1
     return before
 
@@ -163,13 +308,18 @@ def queue_position(session: Session, job: Job, refresh: float | None = None, *, 
     (exact below it; `repository.get_job_view_row`); otherwise, or at the limit, with ``refresh``: from this
     process's snapshot of the queue, at most that many seconds old; None: counted now. ``own_ahead``: the owner's
     own queued jobs ahead of it, as its read counted them (fair share: the owner's part of the estimate is fresh).
-    """
+
+    Also keeps this process's :class:`RenderPace` (`FLEET_PACE`) current, which :func:`job_view` turns into the
+    queued job's ETA."""
     if job.status != JobStatus.QUEUED:
         return None
+    pace = FLEET_PACE.read(session, refresh or 0.0)
     fair = get_settings().fair_share
-    if fair.fair_share:
+    order = FairOrder.from_settings(fair)
+    if order is not None:
         fresh = own_ahead if own_ahead is not None and own_ahead < ahead_limit else None
-        return FAIR_QUEUE_SNAPSHOT.position(session, job, refresh or 0.0, fair.default_weight, fresh)
+        return FAIR_QUEUE_SNAPSHOT.position(session, job, refresh or 0.0, order, fresh,
+                                            pace.seconds_per_job if pace is not None else DEFAULT_JOB_SECONDS)
     if ahead is not None and ahead < ahead_limit:
         return ahead + 1
     if refresh is None:
@@ -193,7 +343,15 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
     return any(tag.strip().removeprefix("W/") == bare for tag in if_none_match.split(","))
 
 
-def eta_seconds(job: Job) -> float | None:
+def eta_seconds(job: Job, position: int | None = None) -> float | None:
+    """Seconds until the job is done. Running: from its progress so far. Queued at ``position``: estimated from
+    this process's latest :class:`RenderPace` (:func:`queued_eta`; None before :func:`queue_position` read one,
+    with no live worker, or for a training)."""
+    if job.status == JobStatus.QUEUED:
+        pace = FLEET_PACE.latest()
+        if position is None or pace is None or job.mode == TRAIN_MODE:  # a training is not priced as a render
+            return None
+        return queued_eta(position, pace.job_seconds(job.model_name, planned_steps(job.params)), pace)
     if job.status != JobStatus.RUNNING or not job.started_at or job.progress <= 0:
         return None
     elapsed = (utcnow() - job.started_at).total_seconds()
@@ -244,7 +402,7 @@ def job_view(job: Job, store: ObjectStore, url_expires: int, position: int | Non
         phase=job.phase if job.status == JobStatus.RUNNING else None,
         current_step=round(job.progress * total_steps),
         total_steps=total_steps,
-        eta_seconds=eta_seconds(job),
+        eta_seconds=eta_seconds(job, position),
         queue_position=position,
         batch_id=job.batch_id,
         batch_images=job.batch_images,

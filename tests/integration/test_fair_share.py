@@ -1,6 +1,7 @@
 """Fair share in the claim (shared/jobs/fair_share.py, lifecycle.claim_batch with an order) against a real
 PostgreSQL: owners take turns by recent render time per weight, priorities order one owner's jobs, an admin's
-front wins, `max_running` holds with two workers claiming at once, and no job loses its message.
+front wins, `max_running` holds with two workers claiming at once, and no job loses its message. The job view's
+queue position (shared/jobs/views.py) orders owners as the claim does.
 
 Each test uses a queue of its own, so other tests' queued jobs are never candidates."""
 
@@ -17,8 +18,8 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from shared.clock import utcnow
-from shared.db.models import OwnerPolicy
-from shared.jobs import lifecycle
+from shared.db.models import Job, OwnerPolicy
+from shared.jobs import lifecycle, views
 from shared.jobs.fair_share import FairOrder
 
 ORDER = FairOrder(half_life_seconds=600.0, default_weight=1.0, default_max_running=0)
@@ -213,3 +214,34 @@ def test_a_capped_owners_next_job_is_nudged_when_its_running_job_ends(session: S
     assert published == [(jobs[1], route)]
     nudged = claim_one(session, route, jobs[1], worker="w2")
     assert nudged is not None and nudged.id == jobs[1]
+
+
+def test_a_heavy_recent_users_new_job_is_placed_behind_a_fresh_owners(session: Session, route: str, owners: Any,
+                                                                       published: list[Any],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The view's position counts each owner's recent render time as the claim does: the heavy owner's job, queued
+    first, shows behind the fresh owner's three, and the claim takes them in that order."""
+    monkeypatch.setattr(views.fleet, "live_worker_infos", lambda _client: [{"name": "w1:1", "ready": True}])
+    views.FLEET_PACE.clear()
+    heavy, fresh = owners("heavy"), owners("fresh")
+    finish(session, claim_one(session, route, queue(session, heavy, route)), seconds=600.0)  # 10 min just used
+    late = queue(session, heavy, route)
+    early = [queue(session, fresh, route) for _ in range(3)]
+
+    def position(job_id: uuid.UUID) -> int:
+        job = session.get(Job, job_id)
+        assert job is not None
+        found = views.queue_position(session, job, 0.0)
+        assert found is not None
+        return found
+
+    try:
+        fresh_positions = [position(job_id) for job_id in early]
+        heavy_position = position(late)
+        pace = views.FLEET_PACE.latest()
+    finally:
+        views.FLEET_PACE.clear()
+    assert fresh_positions == sorted(fresh_positions) and heavy_position > fresh_positions[-1], (
+        fresh_positions, heavy_position)
+    assert pace is not None and pace.workers == 1 and pace.seconds_per_step.get("m", 0) > 0  # read from the jobs
+    assert drain(session, route, [late, *early]) == [fresh] * 3 + [heavy]

@@ -43,11 +43,12 @@ def gateway_env(api_only_env: dict[str, str]) -> Iterator[dict[str, str]]:
 
 def _clear_gateway_caches() -> None:
     from shared.auth import API_KEY_CACHE
-    from shared.jobs.views import FAIR_QUEUE_SNAPSHOT, QUEUE_SNAPSHOT
+    from shared.jobs.views import FAIR_QUEUE_SNAPSHOT, FLEET_PACE, QUEUE_SNAPSHOT
 
     API_KEY_CACHE.clear()
     QUEUE_SNAPSHOT.clear()
     FAIR_QUEUE_SNAPSHOT.clear()
+    FLEET_PACE.clear()
 
 
 @pytest.fixture
@@ -286,6 +287,34 @@ def test_a_job_list_and_a_webui_progress_poll_are_one_query_each(key: str) -> No
             assert other_model == {"jobs": [], "total": 0, "limit": 20, "offset": 0}
 
     asyncio.run(scenario())
+
+
+def test_a_queued_job_has_an_eta_that_grows_with_its_position(key: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A queued job's view (and the WebUI API's progress) estimates when it will be done from its queue position,
+    the live workers and the recent pace (shared/jobs/views.py `queued_eta`); without a live worker there is none."""
+    from shared.jobs import views
+
+    async def scenario() -> None:
+        async with _client(key) as client:
+            ids = [await _submit(client) for _ in range(3)]
+            alone = (await client.get(f"/v1/jobs/{ids[0]}")).json()
+            assert alone["queue_position"] >= 1 and alone["eta_seconds"] is None  # no worker in this farm
+            monkeypatch.setattr(views.fleet, "live_worker_infos",
+                                lambda _client: [{"name": "gw-eta:1", "ready": True, "current_job": "elsewhere"}])
+            views.FLEET_PACE.clear()
+            jobs = [(await client.get(f"/v1/jobs/{job_id}")).json() for job_id in ids]
+            positions = [job["queue_position"] for job in jobs]
+            etas = [job["eta_seconds"] for job in jobs]
+            assert positions == sorted(set(positions)), positions
+            assert None not in etas and 0 < etas[0] < etas[1] < etas[2], etas
+            progress = (await client.get("/sdapi/v1/progress")).json()  # the newest job: the third
+            assert progress["textinfo"].endswith(f"queued, position {positions[2]}")
+            assert progress["eta_relative"] == etas[2] and progress["progress"] == 0
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        views.FLEET_PACE.clear()
 
 
 def _drop_idle_connections(database_url: str) -> int:

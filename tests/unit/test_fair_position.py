@@ -34,3 +34,24 @@ def test_a_tie_goes_to_the_higher_priority() -> None:
     other = keys(3, start=0, priority=0)
     urgent = keys(1, start=1000, priority=5)[0]
     assert _ahead_of(1, urgent, 1.0, 1.0, other) == 0
+
+
+def test_recent_render_time_counts_as_jobs_already_run() -> None:
+    """The claim's first key is recent render time per weight: an owner that used 30 jobs' worth lately waits for a
+    fresh owner's turns to catch up (all 10 of them here), and the fresh owner's jobs wait for none of its."""
+    heavy = keys(5)
+    fresh = keys(10, start=1000)
+    assert _ahead_of(1, heavy[0], 1.0, 1.0, fresh, used=30.0, other_used=0.0) == 10
+    assert _ahead_of(1, fresh[0], 1.0, 1.0, heavy, used=0.0, other_used=30.0) == 0
+    assert _ahead_of(10, fresh[9], 1.0, 1.0, heavy, used=0.0, other_used=30.0) == 0
+    # 3.5 jobs' worth: the fresh owner's first four turns come first, then they alternate.
+    assert _ahead_of(1, heavy[0], 1.0, 1.0, fresh, used=3.5) == 4
+    assert _ahead_of(3, heavy[2], 1.0, 1.0, fresh, used=3.5) == 6
+    assert _ahead_of(6, fresh[5], 1.0, 1.0, heavy, other_used=3.5) == 2  # (5 - 3.5) = 1.5: two heavy jobs
+
+
+def test_recent_render_time_is_per_weight() -> None:
+    heavy = keys(5)
+    fresh = keys(10, start=1000)
+    # 4 jobs' worth at weight 2 is 2 per unit of weight: two of a weight-1 owner's turns come first.
+    assert _ahead_of(1, heavy[0], 2.0, 1.0, fresh, used=4.0) == 2

@@ -1,10 +1,24 @@
-"""What a job view promises before the job runs: the steps it will take, counted as the WebUI counts them."""
+"""What a job view promises before the job runs: the steps it will take, counted as the WebUI counts them, and
+while it is queued, when it will be done."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from shared.jobs.views import planned_steps
+from shared.db.models import Job
+from shared.jobs.states import JobStatus
+from shared.jobs.views import (
+    DEFAULT_JOB_SECONDS,
+    DEFAULT_SECONDS_PER_STEP,
+    FLEET_PACE,
+    RenderPace,
+    eta_seconds,
+    pace_from,
+    planned_steps,
+    queued_eta,
+)
 
 
 @pytest.mark.parametrize(
@@ -22,3 +36,66 @@ from shared.jobs.views import planned_steps
 )
 def test_planned_steps(params: dict, expected: int) -> None:
     assert planned_steps(params) == expected
+
+
+# A queued job's ETA (shared/jobs/views.py `queued_eta`): its position, the live workers and the recent pace.
+
+def test_pace_from_recent_renders_and_heartbeats() -> None:
+    renders = [("a", 2.0, {"steps": 20}), ("a", 4.0, {"steps": 20}), ("b", 1.0, {"steps": 10, "n_iter": 2}),
+               ("a", 3.0, {"mode": "upscale"}), ("a", 0.0, {"steps": 20})]  # no steps: counts per job only; 0 s: none
+    workers = [{"ready": True, "current_job": None, "current_batch": []},
+               {"ready": True, "current_job": "j1", "current_batch": ["j1"]},
+               {"ready": True, "current_job": None, "current_batch": ["j2", "j3"]},
+               {"ready": False}]  # still loading its models
+    pace = pace_from(renders, workers)
+    assert (pace.workers, pace.idle) == (4, 1)
+    assert pace.seconds_per_job == pytest.approx(10.0 / 4)
+    assert pace.seconds_per_step == pytest.approx({"a": 6.0 / 40, "b": 1.0 / 20})
+    assert pace.fleet_seconds_per_step == pytest.approx(7.0 / 60)
+    assert pace.job_seconds("a", 10) == pytest.approx(1.5)
+    assert pace.job_seconds("unseen", 10) == pytest.approx(70.0 / 60)  # the fleet's pace per step
+    assert pace.job_seconds("a", 0) == pytest.approx(2.5)  # an upscale: the mean job
+
+
+def test_pace_without_history_uses_the_defaults() -> None:
+    pace = pace_from([], [{"ready": True}])
+    assert pace.seconds_per_job == DEFAULT_JOB_SECONDS == 20 * DEFAULT_SECONDS_PER_STEP
+    assert pace.job_seconds("any", 8) == pytest.approx(8 * DEFAULT_SECONDS_PER_STEP)
+
+
+def test_queued_eta_grows_with_the_position_and_shrinks_with_workers() -> None:
+    busy = RenderPace(workers=2, idle=0, seconds_per_job=4.0)
+    etas = [queued_eta(position, 3.0, busy) for position in range(1, 8)]
+    assert etas == [4.0, 6.0, 8.0, 10.0, 12.0, 14.0, 16.0]  # (p - 0.5) * 4 / 2 waiting, then its own 3 s
+    assert all(a < b for a, b in zip(etas, etas[1:], strict=False))
+    more = RenderPace(workers=4, idle=0, seconds_per_job=4.0)
+    assert queued_eta(7, 3.0, more) == 9.5  # (7 - 0.5) * 4 / 4 + 3, against 16 with two workers
+
+
+def test_idle_workers_start_the_first_jobs_at_once() -> None:
+    pace = RenderPace(workers=3, idle=2, seconds_per_job=6.0)
+    assert queued_eta(1, 2.5, pace) == queued_eta(2, 2.5, pace) == 2.5  # taken now: only its own render
+    assert queued_eta(3, 2.5, pace) == 3.5  # the first busy worker frees up after half a job's share: 0.5 * 6 / 3
+    assert queued_eta(1, 2.5, RenderPace(workers=1, idle=5, seconds_per_job=6.0)) == 2.5
+
+
+def test_no_live_worker_means_no_eta() -> None:
+    assert queued_eta(1, 2.0, RenderPace(workers=0, idle=0)) is None
+
+
+def _queued(**params: Any) -> Job:
+    return Job(status=JobStatus.QUEUED, mode=params.pop("mode", "txt2img"), model_name="a",
+               params={"steps": 10} | params, progress=0.0)
+
+
+def test_a_queued_jobs_view_eta_uses_this_processes_latest_pace(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(FLEET_PACE, "_pace", None)
+    assert eta_seconds(_queued(), position=3) is None  # no pace read yet in this process
+    monkeypatch.setattr(FLEET_PACE, "_pace", RenderPace(workers=1, idle=0, seconds_per_job=2.0,
+                                                        seconds_per_step={"a": 0.5}))
+    assert eta_seconds(_queued(), position=3) == (3 - 0.5) * 2.0 + 10 * 0.5
+    assert eta_seconds(_queued(), position=None) is None  # the caller did not place it
+    assert eta_seconds(_queued(mode="train"), position=1) is None  # a training's time is not a render's
+    running = _queued()
+    running.status = JobStatus.RUNNING
+    assert eta_seconds(running, position=3) is None  # not started: no progress to extrapolate

@@ -4,12 +4,18 @@ Built-in kinds go through `kubernetes-validate` (the API's own OpenAPI schemas, 
 mode, so an unknown or misspelled field fails as the API server would reject it. The KEDA ScaledObject goes
 through `cloudcoil.models.keda`, models generated from KEDA's CRD: pydantic checks the types, and comparing
 the document with the model's dump finds a field the CRD does not have (pydantic drops it silently).
+
+The manifests are in deploy/k8s/base; deploy/k8s applies the base as it is, and each overlay in
+deploy/k8s/overlays patches it (`render` builds one as kustomize does, and `kubectl kustomize` checks that where
+kubectl is installed).
 """
 
 from __future__ import annotations
 
 import copy
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +29,9 @@ from api.admin import autoscaling
 from api.admin.metrics import Snapshot, families
 
 ROOT = Path(__file__).resolve().parents[2]
-K8S = ROOT / "deploy" / "k8s"
+DEPLOY = ROOT / "deploy" / "k8s"
+K8S = DEPLOY / "base"
+SCALE_TO_ZERO = DEPLOY / "overlays" / "scale-to-zero"
 KUBERNETES_VERSION = "1.31"  # the oldest minor version still maintained upstream when this was written
 JOB_TIME_LIMIT_S = 600
 
@@ -60,17 +68,46 @@ def validate(doc: dict[str, Any]) -> None:
         raise ManifestError(getattr(e, "message", str(e))) from e
 
 
-def load(name: str) -> list[dict[str, Any]]:
-    return [doc for doc in yaml.safe_load_all((K8S / name).read_text()) if doc is not None]
+def load(name: str, folder: Path = K8S) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all((folder / name).read_text()) if doc is not None]
 
 
-def kustomization() -> dict[str, Any]:
-    return yaml.safe_load((K8S / "kustomization.yaml").read_text())
+def kustomization(folder: Path = K8S) -> dict[str, Any]:
+    return yaml.safe_load((folder / "kustomization.yaml").read_text())
 
 
 def applied() -> list[dict[str, Any]]:
-    """Every document `kubectl apply -k deploy/k8s` applies."""
+    """Every document `kubectl apply -k deploy/k8s` applies (the base's resources; namespace and labels aside)."""
     return [doc for name in kustomization()["resources"] for doc in load(name)]
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch, what kustomize applies for a kind it has no schema for (a CRD's): maps merge,
+    null deletes, anything else (a list included) replaces."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    merged = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = merge_patch(merged.get(key), value)
+    return merged
+
+
+def render(overlay: Path, patches: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The documents an overlay of the base applies: the base's, with each of its patches (``patches``: file name ->
+    patch, instead of the file) merged into the document of the same kind and name."""
+    spec = kustomization(overlay)
+    assert [(overlay / resource).resolve() for resource in spec["resources"]] == [K8S.resolve()]
+    docs = applied()
+    for entry in spec["patches"]:
+        patch = (patches or {}).get(entry["path"]) or load(entry["path"], overlay)[0]
+        found = [i for i, doc in enumerate(docs) if (doc["kind"], doc["metadata"]["name"])
+                 == (patch["kind"], patch["metadata"]["name"])]
+        assert len(found) == 1, f"{entry['path']} patches {len(found)} documents"
+        docs[found[0]] = merge_patch(docs[found[0]], patch)
+    return docs
 
 
 def by_kind_name(kind: str, name: str) -> dict[str, Any]:
@@ -91,6 +128,7 @@ def test_every_manifest_validates(name: str) -> None:
 
 
 def test_kustomization_lists_every_manifest_but_the_secret_example() -> None:
+    assert kustomization(DEPLOY)["resources"] == ["base"]  # `kubectl apply -k deploy/k8s`: the base as it is
     listed = kustomization()["resources"]
     assert sorted(listed) == sorted(set(MANIFESTS) - {"secret.example.yaml"})
     assert kustomization()["namespace"] == "renderfarm"
@@ -176,8 +214,7 @@ def test_scaled_object_scales_the_worker_on_a_metric_that_metrics_exports() -> N
     target = scaled["spec"]["scaleTargetRef"]
     worker = by_kind_name("Deployment", target["name"])
     assert target.get("kind", "Deployment") == "Deployment" and worker["metadata"]["name"] == "renderfarm-worker"
-    assert scaled["spec"]["minReplicaCount"] == 1  # scale to zero is the documented option, not the default
-    assert "minReplicaCount: 0" in (K8S / "worker-scaledobject.yaml").read_text()
+    assert scaled["spec"]["minReplicaCount"] == 1  # scale to zero is the overlay's option, not the default
     (trigger,) = scaled["spec"]["triggers"]
     assert trigger["type"] == "prometheus"
     query = trigger["metadata"]["query"]
@@ -187,3 +224,49 @@ def test_scaled_object_scales_the_worker_on_a_metric_that_metrics_exports() -> N
     assert float(trigger["metadata"]["threshold"]) > 0
     # The busy-worker term is priced at the threshold, so busy workers are never scaled in (see the file's notes).
     assert f"{float(trigger['metadata']['threshold']):g} * " in query
+
+
+def scaled_object(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (found,) = [d for d in docs if d["kind"] == "ScaledObject" and d["metadata"]["name"] == "renderfarm-worker"]
+    return found
+
+
+def test_the_scale_to_zero_overlay_validates_and_changes_only_the_minimum() -> None:
+    docs = render(SCALE_TO_ZERO)
+    for doc in docs:
+        validate(doc)
+    scaled, base = scaled_object(docs), by_kind_name("ScaledObject", "renderfarm-worker")
+    assert scaled["spec"]["minReplicaCount"] == 0 < scaled["spec"]["maxReplicaCount"]
+    # KEDA itself scales 0 <-> 1: it activates the workers when the value passes the trigger's activationThreshold
+    # (any queued work or busy worker) and deactivates them after cooldownPeriod at or below it.
+    (trigger,) = scaled["spec"]["triggers"]
+    assert float(trigger["metadata"]["activationThreshold"]) == 0
+    assert scaled["spec"]["cooldownPeriod"] > 0
+    assert merge_patch(scaled, {"spec": {"minReplicaCount": base["spec"]["minReplicaCount"]}}) == base
+    assert [d for d in docs if d["kind"] != "ScaledObject"] == [d for d in applied() if d["kind"] != "ScaledObject"]
+
+
+@pytest.mark.parametrize("spec", [
+    {"minReplicaCount": "zero"},  # wrong type
+    {"minReplicas": 0},  # the HPA's name, not KEDA's
+    {"minReplicaCount": 0, "cooldownPeriod": [600]},
+    {"triggers": [{"type": "prometheus", "metadata": {"query": "1"}, "activation": "0"}]},  # not a trigger field
+])
+def test_a_broken_scale_to_zero_patch_fails_validation(spec: dict[str, Any]) -> None:
+    patch = load("worker-scaledobject.yaml", SCALE_TO_ZERO)[0]
+    with pytest.raises(ManifestError):
+        validate(scaled_object(render(SCALE_TO_ZERO, {"worker-scaledobject.yaml": merge_patch(patch, {"spec": spec})})))
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+@pytest.mark.parametrize("target", [DEPLOY, SCALE_TO_ZERO])
+def test_kustomize_builds_what_the_tests_check(target: Path) -> None:
+    """Where kubectl is installed, its kustomize (offline) builds the same ScaledObject and the same kinds."""
+    built = subprocess.run(["kubectl", "kustomize", str(target)], capture_output=True, text=True, timeout=60,
+                           check=True).stdout
+    docs = [doc for doc in yaml.safe_load_all(built) if doc is not None]
+    expected = applied() if target == DEPLOY else render(target)
+    assert scaled_object(docs)["spec"] == scaled_object(expected)["spec"]
+    assert sorted((d["kind"], d["metadata"]["name"]) for d in docs) == sorted(
+        (d["kind"], d["metadata"]["name"]) for d in expected)
+    assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} == {"renderfarm"}

@@ -2,8 +2,10 @@
 
 The WebUI has one global job, so its progress is everyone's. Here "the current job" is the
 caller's most recent one, and ``job_count`` counts the caller's queued and running jobs, which is
-what ``webuiapi.util_wait_for_ready`` waits on. Interrupt and skip cancel the caller's running jobs
-(the farm cannot skip one image of a batch; skip stops the job like interrupt).
+what ``webuiapi.util_wait_for_ready`` waits on. ``eta_relative`` is that job's seconds to done: from its
+progress while it runs, estimated from its queue position while it waits (`shared.jobs.views.queued_eta`).
+Interrupt and skip cancel the caller's running jobs (the farm cannot skip one image of a batch; skip stops
+the job like interrupt).
 """
 
 from __future__ import annotations
@@ -69,7 +71,8 @@ def _progress(owner: str, refresh: float, fair: bool) -> ProgressResponse:
     }
     return ProgressResponse(
         progress=running_job.progress if running_job is not None else 0.0,
-        eta_relative=(eta_seconds(running_job) or 0.0) if running_job is not None else 0.0,
+        # Running: from its progress; queued: estimated from its queue position and the fleet's pace (0 unknown).
+        eta_relative=(eta_seconds(job, position) or 0.0) if job is not None else 0.0,
         state=state,
         textinfo=_textinfo(job, position) if job is not None else None,
     )
