@@ -65,13 +65,20 @@ def test_a_training_is_a_queued_job_on_the_train_queue(api_only: Farm) -> None:
         assert broker.llen("train") >= 1  # its message waits for a worker that follows the train queue
         canceled = client.post(f"/v1/trainings/{view['id']}/cancel")
         assert canceled.status_code == 200 and canceled.json()["status"] == "canceled"
+        created = client.post("/v1/trainings", json={"kind": "hypernetwork", "name": "fresh", "steps": 0,
+                                                      "layer_structure": "1, 1.5, 1", "enable_sizes": [768, 320]})
+        assert created.status_code == 202, created.text  # steps 0: only creates the file, no dataset needed
+        assert created.json()["params"]["layer_structure"] == [1.0, 1.5, 1.0]
+        assert created.json()["params"]["enable_sizes"] == [320, 768]
 
 
 BAD = [
     ({"kind": "lora"}, "kind", "not built yet"),
     ({"kind": "lycoris"}, "kind", ""),
     ({"name": "../evil"}, "name", "letters, digits"),
-    ({"steps": 0}, "steps", ""),
+    ({"steps": -1}, "steps", ""),
+    ({"dataset": None}, "dataset", "needs a dataset"),
+    ({"start_from": "no-such-embedding"}, "start_from", "no embeddings/no-such-embedding.safetensors"),
     ({"steps": 10**9}, "steps", "at most"),
     ({"learn_rate": "fast"}, "learn_rate", "cannot read"),
     ({"learn_rate": "0.01:10, 0.001:5"}, "learn_rate", "steps must increase"),
