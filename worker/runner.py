@@ -438,14 +438,17 @@ class JobRunner:
             samples = load_samples(spec, self.store.get)
             initial = (self.settings.models.models_dir / spec.start_from).read_bytes() if spec.start_from else None
             model = self.pipelines.get(spec.model)
+            model.loras.apply(model.pipeline, [])  # no LoRA of an earlier render may ride into the training
             result = train(model.pipeline, spec, samples, initial=initial, resume=resume, on_step=on_step,
                            on_checkpoint=on_checkpoint, on_preview=on_preview)
             with self.session_factory() as session:
                 progress.result = install_result(session, self.store, spec, jid, claimed.owner, result.file_bytes)
-            progress.probe_loss = (result.probe_loss_before, result.probe_loss_after)
+            progress.finish(result.losses, result.probe_loss_before, result.probe_loss_after)
         except LeaseLost:
             log.warning("training %s: lease lost; another attempt goes on from its last checkpoint", jid)
             return RunOutcome.LOST
+        except ValueError as exc:  # the trainer's: this spec, file or checkpoint cannot train on this checkpoint
+            return self._fail(jid, ErrorType.INVALID_INPUT, str(exc))
         except (Exception, *self.time_limit_errors) as exc:
             return self._end_with(jid, exc)
         state, seconds = progress.as_dict(), round(time.monotonic() - started, 4)

@@ -29,6 +29,7 @@ from shared.models.store_files import add_file, delete_file
 from shared.models.store_registry import NameTakenError, find_row
 from shared.storage.base import ObjectStore
 from worker.engine.img2img import read_stored_image
+from worker.engine.training.results import TrainingSample
 
 log = logging.getLogger(__name__)
 LOSS_POINTS = 300  # a training's loss curve in its view is thinned to about this many points
@@ -75,6 +76,15 @@ class TrainingProgress:
         if len(self.losses) > 2 * LOSS_POINTS:  # keep every other point, always the latest
             self.losses = [*self.losses[:-1:2], self.losses[-1]]
 
+    def finish(self, losses: list[float], probe_before: float | None, probe_after: float | None) -> None:
+        """The whole run's curve (a resumed run's included, from its checkpoint) and its probe, once done."""
+        curve: list[list[float]] = [[step, loss] for step, loss in enumerate(losses, start=1)]
+        while len(curve) > 2 * LOSS_POINTS:
+            curve = [*curve[:-1:2], curve[-1]]
+        self.losses = curve
+        if probe_before is not None and probe_after is not None:
+            self.probe_loss = (probe_before, probe_after)
+
     def eta_seconds(self) -> float | None:
         done = self.step - self.started_step
         if done <= 0:
@@ -92,18 +102,12 @@ class TrainingProgress:
                 "probe_loss": list(self.probe_loss) if self.probe_loss else None}
 
 
-@dataclass(frozen=True)
-class Sample:
-    image: Image.Image
-    caption: str
-
-
-def load_samples(spec: TrainSpec, load: Callable[[str], bytes]) -> list[Sample]:
+def load_samples(spec: TrainSpec, load: Callable[[str], bytes]) -> list[TrainingSample]:
     """The dataset's images (RGB) and captions; a missing image fails the job naming it."""
     samples = []
     for index, item in enumerate(spec.items):
         image = read_stored_image(item.key, load, ("body", "dataset", index))
-        samples.append(Sample(image.convert("RGB"), item.caption))
+        samples.append(TrainingSample(image.convert("RGB"), item.caption))
     return samples
 
 

@@ -77,8 +77,10 @@ def _hypernetwork_options(body: TrainingRequest) -> dict[str, object]:
         raise FieldError(_field("layer_structure"), "starts and ends with 1, each value in (0, 64], such as "
                                                     "'1, 2, 1' (the WebUI's rule)")
     sizes = sorted(set(body.enable_sizes))
-    if any(size not in HYPERNETWORK_SIZES for size in sizes):
-        raise FieldError(_field("enable_sizes"), f"each of {', '.join(map(str, HYPERNETWORK_SIZES))}")
+    if any(not 8 <= size <= 4096 for size in sizes):
+        raise FieldError(_field("enable_sizes"), f"context widths between 8 and 4096: the WebUI's "
+                                                 f"{', '.join(map(str, HYPERNETWORK_SIZES))} for SD1.x (a size the "
+                                                 "checkpoint's attention does not use is skipped)")
     activation = body.activation_func.lower()
     if activation not in ACTIVATIONS:
         raise FieldError(_field("activation_func"), f"one of {', '.join(ACTIVATIONS)}")

@@ -21,7 +21,7 @@ TRAIN_MODE = "train"
 TrainKind = Literal["embedding", "hypernetwork"]
 
 # The WebUI's template files (textual_inversion_templates/*.txt), by the names its API takes. Each line is one
-# training prompt; `[name]` is the embedding's name (or, for a hypernetwork, nothing), `[filewords]` the image's
+# training prompt; `[name]` is the embedding's (or the hypernetwork's) name, `[filewords]` the image's
 # caption. These lines are written for the farm in the same spirit; `template` gives your own.
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "none.txt": ("picture",),
@@ -58,9 +58,10 @@ def parse_learn_rate(text: str, steps: int) -> list[tuple[float, int]]:
             raise ValueError(f"cannot read the rate {match.group(1)!r}") from exc
         if not 0 < rate < 10:
             raise ValueError(f"rate {rate} is outside (0, 10)")
-        until = int(match.group(2)) if match.group(2) is not None else steps
         if match.group(2) is None and i != len(parts) - 1:
             raise ValueError(f"{part.strip()!r}: only the last rate may leave out its step")
+        # The last rate runs to the end; a schedule longer than the training is cut, as the WebUI cuts it.
+        until = int(match.group(2)) if match.group(2) is not None else max(steps, pairs[-1][1] + 1 if pairs else 1)
         if pairs and until <= pairs[-1][1]:
             raise ValueError(f"{part.strip()!r}: steps must increase")
         pairs.append((rate, until))

@@ -91,7 +91,7 @@ BAD = [
     ({"dataset": "00000000-0000-0000-0000-000000000000"}, "dataset", "no dataset"),
     ({"layer_structure": "1, 2, 1"}, "layer_structure", "hypernetworks only"),
     ({"kind": "hypernetwork", "layer_structure": "2, 1"}, "layer_structure", "starts and ends with 1"),
-    ({"kind": "hypernetwork", "enable_sizes": [999]}, "enable_sizes", "768"),
+    ({"kind": "hypernetwork", "enable_sizes": [99999]}, "enable_sizes", "768"),
     ({"kind": "hypernetwork", "activation_func": "explode"}, "activation_func", "relu"),
     ({"kind": "hypernetwork", "dropout_structure": "0, 0.5"}, "dropout_structure", "one value per"),
     ({"kind": "hypernetwork", "nvpt": 3}, "nvpt", "embeddings only"),

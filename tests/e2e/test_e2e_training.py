@@ -1,0 +1,198 @@
+"""Trainings on a real farm (issue 15): an API, a worker that follows the `train` queue as well as `render`, the
+demo checkpoint at 64x64 and a tiny generated dataset, driven over HTTP like a user.
+
+- An embedding trains, its probe loss falls, its checkpoints and previews are stored and listed, and the file is
+  installed in the model store: listed at once, and a render whose prompt names it changes.
+- The worker is SIGKILLed mid-training: the next attempt resumes from the last checkpoint (not step 0) and ends with
+  the same loss curve as the same training run without interruption (exactly: CPU training is deterministic here;
+  the tolerance stated below is for float noise only).
+- A cancel stops a running training at its next step and keeps its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image, ImageDraw
+
+from devtools.embedded import EmbeddedPostgres
+from tests.conftest import ADMIN_KEY, _fresh_database, farm_env, make_key
+from tests.farm_harness import Farm, Proc, start_api, start_worker, wait_until
+
+pytestmark = pytest.mark.e2e
+LOSS_TOLERANCE = 1e-5  # resumed vs uninterrupted, per step (float noise; measured 0 on this machine)
+
+
+class TrainingFarm:
+    def __init__(self, farm: Farm, logs: Path) -> None:
+        self.farm, self.logs = farm, logs
+        self.workers: list[Proc] = []
+        self.key = make_key(farm.env["DATABASE_URL"], "trainer")
+
+    def add_worker(self, name: str) -> Proc:
+        proc = start_worker(self.farm.env, self.logs, name=name, queues="render,train")
+        self.workers.append(proc)
+        return proc
+
+    def client(self) -> httpx.Client:
+        return self.farm.client(self.key)
+
+    def training(self, training_id: str) -> dict[str, Any]:
+        with self.client() as client:
+            resp = client.get(f"/v1/trainings/{training_id}")
+            assert resp.status_code == 200, resp.text
+            return dict(resp.json())
+
+    def wait_done(self, training_id: str, timeout: float = 300) -> dict[str, Any]:
+        def done() -> dict[str, Any] | None:
+            view = self.training(training_id)
+            return view if view["status"] in ("succeeded", "failed", "canceled") else None
+
+        return wait_until(done, timeout, interval=0.3, message=f"training {training_id} to end")
+
+
+def _png(color: str, shape: str) -> bytes:
+    image = Image.new("RGB", (64, 64), "white")
+    draw = ImageDraw.Draw(image)
+    if shape == "circle":
+        draw.ellipse((12, 12, 52, 52), fill=color)
+    else:
+        draw.rectangle((12, 12, 52, 52), fill=color)
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def training_farm(postgres: EmbeddedPostgres, redis_db_url: Any, models_dir: Path,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainingFarm]:
+    logs = tmp_path_factory.mktemp("training-farm")
+    env = farm_env(database_url=_fresh_database(postgres, "farm_training"), redis_url=redis_db_url(),
+                   storage_url=str(logs / "objects"), models_dir=models_dir, admin_key=ADMIN_KEY,
+                   RENDERFARM_LEASE_SECONDS="5", RENDERFARM_REPUBLISH_AFTER_SECONDS="2",
+                   RENDERFARM_TRAINING_PROGRESS_SECONDS="0.2")
+    api, base_url = start_api(env, logs)
+    tf = TrainingFarm(Farm(base_url=base_url, admin_key=ADMIN_KEY, env=env, procs=[api]), logs)
+    try:
+        tf.add_worker("t1")
+        yield tf
+    finally:
+        for proc in tf.workers:
+            if proc.popen.poll() is None:
+                os.killpg(proc.popen.pid, signal.SIGKILL)
+                proc.popen.wait()
+        api.stop()
+
+
+@pytest.fixture(scope="module")
+def dataset(training_farm: TrainingFarm) -> str:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for i, (color, shape) in enumerate([("red", "circle"), ("blue", "square"), ("red", "square"),
+                                            ("blue", "circle")]):
+            archive.writestr(f"cat/{i}.png", _png(color, shape))
+            archive.writestr(f"cat/{i}.txt", f"a {color} {shape}")
+    with training_farm.client() as client:
+        resp = client.post("/v1/datasets", files={"file": ("cat.zip", buffer.getvalue(), "application/zip")})
+        assert resp.status_code == 201, resp.text
+        return str(resp.json()["id"])
+
+
+def _body(dataset: str, name: str, **extra: Any) -> dict[str, Any]:
+    """Settings under which an embedding measurably lowers the demo model's probe loss (tests/unit/test_training.py
+    says why: the demo UNet is random, so many vectors and a high rate are needed to move its ~1% of conditioning)."""
+    return {"kind": "embedding", "name": name, "dataset": dataset, "steps": 30, "seed": 5, "batch_size": 4,
+            "learn_rate": "0.2:20, 0.1", "template": ["[name]"], "nvpt": 32, "init_text": "shape",
+            "clip_grad_mode": "value", "clip_grad_value": 0.1, "training_width": 64, "training_height": 64, **extra}
+
+
+def _render(farm: TrainingFarm, prompt: str) -> bytes:
+    with farm.client() as client:
+        job = client.post("/v1/jobs", json={"prompt": prompt, "width": 64, "height": 64, "steps": 3, "seed": 11,
+                                            "sampler_name": "Euler"})
+        assert job.status_code == 202, job.text
+        done = farm.farm.wait_for(job.json()["id"], key=farm.key)
+        assert done["status"] == "succeeded", done
+        return bytes(client.get(done["images"][0]["url"]).content)
+
+
+def test_an_embedding_trains_is_installed_and_changes_a_render(training_farm: TrainingFarm, dataset: str) -> None:
+    before = _render(training_farm, "a photo of shapecat")
+    with training_farm.client() as client:
+        resp = client.post("/v1/trainings", json=_body(dataset, "shapecat", save_every=4, create_image_every=6,
+                                                         preview_steps=3))
+        assert resp.status_code == 202, resp.text
+        training_id = resp.json()["id"]
+    view = training_farm.wait_done(training_id)
+    assert view["status"] == "succeeded", view
+    assert view["step"] == 30 and view["progress"] == 1.0 and len(view["losses"]) == 30
+    before_loss, after_loss = view["probe_loss"]
+    assert after_loss < before_loss, view["probe_loss"]
+    assert view["checkpoint_step"] == 28  # every 4 steps, not at the last one
+    assert [p["step"] for p in view["previews"]] == [6, 12, 18, 24, 30]
+    assert view["result"]["file"] == "embeddings/shapecat.safetensors" and view["result"]["name"] == "shapecat"
+    with training_farm.client() as client:
+        preview = client.get(view["previews"][0]["url"])
+        assert preview.status_code == 200 and Image.open(io.BytesIO(preview.content)).size == (64, 64)
+        assert "shapecat" in [entry["name"] for entry in client.get("/v1/embeddings").json()]
+        sdapi = client.get("/sdapi/v1/embeddings").json()
+        assert "shapecat" in sdapi["loaded"] and sdapi["loaded"]["shapecat"]["vectors"] == 32
+    after = _render(training_farm, "a photo of shapecat")
+    assert after != before  # the word is now the trained embedding
+    with training_farm.client() as client:
+        again = client.post("/v1/trainings", json=_body(dataset, "shapecat"))
+        assert again.status_code == 422 and again.json()["detail"][0]["loc"] == ["body", "name"]
+
+
+def test_a_killed_worker_resumes_from_the_last_checkpoint_with_the_same_losses(training_farm: TrainingFarm,
+                                                                                dataset: str) -> None:
+    steps = 160
+    with training_farm.client() as client:
+        killed = client.post("/v1/trainings", json=_body(dataset, "resumed", steps=steps, save_every=10)).json()
+        reference = client.post("/v1/trainings", json=_body(dataset, "uninterrupted", steps=steps,
+                                                             save_every=10)).json()
+    wait_until(lambda: (training_farm.training(killed["id"])["checkpoint_step"] or 0) >= 20, 240, interval=0.1,
+               message="the first checkpoints")
+    victim = training_farm.workers[0]
+    at_kill = training_farm.training(killed["id"])
+    assert at_kill["status"] == "running" and at_kill["step"] < steps
+    os.killpg(victim.popen.pid, signal.SIGKILL)
+    victim.popen.wait()
+    training_farm.add_worker("t2")
+    resumed = training_farm.wait_done(killed["id"])
+    assert resumed["status"] == "succeeded", resumed
+    assert resumed["attempt"] == 2
+    worker_log = training_farm.workers[-1].log()
+    assert f"training {killed['id']}: resuming from the checkpoint at step" in worker_log
+    assert "resuming from the checkpoint at step 0" not in worker_log
+    straight = training_farm.wait_done(reference["id"])
+    assert straight["status"] == "succeeded" and straight["attempt"] == 1
+    ours, theirs = dict(map(tuple, resumed["losses"])), dict(map(tuple, straight["losses"]))
+    common = sorted(set(ours) & set(theirs))
+    assert len(common) >= steps // 2  # both curves thinned the same way
+    assert max(abs(ours[s] - theirs[s]) for s in common) <= LOSS_TOLERANCE
+    assert abs(resumed["probe_loss"][1] - straight["probe_loss"][1]) <= LOSS_TOLERANCE
+
+
+def test_a_cancel_stops_a_running_training_and_keeps_its_checkpoint(training_farm: TrainingFarm,
+                                                                    dataset: str) -> None:
+    with training_farm.client() as client:
+        training = client.post("/v1/trainings", json=_body(dataset, "canceled", steps=5000, save_every=5)).json()
+    wait_until(lambda: (training_farm.training(training["id"])["checkpoint_step"] or 0) >= 5, 240, interval=0.1,
+               message="a checkpoint")
+    with training_farm.client() as client:
+        resp = client.post(f"/v1/trainings/{training['id']}/cancel")
+        assert resp.status_code == 200, resp.text
+    view = training_farm.wait_done(training["id"], timeout=60)
+    assert view["status"] == "canceled" and view["step"] < 5000
+    assert view["checkpoint_step"] >= 5 and view["result"] is None
+    objects = Path(training_farm.farm.env["STORAGE_URL"]) / "trainings" / training["id"]
+    assert (objects / "checkpoint.pt").is_file()
