@@ -134,8 +134,8 @@ def install_result(session: Session, store: ObjectStore, spec: TrainSpec, job_id
             log.warning("training %s: %s was taken meanwhile; installed as %s", job_id, spec.output_file, name)
             record, _ = add_file(session, store, path, kind, name, source="training", added_by=owner)
     stem = Path(record.name).stem
-    return {"file": f"{folder}/{record.name}", "sha256": record.sha256, "size": record.size,
-            "name": stem if kind == "embedding" else f"<hypernet:{stem}:1>"}
+    used_as = {"embedding": stem, "hypernetwork": f"<hypernet:{stem}:1>", "lora": f"<lora:{stem}:1>"}[kind]
+    return {"file": f"{folder}/{record.name}", "sha256": record.sha256, "size": record.size, "name": used_as}
 
 
 def preview_png(image: Image.Image, prompt: str, step: int, spec: TrainSpec) -> bytes:

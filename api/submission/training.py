@@ -19,7 +19,7 @@ from api.submission.inputs import StagedInputs
 from api.submission.submit import Submitted, check_webhook, persist
 from shared.db.models import ApiKey, Dataset
 from shared.errors import FieldError
-from shared.jobs.training_schemas import EMBEDDING_ONLY, HYPERNETWORK_ONLY, TrainingRequest
+from shared.jobs.training_schemas import LORA_ONLY, ONLY, TrainingRequest
 from shared.jobs.training_spec import (
     DEFAULT_TEMPLATE,
     NAME_PATTERN,
@@ -37,6 +37,8 @@ from shared.storage.base import ObjectStore
 from shared.webui.hashes import HashCache
 
 SD1_ARCHITECTURES = ("sd15", "demo-tiny")  # shared/models/architecture.py's SD1.x families
+# The WebUI's defaults (embedding, hypernetwork) and kohya's usual LoRA rate.
+DEFAULT_LEARN_RATE = {"embedding": "0.005", "hypernetwork": "0.00001", "lora": "0.0001"}
 # The WebUI's hypernetwork sizes (its "Modules" checkboxes) and activation names (its dropdown: "linear" is none).
 HYPERNETWORK_SIZES = (768, 1024, 320, 640, 1280)
 ACTIVATIONS = ("linear", "relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid", "celu", "gelu", "glu",
@@ -118,8 +120,9 @@ def _start_from(body: TrainingRequest, models_dir: Path) -> str | None:
         return None
     name = body.start_from.strip()
     if not NAME_PATTERN.match(name) or name.endswith("."):
-        raise FieldError(_field("start_from"), "the name of an embedding or hypernetwork in the models folder")
-    relpath = f"embeddings/{name}.safetensors" if body.kind == "embedding" else f"hypernetworks/{name}.pt"
+        raise FieldError(_field("start_from"), "the name of an embedding, hypernetwork or LoRA in the models folder")
+    relpath = {"embedding": f"embeddings/{name}.safetensors", "hypernetwork": f"hypernetworks/{name}.pt",
+               "lora": f"Lora/{name}.safetensors"}[body.kind]
     if not output_exists(models_dir, relpath):
         raise FieldError(_field("start_from"), f"no {relpath} (embeddings are read as .safetensors only)")
     return relpath
@@ -145,20 +148,21 @@ def plan_training(session: Session, key: ApiKey, body: TrainingRequest, settings
     if not NAME_PATTERN.match(name) or name.endswith("."):
         raise FieldError(_field("name"), "letters, digits, space, '_', '.', '-'; 1 to 100 characters, starting "
                                          "with a letter or digit (it names a file in the models folder)")
-    if body.kind == "lora":
-        raise FieldError(_field("kind"), "lora training is not built yet; embedding or hypernetwork")
-    unused = [name for name in (HYPERNETWORK_ONLY if body.kind == "embedding" else EMBEDDING_ONLY)
+    unused = [(name, kind) for kind, names in ONLY.items() if kind != body.kind for name in names
               if name in body.model_fields_set]
     if unused:
-        raise FieldError(_field(unused[0]), f"{unused[0]} applies to "
-                                            f"{'hypernetworks' if body.kind == 'embedding' else 'embeddings'} only")
+        name, kind = unused[0]
+        raise FieldError(_field(name), f"{name} applies to {kind} trainings only")
+    learn_rate = (body.learn_rate or DEFAULT_LEARN_RATE[body.kind]).strip()
+    if body.kind == "lora" and body.min_bucket_reso > body.max_bucket_reso:
+        raise FieldError(_field("min_bucket_reso"), f"at most max_bucket_reso ({body.max_bucket_reso})")
     if body.steps > limits.training_max_steps:
         raise FieldError(_field("steps"), f"at most {limits.training_max_steps} (RENDERFARM_TRAINING_MAX_STEPS)")
     for side in ("training_width", "training_height"):
         if getattr(body, side) > limits.training_max_side:
             raise FieldError(_field(side), f"at most {limits.training_max_side} (RENDERFARM_TRAINING_MAX_SIDE)")
     try:
-        parse_learn_rate(body.learn_rate, body.steps)
+        parse_learn_rate(learn_rate, body.steps)
     except ValueError as exc:
         raise FieldError(_field("learn_rate"), str(exc)) from exc
     if body.template is not None and body.template_filename is not None:
@@ -181,7 +185,7 @@ def plan_training(session: Session, key: ApiKey, body: TrainingRequest, settings
         items=tuple(DatasetItem(key=item["key"], caption=item.get("caption") or "")
                     for item in (dataset.items if dataset is not None else ())),
         steps=body.steps, seed=body.seed if body.seed >= 0 else random.randrange(2**32),
-        learn_rate=body.learn_rate.strip(), batch_size=body.batch_size, gradient_step=body.gradient_step,
+        learn_rate=learn_rate, batch_size=body.batch_size, gradient_step=body.gradient_step,
         clip_grad_mode=body.clip_grad_mode, clip_grad_value=body.clip_grad_value,
         training_width=body.training_width, training_height=body.training_height, template=template,
         template_filename=template_name, shuffle_tags=body.shuffle_tags, tag_drop_out=body.tag_drop_out,
@@ -189,6 +193,7 @@ def plan_training(session: Session, key: ApiKey, body: TrainingRequest, settings
         preview_prompt=body.preview_prompt, preview_steps=body.preview_steps,
         preview_cfg_scale=body.preview_cfg_scale, overwrite_old=body.overwrite_old,
         init_text=str(options.pop("init_text", body.init_text)), nvpt=body.nvpt, **options,
+        **({name: getattr(body, name) for name in LORA_ONLY} if body.kind == "lora" else {}),
     )
     if not spec.overwrite_old and output_exists(settings.models.models_dir, spec.output_file):
         raise FieldError(_field("name"), f"{spec.output_file} already exists; choose another name, or set "

@@ -18,6 +18,10 @@ from shared.jobs.states import JobStatus
 EMBEDDING_ONLY = ("init_text", "nvpt")
 HYPERNETWORK_ONLY = ("enable_sizes", "layer_structure", "activation_func", "weight_init", "add_layer_norm",
                      "use_dropout", "dropout_structure")
+LORA_ONLY = ("network_dim", "network_alpha", "network_target", "train_text_encoder", "unet_lr", "text_encoder_lr",
+             "optimizer_type", "lr_scheduler", "lr_warmup_steps", "enable_bucket", "min_bucket_reso",
+             "max_bucket_reso", "bucket_reso_steps")
+ONLY = {"embedding": EMBEDDING_ONLY, "hypernetwork": HYPERNETWORK_ONLY, "lora": LORA_ONLY}
 
 
 class TrainingRequest(BaseModel):
@@ -27,7 +31,7 @@ class TrainingRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     kind: Literal["embedding", "hypernetwork", "lora"] = Field(
-        description="embedding (textual inversion) or hypernetwork; lora is not built yet (refused)")
+        description="embedding (textual inversion), hypernetwork, or lora (kohya's networks.lora)")
     name: str = Field(min_length=1, max_length=100, description="the output's name (models/embeddings/<name>."
                                                                 "safetensors, models/hypernetworks/<name>.pt)")
     dataset: uuid.UUID | None = Field(None, description="a dataset of yours (POST /v1/datasets); needed unless "
@@ -39,8 +43,10 @@ class TrainingRequest(BaseModel):
                                                                      "hypernetwork of this name (its vectors or "
                                                                      "modules, and its structure, are kept)")
     seed: int = Field(-1, ge=-1, le=2**32 - 1, description="data order, timesteps and noise; -1: random")
-    learn_rate: str = Field("0.005", max_length=500, description="a rate, or the WebUI's schedule "
-                                                                  "'0.005:100, 1e-3:1000, 1e-5'")
+    learn_rate: str | None = Field(None, max_length=500, description="a rate, or the WebUI's schedule "
+                                                                     "'0.005:100, 1e-3:1000, 1e-5'; default "
+                                                                     "0.005 (embedding), 0.00001 (hypernetwork), "
+                                                                     "0.0001 (lora)")
     batch_size: int = Field(1, ge=1, le=64)
     gradient_step: int = Field(1, ge=1, le=1000, description="gradient accumulation steps")
     clip_grad_mode: Literal["disabled", "value", "norm"] = "disabled"
@@ -70,6 +76,21 @@ class TrainingRequest(BaseModel):
     add_layer_norm: bool = False
     use_dropout: bool = False
     dropout_structure: str | list[float] | None = Field(None, description="hypernetwork: e.g. '0, 0, 0.1, 0'")
+    network_dim: int = Field(8, ge=1, le=1024, description="lora: the rank")
+    network_alpha: float = Field(1.0, gt=0, le=1024, description="lora: scales the update by alpha / dim")
+    network_target: Literal["attention", "transformer"] = Field(
+        "transformer", description="lora: the UNet's attention projections, or every linear layer of its "
+                                   "transformer blocks (kohya's default)")
+    train_text_encoder: bool = Field(True, description="lora: train the text encoder's attention and MLP too")
+    unet_lr: float | None = Field(None, gt=0, le=10, description="lora: default learn_rate")
+    text_encoder_lr: float | None = Field(None, gt=0, le=10, description="lora: default learn_rate")
+    optimizer_type: Literal["AdamW", "SGD", "Adafactor"] = "AdamW"
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    enable_bucket: bool = Field(False, description="lora: aspect-ratio buckets (kohya's)")
+    min_bucket_reso: int = Field(256, ge=64, le=4096)
+    max_bucket_reso: int = Field(1024, ge=64, le=4096)
+    bucket_reso_steps: int = Field(64, ge=8, le=512, multiple_of=8)
     priority: int = Field(0, ge=-100, le=100)
     webhook_url: str | None = Field(None, max_length=2000)
     webhook_events: list[str] | None = None

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 TRAIN_MODE = "train"
-TrainKind = Literal["embedding", "hypernetwork"]
+TrainKind = Literal["embedding", "hypernetwork", "lora"]
 
 # The WebUI's template files (textual_inversion_templates/*.txt), by the names its API takes. Each line is one
 # training prompt; `[name]` is the embedding's (or the hypernetwork's) name, `[filewords]` the image's
@@ -35,7 +35,9 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
                             "a picture of [filewords], art by [name]"),
     "hypernetwork.txt": ("[filewords]",),
 }
-DEFAULT_TEMPLATE = {"embedding": "subject_filewords.txt", "hypernetwork": "hypernetwork.txt"}
+# Hypernetworks and LoRAs learn the captions themselves (kohya trains on the caption text alone).
+DEFAULT_TEMPLATE = {"embedding": "subject_filewords.txt", "hypernetwork": "hypernetwork.txt",
+                    "lora": "hypernetwork.txt"}
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\- ]{0,99}$")
 # The WebUI's learning-rate schedule: "rate" or "rate:until_step, rate:until_step, ..., rate".
 _SCHEDULE_ENTRY = re.compile(r"^\s*([0-9.eE+-]+)\s*(?::\s*([0-9]+)\s*)?$")
@@ -133,6 +135,23 @@ class TrainSpec(BaseModel):
     add_layer_norm: bool = False
     use_dropout: bool = False
     dropout_structure: tuple[float, ...] | None = None
+    # LoRAs: kohya's sd-scripts (train_network.py with networks.lora) by its option names
+    network_dim: int = Field(8, ge=1, le=1024, description="the LoRA's rank")
+    network_alpha: float = Field(1.0, gt=0, description="scales the update by alpha / dim")
+    network_target: Literal["attention", "transformer"] = Field(
+        "transformer", description="the UNet's attention projections only, or every linear layer of its "
+                                   "transformer blocks (kohya's default, with proj_in/proj_out)")
+    train_text_encoder: bool = True
+    unet_lr: float | None = Field(None, gt=0, description="default: learn_rate")
+    text_encoder_lr: float | None = Field(None, gt=0, description="default: learn_rate")
+    optimizer_type: Literal["AdamW", "SGD", "Adafactor"] = "AdamW"
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    enable_bucket: bool = Field(False, description="resolution buckets by aspect ratio around training_width x "
+                                                   "training_height (kohya's bucketing)")
+    min_bucket_reso: int = Field(256, ge=64)
+    max_bucket_reso: int = Field(1024, ge=64)
+    bucket_reso_steps: int = Field(64, ge=8)
 
     @field_validator("name")
     @classmethod
@@ -165,6 +184,8 @@ class TrainSpec(BaseModel):
         """Where the result is installed, relative to the models folder (the WebUI's folders)."""
         if self.kind == "embedding":
             return f"embeddings/{self.name}.safetensors"
+        if self.kind == "lora":
+            return f"Lora/{self.name}.safetensors"
         return f"hypernetworks/{self.name}.pt"
 
     @classmethod

@@ -73,7 +73,9 @@ def test_a_training_is_a_queued_job_on_the_train_queue(api_only: Farm) -> None:
 
 
 BAD = [
-    ({"kind": "lora"}, "kind", "not built yet"),
+    ({"kind": "lora", "nvpt": 2}, "nvpt", "embedding trainings only"),
+    ({"network_dim": 4}, "network_dim", "lora trainings only"),
+    ({"kind": "lora", "min_bucket_reso": 512, "max_bucket_reso": 256}, "min_bucket_reso", "at most"),
     ({"kind": "lycoris"}, "kind", ""),
     ({"name": "../evil"}, "name", "letters, digits"),
     ({"steps": -1}, "steps", ""),
@@ -89,12 +91,12 @@ BAD = [
     ({"batch_size": 5}, "batch_size", "more than the dataset"),
     ({"model": "no-such-model"}, "model", "unknown model"),
     ({"dataset": "00000000-0000-0000-0000-000000000000"}, "dataset", "no dataset"),
-    ({"layer_structure": "1, 2, 1"}, "layer_structure", "hypernetworks only"),
+    ({"layer_structure": "1, 2, 1"}, "layer_structure", "hypernetwork trainings only"),
     ({"kind": "hypernetwork", "layer_structure": "2, 1"}, "layer_structure", "starts and ends with 1"),
     ({"kind": "hypernetwork", "enable_sizes": [99999]}, "enable_sizes", "768"),
     ({"kind": "hypernetwork", "activation_func": "explode"}, "activation_func", "relu"),
     ({"kind": "hypernetwork", "dropout_structure": "0, 0.5"}, "dropout_structure", "one value per"),
-    ({"kind": "hypernetwork", "nvpt": 3}, "nvpt", "embeddings only"),
+    ({"kind": "hypernetwork", "nvpt": 3}, "nvpt", "embedding trainings only"),
     ({"webhook_url": "http://10.0.0.1/hook"}, "webhook_url", ""),
 ]
 
@@ -144,3 +146,23 @@ def test_the_webui_learning_rate_schedule() -> None:
     assert [rate_at(schedule, s) for s in (0, 99, 100, 999, 1000, 2999)] == [0.005, 0.005, 0.001, 0.001, 1e-5, 1e-5]
     with pytest.raises(ValueError, match="only the last"):
         parse_learn_rate("0.1, 0.01:5", 10)
+
+
+def test_the_webui_train_routes_name_the_webui_fields(api_only: Farm) -> None:
+    key = make_key(api_only.env["DATABASE_URL"], "trainer-webui")
+    with api_only.client(key) as client:
+        dataset = _dataset(client)
+        before = _jobs(api_only)
+        not_an_id = client.post("/sdapi/v1/train/embedding", json={
+            "embedding_name": "x", "data_root": "/home/me/pictures", "steps": 5})
+        assert not_an_id.status_code == 422 and not_an_id.json()["detail"][0]["loc"] == ["body", "data_root"]
+        missing = client.post("/sdapi/v1/train/embedding", json={
+            "embedding_name": "never-created", "data_root": dataset, "steps": 5, "log_directory": "ignored"})
+        assert missing.status_code == 422, missing.text
+        assert missing.json()["detail"][0]["loc"] == ["body", "embedding_name"]
+        bad_name = client.post("/sdapi/v1/create/embedding", json={"name": "../up", "num_vectors_per_token": 2})
+        assert bad_name.status_code == 422 and bad_name.json()["detail"][0]["loc"] == ["body", "name"]
+        too_many = client.post("/sdapi/v1/create/embedding", json={"name": "ok", "num_vectors_per_token": 500})
+        assert too_many.status_code == 422
+        assert too_many.json()["detail"][0]["loc"] == ["body", "num_vectors_per_token"]
+        assert _jobs(api_only) == before
