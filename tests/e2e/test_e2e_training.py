@@ -115,13 +115,15 @@ def _body(dataset: str, name: str, **extra: Any) -> dict[str, Any]:
 
 
 def _render(farm: TrainingFarm, prompt: str) -> bytes:
+    """The pixels of a 64x64 render of ``prompt`` (seed 11)."""
     with farm.client() as client:
         job = client.post("/v1/jobs", json={"prompt": prompt, "width": 64, "height": 64, "steps": 3, "seed": 11,
                                             "sampler_name": "Euler"})
         assert job.status_code == 202, job.text
         done = farm.farm.wait_for(job.json()["id"], key=farm.key)
         assert done["status"] == "succeeded", done
-        return bytes(client.get(done["images"][0]["url"]).content)
+        png = client.get(done["images"][0]["url"]).content
+        return Image.open(io.BytesIO(png)).convert("RGB").tobytes()  # the pixels: the infotext differs anyway
 
 
 def test_an_embedding_trains_is_installed_and_changes_a_render(training_farm: TrainingFarm, dataset: str) -> None:
@@ -142,9 +144,10 @@ def test_an_embedding_trains_is_installed_and_changes_a_render(training_farm: Tr
     with training_farm.client() as client:
         preview = client.get(view["previews"][0]["url"])
         assert preview.status_code == 200 and Image.open(io.BytesIO(preview.content)).size == (64, 64)
-        assert "shapecat" in [entry["name"] for entry in client.get("/v1/embeddings").json()]
-        sdapi = client.get("/sdapi/v1/embeddings").json()
-        assert "shapecat" in sdapi["loaded"] and sdapi["loaded"]["shapecat"]["vectors"] == 32
+        # Lists read the model store's registry at most once a second per API process.
+        wait_until(lambda: "shapecat" in [entry["name"] for entry in client.get("/v1/embeddings").json()], 5,
+                   message="the new embedding in the list")
+        assert client.get("/sdapi/v1/embeddings").json()["loaded"]["shapecat"]["vectors"] == 32
     after = _render(training_farm, "a photo of shapecat")
     assert after != before  # the word is now the trained embedding
     with training_farm.client() as client:
@@ -196,3 +199,49 @@ def test_a_cancel_stops_a_running_training_and_keeps_its_checkpoint(training_far
     assert view["checkpoint_step"] >= 5 and view["result"] is None
     objects = Path(training_farm.farm.env["STORAGE_URL"]) / "trainings" / training["id"]
     assert (objects / "checkpoint.pt").is_file()
+
+
+def test_a_hypernetwork_trains_and_its_tag_changes_a_render(training_farm: TrainingFarm, dataset: str) -> None:
+    with training_farm.client() as client:
+        resp = client.post("/v1/trainings", json={
+            "kind": "hypernetwork", "name": "shapenet", "dataset": dataset, "steps": 16, "seed": 5,
+            "learn_rate": "0.02", "batch_size": 2, "gradient_step": 2, "training_width": 64, "training_height": 64,
+            "enable_sizes": [768, 32, 64], "layer_structure": "1, 2, 1", "activation_func": "relu"})
+        assert resp.status_code == 202, resp.text
+    view = training_farm.wait_done(resp.json()["id"])
+    assert view["status"] == "succeeded", view
+    assert view["probe_loss"][1] < view["probe_loss"][0]
+    assert view["result"]["file"] == "hypernetworks/shapenet.pt" and view["result"]["name"] == "<hypernet:shapenet:1>"
+    with training_farm.client() as client:
+        wait_until(lambda: "shapenet" in [h["name"] for h in client.get("/sdapi/v1/hypernetworks").json()], 5,
+                   message="the new hypernetwork in the list")
+    plain = _render(training_farm, "a red circle")
+    assert _render(training_farm, "a red circle <hypernet:shapenet:1>") != plain
+    assert _render(training_farm, "a red circle <hypernet:shapenet:0>") == plain
+
+
+def test_the_webui_routes_create_then_train_an_embedding(training_farm: TrainingFarm, dataset: str) -> None:
+    with training_farm.client() as client:
+        created = client.post("/sdapi/v1/create/embedding", json={
+            "name": "webui-emb", "num_vectors_per_token": 4, "overwrite_old": False, "init_text": "shape"})
+        assert created.status_code == 200, created.text
+        assert created.json() == {"info": "create embedding filename: models/embeddings/webui-emb.safetensors"}
+        # Lists read the model store's registry at most once a second per API process.
+        loaded = wait_until(lambda: client.get("/sdapi/v1/embeddings").json()["loaded"].get("webui-emb"), 5,
+                            message="the new embedding in the list")
+        assert loaded["vectors"] == 4
+        trained = client.post("/sdapi/v1/train/embedding", json={
+            "embedding_name": "webui-emb", "learn_rate": "0.1", "batch_size": 2, "gradient_step": 1,
+            "data_root": dataset, "log_directory": "textual_inversion", "training_width": 64, "training_height": 64,
+            "varsize": False, "steps": 6, "clip_grad_mode": "disabled", "clip_grad_value": "0.1",
+            "shuffle_tags": False, "tag_drop_out": 0, "latent_sampling_method": "once", "use_weight": False,
+            "create_image_every": 0, "save_embedding_every": 0, "template_filename": "subject.txt",
+            "save_image_with_stored_embedding": True, "preview_from_txt2img": False})
+        assert trained.status_code == 200, trained.text
+        assert trained.json() == {
+            "info": "train embedding complete: filename: models/embeddings/webui-emb.safetensors error: None"}
+        trainings = client.get("/v1/trainings", params={"limit": 50}).json()["trainings"]
+        mine = [t for t in trainings if t["name"] == "webui-emb"]
+        assert [t["steps"] for t in mine] == [6, 0]  # newest first: the training, then the creation
+        assert mine[0]["params"]["start_from"] == "embeddings/webui-emb.safetensors"
+        assert client.get("/sdapi/v1/embeddings").json()["loaded"]["webui-emb"]["vectors"] == 4
