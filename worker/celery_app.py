@@ -64,7 +64,7 @@ def _follow_flags_from_start(sender: Any = None, **_: object) -> None:
     re-reads it periodically so that a broadcast missed later costs seconds, not a paused farm at work. The
     queues of the models its render process holds are followed every second (routing by model affinity)."""
     sync = _queue_sync(sender)
-    if not sync.serves_render:
+    if not sync.serves_jobs:
         return
     try:
         sync.read_pause_flag()
@@ -93,6 +93,6 @@ def _follow_flags_from_start(sender: Any = None, **_: object) -> None:
 def renderfarm_sync_pause(state: Any, **_: object) -> dict[str, Any]:
     """Broadcast by the API to render workers on pause and resume: re-read the flag now and follow it."""
     sync = _queue_sync(state.consumer)
-    if sync.serves_render:
+    if sync.serves_jobs:
         sync.read_pause_flag()
     return sync.sync()

@@ -1,11 +1,12 @@
-"""Which render queues a worker consumes: the pause flag and the models its render process holds decide.
+"""Which job queues a worker consumes: the pause flag and the models its render process holds decide.
 
 This runs in the Celery *parent* process (the consumer lives there; torch and the pipelines live in
 the prefork child). Desired queues:
 
 - farm paused (the flag in Postgres, shared/queueing/farm_state.py): none;
 - otherwise the shared `render` queue, plus `render.m.<model>` for every checkpoint the child
-  advertises in its heartbeat (shared/queueing/routing.py), so affinity-routed jobs reach it.
+  advertises in its heartbeat (shared/queueing/routing.py), so affinity-routed jobs reach it; and
+  `train` when the worker was started to take trainings (`-Q render,train` or `-Q train`).
 
 `QueueSync.sync` adds and cancels consumers to match. It runs from worker_ready (before the first
 message is taken), from a timer (models every second, the pause flag every few seconds), and from
@@ -36,7 +37,15 @@ class QueueSync:
         self.paused = False
         self._target: set[str] | None = None  # the queues last asked for (changes are applied on the loop)
         self._redis = redis.Redis.from_url(settings.services.redis_url, socket_timeout=2, socket_connect_timeout=2)
-        self.serves_render = QueueName.RENDER in consumer.app.amqp.queues.consume_from
+        consumed = consumer.app.amqp.queues.consume_from
+        self.serves_render = QueueName.RENDER in consumed
+        self.serves_train = QueueName.TRAIN in consumed  # `-Q ...,train`: trainings too, held by a pause as well
+
+    @property
+    def serves_jobs(self) -> bool:
+        """Whether this worker takes renders or trainings (the pause flag and, for renders, the held models decide
+        its queues); the webhook sender and others do not."""
+        return self.serves_render or self.serves_train
 
     def read_pause_flag(self) -> bool:
         self.paused = read_paused_flag(self.settings.services.database_url)
@@ -64,21 +73,26 @@ class QueueSync:
         """Consume exactly the desired queues. At start-up the event loop has not polled yet, so acting at
         once means not a single message is taken from a queue it should not read; later the change is
         scheduled on the loop, as Celery's own control commands do."""
-        if not self.serves_render:
+        if not self.serves_jobs:
             return {"ok": "not a render worker"}
         if _shutting_down(self.consumer):  # a worker in warm shutdown must not start consuming again
             return {"ok": "shutting down"}
-        models = [] if self.paused else self.held_models()
-        wanted = desired_queues(self.paused, models, self.settings.routing.affinity_routing)
+        wanted: set[str] = set()
+        if self.serves_render:
+            models = [] if self.paused else self.held_models()
+            wanted |= desired_queues(self.paused, models, self.settings.routing.affinity_routing)
+        if self.serves_train and not self.paused:
+            wanted.add(QueueName.TRAIN)
         task_consumer = self.consumer.task_consumer
-        current = {q.name for q in task_consumer.queues if q.name == QueueName.RENDER or is_model_queue(q.name)}
+        current = {q.name for q in task_consumer.queues
+                   if q.name in (QueueName.RENDER, QueueName.TRAIN) or is_model_queue(q.name)}
         run = (lambda fn, *args: fn(*args)) if at_start else self.consumer.call_soon
         for queue in sorted(current - wanted):
             run(self.consumer.cancel_task_queue, queue)
         for queue in sorted(wanted - current):
             run(self.consumer.add_task_queue, queue)
         if current != wanted and wanted != self._target:
-            log.info("render queues: %s", ", ".join(sorted(wanted)) or "none (paused)")
+            log.info("job queues: %s", ", ".join(sorted(wanted)) or "none (paused)")
         self._target = wanted
         return {"ok": "paused" if self.paused else "consuming", "paused": self.paused, "queues": sorted(wanted)}
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import os
 import signal
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -245,3 +246,18 @@ def test_the_webui_routes_create_then_train_an_embedding(training_farm: Training
         assert [t["steps"] for t in mine] == [6, 0]  # newest first: the training, then the creation
         assert mine[0]["params"]["start_from"] == "embeddings/webui-emb.safetensors"
         assert client.get("/sdapi/v1/embeddings").json()["loaded"]["webui-emb"]["vectors"] == 4
+
+
+def test_a_pause_holds_queued_trainings_too(training_farm: TrainingFarm, dataset: str) -> None:
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    with httpx.Client(base_url=training_farm.farm.base_url, headers=admin, timeout=30) as client:
+        assert client.post("/v1/admin/queue/pause").json()["paused"] is True
+    try:
+        with training_farm.client() as client:
+            held = client.post("/v1/trainings", json=_body(dataset, "held", steps=2)).json()
+        time.sleep(3)  # a 2-step training takes well under that: a worker following `train` would have run it
+        assert training_farm.training(held["id"])["status"] == "queued"
+    finally:
+        with httpx.Client(base_url=training_farm.farm.base_url, headers=admin, timeout=30) as client:
+            assert client.post("/v1/admin/queue/resume").json()["paused"] is False
+    assert training_farm.wait_done(held["id"], timeout=120)["status"] == "succeeded"
