@@ -114,6 +114,18 @@ def _dataset(session: Session, dataset_id: uuid.UUID | None, owner: str, batch_s
     return row
 
 
+def _check_lora(body: TrainingRequest) -> None:
+    """kohya's own refusals, made at submit."""
+    if body.lr_scheduler == "constant" and body.lr_warmup_steps > 0:
+        raise FieldError(_field("lr_warmup_steps"), "the constant scheduler has no warm-up (kohya refuses it); use "
+                                                    "constant_with_warmup, or 0")
+    if body.min_bucket_reso > body.max_bucket_reso:
+        raise FieldError(_field("min_bucket_reso"), f"at most max_bucket_reso ({body.max_bucket_reso})")
+    if body.enable_bucket and body.max_bucket_reso < max(body.training_width, body.training_height):
+        raise FieldError(_field("max_bucket_reso"), "at least the training size "
+                                                    f"({max(body.training_width, body.training_height)})")
+
+
 def _start_from(body: TrainingRequest, models_dir: Path) -> str | None:
     """The existing file a training goes on from, relative to the models folder (a 422 naming `start_from`)."""
     if body.start_from is None:
@@ -154,8 +166,8 @@ def plan_training(session: Session, key: ApiKey, body: TrainingRequest, settings
         name, kind = unused[0]
         raise FieldError(_field(name), f"{name} applies to {kind} trainings only")
     learn_rate = (body.learn_rate or DEFAULT_LEARN_RATE[body.kind]).strip()
-    if body.kind == "lora" and body.min_bucket_reso > body.max_bucket_reso:
-        raise FieldError(_field("min_bucket_reso"), f"at most max_bucket_reso ({body.max_bucket_reso})")
+    if body.kind == "lora":
+        _check_lora(body)
     if body.steps > limits.training_max_steps:
         raise FieldError(_field("steps"), f"at most {limits.training_max_steps} (RENDERFARM_TRAINING_MAX_STEPS)")
     for side in ("training_width", "training_height"):

@@ -14,6 +14,9 @@ Each step takes ``batch_size x gradient_step`` distinct images in a random order
 loader; both numbers are capped by the dataset's size as the WebUI caps them), then per micro-batch its
 prompts, timesteps (uniform over the scheduler's training timesteps) and noise, all from the step's own
 generator (:mod:`worker.engine.training.seeding`).
+
+With ``enable_bucket`` (LoRAs) the images are in aspect-ratio buckets instead, each micro-batch from one bucket:
+:mod:`worker.engine.training.buckets`, which :func:`training_data` picks.
 """
 
 from __future__ import annotations
@@ -79,6 +82,11 @@ class TrainingData:
 
     def __init__(self, vae: Any, spec: TrainSpec, samples: Sequence[TrainingSample], placeholder: str,
                  timesteps: int) -> None:
+        self._setup(spec, samples, placeholder, timesteps)
+        self.latents = encode_latents(vae, samples, spec.training_width, spec.training_height, spec.seed)
+
+    def _setup(self, spec: TrainSpec, samples: Sequence[TrainingSample], placeholder: str, timesteps: int) -> None:
+        """The checks and the draws' sizes every dataset shares (:mod:`.buckets` encodes its images its own way)."""
         if not samples:
             raise ValueError("the dataset holds no images")
         if not spec.template:
@@ -89,7 +97,6 @@ class TrainingData:
         self.captions = [sample.caption for sample in samples]
         self.placeholder = placeholder
         self.timesteps = timesteps
-        self.latents = encode_latents(vae, samples, spec.training_width, spec.training_height, spec.seed)
         count = len(samples)
         # As the WebUI's dataset: both capped so that a step never takes an image twice.
         self.batch_size = min(spec.batch_size, count)
@@ -136,3 +143,14 @@ class TrainingData:
                noise: torch.Tensor) -> MicroBatch:
         device = self.latents.device
         return MicroBatch(self.latents[indices], prompts, timesteps.to(device), noise.to(device))
+
+
+def training_data(vae: Any, spec: TrainSpec, samples: Sequence[TrainingSample], placeholder: str,
+                  timesteps: int) -> TrainingData:
+    """The dataset a training draws from: in aspect-ratio buckets with ``enable_bucket`` (:mod:`.buckets`),
+    else every image at training_width x training_height."""
+    if spec.enable_bucket:
+        from worker.engine.training.buckets import BucketedData
+
+        return BucketedData(vae, spec, samples, placeholder, timesteps)
+    return TrainingData(vae, spec, samples, placeholder, timesteps)

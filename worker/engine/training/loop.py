@@ -28,7 +28,7 @@ from shared.jobs.training_spec import TrainSpec, rate_at
 from worker.engine.conditioning import strip_extra_networks
 from worker.engine.training import seeding
 from worker.engine.training.checkpoint import Checkpoint
-from worker.engine.training.data import MicroBatch, TrainingData
+from worker.engine.training.data import MicroBatch, training_data
 from worker.engine.training.diffusion import Precision, alphas_cumprod, euler_preview, noise_loss
 from worker.engine.training.results import StepReport, TrainingSample, TrainResult
 
@@ -38,7 +38,9 @@ PreviewCallback = Callable[[int, Image.Image, str], None]
 
 
 class Trainee(Protocol):
-    """What one kind of training trains, and how it enters the model."""
+    """What one kind of training trains, and how it enters the model. Optional, looked up by name: ``observe(data)``
+    (shown the dataset once it is encoded) and ``learning_rates(step, rate)`` (each optimizer parameter group's own
+    rate; without it every group takes the schedule's ``rate``)."""
 
     placeholder: str  # what a template's [name] becomes
 
@@ -85,13 +87,24 @@ class Loop:
         self.precision = Precision(self.unet)
         self.alphas_cpu = alphas_cumprod(pipeline.scheduler)
         self.alphas = self.alphas_cpu.to(self.precision.device, torch.float32)
-        self.data = TrainingData(pipeline.vae, spec, samples, trainee.placeholder, int(self.alphas_cpu.shape[0]))
+        self.data = training_data(pipeline.vae, spec, samples, trainee.placeholder, int(self.alphas_cpu.shape[0]))
+        observe = getattr(trainee, "observe", None)  # a trainee that records the dataset (a LoRA's metadata)
+        if observe is not None:
+            observe(self.data)
         self.optimizer = trainee.make_optimizer()
+
+    def rates(self, step: int, rate: float) -> list[float]:
+        """Each optimizer parameter group's learning rate at ``step``: ``rate`` (the schedule's) for every group,
+        unless the trainee sets its groups' own (``learning_rates``: a LoRA's UNet and text-encoder rates)."""
+        per_group = getattr(self.trainee, "learning_rates", None)
+        if per_group is None:
+            return [rate] * len(self.optimizer.param_groups)
+        return [float(r) for r in per_group(step, rate)]
 
     def step(self, step: int, batches: list[MicroBatch], rate: float) -> float:
         """One optimizer step over ``batches``; the mean of their losses."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = rate
+        for group, group_rate in zip(self.optimizer.param_groups, self.rates(step, rate), strict=True):
+            group["lr"] = group_rate
         scaler, total = self.precision.scaler, 0.0
         self.trainee.set_training(True)
         try:
@@ -155,7 +168,7 @@ def run(pipeline: Any, spec: TrainSpec, samples: Sequence[TrainingSample], make:
     ``initial``: the file ``spec.start_from`` names, whose tensors (and shape or structure) the training starts
     from. With ``spec.steps`` 0 nothing is trained: the file is made as the WebUI's "create" makes it."""
     if getattr(pipeline, "text_encoder_2", None) is not None:
-        raise ValueError("training embeddings and hypernetworks needs an SD1.x checkpoint (this one is SDXL)")
+        raise ValueError("training needs an SD1.x checkpoint (this one is SDXL)")
     start_tensors = None
     if initial is not None:
         from worker.engine.training.initial import initial_state
@@ -182,7 +195,7 @@ def run(pipeline: Any, spec: TrainSpec, samples: Sequence[TrainingSample], make:
                 done = step + 1
                 if spec.save_every and done % spec.save_every == 0 and done < spec.steps:
                     on_checkpoint(done, loop.checkpoint(done, losses, probe_before).to_bytes())
-                on_step(StepReport(done, spec.steps, losses[-1], rate))
+                on_step(StepReport(done, spec.steps, losses[-1], loop.rates(step, rate)[0]))
                 if on_preview is not None and spec.create_image_every and done % spec.create_image_every == 0:
                     prompt = spec.preview_prompt or batches[0].prompts[0]
                     on_preview(done, loop.preview(prompt), prompt)
