@@ -51,11 +51,11 @@ def engine_alone(checkpoint: Path, args: argparse.Namespace) -> dict[int, float]
     from worker.engine.batch import BatchJob, BatchLimits
     from worker.engine.checkpoint_loader import load_pipeline
     from worker.engine.engine import GenerationEngine
-    from worker.runtime import pick_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device, dtype = pick_device("auto")
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # as the worker's "auto" (worker/runtime.py)
+    dtype = torch.float16 if device == "cuda" else torch.float32
     pipe = load_pipeline(checkpoint, device=device, dtype=dtype)
     engine, config = GenerationEngine(checkpoint.parent.parent), dict(pipe.scheduler.config)
     out = {}
