@@ -261,3 +261,28 @@ def test_a_pause_holds_queued_trainings_too(training_farm: TrainingFarm, dataset
         with httpx.Client(base_url=training_farm.farm.base_url, headers=admin, timeout=30) as client:
             assert client.post("/v1/admin/queue/resume").json()["paused"] is False
     assert training_farm.wait_done(held["id"], timeout=120)["status"] == "succeeded"
+
+
+def test_a_lora_trains_in_kohyas_format_and_its_tag_changes_a_render(training_farm: TrainingFarm,
+                                                                     dataset: str) -> None:
+    with training_farm.client() as client:
+        resp = client.post("/v1/trainings", json={
+            "kind": "lora", "name": "shapelora", "dataset": dataset, "steps": 12, "seed": 5, "learn_rate": "0.01",
+            "batch_size": 2, "network_dim": 4, "network_alpha": 4, "lr_scheduler": "cosine",
+            "training_width": 64, "training_height": 64, "save_every": 6})
+        assert resp.status_code == 202, resp.text
+    view = training_farm.wait_done(resp.json()["id"])
+    assert view["status"] == "succeeded", view
+    assert view["probe_loss"][1] < view["probe_loss"][0] and view["checkpoint_step"] == 6
+    assert view["result"]["file"] == "Lora/shapelora.safetensors" and view["result"]["name"] == "<lora:shapelora:1>"
+    with training_farm.client() as client:
+        def listed() -> dict[str, Any] | None:
+            found = [lora for lora in client.get("/sdapi/v1/loras").json() if lora["name"] == "shapelora"]
+            return found[0] if found else None
+
+        lora = wait_until(listed, 5, message="the new LoRA in the list")
+        assert lora["metadata"]["ss_network_module"] == "networks.lora"
+        assert lora["metadata"]["ss_network_dim"] == "4" and lora["metadata"]["ss_output_name"] == "shapelora"
+    plain = _render(training_farm, "a blue square")
+    assert _render(training_farm, "a blue square <lora:shapelora:1>") != plain
+    assert _render(training_farm, "a blue square <lora:shapelora:0>") == plain
