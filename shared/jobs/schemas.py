@@ -415,6 +415,19 @@ class ErrorView(BaseModel):
     message: str
 
 
+class TrainingStatus(BaseModel):
+    """A training job's own progress in its job view (and so in its SSE events and webhooks); the whole of it,
+    with previews and the loss curve, is `GET /v1/trainings/{id}`."""
+
+    step: int
+    steps: int
+    loss: float | None
+    learn_rate: float | None
+    eta_seconds: float | None
+    checkpoint_step: int | None
+    result: dict[str, Any] | None
+
+
 class JobView(BaseModel):
     id: uuid.UUID
     status: JobStatus
@@ -445,6 +458,8 @@ class JobView(BaseModel):
     images: list[ImageView]
     error: ErrorView | None
     links: dict[str, str]
+    training: TrainingStatus | None = Field(None, description="a training's step, loss, ETA, last checkpoint and "
+                                                              "result (trainings only)")
 
 
 class JobListView(BaseModel):

@@ -20,7 +20,7 @@ from shared.clock import utcnow
 from shared.db.models import Job, OwnerPolicy
 from shared.jobs import fair_share
 from shared.jobs.fair_share import FairOrder
-from shared.jobs.schemas import ErrorView, ImageView, JobView
+from shared.jobs.schemas import ErrorView, ImageView, JobView, TrainingStatus
 from shared.jobs.states import JobStatus
 from shared.jobs.training_spec import TRAIN_MODE
 from shared.queueing import fleet
@@ -410,4 +410,17 @@ def job_view(job: Job, store: ObjectStore, url_expires: int, position: int | Non
         images=images,
         error=error,
         links={"self": f"/v1/jobs/{job.id}"},
+        training=training_status(job),
     )
+
+
+def training_status(job: Job) -> TrainingStatus | None:
+    """A training job's progress for its job view; None for renders."""
+    state = job.training
+    if job.mode != TRAIN_MODE or state is None:
+        return None
+    checkpoint = state.get("checkpoint") or {}
+    return TrainingStatus(step=int(state.get("step") or 0), steps=int(state.get("steps") or 0),
+                          loss=state.get("loss"), learn_rate=state.get("learn_rate"),
+                          eta_seconds=state.get("eta_seconds") if job.status == JobStatus.RUNNING else None,
+                          checkpoint_step=checkpoint.get("step"), result=state.get("result"))

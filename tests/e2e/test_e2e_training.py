@@ -12,6 +12,7 @@ demo checkpoint at 64x64 and a tiny generated dataset, driven over HTTP like a u
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import time
@@ -51,6 +52,15 @@ class TrainingFarm:
             resp = client.get(f"/v1/trainings/{training_id}")
             assert resp.status_code == 200, resp.text
             return dict(resp.json())
+
+    def job_events(self, job_id: str) -> list[dict[str, Any]]:
+        """The data of every event of the job's SSE stream (`/v1/jobs/{id}/events`) until it ends."""
+        events = []
+        with httpx.stream("GET", f"{self.farm.base_url}/v1/jobs/{job_id}/events",
+                          headers={"Authorization": f"Bearer {self.key}"}, timeout=60) as resp:
+            assert resp.status_code == 200, resp.read()
+            events = [json.loads(line[len("data: "):]) for line in resp.iter_lines() if line.startswith("data: ")]
+        return events
 
     def wait_done(self, training_id: str, timeout: float = 300) -> dict[str, Any]:
         def done() -> dict[str, Any] | None:
@@ -142,6 +152,10 @@ def test_an_embedding_trains_is_installed_and_changes_a_render(training_farm: Tr
     assert view["checkpoint_step"] == 28  # every 4 steps, not at the last one
     assert [p["step"] for p in view["previews"]] == [6, 12, 18, 24, 30]
     assert view["result"]["file"] == "embeddings/shapecat.safetensors" and view["result"]["name"] == "shapecat"
+    as_job = training_farm.job_events(training_id)[-1]  # the job's SSE stream carries the training's state
+    assert as_job["status"] == "succeeded" and as_job["mode"] == "train"
+    assert as_job["training"]["step"] == 30 and as_job["training"]["checkpoint_step"] == 28
+    assert as_job["training"]["result"]["file"] == "embeddings/shapecat.safetensors"
     with training_farm.client() as client:
         preview = client.get(view["previews"][0]["url"])
         assert preview.status_code == 200 and Image.open(io.BytesIO(preview.content)).size == (64, 64)
