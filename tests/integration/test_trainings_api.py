@@ -166,6 +166,10 @@ def test_the_webui_train_routes_name_the_webui_fields(api_only: Farm) -> None:
         assert missing.json()["detail"][0]["loc"] == ["body", "embedding_name"]
         bad_name = client.post("/sdapi/v1/create/embedding", json={"name": "../up", "num_vectors_per_token": 2})
         assert bad_name.status_code == 422 and bad_name.json()["detail"][0]["loc"] == ["body", "name"]
+        not_a_number = client.post("/sdapi/v1/train/embedding", json={  # a 500 the OpenAPI fuzzer found
+            "embedding_name": "x", "data_root": dataset, "clip_grad_value": "abc"})
+        assert not_a_number.status_code == 422, not_a_number.text
+        assert not_a_number.json()["detail"][0]["loc"] == ["body", "clip_grad_value"]
         too_many = client.post("/sdapi/v1/create/embedding", json={"name": "ok", "num_vectors_per_token": 500})
         assert too_many.status_code == 422
         assert too_many.json()["detail"][0]["loc"] == ["body", "num_vectors_per_token"]

@@ -152,7 +152,7 @@ def _train_fields(body: TrainBody, kind: str, name: str, save_every: int) -> dic
     return dict(kind=kind, name=name, start_from=name, overwrite_old=True, dataset=body.data_root,
                 steps=body.steps, learn_rate=str(body.learn_rate), batch_size=body.batch_size,
                 gradient_step=body.gradient_step, clip_grad_mode=body.clip_grad_mode,
-                clip_grad_value=float(body.clip_grad_value), training_width=body.training_width,
+                clip_grad_value=body.clip_grad_value, training_width=body.training_width,
                 training_height=body.training_height, shuffle_tags=body.shuffle_tags, tag_drop_out=body.tag_drop_out,
                 create_image_every=body.create_image_every, save_every=save_every,
                 template_filename=body.template_filename, preview_prompt=body.preview_prompt,
