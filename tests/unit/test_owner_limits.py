@@ -126,4 +126,8 @@ def test_the_schema_documents_the_429_on_exactly_the_job_creation_routes() -> No
     limited = {(path, method) for path, operations in schema["paths"].items()
                for method, operation in operations.items() if "429" in operation.get("responses", {})}
     assert limited == {("/v1/jobs", "post"), ("/sdapi/v1/txt2img", "post"), ("/sdapi/v1/img2img", "post"),
-                       ("/sdapi/v1/extra-single-image", "post"), ("/sdapi/v1/extra-batch-images", "post")}
+                       ("/sdapi/v1/extra-single-image", "post"), ("/sdapi/v1/extra-batch-images", "post"),
+                       # trainings are jobs too (issue 15)
+                       ("/v1/trainings", "post"), ("/sdapi/v1/create/embedding", "post"),
+                       ("/sdapi/v1/create/hypernetwork", "post"), ("/sdapi/v1/train/embedding", "post"),
+                       ("/sdapi/v1/train/hypernetwork", "post")}
