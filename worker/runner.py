@@ -421,6 +421,7 @@ class JobRunner:
             key = checkpoint_key(jid)
             put_with_retry(self.store, key, data, content_type="application/octet-stream")
             progress.checkpoint = {"step": step, "key": key}
+            progress.step = step  # the step is done (its report follows the checkpoint)
             write()
 
         def on_preview(step: int, image: Any, prompt: str) -> None:

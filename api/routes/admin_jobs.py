@@ -21,6 +21,7 @@ from shared.db.models import Job
 from shared.jobs import lifecycle, repository
 from shared.jobs.schemas import ErrorView, JobView
 from shared.jobs.states import JobStatus
+from shared.jobs.training_spec import TRAIN_MODE
 from shared.jobs.views import job_view, queue_position
 from shared.queueing.routing import get_router
 from shared.storage.base import ObjectStore
@@ -39,12 +40,25 @@ def thumbnail_url(store: ObjectStore, key: str, expires: int) -> str:
     return url
 
 
+def _described(mode: str, params: dict) -> str:
+    """What the dashboard's prompt column says: a render's prompt, or what a training trains."""
+    if mode == TRAIN_MODE:
+        return f"training: {params.get('kind')} {params.get('name')}, {params.get('steps')} steps"
+    return str(params.get("prompt", ""))
+
+
+def _size(mode: str, params: dict) -> str:
+    if mode == TRAIN_MODE:
+        return f"{params.get('training_width')}x{params.get('training_height')}"
+    return f"{params.get('width')}x{params.get('height')}"
+
+
 def summary(job: Job, store: ObjectStore, expires: int) -> AdminJobSummary:
     params = job.params or {}
     duration = (job.finished_at - job.started_at).total_seconds() if job.finished_at and job.started_at else None
     return AdminJobSummary(
         id=job.id, owner=job.owner, model=job.model_name, status=job.status,
-        prompt=str(params.get("prompt", ""))[:200], size=f"{params.get('width')}x{params.get('height')}",
+        prompt=_described(job.mode, params)[:200], size=_size(job.mode, params),
         created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
         duration_seconds=round(duration, 3) if duration is not None else None,
         progress=job.progress, attempt=job.attempt,

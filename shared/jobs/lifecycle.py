@@ -239,14 +239,21 @@ class NotRetryable(ValueError):
 
 def retry(session: Session, old: Job, route: str) -> Job:
     """A failed or canceled job rendered again as a new job: same owner, parameters and webhook.
-    Finished states are final, so the old row keeps its history."""
+    Finished states are final, so the old row keeps its history. A training goes to the `train` queue whatever
+    ``route`` says, and goes on from the old job's last checkpoint (its state up to it is carried over)."""
     if old.status not in RETRYABLE:
         raise NotRetryable(f"job {old.id} is {old.status}; only failed or canceled jobs can be retried")
-    return submit(
+    training = old.mode == TRAIN_MODE
+    job = submit(
         session, owner=old.owner, api_key_id=old.api_key_id, params=dict(old.params), model_name=old.model_name,
-        route=route, max_attempts=old.max_attempts, webhook_url=old.webhook_url,
+        route=QueueName.TRAIN if training else route, max_attempts=old.max_attempts, webhook_url=old.webhook_url,
         webhook_events=list(old.webhook_events) if old.webhook_events is not None else None,
     )
+    if training and old.training and old.training.get("checkpoint"):
+        job.training = {**{key: value for key, value in old.training.items() if key not in ("result", "probe_loss")},
+                        "step": old.training["checkpoint"]["step"], "eta_seconds": None}
+        session.flush()
+    return job
 
 
 # --- a worker's job -------------------------------------------------------------------------------

@@ -214,6 +214,18 @@ def test_a_cancel_stops_a_running_training_and_keeps_its_checkpoint(training_far
     assert view["checkpoint_step"] >= 5 and view["result"] is None
     objects = Path(training_farm.farm.env["STORAGE_URL"]) / "trainings" / training["id"]
     assert (objects / "checkpoint.pt").is_file()
+    # An admin's retry goes on from that checkpoint, on the train queue.
+    with httpx.Client(base_url=training_farm.farm.base_url, timeout=30,
+                      headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as admin:
+        retried = admin.post(f"/v1/admin/jobs/{training['id']}/retry")
+        assert retried.status_code == 202, retried.text
+    again = retried.json()["job"]["id"]
+    wait_until(lambda: training_farm.training(again)["status"] == "running", 60, message="the retry to run")
+    log_line = f"training {again}: resuming from the checkpoint at step {view['checkpoint_step']}"
+    wait_until(lambda: log_line in training_farm.workers[-1].log(), 30, message="the retry to resume")
+    with training_farm.client() as client:
+        assert client.post(f"/v1/trainings/{again}/cancel").status_code == 200
+    assert training_farm.wait_done(again, timeout=60)["status"] == "canceled"
 
 
 def test_a_hypernetwork_trains_and_its_tag_changes_a_render(training_farm: TrainingFarm, dataset: str) -> None:
