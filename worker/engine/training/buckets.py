@@ -32,7 +32,7 @@ from PIL import Image
 from shared.jobs.training_spec import TrainSpec
 from worker.engine.noise import LATENT_CHANNELS, LATENT_FACTOR
 from worker.engine.training import seeding
-from worker.engine.training.data import PROBE_ITEMS, MicroBatch, TrainingData, training_prompt
+from worker.engine.training.data import MicroBatch, TrainingData
 from worker.engine.training.results import TrainingSample
 
 Resolution = tuple[int, int]  # (width, height) in pixels
@@ -126,32 +126,21 @@ class BucketedData(TrainingData):
                 "mean_img_ar_error": float(np.mean([abs(p.ar_error) for p in self.placements]))}
 
     def draw(self, step: int) -> list[MicroBatch]:
-        spec, generator = self.spec, seeding.generator(self.spec.seed, seeding.STEP, step)
+        generator = seeding.generator(self.spec.seed, seeding.STEP, step)
         remaining = torch.randperm(len(self.captions), generator=generator).tolist()
         batches = []
         for _ in range(self.gradient_step):
             bucket = self.buckets[remaining[0]]
             indices = [i for i in remaining if self.buckets[i] == bucket][: self.batch_size]
             remaining = [i for i in remaining if i not in indices]
-            prompts = []
-            for index in indices:
-                line = spec.template[int(torch.randint(len(spec.template), (1,), generator=generator))]
-                prompts.append(training_prompt(line, self.captions[index], self.placeholder, spec.tag_drop_out,
-                                               spec.shuffle_tags, generator))
-            timesteps = torch.randint(0, self.timesteps, (len(indices),), generator=generator)
+            prompts, timesteps = self.draw_prompts_and_timesteps(indices, generator)
             noise = torch.randn((len(indices), *self.shape_of(indices[0])), generator=generator)
             batches.append(self._bucket_batch(indices, prompts, timesteps, noise))
         return batches
 
     def probe(self) -> list[MicroBatch]:
         generator = seeding.generator(self.spec.seed, seeding.PROBE)
-        count = len(self.captions)
-        indices = [(i * count) // PROBE_ITEMS for i in range(PROBE_ITEMS)]
-        prompts = [self.spec.template[0].replace("[filewords]", self.captions[i]).replace("[name]", self.placeholder)
-                   for i in indices]
-        offsets = torch.rand(PROBE_ITEMS, generator=generator, dtype=torch.float64)
-        timesteps = ((torch.arange(PROBE_ITEMS) + offsets) * self.timesteps / PROBE_ITEMS).long()
-        timesteps = timesteps.clamp(0, self.timesteps - 1)
+        indices, prompts, timesteps = self.probe_plan(generator)
         noise = [torch.randn(self.shape_of(i), generator=generator) for i in indices]
         batches = []
         for bucket in sorted({self.buckets[i] for i in indices}):

@@ -108,32 +108,42 @@ class TrainingData:
 
     def draw(self, step: int) -> list[MicroBatch]:
         """Step ``step``'s (0-based) micro-batches; the same for a step whatever ran before it."""
-        spec, generator = self.spec, seeding.generator(self.spec.seed, seeding.STEP, step)
+        generator = seeding.generator(self.spec.seed, seeding.STEP, step)
         order = torch.randperm(len(self.captions), generator=generator).tolist()
         batches = []
         for j in range(self.gradient_step):
             indices = order[j * self.batch_size : (j + 1) * self.batch_size]
-            prompts = []
-            for index in indices:
-                line = spec.template[int(torch.randint(len(spec.template), (1,), generator=generator))]
-                prompts.append(training_prompt(line, self.captions[index], self.placeholder, spec.tag_drop_out,
-                                               spec.shuffle_tags, generator))
-            timesteps = torch.randint(0, self.timesteps, (len(indices),), generator=generator)
+            prompts, timesteps = self.draw_prompts_and_timesteps(indices, generator)
             noise = torch.randn((len(indices), *self.latent_shape), generator=generator)
             batches.append(self._batch(indices, prompts, timesteps, noise))
         return batches
 
-    def probe(self) -> list[MicroBatch]:
-        """The fixed probe: :data:`PROBE_ITEMS` images spread over the dataset, each with the template's first
-        line and its whole caption, timesteps stratified over the schedule, noise from the probe's generator."""
-        generator = seeding.generator(self.spec.seed, seeding.PROBE)
+    def draw_prompts_and_timesteps(self, indices: list[int], generator: torch.Generator
+                                   ) -> tuple[list[str], torch.Tensor]:
+        """A micro-batch's draws before its noise: each image's template line (tags dropped and shuffled as the
+        spec says), then the timesteps; every subclass draws them in this order from the step's generator."""
+        spec, prompts = self.spec, []
+        for index in indices:
+            line = spec.template[int(torch.randint(len(spec.template), (1,), generator=generator))]
+            prompts.append(training_prompt(line, self.captions[index], self.placeholder, spec.tag_drop_out,
+                                           spec.shuffle_tags, generator))
+        return prompts, torch.randint(0, self.timesteps, (len(indices),), generator=generator)
+
+    def probe_plan(self, generator: torch.Generator) -> tuple[list[int], list[str], torch.Tensor]:
+        """The probe's images, prompts and timesteps (its noise is drawn next, from the same generator)."""
         count = len(self.captions)
         indices = [(i * count) // PROBE_ITEMS for i in range(PROBE_ITEMS)]
         prompts = [self.spec.template[0].replace("[filewords]", self.captions[i]).replace("[name]", self.placeholder)
                    for i in indices]
         offsets = torch.rand(PROBE_ITEMS, generator=generator, dtype=torch.float64)
         timesteps = ((torch.arange(PROBE_ITEMS) + offsets) * self.timesteps / PROBE_ITEMS).long()
-        timesteps = timesteps.clamp(0, self.timesteps - 1)
+        return indices, prompts, timesteps.clamp(0, self.timesteps - 1)
+
+    def probe(self) -> list[MicroBatch]:
+        """The fixed probe: :data:`PROBE_ITEMS` images spread over the dataset, each with the template's first
+        line and its whole caption, timesteps stratified over the schedule, noise from the probe's generator."""
+        generator = seeding.generator(self.spec.seed, seeding.PROBE)
+        indices, prompts, timesteps = self.probe_plan(generator)
         noise = torch.randn((PROBE_ITEMS, *self.latent_shape), generator=generator)
         size = self.batch_size
         return [self._batch(indices[i : i + size], prompts[i : i + size], timesteps[i : i + size],
