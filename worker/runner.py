@@ -31,7 +31,7 @@ from shared.queueing.farm_state import get_pause_state
 from shared.queueing.queues import QueueName
 from shared.queueing.routing import affinity_keys, desired_queues, disk_key
 from shared.settings import Settings
-from shared.storage.base import ObjectStore, StorageError, TransientStorageError
+from shared.storage.base import ObjectNotFoundError, ObjectStore, StorageError, TransientStorageError
 from shared.storage.object_store import image_key
 from shared.webui.image_metadata import OUTPUT_FORMATS, encode_extras_image, encode_image
 from shared.webui.infotext import format_infotext
@@ -432,9 +432,15 @@ class JobRunner:
 
         started = time.monotonic()
         try:
-            resume = self.store.get(progress.checkpoint["key"]) if progress.checkpoint else None
-            if resume is not None:
-                log.info("training %s: resuming from the checkpoint at step %d", jid, progress.step)
+            resume = None
+            if progress.checkpoint:
+                try:
+                    resume = self.store.get(progress.checkpoint["key"])
+                    log.info("training %s: resuming from the checkpoint at step %d", jid, progress.step)
+                except ObjectNotFoundError:  # an operator emptied the store: the work since step 0 is redone
+                    log.warning("training %s: its checkpoint %s is gone; starting from step 0", jid,
+                                progress.checkpoint["key"])
+                    progress = TrainingProgress(steps=spec.steps)
             write()
             samples = load_samples(spec, self.store.get)
             initial = (self.settings.models.models_dir / spec.start_from).read_bytes() if spec.start_from else None
