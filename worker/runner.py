@@ -323,6 +323,7 @@ class JobRunner:
         jobs = [job for job in jobs if job.job_id not in outcomes]
         if not jobs:
             return outcomes
+        started: float | None = None
         try:
             model = self.pipelines.get(jobs[0].spec.model)
             started = time.monotonic()
@@ -335,20 +336,21 @@ class JobRunner:
             )
             elapsed = time.monotonic() - started
         except (Exception, *self.time_limit_errors) as exc:  # the whole batch: pipeline, time limit, engine fault
+            spent = (time.monotonic() - started) / len(jobs) if started is not None else None
             for job in jobs:
-                outcomes[job.job_id] = self._end_with(job.job_id, exc, batch_wide=True)
+                outcomes[job.job_id] = self._end_with(job.job_id, exc, batch_wide=True, seconds=spent)
             return outcomes
-        images_in_all = sum(len(r) for r in results.values() if not isinstance(r, Exception)) or 1
+        # Each job's share of the batch's time, by its images; a job that failed or was canceled spent its share too.
+        planned = sum(job.spec.image_count for job in jobs) or 1
         for job in jobs:
-            result = results[job.job_id]
+            result, share = results[job.job_id], elapsed * job.spec.image_count / planned
             if isinstance(result, Exception):
-                outcomes[job.job_id] = self._end_with(job.job_id, result)
+                outcomes[job.job_id] = self._end_with(job.job_id, result, seconds=share)
                 continue
-            share = elapsed * len(result) / images_in_all
             try:
                 outcomes[job.job_id] = self._record(job, result, model, share)
             except Exception as exc:
-                outcomes[job.job_id] = self._end_with(job.job_id, exc)
+                outcomes[job.job_id] = self._end_with(job.job_id, exc, seconds=share)
         return outcomes
 
     def run_training(self, job_id: str) -> RunOutcome:
@@ -455,9 +457,9 @@ class JobRunner:
             log.warning("training %s: lease lost; another attempt goes on from its last checkpoint", jid)
             return RunOutcome.LOST
         except ValueError as exc:  # the trainer's: this spec, file or checkpoint cannot train on this checkpoint
-            return self._fail(jid, ErrorType.INVALID_INPUT, str(exc))
+            return self._fail(jid, ErrorType.INVALID_INPUT, str(exc), time.monotonic() - started)
         except (Exception, *self.time_limit_errors) as exc:
-            return self._end_with(jid, exc)
+            return self._end_with(jid, exc, seconds=time.monotonic() - started)
         state, seconds = progress.as_dict(), round(time.monotonic() - started, 4)
         if not self._write(lambda s: lifecycle.succeed(s, jid, self.worker, [], spec.model_hash, None, seconds,
                                                        training=state), "recording the training's result"):
@@ -545,7 +547,7 @@ class JobRunner:
                 images.append(lifecycle.NewImage(item.index, key, spec.seed, item.image.width, item.image.height,
                                                  text))
         except (Exception, *self.time_limit_errors) as exc:
-            return self._end_with(jid, exc)
+            return self._end_with(jid, exc, seconds=time.monotonic() - started)
         seconds = round(time.monotonic() - started, 4)
         record = lambda session: lifecycle.succeed(session, jid, self.worker, images, None, 1, seconds)  # noqa: E731
         if not self._write(record, "recording the outputs"):
@@ -554,25 +556,28 @@ class JobRunner:
         self.control.images_done += len(images)
         return RunOutcome.SUCCEEDED
 
-    def _end_with(self, jid: uuid.UUID, exc: BaseException, batch_wide: bool = False) -> RunOutcome:
-        """A job that did not succeed: canceled, or failed with the kind its exception means."""
+    def _end_with(self, jid: uuid.UUID, exc: BaseException, batch_wide: bool = False,
+                  seconds: float | None = None) -> RunOutcome:
+        """A job that did not succeed: canceled, or failed with the kind its exception means. ``seconds``: the GPU
+        time it spent, charged to its owner all the same."""
         if isinstance(exc, JobCanceled):
-            self._write(lambda session: lifecycle.finish_canceled(session, jid, self.worker), "canceling")
+            self._write(lambda session: lifecycle.finish_canceled(session, jid, self.worker, _rounded(seconds)),
+                        "canceling")
             log.info("job %s canceled; partial images discarded", jid)
             return RunOutcome.CANCELED
         if isinstance(exc, FieldError):
-            return self._fail(jid, ErrorType.INVALID_INPUT, exc.message)
+            return self._fail(jid, ErrorType.INVALID_INPUT, exc.message, seconds)
         if isinstance(exc, JobTimedOut):
             log.warning("job %s: time limit reached", jid)
-            return self._fail(jid, ErrorType.TIMEOUT, str(exc))
+            return self._fail(jid, ErrorType.TIMEOUT, str(exc), seconds)
         if self.time_limit_errors and isinstance(exc, self.time_limit_errors):
             log.warning("job %s: time limit reached outside a denoising step", jid)
-            return self._fail(jid, ErrorType.TIMEOUT, str(JobTimedOut(self.settings.jobs.render_time_limit)))
+            return self._fail(jid, ErrorType.TIMEOUT, str(JobTimedOut(self.settings.jobs.render_time_limit)), seconds)
         if isinstance(exc, StorageError):
             log.error("job %s: storage failed: %s", jid, exc)
-            return self._fail(jid, ErrorType.STORAGE_ERROR, f"could not store the images: {exc}")
+            return self._fail(jid, ErrorType.STORAGE_ERROR, f"could not store the images: {exc}", seconds)
         log.error("job %s: render failed%s", jid, " (its whole batch)" if batch_wide else "", exc_info=exc)
-        return self._fail(jid, ErrorType.RENDER_ERROR, f"{exc.__class__.__name__}: {exc}")
+        return self._fail(jid, ErrorType.RENDER_ERROR, f"{exc.__class__.__name__}: {exc}", seconds)
 
     def _record(self, job: BatchJob, rendered: list[RenderedImage], model: Any, render_seconds: float
                 ) -> RunOutcome:
@@ -611,6 +616,10 @@ class JobRunner:
 
         return with_db_retry(attempt, what)
 
-    def _fail(self, jid: uuid.UUID, error_type: ErrorType, message: str) -> RunOutcome:
-        self._write(lambda s: lifecycle.fail(s, jid, self.worker, error_type, message), "failing")
+    def _fail(self, jid: uuid.UUID, error_type: ErrorType, message: str, seconds: float | None = None) -> RunOutcome:
+        self._write(lambda s: lifecycle.fail(s, jid, self.worker, error_type, message, _rounded(seconds)), "failing")
         return RunOutcome.FAILED
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return round(seconds, 4) if seconds is not None else None

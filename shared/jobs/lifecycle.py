@@ -525,11 +525,26 @@ def succeed(
     return True
 
 
-def fail(session: Session, job_id: uuid.UUID, worker: str, error_type: ErrorType, message: str) -> bool:
-    """running -> failed with a kind and a message a user can act on; only the lease holder may fail it."""
+def _spent(render_seconds: float | None) -> dict[str, Any]:
+    return {"render_seconds": render_seconds} if render_seconds else {}
+
+
+def _charge(session: Session, job_id: uuid.UUID, render_seconds: float | None) -> None:
+    """A job that ends without its images still spent GPU time: it counts toward its owner's quotas (and, through
+    `render_seconds`, its fair share) as its images would have."""
+    if render_seconds:
+        record_usage(session, job_id, render_seconds, 0, succeeded=False)
+
+
+def fail(session: Session, job_id: uuid.UUID, worker: str, error_type: ErrorType, message: str,
+         render_seconds: float | None = None) -> bool:
+    """running -> failed with a kind and a message a user can act on; only the lease holder may fail it.
+    ``render_seconds``: the GPU time it spent before it failed, charged to its owner."""
     if not _move(session, JobStatus.RUNNING, JobStatus.FAILED, _held_by(job_id, worker),
-                 dict(finished_at=utcnow(), error_type=error_type, error_message=message[:4000], lease_until=None)):
+                 dict(finished_at=utcnow(), error_type=error_type, error_message=message[:4000], lease_until=None,
+                      **_spent(render_seconds))):
         return False
+    _charge(session, job_id, render_seconds)
     _record_event(session, job_id)
     return True
 
@@ -566,11 +581,13 @@ def cancels_requested(session: Session, job_ids: Collection[uuid.UUID]) -> set[u
     return set(session.scalars(select(Job.id).where(Job.id.in_(list(job_ids)), Job.cancel_requested_at.is_not(None))))
 
 
-def finish_canceled(session: Session, job_id: uuid.UUID, worker: str) -> bool:
-    """running -> canceled by the worker that stopped it; its partial images are not recorded."""
+def finish_canceled(session: Session, job_id: uuid.UUID, worker: str, render_seconds: float | None = None) -> bool:
+    """running -> canceled by the worker that stopped it; its partial images are not recorded, the GPU time it
+    spent (``render_seconds``) is charged to its owner."""
     if not _move(session, JobStatus.RUNNING, JobStatus.CANCELED, _held_by(job_id, worker),
-                 dict(finished_at=utcnow(), lease_until=None)):
+                 dict(finished_at=utcnow(), lease_until=None, **_spent(render_seconds))):
         return False
+    _charge(session, job_id, render_seconds)
     _record_event(session, job_id)
     return True
 

@@ -1,5 +1,5 @@
-"""What owners used: render seconds and images of their succeeded jobs per UTC day (table `owner_usage`), and the
-quota check against an owner's policy.
+"""What owners used: render seconds of their finished jobs (failed and canceled ones too: the GPU was spent) and
+images of their succeeded jobs per UTC day (table `owner_usage`), and the quota check against an owner's policy.
 
 `record_usage` adds a job to its owner's day in the transaction that marks it succeeded, so a quota check and
 `/v1/usage` read at most a month of small rows, never the jobs. Running jobs are not counted until they finish.
@@ -21,20 +21,23 @@ from shared.owners.policy import EffectivePolicy
 _RECORD = text(
     """
     INSERT INTO owner_usage (owner, day, gpu_seconds, images, jobs)
-    SELECT owner, (coalesce(finished_at, now()) AT TIME ZONE 'UTC')::date, :seconds, :images, 1
+    SELECT owner, (coalesce(finished_at, now()) AT TIME ZONE 'UTC')::date, :seconds, :images, :jobs
     FROM jobs WHERE id = :job_id
     ON CONFLICT (owner, day) DO UPDATE SET
       gpu_seconds = owner_usage.gpu_seconds + excluded.gpu_seconds,
       images = owner_usage.images + excluded.images,
-      jobs = owner_usage.jobs + 1
+      jobs = owner_usage.jobs + excluded.jobs
     """
 )
 
 
-def record_usage(session: Session, job_id: uuid.UUID, render_seconds: float | None, images: int) -> None:
-    """Count a job that just succeeded toward its owner's UTC day (of its `finished_at`). Call it once per job, in
-    the transaction that moves it to succeeded (`shared.jobs.lifecycle.succeed`), so a retry cannot count twice."""
-    session.execute(_RECORD, {"job_id": job_id, "seconds": float(render_seconds or 0.0), "images": int(images)})
+def record_usage(session: Session, job_id: uuid.UUID, render_seconds: float | None, images: int,
+                 succeeded: bool = True) -> None:
+    """Count a job that just finished toward its owner's UTC day (of its `finished_at`). Call it once per job, in
+    the transaction that moves it to its final state (`shared.jobs.lifecycle`), so a retry cannot count twice. A
+    failed or canceled job (``succeeded`` False) counts only its GPU time: the GPU was spent all the same."""
+    session.execute(_RECORD, {"job_id": job_id, "seconds": float(render_seconds or 0.0), "images": int(images),
+                              "jobs": 1 if succeeded else 0})
 
 
 @dataclass(frozen=True)

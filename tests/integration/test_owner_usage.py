@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from api.admin.owner_metrics import owner_usage_metrics
@@ -120,3 +120,31 @@ def test_the_migration_counts_jobs_that_succeeded_before_it(postgres: EmbeddedPo
         rows = conn.execute(sa.text("SELECT owner, day, gpu_seconds, images, jobs FROM owner_usage")).all()
     engine.dispose()
     assert [tuple(row) for row in rows] == [("old", datetime(2026, 11, 30).date(), 3.5, 3, 2)]
+
+
+def test_a_failed_or_canceled_job_is_charged_its_gpu_time_but_no_images(session: Session) -> None:
+    """The GPU was spent whether or not the images were kept: quotas and fair share count it."""
+    from shared.jobs import fair_share
+    from shared.jobs.fair_share import FairOrder
+    from shared.jobs.states import ErrorType
+    from shared.settings import FairShareSettings
+
+    owner = f"spent-{uuid.uuid4().hex[:6]}"
+    ids = []
+    for _ in range(3):
+        job = lifecycle.submit(session, owner=owner, api_key_id=None, params=PARAMS, model_name="m", route="render")
+        assert lifecycle.claim(session, job.id, "w", 60) is not None
+        ids.append(job.id)
+    session.commit()
+    assert lifecycle.fail(session, ids[0], "w", ErrorType.TIMEOUT, "too long", render_seconds=7.5)
+    assert lifecycle.finish_canceled(session, ids[1], "w", render_seconds=2.5)
+    assert lifecycle.fail(session, ids[2], "w", ErrorType.INVALID_INPUT, "bad")  # before any GPU work
+    session.commit()
+    used = owner_used(session, owner, utcnow())
+    assert (used.today.gpu_seconds, used.today.images, used.today.jobs) == (10.0, 0, 0)
+    assert [session.get(Job, job_id).render_seconds for job_id in ids] == [7.5, 2.5, None]
+    order = FairOrder.from_settings(FairShareSettings())
+    assert order is not None
+    usage = fair_share.recent_usage(order)
+    recent = session.execute(select(usage.c.used).where(usage.c.owner == owner)).scalar_one()
+    assert 9.9 < recent <= 10.0  # decayed by the seconds since, with a 10-minute half-life

@@ -116,6 +116,7 @@ def test_a_render_past_its_time_limit_fails_as_timeout(database_url: str, tmp_pa
     job = _job(factory, job_id)
     assert job.status == JobStatus.FAILED and job.error_type == ErrorType.TIMEOUT
     assert "time limit of 1 s" in (job.error_message or "")
+    assert job.render_seconds is not None and job.render_seconds >= 0.9  # the GPU time it spent is charged
     # A second delivery of the same message finds nothing to claim.
     assert runner.run(str(job_id)) == RunOutcome.SKIPPED == "skipped"
 
@@ -124,6 +125,7 @@ def test_a_cancel_requested_mid_render_ends_the_job_canceled(database_url: str, 
     runner: JobRunner
 
     def render(job: BatchJob, on_step: Any) -> list:
+        time.sleep(0.05)  # a step's work, charged to the owner all the same
         on_step(1, 3)
         assert runner.control.job_id is not None
         runner.control.request_cancel(runner.control.job_id)
@@ -133,7 +135,8 @@ def test_a_cancel_requested_mid_render_ends_the_job_canceled(database_url: str, 
     runner, factory = _runner(database_url, tmp_path, render)
     job_id = _queued_job(factory)
     assert runner.run(str(job_id)) == RunOutcome.CANCELED
-    assert _job(factory, job_id).status == JobStatus.CANCELED
+    canceled = _job(factory, job_id)
+    assert canceled.status == JobStatus.CANCELED and (canceled.render_seconds or 0) >= 0.05
     assert runner.control.job_id is None and runner.control.jobs_done == 1
 
 
