@@ -1,4 +1,4 @@
-"""Per-owner usage for `/metrics` (issue 17): what each owner's succeeded jobs used, as running totals and as
+"""Per-owner usage for `/metrics` (issue 17): what each owner's finished jobs used, as running totals and as
 today's and this month's (UTC) figures, and each owner's queued jobs.
 
 Read from `owner_usage` at scrape time like the rest of the farm's metrics (api/admin/metrics.py), so every API
@@ -25,7 +25,7 @@ def owner_usage_metrics(session: Session, now: datetime) -> list[Metric]:
         select(Job.owner, func.count()).where(Job.status == "queued").group_by(Job.owner))}
 
     gpu_total = CounterMetricFamily("renderfarm_owner_gpu_seconds", "Measured render seconds of an owner's "
-                                    "succeeded jobs", labels=["owner"])
+                                    "finished jobs (failed and canceled ones included)", labels=["owner"])
     images_total = CounterMetricFamily("renderfarm_owner_images", "Images of an owner's succeeded jobs",
                                        labels=["owner"])
     jobs_total = CounterMetricFamily("renderfarm_owner_jobs_succeeded", "An owner's succeeded jobs", labels=["owner"])

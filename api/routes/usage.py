@@ -15,8 +15,9 @@ router = APIRouter(prefix="/v1/usage", tags=["usage"])
 
 @router.get("", response_model=UsageView)
 def get_usage(key: CurrentKey, session: SessionDep, settings: SettingsDep) -> UsageView:
-    """Render seconds and images of the owner's succeeded jobs (running ones count once they finish), what is
-    left of each quota (null: no quota) and when it resets, the jobs queued now, and the owner's limits."""
+    """Render seconds of the owner's finished jobs and images of its succeeded ones (running jobs count once they
+    finish), what is left of each quota (null: no quota) and when it resets, the jobs queued now, and the owner's
+    limits."""
     now = utcnow()
     policy = effective_policy(session, key.owner, settings)
     return UsageView.build(key.owner, owner_used(session, key.owner, now), policy,

@@ -1,7 +1,7 @@
 """What owners used: render seconds of their finished jobs (failed and canceled ones too: the GPU was spent) and
 images of their succeeded jobs per UTC day (table `owner_usage`), and the quota check against an owner's policy.
 
-`record_usage` adds a job to its owner's day in the transaction that marks it succeeded, so a quota check and
+`record_usage` adds a job to its owner's day in the transaction that ends it, so a quota check and
 `/v1/usage` read at most a month of small rows, never the jobs. Running jobs are not counted until they finish.
 """
 
