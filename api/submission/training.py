@@ -30,6 +30,7 @@ from shared.jobs.training_spec import (
 )
 from shared.models.architecture import checkpoint_architecture
 from shared.models.registry import CheckpointFile, default_checkpoint, resolve_checkpoint
+from shared.models.safetensors_header import safetensors_header_or_none
 from shared.models.store_registry import registered
 from shared.queueing.queues import QueueName
 from shared.settings import Settings
@@ -126,6 +127,27 @@ def _check_lora(body: TrainingRequest) -> None:
                                                     f"({max(body.training_width, body.training_height)})")
 
 
+def attention_widths(checkpoint: CheckpointFile) -> set[int] | None:
+    """The context widths of the checkpoint's UNet attention layers (its `to_k` weights' inputs: the text
+    encoder's for cross-attention, the block's channels for self-attention), from the file's header; None when the
+    file is not on this machine as a single .safetensors (the worker then checks)."""
+    if checkpoint.is_folder or not checkpoint.path.is_file():
+        return None
+    header = safetensors_header_or_none(checkpoint.path)
+    if header is None:
+        return None
+    widths = {shape[1] for key, shape in header.shapes.items()
+              if key.startswith("model.diffusion_model.") and key.endswith(".to_k.weight") and len(shape) == 2}
+    return widths or None
+
+
+def _check_sizes(sizes: tuple[int, ...], checkpoint: CheckpointFile) -> None:
+    widths = attention_widths(checkpoint)
+    if widths is not None and not widths & set(sizes):
+        raise FieldError(_field("enable_sizes"), f"none of {list(sizes)} is a context width of {checkpoint.name}'s "
+                                                 f"attention layers ({', '.join(map(str, sorted(widths)))})")
+
+
 def _start_from(body: TrainingRequest, models_dir: Path) -> str | None:
     """The existing file a training goes on from, relative to the models folder (a 422 naming `start_from`)."""
     if body.start_from is None:
@@ -189,6 +211,8 @@ def plan_training(session: Session, key: ApiKey, body: TrainingRequest, settings
     dataset = _dataset(session, body.dataset, key.owner, body.batch_size, body.steps)
     start_from = _start_from(body, settings.models.models_dir)
     checkpoint = _checkpoint(body, settings)
+    if body.kind == "hypernetwork" and start_from is None:
+        _check_sizes(tuple(options["enable_sizes"]), checkpoint)  # type: ignore[arg-type]
     cache = HashCache.of_models_dir(settings.models.models_dir)
     spec = TrainSpec(
         kind=body.kind, name=name, model=checkpoint.name,

@@ -66,10 +66,10 @@ def test_a_training_is_a_queued_job_on_the_train_queue(api_only: Farm) -> None:
         canceled = client.post(f"/v1/trainings/{view['id']}/cancel")
         assert canceled.status_code == 200 and canceled.json()["status"] == "canceled"
         created = client.post("/v1/trainings", json={"kind": "hypernetwork", "name": "fresh", "steps": 0,
-                                                      "layer_structure": "1, 1.5, 1", "enable_sizes": [768, 320]})
+                                                      "layer_structure": "1, 1.5, 1", "enable_sizes": [768, 64, 32]})
         assert created.status_code == 202, created.text  # steps 0: only creates the file, no dataset needed
         assert created.json()["params"]["layer_structure"] == [1.0, 1.5, 1.0]
-        assert created.json()["params"]["enable_sizes"] == [320, 768]
+        assert created.json()["params"]["enable_sizes"] == [32, 64, 768]  # 768: SD1.5's, skipped on the demo model
 
 
 BAD = [
@@ -98,6 +98,7 @@ BAD = [
     ({"layer_structure": "1, 2, 1"}, "layer_structure", "hypernetwork trainings only"),
     ({"kind": "hypernetwork", "layer_structure": "2, 1"}, "layer_structure", "starts and ends with 1"),
     ({"kind": "hypernetwork", "enable_sizes": [99999]}, "enable_sizes", "768"),
+    ({"kind": "hypernetwork", "enable_sizes": [768, 320]}, "enable_sizes", "attention layers (32, 64)"),
     ({"kind": "hypernetwork", "activation_func": "explode"}, "activation_func", "relu"),
     ({"kind": "hypernetwork", "dropout_structure": "0, 0.5"}, "dropout_structure", "one value per"),
     ({"kind": "hypernetwork", "nvpt": 3}, "nvpt", "embedding trainings only"),
