@@ -99,3 +99,7 @@ def test_build_prompt(farm: Farm, owner_key: str) -> None:
     conflict = run("build-prompt", "--hair", "long", "--hair-color", "black", "--hair-color", "red",
                    "--hair-color", "blue", env=env)
     assert conflict.code == 3 and "hair_colors" in conflict.stderr, conflict
+    props = ["--prop", "sunglasses", "--prop", "gloves", "--prop", "earrings", "--prop", "choker"]
+    crowded = run("build-prompt", "--hair", "long", "--hair-color", "black", *props, env=env)
+    assert crowded.code == 0 and "warning: 4 props chosen" in crowded.stderr, crowded
+    assert "warning" not in crowded.stdout

@@ -158,9 +158,11 @@ class BuiltPrompt:
     seed: int | None
     settings: dict[str, Any]
     raw: dict[str, Any] = field(repr=False, compare=False)
+    warnings: list[str] = field(default_factory=list)  # e.g. more props than the notes say survive
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> BuiltPrompt:
         return cls(prompt=str(data.get("prompt", "")), negative_prompt=str(data.get("negative_prompt", "")),
                    choices=dict(data.get("choices") or {}), seed=data.get("seed"),
-                   settings=dict(data.get("settings") or {}), raw=data)
+                   settings=dict(data.get("settings") or {}), raw=data,
+                   warnings=[str(w) for w in data.get("warnings") or []])

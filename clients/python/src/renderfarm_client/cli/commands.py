@@ -105,6 +105,8 @@ def build_prompt(args: argparse.Namespace, client: Client, out: Console, err: Co
     out.print(built.prompt, markup=False, highlight=False)
     if built.negative_prompt:
         out.print(f"Negative prompt: {built.negative_prompt}", markup=False, highlight=False)
+    for warning in built.warnings:  # on stderr: the prompt on stdout stays pipeable
+        err.print(f"warning: {warning}", markup=False, highlight=False)
     return ExitCode.OK
 
 
