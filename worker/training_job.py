@@ -11,7 +11,6 @@ Object-store keys are deterministic per job (`trainings/<job id>/...`): a retry 
 
 from __future__ import annotations
 
-import io
 import logging
 import tempfile
 import time
@@ -28,6 +27,8 @@ from shared.jobs.training_spec import TrainSpec
 from shared.models.store_files import add_file, delete_file
 from shared.models.store_registry import NameTakenError, find_row
 from shared.storage.base import ObjectStore
+from shared.webui.image_metadata import encode_image
+from shared.webui.infotext import format_infotext
 from worker.engine.img2img import read_stored_image
 from worker.engine.training.results import TrainingSample
 
@@ -139,13 +140,10 @@ def install_result(session: Session, store: ObjectStore, spec: TrainSpec, job_id
 
 
 def preview_png(image: Image.Image, prompt: str, step: int, spec: TrainSpec) -> bytes:
-    """A preview as PNG with a `parameters` text saying what it is."""
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    info.add_text("parameters", f"{prompt}\nSteps: {spec.preview_steps}, CFG scale: {spec.preview_cfg_scale}, "
-                                f"Seed: {spec.seed}, Size: {image.width}x{image.height}, Model: {spec.model}, "
-                                f"Training: {spec.kind} {spec.name} at step {step}")
-    out = io.BytesIO()
-    image.save(out, format="PNG", pnginfo=info)
-    return out.getvalue()
+    """A preview as PNG with the WebUI's `parameters` text saying what made it (the sampler is the trainer's Euler;
+    its noise comes from the training's own preview stream, so no seed is claimed)."""
+    infotext = format_infotext(prompt, "", {
+        "Steps": spec.preview_steps, "Sampler": "Euler", "CFG scale": spec.preview_cfg_scale,
+        "Size": f"{image.width}x{image.height}", "Model hash": spec.model_hash, "Model": spec.model,
+        "Training": f"{spec.kind} {spec.name} at step {step}"})
+    return encode_image(image, infotext, "png")

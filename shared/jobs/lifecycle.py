@@ -444,10 +444,16 @@ def renew_leases(session: Session, job_ids: Collection[uuid.UUID], worker: str, 
 
 def report_progress(session: Session, job_id: uuid.UUID, worker: str, progress: float) -> bool:
     """Progress of a running job (no state change) and its throttled `progress` event."""
+    return _report(session, job_id, worker, progress=progress)
+
+
+def _report(session: Session, job_id: uuid.UUID, worker: str, **values: Any) -> bool:
+    """Write ``values`` on a running job this worker holds, announce it and record its throttled `progress` event;
+    False if the lease was lost."""
     changed = session.execute(
         update(Job)
         .where(Job.status == JobStatus.RUNNING, *_held_by(job_id, worker))
-        .values(progress=progress)
+        .values(**values)
         .returning(Job.id)
     ).scalar_one_or_none()
     if changed is None:
@@ -474,17 +480,7 @@ def report_training(session: Session, job_id: uuid.UUID, worker: str, training: 
                     ) -> bool:
     """A running training's own state (step, loss, ETA, its last checkpoint, previews: `jobs.training`) and its
     progress, with a throttled `progress` event. No state change; only the lease holder writes it."""
-    changed = session.execute(
-        update(Job)
-        .where(Job.status == JobStatus.RUNNING, *_held_by(job_id, worker))
-        .values(training=training, progress=progress)
-        .returning(Job.id)
-    ).scalar_one_or_none()
-    if changed is None:
-        return False
-    _pending(session).notices.append(job_id)
-    _record_event(session, job_id, "progress")
-    return True
+    return _report(session, job_id, worker, training=training, progress=progress)
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,9 @@ _ACTIVATIONS: dict[str, type[torch.nn.Module]] = {
 _ACTIVATIONS.update({name.lower(): cls for name, cls in inspect.getmembers(torch.nn.modules.activation)
                      if inspect.isclass(cls) and cls.__module__ == "torch.nn.modules.activation"
                      and name.lower() not in _ACTIVATIONS})
-_OLD_KEYS = {"linear1.bias": "linear.0.bias", "linear1.weight": "linear.0.weight",
-             "linear2.bias": "linear.1.bias", "linear2.weight": "linear.1.weight"}
+# Key names of the WebUI's oldest hypernetwork files, as its loader renames them.
+OLD_KEYS = {"linear1.bias": "linear.0.bias", "linear1.weight": "linear.0.weight",
+            "linear2.bias": "linear.1.bias", "linear2.weight": "linear.1.weight"}
 
 
 class HypernetworkModule(torch.nn.Module):
@@ -103,7 +104,7 @@ def load_hypernetwork(path: Path, field: tuple[str | int, ...] = ("body", "promp
             modules = []
             for weights in pair[:2]:
                 module = HypernetworkModule(size, **settings)  # type: ignore[arg-type]
-                module.load_state_dict({_OLD_KEYS.get(k, k): v for k, v in dict(weights).items()})
+                module.load_state_dict({OLD_KEYS.get(k, k): v for k, v in dict(weights).items()})
                 module.eval().requires_grad_(False)
                 modules.append(module)
             layers[size] = (modules[0], modules[1])

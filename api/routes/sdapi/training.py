@@ -148,15 +148,21 @@ async def _run(fields: dict[str, Any], key: ApiKey, settings: Settings, store: O
                         status_code=500, headers=headers)
 
 
-def _train_fields(body: TrainBody, kind: str, name: str, save_every: int) -> dict[str, Any]:
-    return dict(kind=kind, name=name, start_from=name, overwrite_old=True, dataset=body.data_root,
-                steps=body.steps, learn_rate=str(body.learn_rate), batch_size=body.batch_size,
-                gradient_step=body.gradient_step, clip_grad_mode=body.clip_grad_mode,
-                clip_grad_value=body.clip_grad_value, training_width=body.training_width,
-                training_height=body.training_height, shuffle_tags=body.shuffle_tags, tag_drop_out=body.tag_drop_out,
-                create_image_every=body.create_image_every, save_every=save_every,
-                template_filename=body.template_filename, preview_prompt=body.preview_prompt,
-                preview_steps=body.preview_steps, preview_cfg_scale=body.preview_cfg_scale, seed=body.seed)
+async def _train(body: TrainBody, kind: str, name: str, save_every: int, key: ApiKey, settings: Settings,
+                 store: ObjectStore) -> JSONResponse:
+    """The WebUI's train/<kind>: go on training the named file (written back under its name), the WebUI's own
+    options mapped onto the farm's, errors named by the WebUI's fields."""
+    fields = dict(kind=kind, name=name, start_from=name, overwrite_old=True, dataset=body.data_root,
+                  steps=body.steps, learn_rate=str(body.learn_rate), batch_size=body.batch_size,
+                  gradient_step=body.gradient_step, clip_grad_mode=body.clip_grad_mode,
+                  clip_grad_value=body.clip_grad_value, training_width=body.training_width,
+                  training_height=body.training_height, shuffle_tags=body.shuffle_tags,
+                  tag_drop_out=body.tag_drop_out, create_image_every=body.create_image_every, save_every=save_every,
+                  template_filename=body.template_filename, preview_prompt=body.preview_prompt,
+                  preview_steps=body.preview_steps, preview_cfg_scale=body.preview_cfg_scale, seed=body.seed)
+    names = {**TRAIN_NAMES, "name": f"{kind}_name", "start_from": f"{kind}_name", "save_every": f"save_{kind}_every"}
+    return await _run(fields, key, settings, store,
+                      f"train {kind} complete: filename: {{file}} error: {{error}}", names)
 
 
 @router.post("/create/embedding", response_model=InfoResponse, dependencies=SDAPI_CREATE_LIMITS)
@@ -182,16 +188,11 @@ async def create_hypernetwork(body: CreateHypernetworkBody, key: SdapiKey, setti
 @router.post("/train/embedding", response_model=InfoResponse, dependencies=SDAPI_CREATE_LIMITS)
 async def train_embedding(body: TrainEmbeddingBody, key: SdapiKey, settings: SettingsDep,
                           store: StoreDep) -> JSONResponse:
-    fields = _train_fields(body, "embedding", body.embedding_name, body.save_embedding_every)
-    return await _run(fields, key, settings, store, "train embedding complete: filename: {file} error: {error}",
-                      {**TRAIN_NAMES, "name": "embedding_name", "start_from": "embedding_name",
-                       "save_every": "save_embedding_every"})
+    return await _train(body, "embedding", body.embedding_name, body.save_embedding_every, key, settings, store)
 
 
 @router.post("/train/hypernetwork", response_model=InfoResponse, dependencies=SDAPI_CREATE_LIMITS)
 async def train_hypernetwork(body: TrainHypernetworkBody, key: SdapiKey, settings: SettingsDep,
                              store: StoreDep) -> JSONResponse:
-    fields = _train_fields(body, "hypernetwork", body.hypernetwork_name, body.save_hypernetwork_every)
-    return await _run(fields, key, settings, store, "train hypernetwork complete: filename: {file} error: {error}",
-                      {**TRAIN_NAMES, "name": "hypernetwork_name", "start_from": "hypernetwork_name",
-                       "save_every": "save_hypernetwork_every"})
+    return await _train(body, "hypernetwork", body.hypernetwork_name, body.save_hypernetwork_every, key, settings,
+                        store)

@@ -11,11 +11,9 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from shared.jobs.training_spec import TrainSpec
+from worker.engine.hypernetworks import OLD_KEYS
 from worker.engine.training.embedding import TENSOR
 from worker.engine.training.lora import ATTENTION_NAME, TEXT_ENCODER_PREFIX, UNET_PREFIX
-
-_OLD_KEYS = {"linear1.bias": "linear.0.bias", "linear1.weight": "linear.0.weight",
-             "linear2.bias": "linear.1.bias", "linear2.weight": "linear.1.weight"}
 
 
 def initial_state(spec: TrainSpec, data: bytes) -> tuple[TrainSpec, dict[str, torch.Tensor]]:
@@ -66,7 +64,7 @@ def _hypernetwork(spec: TrainSpec, data: bytes) -> tuple[TrainSpec, dict[str, to
     if state.get("weight_initialization") in ("Normal", "XavierUniform", "XavierNormal", "KaimingUniform",
                                               "KaimingNormal"):
         update["weight_init"] = state["weight_initialization"]
-    tensors = {f"{size}.{j}.{_OLD_KEYS.get(key, key)}": value.to(torch.float32)
+    tensors = {f"{size}.{j}.{OLD_KEYS.get(key, key)}": value.to(torch.float32)
                for size in sizes for j, weights in enumerate(state[size][:2]) for key, value in dict(weights).items()}
     return spec.model_copy(update=update), tensors
 
