@@ -6,6 +6,7 @@ import { $, api, el, imageFileName, safeUrl } from "./lib.js";
 const PAGE = 12;
 let offset = 0;
 let actions = null; // { reuse(job), toImg2img(image, params), watch(job) }
+let latest = 0; // the newest load's number: an older answer that arrives after it is dropped
 
 function imageCard(job, image) {
   return el("figure", { class: "shot" },
@@ -36,6 +37,7 @@ function jobCard(job) {
 }
 
 async function load() {
+  const mine = ++latest;
   const status = $("gallery-status").value;
   const model = $("gallery-model").value;
   const query = new URLSearchParams({ limit: PAGE, offset });
@@ -43,6 +45,7 @@ async function load() {
   if (model) query.set("model", model);
   try {
     const page = await api(`/v1/jobs?${query}`);
+    if (mine !== latest) return; // a newer filter or page was asked for while this one was on its way
     const cards = page.jobs.length ? page.jobs.map(jobCard) : [el("p", { class: "muted", text: "No jobs." })];
     $("gallery-jobs").replaceChildren(...cards);
     const last = Math.min(offset + page.jobs.length, page.total);
@@ -50,6 +53,7 @@ async function load() {
     $("gallery-prev").disabled = offset === 0;
     $("gallery-next").disabled = last >= page.total;
   } catch (err) {
+    if (mine !== latest) return;
     $("gallery-jobs").replaceChildren(el("p", { class: "error", text: err.message }));
   }
 }

@@ -350,3 +350,67 @@ def test_gallery_downloads_are_named_with_the_jobs_output_format() -> None:
     assert names == ["j-webp-0.webp", "j-webp-1.webp", "j-jpeg-0.jpeg", "j-jpeg-1.jpeg",
                      "j-png-0.png", "j-png-1.png", "j-older-0.png", "j-older-1.png"]
     assert errors == []
+
+
+def test_a_slow_answer_to_an_earlier_filter_does_not_replace_the_newer_one() -> None:
+    """Two filters chosen in quick succession: the first answer arrives last and must not be what the gallery shows."""
+    if not (Path(CHROMIUM).exists() and shutil.which(CHROMIUM)):
+        pytest.skip(f"Debian's chromium is not installed at {CHROMIUM}")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    origin = "http://studio.test"
+    shell = (GALLERY_SHELL
+             .replace('<option value="">all</option></select>\n<select id="gallery-model">',
+                      '<option value="">all</option><option>succeeded</option></select>\n<select id="gallery-model">')
+             .replace('<select id="gallery-model"><option value="">all</option>',
+                      '<select id="gallery-model"><option value="">all</option><option>demo-tiny</option>'))
+
+    def job(job_id: str, status: str) -> dict[str, Any]:
+        return {"id": job_id, "status": status, "created_at": "2024-05-01T12:00:00Z", "mode": "txt2img",
+                "model": "demo-tiny", "error": None, "params": {"prompt": job_id}, "images": []}
+
+    every = [job("a", "canceled"), job("b", "canceled"), job("c", "succeeded")]
+    held: list[Any] = []
+    errors: list[str] = []
+
+    def answer(route: Any) -> None:
+        url = route.request.url.removeprefix(origin)
+        path = url.split("?")[0]
+        if path == "/gallery":
+            route.fulfill(status=200, content_type="text/html", body=shell)
+        elif path.startswith("/studio/static/") and (STUDIO_DIR / path.removeprefix("/studio/static/")).is_file():
+            route.fulfill(status=200, content_type="text/javascript",
+                          body=(STUDIO_DIR / path.removeprefix("/studio/static/")).read_text(encoding="utf-8"))
+        elif path == "/v1/jobs" and "model=" in url and "status=" not in url:
+            held.append(route)  # the model filter's answer: held back until the status filter's has been shown
+        elif path == "/v1/jobs":
+            jobs = [j for j in every if "status=succeeded" not in url or j["status"] == "succeeded"]
+            route.fulfill(status=200, content_type="application/json",
+                          body=json.dumps({"jobs": jobs, "total": len(jobs)}))
+        else:
+            route.fulfill(status=404, body="")
+
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.route(f"{origin}/**", answer)
+            page.goto(f"{origin}/gallery")
+            cards = page.locator("#gallery-jobs article.job")
+            sync_api.expect(cards).to_have_count(3)
+            page.select_option("#gallery-model", "demo-tiny")
+            page.select_option("#gallery-status", "succeeded")
+            sync_api.expect(cards).to_have_count(1)
+            for _ in range(100):  # the route handler runs while playwright is called
+                if held:
+                    break
+                page.wait_for_timeout(50)
+            assert held, "the model filter's request never came"
+            held[0].fulfill(status=200, content_type="application/json",
+                            body=json.dumps({"jobs": every, "total": len(every)}))
+            page.wait_for_timeout(500)  # the late answer has arrived and been handled (or dropped)
+            sync_api.expect(cards).to_have_count(1)
+            sync_api.expect(page.locator("#gallery-range")).to_have_text("1–1 of 1")
+        finally:
+            browser.close()
+    assert errors == []
