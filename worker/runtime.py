@@ -107,9 +107,13 @@ class WorkerRuntime:
     def start(self) -> None:
         """Start the control threads, load the configured models, then say so: the first job costs no more
         than the tenth."""
-        for thread in (self.lease_keeper, self.beacon, self.recovery, self.upscaler_checks):
+        for thread in (self.lease_keeper, self.beacon, self.recovery):
             thread.start()
         self.warm_up()
+        # After warm-up's imports: two threads importing the same packages at once can deadlock in Python's
+        # module locks (CI saw warm-up's diffusers import fail with _DeadlockError on torchvision while the
+        # upscaler checks imported spandrel), so the checks' imports are done here first.
+        self.upscaler_checks.start()
         self.beacon.advertise()
 
     def stop(self) -> None:

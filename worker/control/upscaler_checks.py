@@ -27,6 +27,15 @@ class UpscalerChecks(Periodic):
         self.on_change = on_change
         self._seen: dict[str, tuple[int, int, dict[str, Any]]] = {}  # location -> (size, mtime_ns, check)
 
+    def start(self) -> None:
+        """Import what a check uses in the calling thread, then start checking in the background: the thread then
+        imports nothing, so it cannot deadlock with the worker's own imports."""
+        import spandrel  # noqa: F401
+
+        import worker.engine.upscalers  # noqa: F401
+
+        super().start()
+
     def tick(self) -> None:
         self.check()
 
