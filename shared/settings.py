@@ -40,6 +40,12 @@ class ServiceSettings(BaseSettings):
     storage_url: str = Field(
         "var/objects", validation_alias=AliasChoices("STORAGE_URL", "RENDERFARM_STORAGE_URL")
     )
+    # Database connections each process keeps open for reuse, and how many more it may open in a burst (closed
+    # again when returned). A pool smaller than the requests a process serves at once makes every burst open and
+    # close connections: with 5 kept, 16 concurrent polls cost PostgreSQL six times the CPU of the poll's own
+    # query (issue 20). Every process's pool_size + max_overflow together must fit PostgreSQL's max_connections.
+    db_pool_size: int = Field(16, ge=1, le=1000)
+    db_max_overflow: int = Field(16, ge=0, le=1000)
     # Signs local-store URLs; `make up` generates one under ./var when unset.
     secret_key: str = "dev-insecure-secret-change-me"
     public_url: str = "http://127.0.0.1:7861"

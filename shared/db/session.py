@@ -17,14 +17,14 @@ from shared.settings import get_settings
 PING_AFTER_IDLE_SECONDS = 2.0
 
 
-def make_engine(database_url: str) -> Engine:
+def make_engine(database_url: str, pool_size: int = 5, max_overflow: int = 10) -> Engine:
     """A pooled engine that pings a connection only after it sat idle a while.
 
     SQLAlchemy's ``pool_pre_ping`` costs a round trip on every checkout: under load, a job poll's one query became
     two (issue 20). A connection that was used a moment ago is almost surely alive; one idle for seconds may have
     been dropped (a database restart, an idle timeout), so it is pinged first and replaced if dead. A connection
     that dies in between still fails its statement, and SQLAlchemy then invalidates the whole pool."""
-    engine = create_engine(database_url, pool_size=5, max_overflow=10)
+    engine = create_engine(database_url, pool_size=pool_size, max_overflow=max_overflow)
     event.listen(engine, "connect", _note_checkin)  # a new connection is alive
     event.listen(engine, "checkin", _note_checkin)
     event.listen(engine, "checkout", _ping_if_idle)
@@ -50,7 +50,8 @@ def _ping_if_idle(dbapi_connection: Any, record: Any, proxy: Any) -> None:
 
 @lru_cache
 def get_engine() -> Engine:
-    return make_engine(get_settings().services.database_url)
+    services = get_settings().services
+    return make_engine(services.database_url, services.db_pool_size, services.db_max_overflow)
 
 
 @lru_cache

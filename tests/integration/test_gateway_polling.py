@@ -328,6 +328,17 @@ def _drop_idle_connections(database_url: str) -> int:
     return int(killed)
 
 
+@pytest.fixture
+def dropped_connections_discarded() -> Iterator[None]:
+    """A test that drops connections leaves none of them to the next test: a pooled connection used a moment ago
+    is not pinged (shared/db/session.py), and the pool keeps up to RENDERFARM_DB_POOL_SIZE of them."""
+    yield
+    from shared.db.session import get_engine
+
+    get_engine().dispose()
+
+
+@pytest.mark.usefixtures("dropped_connections_discarded")
 def test_a_pooled_connection_that_died_while_idle_is_replaced_unseen(gateway_env: dict[str, str], key: str) -> None:
     """Connections are pinged only after sitting idle (shared/db/session.py): one the database dropped meanwhile
     (a restart, an idle timeout) is replaced before the request uses it, so the request still answers 200."""
@@ -345,6 +356,7 @@ def test_a_pooled_connection_that_died_while_idle_is_replaced_unseen(gateway_env
     asyncio.run(scenario())
 
 
+@pytest.mark.usefixtures("dropped_connections_discarded")
 def test_a_read_that_meets_a_connection_dropped_a_moment_ago_is_repeated(gateway_env: dict[str, str],
                                                                         key: str) -> None:
     """A connection used a moment ago is not pinged; if the database dropped it meanwhile (a restart), the read
@@ -460,3 +472,37 @@ def test_api_process_count_defaults_to_the_cores() -> None:
 
     assert GatewaySettings(api_workers=0).api_worker_count() == max(1, os.cpu_count() or 1)
     assert GatewaySettings(api_workers=3).api_worker_count() == 3
+
+
+def test_sixteen_concurrent_polls_reuse_pooled_connections(key: str) -> None:
+    """The pool keeps as many connections as 16 concurrent requests use (RENDERFARM_DB_POOL_SIZE, 16): once 16 were
+    open at once, bursts of 16 polls open no connection (with 5 kept, each burst opened and closed 11, a new
+    PostgreSQL backend per request, which cost the database six times the poll's own query)."""
+    from shared.db.session import get_engine
+
+    engine = get_engine()
+    assert engine.pool.size() == 16  # type: ignore[attr-defined]
+    opened: list[object] = []
+
+    def on_connect(*_: Any) -> None:
+        opened.append(object())
+
+    async def burst(client: httpx.AsyncClient, job_id: str) -> None:
+        answers = await asyncio.gather(*(client.get(f"/v1/jobs/{job_id}") for _ in range(16)))
+        assert all(answer.status_code == 200 for answer in answers)
+
+    async def scenario() -> None:
+        async with _client(key) as client:
+            job_id = await _submit(client)
+            held = [engine.connect() for _ in range(16)]  # as many at once as a burst can use
+            for connection in held:
+                connection.close()  # back to the pool: kept up to pool_size, closed past it
+            sa.event.listen(engine, "connect", on_connect)
+            try:
+                for _ in range(5):
+                    await burst(client, job_id)
+            finally:
+                sa.event.remove(engine, "connect", on_connect)
+
+    asyncio.run(scenario())
+    assert opened == []
