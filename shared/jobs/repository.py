@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import Select, and_, bindparam, case, func, literal, or_, select
+from sqlalchemy import Select, bindparam, case, func, literal, select, union_all
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, aliased, contains_eager, lazyload
 
@@ -64,11 +64,19 @@ def _count_ahead(fair: bool) -> Any:
     of its fair position the queue snapshot may hold stale."""
     ahead = aliased(Job)
     if fair:
-        first = (select(literal(1)).select_from(ahead)
-                 .where(ahead.status == JobStatus.QUEUED, ahead.owner == Job.owner, ahead.front_at.is_(None),
-                        or_(ahead.priority > Job.priority,
-                            and_(ahead.priority == Job.priority, ahead.created_at < Job.created_at)))
-                 .limit(OWN_AHEAD_LIMIT).correlate(Job).lateral("first_ahead"))
+        # Two ranges of ix_jobs_queued_owner (owner, priority DESC, created_at), each read up to the bound: the
+        # owner's higher priorities, then its same priority created earlier. With one OR of both, or without the
+        # index's order, PostgreSQL read every queued job to find none ahead of the owner's oldest (a sequential
+        # scan it expected to stop early at the bound): 0.4 ms a poll with 1,400 queued, growing with the queue.
+        def owners_queued(*where: Any) -> Select[Any]:
+            return (select(literal(1)).select_from(ahead)
+                    .where(ahead.status == JobStatus.QUEUED, ahead.owner == Job.owner, ahead.front_at.is_(None), *where)
+                    .order_by(ahead.priority.desc(), ahead.created_at)
+                    .limit(OWN_AHEAD_LIMIT).correlate(Job))
+
+        first = (union_all(owners_queued(ahead.priority > Job.priority),
+                           owners_queued(ahead.priority == Job.priority, ahead.created_at < Job.created_at))
+                 .limit(OWN_AHEAD_LIMIT).lateral("first_ahead"))
     else:
         first = (select(literal(1)).select_from(ahead)
                  .where(ahead.status == JobStatus.QUEUED, ahead.created_at < Job.created_at)

@@ -245,3 +245,36 @@ def test_a_heavy_recent_users_new_job_is_placed_behind_a_fresh_owners(session: S
         fresh_positions, heavy_position)
     assert pace is not None and pace.workers == 1 and pace.seconds_per_step.get("m", 0) > 0  # read from the jobs
     assert drain(session, route, [late, *early]) == [fresh] * 3 + [heavy]
+
+
+def test_a_polls_own_ahead_count_follows_the_owners_order(session: Session, route: str, owners: Any,
+                                                          published: list[Any]) -> None:
+    """The poll's one query counts the owner's queued jobs ahead of a job in the owner's order: every higher
+    priority (whenever queued), the same priority queued earlier; not lower priorities, not jobs moved to the front,
+    not other owners' jobs, not jobs that left the queue."""
+    from shared.jobs.repository import get_job_view_row
+
+    me, other = owners("me"), owners("other")
+    earlier_same = [queue(session, me, route) for _ in range(2)]
+    queue(session, me, route, priority=-1)  # lower: never ahead
+    high_early = queue(session, me, route, priority=5)
+    queue(session, other, route, priority=9)  # another owner's
+    target = queue(session, me, route)
+    high_late = queue(session, me, route, priority=5)
+    queue(session, me, route)  # same priority, later: behind
+    fronted = session.get(Job, earlier_same[0])
+    assert fronted is not None
+    fronted.front_at = utcnow()  # an admin moved it to the front: counted by the snapshot, not here
+    lifecycle.commit(session)
+
+    def own_ahead(job_id: uuid.UUID) -> int | None:
+        row = get_job_view_row(session, job_id, me, fair=True)
+        assert row is not None
+        return row.own_ahead
+
+    assert own_ahead(target) == 3  # earlier_same[1], high_early, high_late
+    assert own_ahead(high_early) == 0 and own_ahead(high_late) == 1
+    assert lifecycle.claim(session, high_early, "w1", 60) is not None  # it runs now: no longer ahead
+    lifecycle.commit(session)
+    assert own_ahead(target) == 2
+    assert own_ahead(high_early) is None
