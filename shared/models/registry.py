@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -185,10 +186,29 @@ def _registered_checkpoints(models_dir: Path, local: set[str]) -> list[Checkpoin
             for filename, record in sorted(registered(models_dir, CHECKPOINT_DIR).items()) if filename not in local]
 
 
+# A submit names its checkpoint from a scan of the folder at most this old (per process): walking the folder twice
+# cost a POST an eighth of its time (issue 20). A name the scan lacks is looked up afresh, so a file just added
+# is found at once; a file changed or removed is seen within this long (a job naming a removed one then fails on
+# its worker).
+RECENT_SCAN_SECONDS = 1.0
+_recent_scans: dict[Path, tuple[float, list[CheckpointFile]]] = {}
+
+
+def recent_checkpoints(models_dir: Path, fresh: bool = False) -> list[CheckpointFile]:
+    """:func:`scan_checkpoints`, reused for ``RECENT_SCAN_SECONDS`` unless ``fresh``."""
+    now = time.monotonic()
+    cached = _recent_scans.get(models_dir)
+    if not fresh and cached is not None and now - cached[0] < RECENT_SCAN_SECONDS:
+        return cached[1]
+    found = scan_checkpoints(models_dir)
+    _recent_scans[models_dir] = (now, found)
+    return found
+
+
 def default_checkpoint(models_dir: Path, configured: str | None) -> str | None:
     if configured:
         return configured
-    loadable = [c for c in scan_checkpoints(models_dir) if c.loadable]
+    loadable = [c for c in recent_checkpoints(models_dir) if c.loadable]
     return loadable[0].name if loadable else None
 
 
@@ -201,9 +221,11 @@ def resolve_checkpoint(
         raise FieldError(field, f"model {requested!r} is not a name inside the models folder")
     from shared.models.store_registry import refresh_for
 
-    checkpoints = scan_checkpoints(models_dir)
-    if not any(name in (c.name, c.filename) for c in checkpoints) and refresh_for(models_dir):
-        checkpoints = scan_checkpoints(models_dir)  # added to the model store within the view's last second?
+    checkpoints = recent_checkpoints(models_dir)
+    if not any(name in (c.name, c.filename) for c in checkpoints):
+        checkpoints = recent_checkpoints(models_dir, fresh=True)  # added to the folder since the recent scan?
+        if not any(name in (c.name, c.filename) for c in checkpoints) and refresh_for(models_dir):
+            checkpoints = recent_checkpoints(models_dir, fresh=True)  # to the model store in the view's last second?
     for ckpt in checkpoints:
         if name in (ckpt.name, ckpt.filename):
             if not ckpt.loadable:
