@@ -5,7 +5,8 @@
 #   make up                                   # in another terminal
 #   bench/wrk_gateway.sh [base_url] [key]     # defaults: http://127.0.0.1:7861 and var/admin_key
 #
-# Prints requests/s, p50 and p95 per route and the ratio to /healthz in the same run. Needs wrk (Debian: apt-get
+# Prints requests/s, p50 and p95 per route and the ratio to /healthz in the same run, and how many jobs were queued
+# before it (a long queue makes polls and lists cost more; each run's POSTs add thousands). Needs wrk (Debian: apt-get
 # install wrk). The queue is paused for the run and resumed at the end; the POSTs leave queued jobs behind. The key's
 # owner runs without a rate limit or queued cap meanwhile (their defaults are restored at the end).
 set -euo pipefail
@@ -28,6 +29,8 @@ curl -sf -X PATCH -H "$AUTH" -H "Content-Type: application/json" -d "$LIFTED" "$
 BODY='{"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 4}'
 JOB=$(curl -sf -X POST -H "$AUTH" -H 'Content-Type: application/json' -d "$BODY" "$BASE/v1/jobs" |
       python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+QUEUED=$(curl -sf -H "$AUTH" "$BASE/v1/jobs?status=queued&limit=1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["total"])')
+echo "jobs queued before the run: $QUEUED (this key's); load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 ETAG=$(curl -sf -D - -o /dev/null -H "$AUTH" "$BASE/v1/jobs/$JOB" | grep -i '^etag:' | cut -d' ' -f2- | tr -d '\r')
 cat > "$WORK/post.lua" <<EOF
 wrk.method = "POST"
@@ -56,8 +59,8 @@ run() {  # name, path, extra wrk args...
   run "GET /v1/jobs/{id}" "/v1/jobs/$JOB"
   run "GET /v1/jobs/{id} (304)" "/v1/jobs/$JOB" -H "If-None-Match: $ETAG"
   run "GET /v1/jobs" "/v1/jobs?limit=20"
-  run "POST /v1/jobs" /v1/jobs --post
   run "GET /sdapi/v1/progress" /sdapi/v1/progress
+  run "POST /v1/jobs" /v1/jobs --post  # last: the jobs it queues would weigh on the routes after it
 } > "$WORK/results"
 
 python3 - "$WORK/results" <<'EOF'
