@@ -7,6 +7,7 @@ how to drive the farm over HTTP the way a user does.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -74,8 +75,20 @@ def start_api(env: dict[str, str], log_dir: Path, name: str = "api") -> tuple[Pr
         except httpx.HTTPError:
             return False
 
-    wait_until(up, 60, message=f"{name} to answer /healthz")
+    _ready_or_killed(proc, lambda: wait_until(up, 60, message=f"{name} to answer /healthz"))
     return proc, base
+
+
+def _ready_or_killed(proc: Proc, wait: Callable[[], object]) -> None:
+    """``wait`` for the process to be ready; one that never is (or a wait interrupted) is killed with its whole
+    process group, not left running after the test that started it has failed."""
+    try:
+        wait()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.popen.pid, signal.SIGKILL)
+        proc.popen.wait()
+        raise
 
 
 def start_worker(env: dict[str, str], log_dir: Path, name: str = "w1", timeout: float = 180,
@@ -101,7 +114,7 @@ def start_worker(env: dict[str, str], log_dir: Path, name: str = "w1", timeout: 
                 return True
         return False
 
-    wait_until(ready, timeout, interval=0.2, message=f"worker {name} to report ready")
+    _ready_or_killed(proc, lambda: wait_until(ready, timeout, interval=0.2, message=f"worker {name} to report ready"))
     return proc
 
 
@@ -120,7 +133,7 @@ def start_webhook_worker(env: dict[str, str], log_dir: Path, name: str = "webhoo
             raise RuntimeError(f"webhook worker exited:\n{proc.log()}")
         return " ready." in proc.log()
 
-    wait_until(ready, 60, message="the webhook worker to start")
+    _ready_or_killed(proc, lambda: wait_until(ready, 60, message="the webhook worker to start"))
     return proc
 
 
