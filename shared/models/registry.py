@@ -209,6 +209,8 @@ def default_checkpoint(models_dir: Path, configured: str | None) -> str | None:
     if configured:
         return configured
     loadable = [c for c in recent_checkpoints(models_dir) if c.loadable]
+    if not loadable:  # none a moment ago: maybe one just arrived
+        loadable = [c for c in recent_checkpoints(models_dir, fresh=True) if c.loadable]
     return loadable[0].name if loadable else None
 
 

@@ -48,3 +48,16 @@ def test_a_recent_walk_is_reused_and_a_new_name_is_found_at_once(tmp_path: Path,
     monkeypatch.setattr(registry, "RECENT_SCAN_SECONDS", 0.0)
     (folder / "old.ckpt").unlink()
     assert "unknown model 'old'" in _refused(models, "old")  # once the walk is old, a removed file is gone
+
+
+def test_the_default_checkpoint_is_found_as_soon_as_the_first_one_arrives(tmp_path: Path, walks: list[Path]) -> None:
+    """An empty folder walked a moment ago does not hide the first checkpoint put there since."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    folder = tmp_path / "models" / "Stable-diffusion"
+    folder.mkdir(parents=True)
+    models = tmp_path / "models"
+    assert registry.default_checkpoint(models, None) is None
+    save_file({"w": np.zeros(2, dtype=np.float32)}, str(folder / "first.safetensors"))
+    assert registry.default_checkpoint(models, None) == "first"
