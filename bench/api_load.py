@@ -79,10 +79,13 @@ def start_api_processes(env: dict[str, str], logs: Path, processes: int) -> tupl
     return proc, base
 
 
-def _process_tree(pid: int) -> list[int]:
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    kids = [int(c) for c in children.read_text().split()] if children.exists() else []
-    return [pid, *(p for kid in kids for p in _process_tree(kid))]
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its live descendants (a process that exits meanwhile has none)."""
+    try:
+        kids = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        kids = []
+    return [pid, *(p for kid in kids for p in process_tree(kid))]
 
 
 def _threads(pids: list[int]) -> int:
@@ -110,7 +113,7 @@ async def _long_polls(base: str, job_id: str, etag: str, clients: int, wait: flo
                       env: dict[str, str]) -> dict[str, float]:
     """``clients`` long-polls at once, each on its own connection; the API's threads and DB connections are
     sampled while they wait (and before, idle)."""
-    pids = _process_tree(api_pid)
+    pids = process_tree(api_pid)
     idle_threads, idle_connections = _threads(pids), await asyncio.to_thread(_database_connections, env)
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, limits=limits,
@@ -126,7 +129,7 @@ async def _long_polls(base: str, job_id: str, etag: str, clients: int, wait: flo
 
         tasks = [asyncio.create_task(one()) for _ in range(clients)]
         await asyncio.sleep(wait * 0.9)  # the burst of first reads is over; they all wait
-        busy_threads = _threads(_process_tree(api_pid))
+        busy_threads = _threads(process_tree(api_pid))
         busy_connections = await asyncio.to_thread(_database_connections, env)
         results = await asyncio.gather(*tasks)
     on_time = sum(1 for code, elapsed in results if code == 304 and wait - 0.5 <= elapsed <= wait + 10)

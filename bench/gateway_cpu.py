@@ -16,6 +16,7 @@ Needs wrk (Debian: apt-get install wrk).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -25,34 +26,26 @@ from pathlib import Path
 
 import httpx
 
-from bench.api_load import JOB, start_api_processes
+from bench.api_load import JOB, process_tree, start_api_processes
 from bench.bench_farm import KEY, models_folder, start_servers
 from bench.overhead import machine
 
-POST_SCRIPT = ('wrk.method = "POST"\nwrk.body = \'{"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 4}\'\n'
+POST_SCRIPT = (f'wrk.method = "POST"\nwrk.body = \'{json.dumps(JOB)}\'\n'
                'wrk.headers["Content-Type"] = "application/json"\n')
 LIFTED = {"RENDERFARM_DEFAULT_MAX_QUEUED": "0", "RENDERFARM_DEFAULT_RATE_BURST": "1000000",
           "RENDERFARM_DEFAULT_RATE_PER_SECOND": "1000000"}
 
 
-def _children(pid: int) -> list[int]:
-    kids: list[int] = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            kids += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
-    except OSError:
-        pass
-    return kids
-
-
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU of ``pid``, its reaped children and its live descendants."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    own = sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-    return own + sum(cpu_seconds(kid) for kid in _children(pid))
+    """User + system CPU of ``pid`` and its live descendants, each with its reaped children."""
+    total = 0.0
+    for member in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def wrk(url: str, seconds: float, headers: dict[str, str], script: Path | None = None) -> subprocess.Popen[str]:
