@@ -187,18 +187,19 @@ def _registered_checkpoints(models_dir: Path, local: set[str]) -> list[Checkpoin
 
 
 # A submit names its checkpoint from a scan of the folder at most this old (per process): walking the folder twice
-# cost a POST an eighth of its time (issue 20). A name the scan lacks is looked up afresh, so a file just added
-# is found at once; a file changed or removed is seen within this long (a job naming a removed one then fails on
-# its worker).
+# cost a POST an eighth of its time (issue 20). A name the scan lacks is looked up afresh, and a scan that found
+# nothing loadable is never reused, so a file just added is found at once; a file changed or removed is seen
+# within this long (a job naming a removed one then fails on its worker).
 RECENT_SCAN_SECONDS = 1.0
 _recent_scans: dict[Path, tuple[float, list[CheckpointFile]]] = {}
 
 
 def recent_checkpoints(models_dir: Path, fresh: bool = False) -> list[CheckpointFile]:
-    """:func:`scan_checkpoints`, reused for ``RECENT_SCAN_SECONDS`` unless ``fresh``."""
+    """:func:`scan_checkpoints`, reused for ``RECENT_SCAN_SECONDS`` unless ``fresh`` or it found nothing loadable."""
     now = time.monotonic()
     cached = _recent_scans.get(models_dir)
-    if not fresh and cached is not None and now - cached[0] < RECENT_SCAN_SECONDS:
+    if (not fresh and cached is not None and now - cached[0] < RECENT_SCAN_SECONDS
+            and any(c.loadable for c in cached[1])):
         return cached[1]
     found = scan_checkpoints(models_dir)
     _recent_scans[models_dir] = (now, found)
@@ -209,8 +210,6 @@ def default_checkpoint(models_dir: Path, configured: str | None) -> str | None:
     if configured:
         return configured
     loadable = [c for c in recent_checkpoints(models_dir) if c.loadable]
-    if not loadable:  # none a moment ago: maybe one just arrived
-        loadable = [c for c in recent_checkpoints(models_dir, fresh=True) if c.loadable]
     return loadable[0].name if loadable else None
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from shared.errors import FieldError
 from shared.models import registry
@@ -25,6 +27,11 @@ def walks(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     return seen
 
 
+def _loadable(folder: Path, name: str) -> None:
+    """A safetensors file the scan lists as loadable (its tensors are never read here)."""
+    save_file({"w": np.zeros(2, dtype=np.float32)}, str(folder / f"{name}.safetensors"))
+
+
 def _refused(models: Path, name: str) -> str:
     """The lookup's answer for a pickle checkpoint: it is found, and refused by name."""
     with pytest.raises(FieldError) as err:
@@ -36,6 +43,7 @@ def test_a_recent_walk_is_reused_and_a_new_name_is_found_at_once(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     folder = tmp_path / "models" / "Stable-diffusion"
     folder.mkdir(parents=True)
+    _loadable(folder, "base")  # a walk that found nothing loadable is never reused
     (folder / "old.ckpt").write_bytes(b"not read")
     models = tmp_path / "models"
     assert "refused" in _refused(models, "old")
@@ -52,12 +60,9 @@ def test_a_recent_walk_is_reused_and_a_new_name_is_found_at_once(tmp_path: Path,
 
 def test_the_default_checkpoint_is_found_as_soon_as_the_first_one_arrives(tmp_path: Path, walks: list[Path]) -> None:
     """An empty folder walked a moment ago does not hide the first checkpoint put there since."""
-    import numpy as np
-    from safetensors.numpy import save_file
-
     folder = tmp_path / "models" / "Stable-diffusion"
     folder.mkdir(parents=True)
     models = tmp_path / "models"
     assert registry.default_checkpoint(models, None) is None
-    save_file({"w": np.zeros(2, dtype=np.float32)}, str(folder / "first.safetensors"))
+    _loadable(folder, "first")
     assert registry.default_checkpoint(models, None) == "first"
