@@ -306,6 +306,22 @@ GALLERY_SHELL = """<!doctype html><meta charset="utf-8">
 </script>"""
 
 
+def _serve_gallery(route: Any, origin: str, shell: str, jobs: Callable[[Any, str], None]) -> None:
+    """Answer the browser's request: the gallery's shell, the studio's modules from disk, `/v1/jobs` by ``jobs``
+    (given the route and the request's URL without the origin), anything else 404."""
+    url = route.request.url.removeprefix(origin)
+    path = url.split("?")[0]
+    static = STUDIO_DIR / path.removeprefix("/studio/static/")
+    if path == "/gallery":
+        route.fulfill(status=200, content_type="text/html", body=shell)
+    elif path.startswith("/studio/static/") and static.is_file():
+        route.fulfill(status=200, content_type="text/javascript", body=static.read_text(encoding="utf-8"))
+    elif path == "/v1/jobs":
+        jobs(route, url)
+    else:
+        route.fulfill(status=404, body="")
+
+
 def test_gallery_downloads_are_named_with_the_jobs_output_format() -> None:
     if not (Path(CHROMIUM).exists() and shutil.which(CHROMIUM)):
         pytest.skip(f"Debian's chromium is not installed at {CHROMIUM}")
@@ -323,17 +339,8 @@ def test_gallery_downloads_are_named_with_the_jobs_output_format() -> None:
     errors: list[str] = []
 
     def answer(route: Any) -> None:
-        path = route.request.url.removeprefix(origin).split("?")[0]
-        if path == "/gallery":
-            route.fulfill(status=200, content_type="text/html", body=GALLERY_SHELL)
-        elif path.startswith("/studio/static/") and (STUDIO_DIR / path.removeprefix("/studio/static/")).is_file():
-            route.fulfill(status=200, content_type="text/javascript",
-                          body=(STUDIO_DIR / path.removeprefix("/studio/static/")).read_text(encoding="utf-8"))
-        elif path == "/v1/jobs":
-            route.fulfill(status=200, content_type="application/json",
-                          body=json.dumps({"jobs": jobs, "total": len(jobs)}))
-        else:
-            route.fulfill(status=404, body="")
+        _serve_gallery(route, origin, GALLERY_SHELL, lambda route, _url: route.fulfill(
+            status=200, content_type="application/json", body=json.dumps({"jobs": jobs, "total": len(jobs)})))
 
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
@@ -372,22 +379,16 @@ def test_a_slow_answer_to_an_earlier_filter_does_not_replace_the_newer_one() -> 
     held: list[Any] = []
     errors: list[str] = []
 
-    def answer(route: Any) -> None:
-        url = route.request.url.removeprefix(origin)
-        path = url.split("?")[0]
-        if path == "/gallery":
-            route.fulfill(status=200, content_type="text/html", body=shell)
-        elif path.startswith("/studio/static/") and (STUDIO_DIR / path.removeprefix("/studio/static/")).is_file():
-            route.fulfill(status=200, content_type="text/javascript",
-                          body=(STUDIO_DIR / path.removeprefix("/studio/static/")).read_text(encoding="utf-8"))
-        elif path == "/v1/jobs" and "model=" in url and "status=" not in url:
+    def jobs(route: Any, url: str) -> None:
+        if "model=" in url and "status=" not in url:
             held.append(route)  # the model filter's answer: held back until the status filter's has been shown
-        elif path == "/v1/jobs":
-            jobs = [j for j in every if "status=succeeded" not in url or j["status"] == "succeeded"]
-            route.fulfill(status=200, content_type="application/json",
-                          body=json.dumps({"jobs": jobs, "total": len(jobs)}))
-        else:
-            route.fulfill(status=404, body="")
+            return
+        shown = [j for j in every if "status=succeeded" not in url or j["status"] == "succeeded"]
+        route.fulfill(status=200, content_type="application/json",
+                      body=json.dumps({"jobs": shown, "total": len(shown)}))
+
+    def answer(route: Any) -> None:
+        _serve_gallery(route, origin, shell, jobs)
 
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
