@@ -110,9 +110,8 @@ class WorkerRuntime:
         for thread in (self.lease_keeper, self.beacon, self.recovery):
             thread.start()
         self.warm_up()
-        # After warm-up's imports: two threads importing the same packages at once can deadlock in Python's
-        # module locks (CI saw warm-up's diffusers import fail with _DeadlockError on torchvision while the
-        # upscaler checks imported spandrel), so the checks' imports are done here first.
+        # After warm-up: two threads importing the same packages at once can deadlock in Python's module locks
+        # (CI: warm-up's diffusers import failed with _DeadlockError while the checks imported spandrel).
         self.upscaler_checks.start()
         self.beacon.advertise()
 
