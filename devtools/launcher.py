@@ -84,7 +84,7 @@ class Farm:
         from shared.auth import create_api_key
         from shared.db.session import make_engine
 
-        engine = make_engine(self.env["DATABASE_URL"])
+        engine = make_engine(self.env["DATABASE_URL"], pool_size=1, max_overflow=0)  # one session, then gone
         with Session(engine) as session:
             create_api_key(session, "admin", is_admin=True, name="admin", key=self.env["RENDERFARM_ADMIN_KEY"])
             session.commit()

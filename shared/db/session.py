@@ -17,7 +17,7 @@ from shared.settings import get_settings
 PING_AFTER_IDLE_SECONDS = 2.0
 
 
-def make_engine(database_url: str, pool_size: int = 5, max_overflow: int = 10) -> Engine:
+def make_engine(database_url: str, pool_size: int, max_overflow: int) -> Engine:
     """A pooled engine that pings a connection only after it sat idle a while.
 
     SQLAlchemy's ``pool_pre_ping`` costs a round trip on every checkout: under load, a job poll's one query became
