@@ -18,7 +18,7 @@ import sqlalchemy as sa
 
 from devtools.embedded import EmbeddedPostgres
 from tests.conftest import ADMIN_KEY, _fresh_database, farm_env
-from tests.farm_harness import Farm, start_api, start_worker
+from tests.farm_harness import Farm, start_api, start_worker, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -40,6 +40,10 @@ def two_worker_farm(postgres: EmbeddedPostgres, redis_db_url: Callable[[], str],
         with ThreadPoolExecutor(2) as pool:  # both load their models at once
             workers = list(pool.map(lambda name: start_worker(env, logs, name=name), ["w1", "w2"]))
         farm.procs.extend(workers)
+        # A worker reports ready before it consumes its model's queue (the queue sync adds it a moment later); jobs
+        # routed there meanwhile all went to the other worker. Both consume it before the test starts.
+        wait_until(lambda: all("Started consuming from render.m." in worker.log() for worker in workers), 60,
+                   message="both workers to consume their model's queue")
         yield farm
     finally:
         farm.stop()
