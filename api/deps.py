@@ -32,15 +32,18 @@ async def _settings() -> Settings:
     return get_settings()
 
 
-async def _object_store() -> ObjectStore:
+async def object_store() -> ObjectStore:
+    """The process's object store, without a thread hop once it exists (the first call may reach the store: a bucket
+    check). The hottest routes call this and `get_settings` themselves: each dependency FastAPI solves costs a
+    request about as much as a cached call's own work many times over."""
     if get_object_store.cache_info().currsize:
         return get_object_store()
-    return await run_in_threadpool(get_object_store)  # the first call may reach the object store (a bucket check)
+    return await run_in_threadpool(get_object_store)
 
 
 # Async: FastAPI runs a plain function dependency in its thread pool; these are cached calls, not worth a thread hop.
 SettingsDep = Annotated[Settings, Depends(_settings)]
-StoreDep = Annotated[ObjectStore, Depends(_object_store)]
+StoreDep = Annotated[ObjectStore, Depends(object_store)]
 
 
 def _bearer_token(request: Request) -> str | None:

@@ -65,9 +65,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with run_sampler():  # queue samples for the admin dashboard's charts
             yield
     finally:
+        from shared.db.async_reads import close_reads
         from shared.models.store_registry import activate
 
         activate(None)
+        await close_reads()
 
 
 def start_model_registry(settings: Settings) -> None:

@@ -12,12 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 from fastapi import APIRouter, Header, HTTPException, status
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
-from starlette.concurrency import run_in_threadpool
 
 from api.deps import CachedKey, SettingsDep, StoreDep
 from api.responses import NOT_FOUND
@@ -59,7 +58,7 @@ async def job_events(
     store: StoreDep,
     last_event_id: str | None = Header(None, alias="Last-Event-ID"),
 ) -> StreamingResponse:
-    def snapshot() -> JobView | None:
+    def snapshot() -> Awaitable[JobView | None]:
         return read_job_view(job_id, key.owner, store, settings)
 
     hub = job_notices.get_hub()
@@ -76,7 +75,7 @@ async def job_events(
 
     try:
         await hub.ready(2.0)
-        first = await run_in_threadpool(snapshot)
+        first = await snapshot()
     except BaseException:
         release()
         raise
@@ -107,7 +106,7 @@ async def job_events(
                         yield ": keepalive\n\n"
                         last_sent = loop.time()
                 changed.clear()
-                view = await run_in_threadpool(snapshot)
+                view = await snapshot()
         finally:
             release()
 

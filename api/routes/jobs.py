@@ -6,15 +6,15 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, HTTPException, Query, Response, status
+from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Response, status
 from pydantic import Discriminator, Tag
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import CachedKey, CurrentKey, SessionDep, SettingsDep, StoreDep
+from api.deps import CachedKey, CurrentKey, SessionDep, SettingsDep, StoreDep, object_store, require_cached_key
 from api.limits import CREATE_LIMITS
 from api.responses import CONFLICT, NOT_FOUND
 from api.submission import idempotency, submit
@@ -23,9 +23,15 @@ from shared.db.session import get_session_factory
 from shared.jobs import lifecycle, repository
 from shared.jobs.schemas import JobListView, JobView, Txt2ImgRequest, UpscaleRequest
 from shared.jobs.states import JobStatus
-from shared.jobs.views import etag_matches, job_etag, job_view, queue_position
+from shared.jobs.views import (
+    etag_matches,
+    job_etag,
+    job_view,
+    poll_position,
+    queue_position,
+)
 from shared.queueing import job_notices
-from shared.settings import Settings
+from shared.settings import Settings, get_settings
 from shared.storage.base import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -96,41 +102,39 @@ WaitQuery = Annotated[float, Query(
 IfNoneMatch = Annotated[str | None, Header(alias="If-None-Match", description="an ETag from an earlier answer")]
 
 
-def read_job_view(job_id: uuid.UUID, owner: str, store: ObjectStore, settings: Settings) -> JobView | None:
-    """The owner's job as the API shows it, from one statement (its images, the queued jobs ahead of it), or None."""
-    def view(session: Session) -> JobView | None:
-        fair = settings.fair_share.fair_share
-        found = repository.get_job_view_row(session, job_id, owner, fair)
-        if found is None:
-            return None
-        position = queue_position(session, found.job, settings.gateway.queue_position_refresh_seconds,
-                                  ahead=found.ahead, own_ahead=found.own_ahead,
-                                  ahead_limit=repository.OWN_AHEAD_LIMIT if fair else repository.AHEAD_COUNT_LIMIT)
-        return job_view(found.job, store, settings.services.url_expires_seconds, position)
-
-    return repository.read(view)
+async def read_job_view(job_id: uuid.UUID, owner: str, store: ObjectStore, settings: Settings) -> JobView | None:
+    """The owner's job as the API shows it, from one statement (its images, the queued jobs ahead of it), or None.
+    On the event loop: the read is async and the queue position comes from this process's snapshots, read again
+    in a thread only when they are due (once a second at most)."""
+    fair = settings.fair_share.fair_share
+    found = await repository.get_job_view_row(job_id, owner, fair)
+    if found is None:
+        return None
+    return job_view(found.job, store, settings.services.url_expires_seconds,
+                    await poll_position(found, settings))
 
 
 @router.get("/{job_id}", response_model=JobView, responses={**NOT_FOUND, **NOT_MODIFIED})
-async def get_job(job_id: uuid.UUID, key: CachedKey, settings: SettingsDep, store: StoreDep, wait: WaitQuery = 0,
+async def get_job(job_id: uuid.UUID, request: Request, wait: WaitQuery = 0,
                   if_none_match: IfNoneMatch = None) -> Response:
     """The job, with an `ETag`; `If-None-Match` answers 304 while it still matches. With `wait`, a long-poll: it
     answers as soon as the job changes, or when `wait` runs out. Waiting holds no thread and no database
     connection: the route waits on this process's job-notice subscriber (shared/queueing/job_notices.py)."""
-    owner = key.owner
+    key = await require_cached_key(request)
+    owner, settings, store = key.owner, get_settings(), await object_store()
 
-    def load() -> JobView | None:
+    def load() -> Awaitable[JobView | None]:
         return read_job_view(job_id, owner, store, settings)
 
     wait = min(wait, settings.gateway.long_poll_max_seconds)
     if wait <= 0:
-        return _answer(job_id, await run_in_threadpool(load), if_none_match)
+        return _answer(job_id, await load(), if_none_match)
     hub = job_notices.get_hub()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
     with hub.watch(job_id) as changed:
         await hub.ready(min(wait, 2.0))  # subscribed before the first read: no change slips between them
-        view = await run_in_threadpool(load)
+        view = await load()
         if view is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} not found")
         baseline = if_none_match or job_etag(view)
@@ -164,12 +168,12 @@ def _answer(job_id: uuid.UUID, view: JobView | None, if_none_match: str | None) 
 _reads: dict[tuple[uuid.UUID, str], tuple[int, asyncio.Future[JobView | None]]] = {}
 
 
-async def _shared_read(job_id: uuid.UUID, owner: str, load: Callable[[], JobView | None],
+async def _shared_read(job_id: uuid.UUID, owner: str, load: Callable[[], Awaitable[JobView | None]],
                        generation: int) -> JobView | None:
     slot = (job_id, owner)
     current = _reads.get(slot)
     if current is None or current[0] < generation or current[1].get_loop() is not asyncio.get_running_loop():
-        read = asyncio.ensure_future(run_in_threadpool(load))
+        read = asyncio.ensure_future(load())
         current = (generation, read)
         _reads[slot] = current
         read.add_done_callback(lambda done: _reads.pop(slot, None) if _reads.get(slot, (0, None))[1] is done
@@ -195,15 +199,13 @@ def cancel_job(job_id: uuid.UUID, key: CurrentKey, session: SessionDep, settings
 @router.get("", response_model=JobListView)
 async def list_jobs(
     key: CachedKey,
-    settings: SettingsDep,
-    store: StoreDep,
     status_filter: Annotated[JobStatus | None, Query(alias="status")] = None,
     model: Annotated[str | None, Query(max_length=500, description="only jobs of this checkpoint (its name)")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 20,
     offset: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,  # PostgreSQL's bigint
 ) -> Response:
     """The caller's jobs, newest first, with their images: one statement (`repository.list_jobs`)."""
-    owner, expires = key.owner, settings.services.url_expires_seconds
+    owner, expires, store = key.owner, get_settings().services.url_expires_seconds, await object_store()
 
     def load(session: Session) -> JobListView:
         jobs, total = repository.list_jobs(session, owner, status=status_filter, model=model, limit=limit,

@@ -13,6 +13,7 @@ from typing import Any
 from api.sdapi.catalog import hash_cache
 from api.sdapi.requests import WebuiBody
 from shared.db.models import Job
+from shared.jobs.views import ViewedJob
 from shared.models.files import VAE_DIR
 from shared.settings import Settings
 from shared.webui.infotext import INFOTEXT_KEY_ORDER, parse_infotext
@@ -23,7 +24,7 @@ __all__ = ["build_info", "job_timestamp"]
 _EXTRA_KEYS = frozenset(INFOTEXT_KEY_ORDER[INFOTEXT_KEY_ORDER.index("Hires checkpoint"):-1])
 
 
-def job_timestamp(job: Job) -> str:
+def job_timestamp(job: ViewedJob) -> str:
     """The WebUI's ``job_timestamp`` format (local time there; UTC here, as every farm timestamp)."""
     return job.created_at.strftime("%Y%m%d%H%M%S")
 

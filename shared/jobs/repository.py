@@ -5,13 +5,17 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Select, bindparam, case, func, literal, select, union_all
+from sqlalchemy import Select, any_, bindparam, case, func, literal, select, union_all
+from sqlalchemy.dialects.postgresql import array
+from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Session, aliased, contains_eager, lazyload
+from sqlalchemy.orm import Session, aliased, contains_eager
 
+from shared.db.async_reads import get_reads
 from shared.db.models import Job, JobImage
 from shared.db.session import get_engine
 from shared.jobs.states import JobStatus
@@ -85,14 +89,90 @@ def _count_ahead(fair: bool) -> Any:
                 else_=None)
 
 
-def _job_view_query(fair: bool) -> Select[Any]:
+@dataclass(frozen=True, slots=True)
+class ImageRecord:
+    """An image as a poll reads it (the columns of `JobImage` its view shows)."""
+
+    index: int
+    key: str
+    seed: int
+    width: int
+    height: int
+    infotext: str
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    """A job as a poll reads it: the columns of `Job` that its view, its queue position and the WebUI's progress
+    use, read as plain values. A poll builds no ORM object: loading one cost more than the query itself."""
+
+    images: tuple[ImageRecord, ...]  # in index order; none when read without them (the WebUI's progress)
+    id: uuid.UUID
+    owner: str
+    mode: str
+    status: str
+    status_seq: int
+    params: dict[str, Any]
+    model_name: str
+    model_hash: str | None
+    attempt: int
+    progress: float
+    phase: str | None
+    error_type: str | None
+    error_message: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    batch_id: uuid.UUID | None
+    batch_images: int | None
+    render_seconds: float | None
+    priority: int
+    front_at: datetime | None
+    lease_owner: str | None
+    cancel_requested_at: datetime | None
+    training: dict[str, Any] | None
+
+
+_JOB_FIELDS = tuple(f.name for f in fields(JobRecord) if f.name != "images")
+_IMAGE_FIELDS = tuple(f.name for f in fields(ImageRecord))
+
+
+@dataclass(frozen=True)
+class JobViewRow:
+    job: JobRecord
+    ahead: int | None  # first come, first served: queued jobs created before it, up to AHEAD_COUNT_LIMIT
+    own_ahead: int | None  # fair share: its owner's queued jobs before it in the owner's order, up to OWN_AHEAD_LIMIT
+
+    @classmethod
+    def of(cls, job: JobRecord, count: Any, fair: bool) -> JobViewRow:
+        counted = None if count is None else int(count)
+        return cls(job, None if fair else counted, counted if fair else None)
+
+
+class _RecordQuery:
+    """A statement that reads `JobRecord` columns, compiled once and run as its SQL text through the event loop's
+    async connections (`shared.db.async_reads`): no thread hop, no statement cache lookup, no result metadata
+    built from the cursor's description, no ORM loading (each cost a poll more than the query's round trip)."""
+
+    def __init__(self, statement: Select[Any]) -> None:
+        compiled = statement.compile(dialect=psycopg_dialect())
+        self._sql, self._defaults = str(compiled), dict(compiled.params)
+
+    async def rows(self, **params: Any) -> list[tuple[Any, ...]]:
+        return await get_reads().rows(self._sql, {**self._defaults, **params})
+
+
+def _job_columns() -> list[Any]:
+    return [getattr(Job, name) for name in _JOB_FIELDS]
+
+
+def _job_view_query(fair: bool) -> _RecordQuery:
     """The job, its images, and :func:`_count_ahead`."""
-    return (
-        select(Job, _count_ahead(fair))
-        .outerjoin(Job.images).options(contains_eager(Job.images))
+    return _RecordQuery(
+        select(*_job_columns(), *(getattr(JobImage, name) for name in _IMAGE_FIELDS), _count_ahead(fair))
+        .outerjoin(JobImage, JobImage.job_id == Job.id)
         .where(Job.id == bindparam("job_id"), Job.owner == bindparam("owner"))
         .order_by(JobImage.index)
-        .execution_options(populate_existing=True)
     )
 
 
@@ -101,54 +181,45 @@ _JOB_VIEW_QUERIES = {fair: _job_view_query(fair) for fair in (False, True)}
 ACTIVE_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)
 
 
-def _latest_job_query(fair: bool) -> Select[Any]:
+def _latest_job_query(fair: bool) -> _RecordQuery:
     mine = aliased(Job)
     first_active = (select(literal(1)).select_from(mine)
-                    .where(mine.owner == bindparam("owner"), mine.status.in_([str(s) for s in ACTIVE_STATUSES]))
+                    .where(mine.owner == bindparam("owner"),
+                           mine.status == any_(array([str(s) for s in ACTIVE_STATUSES])))
                     .limit(AHEAD_COUNT_LIMIT).lateral("first_active"))
     count_active = select(func.count()).select_from(first_active).scalar_subquery()
-    return (
-        select(Job, _count_ahead(fair), count_active)
+    return _RecordQuery(
+        select(*_job_columns(), _count_ahead(fair), count_active)
         .where(Job.owner == bindparam("owner"))
         .order_by(Job.created_at.desc()).limit(1)
-        .options(lazyload(Job.images))  # a progress poll shows no images: not read unless touched
-        .execution_options(populate_existing=True)
     )
 
 
 _LATEST_JOB_QUERIES = {fair: _latest_job_query(fair) for fair in (False, True)}
 
 
-def get_latest_job_row(session: Session, owner: str, fair: bool = False) -> tuple[JobViewRow | None, int]:
-    """What the WebUI API's progress poll reads, in one round trip: the owner's newest job with the count a job
-    poll reads (:func:`_count_ahead`), and the owner's queued and running jobs, counted up to
+async def get_latest_job_row(owner: str, fair: bool = False) -> tuple[JobViewRow | None, int]:
+    """What the WebUI API's progress poll reads, in one round trip: the owner's newest job (without its images)
+    with the count a job poll reads (:func:`_count_ahead`), and the owner's queued and running jobs, counted up to
     ``AHEAD_COUNT_LIMIT``."""
-    row = session.execute(_LATEST_JOB_QUERIES[fair], {"owner": owner}).first()
-    if row is None:
+    rows = await _LATEST_JOB_QUERIES[fair].rows(owner=owner)
+    if not rows:
         return None, 0
-    job, ahead, active = row
-    count = None if ahead is None else int(ahead)
-    return JobViewRow(job, None if fair else count, count if fair else None), int(active or 0)
+    n = len(_JOB_FIELDS)
+    row = rows[0]
+    return JobViewRow.of(JobRecord((), *row[:n]), row[n], fair), int(row[n + 1] or 0)
 
 
-def get_job_view_row(session: Session, job_id: uuid.UUID, owner: str, fair: bool = False) -> JobViewRow | None:
+async def get_job_view_row(job_id: uuid.UUID, owner: str, fair: bool = False) -> JobViewRow | None:
     """What a poll reads, in one round trip: the job with its images (a LEFT JOIN) and, while it is queued, one
     count of the jobs ahead of it (:func:`_job_view_query`; an index range scan that stops at its bound: a poll never
-    recounts a long queue). None when the job is not ``owner``'s. A fresh read even when the session already holds
-    the row."""
-    rows = session.execute(_JOB_VIEW_QUERIES[fair], {"job_id": job_id, "owner": owner}).unique().all()
+    recounts a long queue). None when the job is not ``owner``'s."""
+    rows = await _JOB_VIEW_QUERIES[fair].rows(job_id=job_id, owner=owner)
     if not rows:
         return None
-    job: Job = rows[0][0]
-    count = None if rows[0][1] is None else int(rows[0][1])
-    return JobViewRow(job, None if fair else count, count if fair else None)
-
-
-@dataclass(frozen=True)
-class JobViewRow:
-    job: Job
-    ahead: int | None  # first come, first served: queued jobs created before it, up to AHEAD_COUNT_LIMIT
-    own_ahead: int | None  # fair share: its owner's queued jobs before it in the owner's order, up to OWN_AHEAD_LIMIT
+    n, m = len(_JOB_FIELDS), len(_IMAGE_FIELDS)
+    images = tuple(ImageRecord(*row[n:n + m]) for row in rows if row[n] is not None)
+    return JobViewRow.of(JobRecord(images, *rows[0][:n]), rows[0][n + m], fair)
 
 
 def list_jobs(

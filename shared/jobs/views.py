@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import logging
 import math
@@ -18,16 +19,20 @@ from sqlalchemy.orm import Session
 
 from shared.clock import utcnow
 from shared.db.models import Job, OwnerPolicy
-from shared.jobs import fair_share
+from shared.jobs import fair_share, repository
 from shared.jobs.fair_share import FairOrder
+from shared.jobs.repository import JobRecord, JobViewRow
 from shared.jobs.schemas import ErrorView, ImageView, JobView, TrainingStatus
 from shared.jobs.states import JobStatus
 from shared.jobs.training_spec import TRAIN_MODE
 from shared.queueing import fleet
-from shared.settings import get_settings
+from shared.settings import Settings, get_settings
 from shared.storage.base import ObjectStore
 
 log = logging.getLogger(__name__)
+
+# A job as the ORM loads it, or as a poll reads it (`repository.JobRecord`): a view is built from either.
+ViewedJob = Job | JobRecord
 
 
 def image_seeds(params: dict) -> list[int]:
@@ -53,9 +58,13 @@ class _Refreshed:
         with self._lock:
             self._read_at = float("-inf")
 
+    def due(self, refresh: float) -> bool:
+        """Whether the last read is ``refresh`` seconds old (the next use with a session reads again)."""
+        return time.monotonic() - self._read_at >= refresh
+
     def _refresh(self, refresh: float, read: Callable[[], None]) -> None:
         """Call ``read`` (which stores what it read) if the last read is ``refresh`` seconds old; hold the lock."""
-        if time.monotonic() - self._read_at >= refresh:
+        if self.due(refresh):
             read()
             self._read_at = time.monotonic()
 
@@ -76,13 +85,19 @@ class QueueSnapshot(_Refreshed):
         ).all()
         self._created, self._complete = list(rows[:SNAPSHOT_LIMIT]), len(rows) <= SNAPSHOT_LIMIT
 
-    def position(self, session: Session, created_at: datetime, refresh: float) -> int:
+    def refresh(self, session: Session, refresh: float) -> None:
         with self._lock:
             self._refresh(refresh, lambda: self._read(session))
-            created, complete = self._created, self._complete
+
+    def position(self, session: Session | None, created_at: datetime, refresh: float) -> int:
+        """With ``session`` None, from the snapshot as it is (no I/O): a job behind a full snapshot is placed
+        right after it."""
+        if session is not None:
+            self.refresh(session, refresh)
+        created, complete = self._created, self._complete
         if complete or (created and created_at <= created[-1]):
             return bisect.bisect_left(created, created_at) + 1
-        return count_position(session, created_at)
+        return count_position(session, created_at) if session is not None else len(created) + 1
 
 
 QUEUE_SNAPSHOT = QueueSnapshot()
@@ -205,12 +220,20 @@ class PaceSnapshot(_Refreshed):
         super().clear()
         self._pace = None
 
-    def read(self, session: Session, refresh: float) -> RenderPace | None:
+    def read(self, session: Session | None, refresh: float) -> RenderPace | None:
+        """The pace, read again first when it is due and ``session`` is given."""
         def store() -> None:
+            assert session is not None
             self._pace = read_pace(session)
-        with self._lock:
-            self._refresh(max(refresh, PACE_REFRESH_SECONDS), store)
+        if session is None:
             return self._pace
+        with self._lock:
+            self._refresh(self.interval(refresh), store)
+            return self._pace
+
+    @staticmethod
+    def interval(refresh: float) -> float:
+        return max(refresh, PACE_REFRESH_SECONDS)
 
     def latest(self) -> RenderPace | None:
         return self._pace
@@ -264,14 +287,19 @@ class FairQueueSnapshot(_Refreshed):
             keys.sort()
         self._owners, self._weights, self._used, self._fronts = owners, weights, used, sorted(fronts)
 
-    def position(self, session: Session, job: Job, refresh: float, order: FairOrder,
+    def refresh(self, session: Session, refresh: float, order: FairOrder) -> None:
+        with self._lock:
+            self._refresh(refresh, lambda: self._read(session, order))
+
+    def position(self, session: Session | None, job: ViewedJob, refresh: float, order: FairOrder,
                  own_ahead: int | None = None, seconds_per_job: float = DEFAULT_JOB_SECONDS) -> int:
         """``own_ahead``: the owner's queued jobs before this one as the job's own read counted them (fresh, where the
         snapshot may still hold jobs claimed since); the snapshot's count when None. ``seconds_per_job``: what a job
-        is assumed to cost, turning recent render time into jobs."""
-        with self._lock:
-            self._refresh(refresh, lambda: self._read(session, order))
-            owners, weights, used, fronts = self._owners, self._weights, self._used, self._fronts
+        is assumed to cost, turning recent render time into jobs. With ``session`` None, from the snapshot as it is
+        (no I/O)."""
+        if session is not None:
+            self.refresh(session, refresh, order)
+        owners, weights, used, fronts = self._owners, self._weights, self._used, self._fronts
         if job.front_at is not None:
             return bisect.bisect_left(fronts, job.front_at) + 1
         key = (-int(job.priority or 0), job.created_at)
@@ -300,7 +328,7 @@ def _ahead_of(rank: int, key: _OwnerKey, weight: float, other_weight: float, oth
 FAIR_QUEUE_SNAPSHOT = FairQueueSnapshot()
 
 
-def queue_position(session: Session, job: Job, refresh: float | None = None, *, ahead: int | None = None,
+def queue_position(session: Session | None, job: ViewedJob, refresh: float | None = None, *, ahead: int | None = None,
                    ahead_limit: int = 0, own_ahead: int | None = None) -> int | None:
     """1 = next to run, while the job is queued. With fair share on (the default), its place in the fair order
     (:class:`FairQueueSnapshot`, at most ``refresh`` seconds old). Otherwise 1 + the queued jobs created before it
@@ -310,7 +338,8 @@ def queue_position(session: Session, job: Job, refresh: float | None = None, *, 
     own queued jobs ahead of it, as its read counted them (fair share: the owner's part of the estimate is fresh).
 
     Also keeps this process's :class:`RenderPace` (`FLEET_PACE`) current, which :func:`job_view` turns into the
-    queued job's ETA."""
+    queued job's ETA. With ``session`` None, no I/O: the snapshots are used as they are (an async poll refreshes
+    them first, in a thread, when :func:`snapshots_due` says so)."""
     if job.status != JobStatus.QUEUED:
         return None
     pace = FLEET_PACE.read(session, refresh or 0.0)
@@ -322,9 +351,41 @@ def queue_position(session: Session, job: Job, refresh: float | None = None, *, 
                                             pace.seconds_per_job if pace is not None else DEFAULT_JOB_SECONDS)
     if ahead is not None and ahead < ahead_limit:
         return ahead + 1
-    if refresh is None:
+    if refresh is None and session is not None:
         return count_position(session, job.created_at)
-    return max(QUEUE_SNAPSHOT.position(session, job.created_at, refresh), (ahead or 0) + 1)
+    return max(QUEUE_SNAPSHOT.position(session, job.created_at, refresh or 0.0), (ahead or 0) + 1)
+
+
+def snapshots_due(refresh: float) -> bool:
+    """Whether a queued job's position needs a snapshot read again (:func:`refresh_snapshots`): the pace or the
+    queue snapshot the farm's order uses is older than it may be."""
+    if FLEET_PACE.due(PaceSnapshot.interval(refresh)):
+        return True
+    fair = FairOrder.from_settings(get_settings().fair_share) is not None
+    return (FAIR_QUEUE_SNAPSHOT if fair else QUEUE_SNAPSHOT).due(refresh)
+
+
+async def poll_position(found: JobViewRow, settings: Settings) -> int | None:
+    """:func:`queue_position` for an async poll (`repository.get_job_view_row`, `get_latest_job_row`): from the
+    snapshots as they are, read again first (in a thread, once a second at most) when they are due."""
+    if found.job.status != JobStatus.QUEUED:
+        return None
+    refresh = settings.gateway.queue_position_refresh_seconds
+    if snapshots_due(refresh):
+        await asyncio.to_thread(repository.read, lambda session: refresh_snapshots(session, refresh))
+    fair = settings.fair_share.fair_share
+    return queue_position(None, found.job, refresh, ahead=found.ahead, own_ahead=found.own_ahead,
+                          ahead_limit=repository.OWN_AHEAD_LIMIT if fair else repository.AHEAD_COUNT_LIMIT)
+
+
+def refresh_snapshots(session: Session, refresh: float) -> None:
+    """Read again what :func:`snapshots_due` found due."""
+    FLEET_PACE.read(session, refresh)
+    order = FairOrder.from_settings(get_settings().fair_share)
+    if order is not None:
+        FAIR_QUEUE_SNAPSHOT.refresh(session, refresh, order)
+    else:
+        QUEUE_SNAPSHOT.refresh(session, refresh)
 
 
 def job_etag(view: JobView) -> str:
@@ -343,7 +404,7 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
     return any(tag.strip().removeprefix("W/") == bare for tag in if_none_match.split(","))
 
 
-def eta_seconds(job: Job, position: int | None = None) -> float | None:
+def eta_seconds(job: ViewedJob, position: int | None = None) -> float | None:
     """Seconds until the job is done. Running: from its progress so far. Queued at ``position``: estimated from
     this process's latest :class:`RenderPace` (:func:`queued_eta`; None before :func:`queue_position` read one,
     with no live worker, or for a training)."""
@@ -371,7 +432,7 @@ def planned_steps(params: dict[str, Any]) -> int:
     return steps * int(params.get("n_iter", 1))
 
 
-def job_view(job: Job, store: ObjectStore, url_expires: int, position: int | None = None) -> JobView:
+def job_view(job: ViewedJob, store: ObjectStore, url_expires: int, position: int | None = None) -> JobView:
     images = [
         ImageView(
             index=img.index,
@@ -414,7 +475,7 @@ def job_view(job: Job, store: ObjectStore, url_expires: int, position: int | Non
     )
 
 
-def training_status(job: Job) -> TrainingStatus | None:
+def training_status(job: ViewedJob) -> TrainingStatus | None:
     """A training job's progress for its job view; None for renders."""
     state = job.training
     if job.mode != TRAIN_MODE or state is None:

@@ -7,6 +7,7 @@ Each test uses a queue of its own, so other tests' queued jobs are never candida
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import uuid
 from collections import Counter
@@ -21,6 +22,7 @@ from shared.clock import utcnow
 from shared.db.models import Job, OwnerPolicy
 from shared.jobs import lifecycle, views
 from shared.jobs.fair_share import FairOrder
+from tests.conftest import reset_process_caches
 
 ORDER = FairOrder(half_life_seconds=600.0, default_weight=1.0, default_max_running=0)
 PARAMS = {"mode": "txt2img", "prompt": "p", "negative_prompt": "", "steps": 3, "cfg_scale": 7.0,
@@ -45,6 +47,15 @@ def owners(session: Session) -> Iterator[Any]:
     session.rollback()
     session.execute(sa.delete(OwnerPolicy).where(OwnerPolicy.owner.in_(made)))
     session.commit()
+
+
+@pytest.fixture
+def settings_on_test_db(database_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The process's settings point at the test database (a poll's async read connects where they say)."""
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    reset_process_caches()
+    yield
+    reset_process_caches()  # refilled from the environment as it was, once monkeypatch restores it
 
 
 @pytest.fixture
@@ -248,10 +259,11 @@ def test_a_heavy_recent_users_new_job_is_placed_behind_a_fresh_owners(session: S
 
 
 def test_a_polls_own_ahead_count_follows_the_owners_order(session: Session, route: str, owners: Any,
-                                                          published: list[Any]) -> None:
+                                                          published: list[Any], settings_on_test_db: None) -> None:
     """The poll's one query counts the owner's queued jobs ahead of a job in the owner's order: every higher
     priority (whenever queued), the same priority queued earlier; not lower priorities, not jobs moved to the front,
     not other owners' jobs, not jobs that left the queue."""
+    from shared.db.async_reads import close_reads
     from shared.jobs.repository import get_job_view_row
 
     me, other = owners("me"), owners("other")
@@ -268,9 +280,15 @@ def test_a_polls_own_ahead_count_follows_the_owners_order(session: Session, rout
     lifecycle.commit(session)
 
     def own_ahead(job_id: uuid.UUID) -> int | None:
-        row = get_job_view_row(session, job_id, me, fair=True)
-        assert row is not None
-        return row.own_ahead
+        async def read() -> int | None:
+            try:
+                row = await get_job_view_row(job_id, me, fair=True)
+            finally:
+                await close_reads()
+            assert row is not None
+            return row.own_ahead
+
+        return asyncio.run(read())
 
     assert own_ahead(target) == 3  # earlier_same[1], high_early, high_late
     assert own_ahead(high_early) == 0 and own_ahead(high_late) == 1

@@ -16,7 +16,6 @@ from fastapi import APIRouter
 from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.orm import Session
-from starlette.concurrency import run_in_threadpool
 
 from api.deps import SessionDep, SettingsDep
 from api.sdapi.auth import SdapiKey
@@ -24,7 +23,8 @@ from api.sdapi.info import job_timestamp
 from shared.db.models import Job
 from shared.jobs import lifecycle, repository
 from shared.jobs.states import JobStatus
-from shared.jobs.views import eta_seconds, queue_position
+from shared.jobs.views import eta_seconds, poll_position
+from shared.settings import Settings
 
 router = APIRouter()
 
@@ -37,7 +37,7 @@ class ProgressResponse(BaseModel):
     textinfo: str | None = None
 
 
-def _textinfo(job: Job, position: int | None) -> str:
+def _textinfo(job: repository.JobRecord, position: int | None) -> str:
     if job.status == JobStatus.QUEUED:
         return f"job {job.id} queued, position {position}"
     if job.status == JobStatus.RUNNING:
@@ -45,16 +45,11 @@ def _textinfo(job: Job, position: int | None) -> str:
     return f"job {job.id} {job.status}"
 
 
-def _progress(owner: str, refresh: float, fair: bool) -> ProgressResponse:
-    def latest(session: Session) -> tuple[Job | None, int | None, int]:
-        found, active = repository.get_latest_job_row(session, owner, fair)
-        if found is None:
-            return None, None, active
-        position = queue_position(session, found.job, refresh, ahead=found.ahead, own_ahead=found.own_ahead,
-                                  ahead_limit=repository.OWN_AHEAD_LIMIT if fair else repository.AHEAD_COUNT_LIMIT)
-        return found.job, position, active
-
-    job, position, active = repository.read(latest)
+async def _progress(owner: str, settings: Settings) -> ProgressResponse:
+    fair = settings.fair_share.fair_share
+    found, active = await repository.get_latest_job_row(owner, fair)
+    job = found.job if found is not None else None
+    position = await poll_position(found, settings) if found is not None else None
     running_job = job if job is not None and job.status == JobStatus.RUNNING else None
     running = running_job is not None
     total = int(job.params.get("steps", 0)) * int(job.params.get("n_iter", 1)) if job is not None else 0
@@ -82,8 +77,7 @@ def _progress(owner: str, refresh: float, fair: bool) -> ProgressResponse:
 async def progress(key: SdapiKey, settings: SettingsDep, skip_current_image: bool = False) -> ProgressResponse:
     """The caller's newest job, in one statement (`repository.get_latest_job_row`); ``job_count`` counts the
     caller's queued and running jobs up to 1,000."""
-    return await run_in_threadpool(_progress, key.owner, settings.gateway.queue_position_refresh_seconds,
-                                   settings.fair_share.fair_share)
+    return await _progress(key.owner, settings)
 
 
 def _cancel_running(key: SdapiKey, session: Session) -> dict[str, Any]:
