@@ -159,7 +159,14 @@ def check_job_creation(owner: str, settings: Settings, now: datetime | None = No
 
 
 async def _limit(request: Request, key: ApiKey) -> None:
-    checked = await run_in_threadpool(check_job_creation, key.owner, get_settings())
+    await run_in_threadpool(limit_in_thread, request, key.owner, get_settings())
+
+
+def limit_in_thread(request: Request, owner: str, settings: Settings) -> None:
+    """The limits on one more job of ``owner`` (:func:`check_job_creation`), for a route that already runs in a
+    thread (`POST /v1/jobs`: no hop of their own); the RateLimit fields go on the response (`RateLimitHeaders`).
+    Such a route documents its 429 with `TOO_MANY_RESPONSES`."""
+    checked = check_job_creation(owner, settings)
     if checked.headers:
         request.scope.setdefault("state", {})[STATE_KEY] = checked.headers
 
@@ -220,6 +227,7 @@ def install(app: FastAPI) -> None:
 TOO_MANY = {"model": ErrorView, "description": "over a limit of the owner: the job creation rate (Retry-After, "
                                                "RateLimit fields), queued jobs, or a GPU-seconds/images quota "
                                                "(Retry-After to the reset, `resets_at`)"}
+TOO_MANY_RESPONSES: dict[int | str, dict[str, Any]] = {429: TOO_MANY}
 
 
 def document_limits(app: FastAPI, schema: dict[str, Any]) -> None:
