@@ -55,7 +55,8 @@ def routes(job_id: str, etag: str) -> dict[str, Route]:
 
 
 def start_api_processes(env: dict[str, str], logs: Path, processes: int) -> tuple[Proc, str]:
-    """The API under uvicorn with ``processes`` worker processes (``make up``'s way), answering on a free port."""
+    """The API under uvicorn with ``processes`` worker processes (compose's way: one shared listening socket; `make up`
+    gives each process its own, devtools/api_processes.py), answering on a free port."""
     if processes <= 1:
         return start_api(env, logs)
     port = free_port()

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from devtools.api_processes import reuse_port_sockets, serve_command
 from devtools.demo_models import DEMO_BUILDERS
 from devtools.embedded import EmbeddedPostgres, EmbeddedRedis, port_open
 
@@ -90,18 +91,20 @@ class Farm:
             session.commit()
         engine.dispose()
 
-    def spawn(self, name: str, args: list[str]) -> None:
-        proc = subprocess.Popen(args, env=self.env, start_new_session=True)
+    def spawn(self, name: str, args: list[str], pass_fds: tuple[int, ...] = ()) -> None:
+        proc = subprocess.Popen(args, env=self.env, start_new_session=True, pass_fds=pass_fds)
         self.children.append((name, proc))
 
     def run(self) -> int:
         from shared.settings import GatewaySettings
 
         api_port = os.environ.get("RENDERFARM_API_PORT", "7861")
-        # RENDERFARM_API_WORKERS processes (default: one per core) share the port; the API keeps no state of its own.
+        # RENDERFARM_API_WORKERS processes (default: one per core) share the port, each with a socket of its own so
+        # the kernel spreads connections across them (devtools/api_processes.py); the API keeps no state of its own.
         api_workers = GatewaySettings().api_worker_count()
-        self.spawn("api", [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1",
-                           "--port", api_port, "--workers", str(api_workers), "--log-level", "info"])
+        for index, sock in enumerate(reuse_port_sockets("127.0.0.1", int(api_port), api_workers)):
+            self.spawn(f"api {index + 1}", serve_command(sock), pass_fds=(sock.fileno(),))
+            sock.close()  # the process has its own copy
         # One worker for everything on a development farm: renders and trainings (a training holds it while it runs).
         self.spawn("worker", [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "render,train",
                               "-c", "1", "--prefetch-multiplier=1", "-E", "-n", "worker1@%h",

@@ -1,16 +1,17 @@
 """The API served by two uvicorn worker processes (issue 20): the job path end to end, with long-polls and ETags,
 the SSE stream, the WebUI API and Idempotency-Key under concurrency all work whichever process answers.
 
-Requests over separate connections are spread by the kernel across the processes sharing the socket; the test
-makes many, so both serve (the log shows two processes started).
+The processes are started as `make up` starts them (a listening socket each, SO_REUSEPORT); the kernel spreads
+connections across them, so both serve.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
+import signal
 import subprocess
-import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from devtools.api_processes import reuse_port_sockets, serve_command
 from devtools.embedded import EmbeddedPostgres, free_port
 from tests.conftest import ADMIN_KEY, _fresh_database, farm_env
 from tests.farm_harness import ROOT, Farm, Proc, start_worker, wait_until
@@ -27,29 +29,33 @@ PROCESSES = 2
 SMALL = {"prompt": "two gateways", "width": 64, "height": 64, "steps": 2}
 
 
-def start_api_processes(env: dict[str, str], log_dir: Path, processes: int) -> tuple[Proc, str]:
+def start_api_processes(env: dict[str, str], log_dir: Path, processes: int) -> tuple[list[Proc], str]:
+    """``processes`` API processes on one port as `make up` runs them: a listening socket each (SO_REUSEPORT,
+    devtools/api_processes.py)."""
     port = free_port()
-    log_path = log_dir / "api.log"
     env = dict(env, RENDERFARM_PUBLIC_URL=f"http://127.0.0.1:{port}")
-    popen = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", str(processes)],
-        cwd=ROOT, env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    proc = Proc("api", popen, log_path)
+    procs = []
+    for index, sock in enumerate(reuse_port_sockets("127.0.0.1", port, processes)):
+        log_path = log_dir / f"api{index + 1}.log"
+        popen = subprocess.Popen(serve_command(sock), cwd=ROOT, env=env, stdout=open(log_path, "wb"),
+                                 stderr=subprocess.STDOUT, start_new_session=True, pass_fds=(sock.fileno(),))
+        sock.close()
+        procs.append(Proc(f"api{index + 1}", popen, log_path))
     base = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
-        if popen.poll() is not None:
-            raise RuntimeError(f"api exited:\n{proc.log()}")
-        try:
-            ok = httpx.get(base + "/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-        return ok and proc.log().count("Application startup complete") >= processes
+        for proc in procs:
+            if proc.popen.poll() is not None:
+                raise RuntimeError(f"{proc.name} exited:\n{proc.log()}")
+        return all("Application startup complete" in proc.log() for proc in procs)
 
-    wait_until(up, 90, message=f"{processes} API processes")
-    return proc, base
+    try:
+        wait_until(up, 90, message=f"{processes} API processes")
+    except BaseException:
+        for proc in procs:
+            proc.stop(signal.SIGKILL, timeout=10)
+        raise
+    return procs, base
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +64,8 @@ def farm2(postgres: EmbeddedPostgres, redis_db_url: Callable[[], str], models_di
     logs = tmp_path_factory.mktemp("farm-2api")
     env = farm_env(database_url=_fresh_database(postgres, "farm_2api"), redis_url=redis_db_url(),
                    storage_url=str(logs / "objects"), models_dir=models_dir, admin_key=ADMIN_KEY)
-    api, base_url = start_api_processes(env, logs, PROCESSES)
-    farm = Farm(base_url=base_url, admin_key=ADMIN_KEY, env=env, procs=[api])
+    apis, base_url = start_api_processes(env, logs, PROCESSES)
+    farm = Farm(base_url=base_url, admin_key=ADMIN_KEY, env=env, procs=list(apis))
     try:
         farm.procs.append(start_worker(env, logs))
         yield farm
@@ -90,7 +96,37 @@ def read_events(farm: Farm, job_id: str) -> list[tuple[str, str, dict]]:
 
 
 def test_two_api_processes_started(farm2: Farm) -> None:
-    assert farm2.procs[0].log().count("Started server process") >= PROCESSES
+    apis = [proc for proc in farm2.procs if proc.name.startswith("api")]
+    assert len(apis) == PROCESSES and all("Started server process" in proc.log() for proc in apis)
+
+
+def test_each_process_listens_on_a_socket_of_its_own_and_both_serve(farm2: Farm) -> None:
+    """Each API process has its own listening socket on the port (SO_REUSEPORT: the kernel spreads connections
+    across them by address). With uvicorn's `--workers` they share one socket, and under load the process that
+    wakes first accepts every waiting connection: wrk's sixteen kept-alive connections all went to one process
+    and the other sat idle. Sixteen clients that keep their connections open are served by both."""
+    import psutil
+
+    port = int(farm2.base_url.rsplit(":", 1)[1])
+    apis = [proc for proc in farm2.procs if proc.name.startswith("api")]
+
+    def listening_inodes(pid: int) -> set[int]:
+        return {os.stat(f"/proc/{pid}/fd/{conn.fd}").st_ino for conn in psutil.Process(pid).net_connections("tcp")
+                if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN}
+
+    sockets = [listening_inodes(proc.popen.pid) for proc in apis]
+    assert all(len(inodes) == 1 for inodes in sockets) and len(set().union(*sockets)) == len(apis), sockets
+    clients = [httpx.Client(base_url=farm2.base_url, timeout=30) for _ in range(16)]
+    try:
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            assert all(code == 200 for code in pool.map(lambda c: c.get("/healthz").status_code, clients))
+        served = {proc.name: sum(1 for conn in psutil.Process(proc.popen.pid).net_connections("tcp")
+                                 if conn.laddr and conn.laddr.port == port and conn.raddr
+                                 and conn.status == psutil.CONN_ESTABLISHED) for proc in apis}
+        assert sum(served.values()) == 16 and all(count > 0 for count in served.values()), served
+    finally:
+        for client in clients:
+            client.close()
 
 
 def test_a_job_end_to_end_with_long_polls_etags_and_sse(farm2: Farm) -> None:
