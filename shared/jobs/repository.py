@@ -58,7 +58,9 @@ def read(fn: Callable[[Session], T]) -> T:
 AHEAD_COUNT_LIMIT = 1000  # a poll counts at most this many queued jobs ahead of its own
 
 
-OWN_AHEAD_LIMIT = 100  # fair share: a poll counts at most this many of its owner's jobs ahead of it
+# Fair share: a poll counts at most this many of its owner's jobs ahead of it; a job further back takes its place
+# from the queue snapshot (at most a second old). Was 100: a poll of a job deep in a long queue read 200 index rows.
+OWN_AHEAD_LIMIT = 20
 
 
 def _count_ahead(fair: bool) -> Any:
