@@ -75,15 +75,15 @@ class QueueSnapshot(_Refreshed):
 
     def __init__(self) -> None:
         super().__init__()
-        self._created: list[datetime] = []
-        self._complete = True
+        # (creation times, whether that is every queued job), replaced whole: read without the lock by async polls
+        self._read_state: tuple[list[datetime], bool] = ([], True)
 
     def _read(self, session: Session) -> None:
         rows = session.scalars(
             select(Job.created_at).where(Job.status == JobStatus.QUEUED).order_by(Job.created_at)
             .limit(SNAPSHOT_LIMIT + 1)
         ).all()
-        self._created, self._complete = list(rows[:SNAPSHOT_LIMIT]), len(rows) <= SNAPSHOT_LIMIT
+        self._read_state = (list(rows[:SNAPSHOT_LIMIT]), len(rows) <= SNAPSHOT_LIMIT)
 
     def refresh(self, session: Session, refresh: float) -> None:
         with self._lock:
@@ -94,7 +94,7 @@ class QueueSnapshot(_Refreshed):
         right after it."""
         if session is not None:
             self.refresh(session, refresh)
-        created, complete = self._created, self._complete
+        created, complete = self._read_state
         if complete or (created and created_at <= created[-1]):
             return bisect.bisect_left(created, created_at) + 1
         return count_position(session, created_at) if session is not None else len(created) + 1
@@ -258,10 +258,10 @@ class FairQueueSnapshot(_Refreshed):
 
     def __init__(self) -> None:
         super().__init__()
-        self._owners: dict[str, list[_OwnerKey]] = {}
-        self._weights: dict[str, float] = {}
-        self._used: dict[str, float] = {}
-        self._fronts: list[datetime] = []
+        # (owners' queued keys, weights, recent use, fronts), replaced whole: an async poll reads it without the
+        # lock while a thread may be storing a new read, and must never see one read's owners with another's weights
+        self._state: tuple[dict[str, list[_OwnerKey]], dict[str, float], dict[str, float], list[datetime]] = (
+            {}, {}, {}, [])
 
     def _read(self, session: Session, order: FairOrder) -> None:
         usage = fair_share.recent_usage(order)
@@ -285,7 +285,7 @@ class FairQueueSnapshot(_Refreshed):
             used[owner] = max(0.0, float(seconds or 0.0))
         for keys in owners.values():
             keys.sort()
-        self._owners, self._weights, self._used, self._fronts = owners, weights, used, sorted(fronts)
+        self._state = (owners, weights, used, sorted(fronts))
 
     def refresh(self, session: Session, refresh: float, order: FairOrder) -> None:
         with self._lock:
@@ -299,7 +299,7 @@ class FairQueueSnapshot(_Refreshed):
         (no I/O)."""
         if session is not None:
             self.refresh(session, refresh, order)
-        owners, weights, used, fronts = self._owners, self._weights, self._used, self._fronts
+        owners, weights, used, fronts = self._state
         if job.front_at is not None:
             return bisect.bisect_left(fronts, job.front_at) + 1
         key = (-int(job.priority or 0), job.created_at)
