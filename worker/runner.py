@@ -25,7 +25,7 @@ from shared.errors import FieldError
 from shared.jobs import lifecycle
 from shared.jobs.contract import JobSpec, RenderSpec, TrainSpec, UpscaleSpec, parse_job_spec
 from shared.jobs.fair_share import FairOrder
-from shared.jobs.repository import held_job
+from shared.jobs.repository import ImageRecord, held_job
 from shared.jobs.states import ErrorType
 from shared.queueing.farm_state import get_pause_state
 from shared.queueing.queues import QueueName
@@ -544,7 +544,7 @@ class JobRunner:
                 key = image_key(jid, item.index, extension)
                 put_with_retry(self.store, key, encode_extras_image(item.image, text, item.source_infotext,
                                                                     spec.output_format), content_type=content_type)
-                images.append(lifecycle.NewImage(item.index, key, spec.seed, item.image.width, item.image.height,
+                images.append(ImageRecord(item.index, key, spec.seed, item.image.width, item.image.height,
                                                  text))
         except (Exception, *self.time_limit_errors) as exc:
             return self._end_with(jid, exc, seconds=time.monotonic() - started)
@@ -591,7 +591,7 @@ class JobRunner:
             data = encode_image(item.image, infotext, spec.output_format)
             put_with_retry(self.store, key, data, content_type=content_type)
             images.append(
-                lifecycle.NewImage(item.index, key, item.seed, item.image.width, item.image.height, infotext)
+                ImageRecord(item.index, key, item.seed, item.image.width, item.image.height, infotext)
             )
         batch_images = max((item.batch_images for item in rendered), default=1)
         record = lambda session: lifecycle.succeed(  # noqa: E731

@@ -35,6 +35,7 @@ from shared.db.models import Job, JobImage
 from shared.jobs import fair_share
 from shared.jobs.contract import RenderSpec
 from shared.jobs.fair_share import FairOrder
+from shared.jobs.repository import ImageRecord
 from shared.jobs.states import ErrorType, JobStatus, check_transition
 from shared.jobs.training_spec import TRAIN_MODE
 from shared.owners.usage import record_usage
@@ -483,18 +484,8 @@ def report_training(session: Session, job_id: uuid.UUID, worker: str, training: 
     return _report(session, job_id, worker, training=training, progress=progress)
 
 
-@dataclass(frozen=True)
-class NewImage:
-    index: int
-    key: str
-    seed: int
-    width: int
-    height: int
-    infotext: str
-
-
 def succeed(
-    session: Session, job_id: uuid.UUID, worker: str, images: Sequence[NewImage], model_hash: str | None = None,
+    session: Session, job_id: uuid.UUID, worker: str, images: Sequence[ImageRecord], model_hash: str | None = None,
     batch_images: int | None = None, render_seconds: float | None = None, training: dict[str, Any] | None = None,
 ) -> bool:
     """running -> succeeded with its outputs, in one transaction; False if the lease was lost. ``batch_images``:

@@ -93,7 +93,8 @@ def _count_ahead(fair: bool) -> Any:
 
 @dataclass(frozen=True, slots=True)
 class ImageRecord:
-    """An image as a poll reads it (the columns of `JobImage` its view shows)."""
+    """An image of a job as stored (the columns of `JobImage` a view shows): what `lifecycle.succeed` records and
+    a poll reads back."""
 
     index: int
     key: str

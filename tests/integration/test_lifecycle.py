@@ -73,7 +73,7 @@ def test_only_one_claim_wins(session: Session) -> None:
 
 def test_completion_records_images_and_bumps_seq(session: Session) -> None:
     job = _claimed(session)
-    images = [lifecycle.NewImage(0, f"jobs/{job.id}/0.png", 5, 64, 64, "text")]
+    images = [repository.ImageRecord(0, f"jobs/{job.id}/0.png", 5, 64, 64, "text")]
     assert lifecycle.succeed(session, job.id, "w2", images) is False  # not the lease holder
     assert lifecycle.succeed(session, job.id, "w1", images, model_hash="abc") is True
     session.commit()

@@ -23,7 +23,7 @@ from PIL import Image
 from sqlalchemy.orm import Session
 
 from shared.clock import utcnow
-from shared.jobs import lifecycle
+from shared.jobs import lifecycle, repository
 from shared.owners.periods import next_day_start
 from shared.owners.policy import POLICY_CACHE
 from shared.owners.ratelimit import KEY_PREFIX
@@ -114,7 +114,7 @@ def _finish_as_a_worker(farm: Farm, job_id: str, render_seconds: float) -> None:
     with Session(engine) as session:
         job = lifecycle.claim(session, uuid.UUID(job_id), "limits-worker", 60)
         assert job is not None
-        image = lifecycle.NewImage(index=0, key=f"jobs/{job_id}/0.png", seed=1, width=64, height=64, infotext="x")
+        image = repository.ImageRecord(index=0, key=f"jobs/{job_id}/0.png", seed=1, width=64, height=64, infotext="x")
         assert lifecycle.succeed(session, job.id, "limits-worker", [image], render_seconds=render_seconds)
         session.commit()
     engine.dispose()
