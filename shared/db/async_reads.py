@@ -56,30 +56,20 @@ class AsyncReads:
         for listener in _listeners:
             listener(sql)
         async with self._slots:
-            reused = bool(self._idle)
-            connection = self._idle.pop() if reused else await self._connect()
-            try:
-                found = await self._run(connection, sql, params)
-            except psycopg.OperationalError:
-                await connection.close()
-                if not reused:
-                    raise
-                await self._drop_idle()  # dropped by the same restart: let them go too
-                connection = await self._connect()
-                found = await self._run_once_more(connection, sql, params)
-            except BaseException:
-                await connection.close()  # canceled or failed mid-statement: its state is unknown
-                raise
-            self._idle.append(connection)
-            return found
-
-    async def _run_once_more(self, connection: psycopg.AsyncConnection[tuple[Any, ...]], sql: str,
-                             params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
-        try:
-            return await self._run(connection, sql, params)
-        except BaseException:
-            await connection.close()
-            raise
+            for attempt in (1, 2):
+                reused = bool(self._idle)
+                connection = self._idle.pop() if reused else await self._connect()
+                try:
+                    found = await self._run(connection, sql, params)
+                except BaseException as error:
+                    await connection.close()  # failed or canceled mid-statement: its state is unknown
+                    if attempt == 2 or not reused or not isinstance(error, psycopg.OperationalError):
+                        raise
+                    await self._drop_idle()  # dropped by the same restart: let them go too
+                    continue
+                self._idle.append(connection)
+                return found
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     @staticmethod
     async def _run(connection: psycopg.AsyncConnection[tuple[Any, ...]], sql: str,
