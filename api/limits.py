@@ -30,6 +30,7 @@ import redis
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute, iter_route_contexts
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -37,14 +38,14 @@ from api.deps import CachedKey
 from api.responses import ErrorView
 from api.sdapi.auth import SdapiKey
 from shared.clock import utcnow
-from shared.db.models import ApiKey
 from shared.db.session import get_session_factory
 from shared.owners import effective_policy
 from shared.owners.periods import seconds_until
-from shared.owners.policy import EffectivePolicy
-from shared.owners.ratelimit import TokenBuckets
+from shared.owners.policy import EffectivePolicy, cached_policy
+from shared.owners.ratelimit import BucketState, TokenBuckets, take_on_loop
 from shared.owners.usage import exceeded_quota, owner_used, queued_jobs, quotas_set
 from shared.queueing.fleet import get_redis
+from shared.queueing.queues import async_broker
 from shared.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,20 @@ def _take_token(policy: EffectivePolicy) -> dict[str, str] | None:
     except redis.RedisError as error:
         log.warning("rate limit not checked for owner %r: Redis said %s", policy.owner, error)
         return None
+    return _token_taken(policy, state)
+
+
+async def _take_token_on_loop(policy: EffectivePolicy) -> dict[str, str] | None:
+    """:func:`_take_token` with this event loop's Redis client."""
+    try:
+        state = await take_on_loop(async_broker(), policy.owner, policy.rate_burst, policy.rate_per_second)
+    except redis.RedisError as error:
+        log.warning("rate limit not checked for owner %r: Redis said %s", policy.owner, error)
+        return None
+    return _token_taken(policy, state)
+
+
+def _token_taken(policy: EffectivePolicy, state: BucketState) -> dict[str, str]:
     headers = state.headers()
     if not state.allowed:
         raise LimitExceeded(
@@ -87,6 +102,7 @@ def _take_token(policy: EffectivePolicy) -> dict[str, str] | None:
 
 @dataclass(frozen=True)
 class Checked:
+    policy: EffectivePolicy
     headers: dict[str, str]
 
 
@@ -135,50 +151,77 @@ def check_job_creation(owner: str, settings: Settings, now: datetime | None = No
     with get_session_factory()() as session:
         policy = effective_policy(session, owner, settings)
         taken = _take_token(policy) if settings.fair_share.rate_limit else None
-        rate_limited, headers = taken is not None, taken or {}
-        if policy.max_queued > 0 and not QUEUED_COUNTS.below_cap(owner, policy, rate_limited, time.monotonic()):
-            counted_at = time.monotonic()
-            queued = queued_jobs(session, owner)
-            QUEUED_COUNTS.counted(owner, queued, counted_at)
-            if queued >= policy.max_queued:
-                raise LimitExceeded(
-                    f"{queued} jobs queued; the cap is {policy.max_queued} (policy max_queued): wait for some to "
-                    f"start or cancel some", {**headers, "Retry-After": "10"}, limit="max_queued", queued=queued,
-                    cap=policy.max_queued,
-                )
-        if quotas_set(policy):
-            now = now or utcnow()
-            hit = exceeded_quota(policy, owner_used(session, owner, now), now)
-            if hit is not None:
-                raise LimitExceeded(
-                    hit.message, {**headers, "Retry-After": str(seconds_until(hit.resets_at, now))},
-                    limit=hit.quota, used=hit.used, quota=hit.limit,
-                    resets_at=hit.resets_at.isoformat().replace("+00:00", "Z"),
-                )
-    return Checked(headers)
+        _check_counts(session, policy, taken, now)
+    return Checked(policy, taken or {})
 
 
-async def _limit(request: Request, key: ApiKey) -> None:
-    await run_in_threadpool(limit_in_thread, request, key.owner, get_settings())
+def _counts_needed(policy: EffectivePolicy, rate_limited: bool) -> bool:
+    """Whether :func:`_check_counts` reads the database: a queued count is due, or the owner has quotas."""
+    return ((policy.max_queued > 0 and not QUEUED_COUNTS.below_cap(policy.owner, policy, rate_limited,
+                                                                    time.monotonic()))
+            or quotas_set(policy))
 
 
-def limit_in_thread(request: Request, owner: str, settings: Settings) -> None:
-    """The limits on one more job of ``owner`` (:func:`check_job_creation`), for a route that already runs in a
-    thread (`POST /v1/jobs`: no hop of their own); the RateLimit fields go on the response (`RateLimitHeaders`).
-    Such a route documents its 429 with `TOO_MANY_RESPONSES`."""
-    checked = check_job_creation(owner, settings)
+def _check_counts(session: Session, policy: EffectivePolicy, taken: dict[str, str] | None,
+                  now: datetime | None = None) -> None:
+    """The queued cap and the quotas, after the rate limit (``taken``: its fields, None when it did not apply)."""
+    owner, headers = policy.owner, taken or {}
+    if policy.max_queued > 0 and not QUEUED_COUNTS.below_cap(owner, policy, taken is not None, time.monotonic()):
+        counted_at = time.monotonic()
+        queued = queued_jobs(session, owner)
+        QUEUED_COUNTS.counted(owner, queued, counted_at)
+        if queued >= policy.max_queued:
+            raise LimitExceeded(
+                f"{queued} jobs queued; the cap is {policy.max_queued} (policy max_queued): wait for some to "
+                f"start or cancel some", {**headers, "Retry-After": "10"}, limit="max_queued", queued=queued,
+                cap=policy.max_queued,
+            )
+    if quotas_set(policy):
+        now = now or utcnow()
+        hit = exceeded_quota(policy, owner_used(session, owner, now), now)
+        if hit is not None:
+            raise LimitExceeded(
+                hit.message, {**headers, "Retry-After": str(seconds_until(hit.resets_at, now))},
+                limit=hit.quota, used=hit.used, quota=hit.limit,
+                resets_at=hit.resets_at.isoformat().replace("+00:00", "Z"),
+            )
+
+
+async def check_job_creation_on_loop(owner: str, settings: Settings) -> Checked:
+    """:func:`check_job_creation` from the event loop: no thread while the owner's policy is cached and neither a
+    queued count nor a quota needs the database (a submit's usual case: the policy is read once a minute, the
+    count skipped while `QueuedCounts` proves the owner below its cap); the token from Redis on the loop."""
+    policy = cached_policy(owner, settings)
+    if policy is None:
+        return await run_in_threadpool(check_job_creation, owner, settings)
+    taken = await _take_token_on_loop(policy) if settings.fair_share.rate_limit else None
+    if _counts_needed(policy, taken is not None):
+        def counts() -> None:
+            with get_session_factory()() as session:
+                _check_counts(session, policy, taken)
+
+        await run_in_threadpool(counts)
+    return Checked(policy, taken or {})
+
+
+async def limit_on_loop(request: Request, owner: str, settings: Settings) -> EffectivePolicy:
+    """The limits on one more job of ``owner`` (:func:`check_job_creation_on_loop`); the RateLimit fields go on the
+    response (`RateLimitHeaders`). Returns the owner's policy (a submit checks the job's priority against it). A
+    route that calls this documents its 429 with `TOO_MANY_RESPONSES`."""
+    checked = await check_job_creation_on_loop(owner, settings)
     if checked.headers:
         request.scope.setdefault("state", {})[STATE_KEY] = checked.headers
+    return checked.policy
 
 
 async def limit_job_creation(request: Request, key: CachedKey) -> None:
-    """The limits for `POST /v1/jobs` (the key as the route reads it: FastAPI resolves it once per request)."""
-    await _limit(request, key)
+    """The limits as a route's dependency (the key as the route reads it: FastAPI resolves it once per request)."""
+    await limit_on_loop(request, key.owner, get_settings())
 
 
 async def limit_sdapi_job_creation(request: Request, key: SdapiKey) -> None:
     """The same limits behind the WebUI API's auth (txt2img, img2img, the Extras routes)."""
-    await _limit(request, key)
+    await limit_on_loop(request, key.owner, get_settings())
 
 
 CREATE_LIMITS = [Depends(limit_job_creation)]

@@ -15,12 +15,13 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import CachedKey, CurrentKey, SessionDep, SettingsDep, StoreDep, object_store, require_cached_key
-from api.limits import TOO_MANY_RESPONSES, limit_in_thread
+from api.limits import TOO_MANY_RESPONSES, limit_on_loop
 from api.responses import CONFLICT, NOT_FOUND
 from api.submission import idempotency, submit
 from shared.db.models import ApiKey
 from shared.db.session import get_session_factory
 from shared.jobs import lifecycle, repository
+from shared.jobs.repository import JobViewRow
 from shared.jobs.schemas import JobListView, JobView, Txt2ImgRequest, UpscaleRequest
 from shared.jobs.states import JobStatus
 from shared.jobs.views import (
@@ -66,28 +67,40 @@ async def submit_job(
     key: CachedKey,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
-    """The owner's limits, then one transaction (the row, its event, the Idempotency-Key record) and the publish;
-    nothing runs after the response. All of it in one trip to the thread pool, with a session of the route's own:
-    each hop to a thread (a sync route, a sync dependency, the limits' own) cost a submit more than most of its
-    steps (issue 20)."""
+    """The owner's limits, the checks, then one transaction (the row, its event, the Idempotency-Key record) and
+    the publish; nothing runs after the response. The limits run on the event loop, the checks in one trip to the
+    thread pool (they read the models folder), and a job without a webhook is inserted and published from the
+    loop, in one statement (`submit.persist_on_loop`): each hop to a thread, each round trip of a transaction and
+    the ORM cost a submit more than most of its steps (issue 20). A job with a webhook, and a replayed
+    Idempotency-Key, are written in the thread (`submit.persist`)."""
     settings, store = get_settings(), await object_store()
+    policy = await limit_on_loop(request, key.owner, settings)
 
-    def run() -> JobView:
-        limit_in_thread(request, key.owner, settings)
+    def prepare() -> submit.Prepared | JobView:
+        prepared = submit.prepare(key, body, settings, store)
+        return submit.write_inputs(prepared, store) if submit.runs_on_loop(body) else persist(prepared)
+
+    def persist(prepared: submit.Prepared) -> JobView:
         with get_session_factory()() as session:
-            return _submit(session, body, key, settings, store, idempotency_key)
+            return _persisted(session, key, prepared, settings, store, idempotency_key)
 
-    view = await run_in_threadpool(run)
-    return Response(view.model_dump_json(), status_code=status.HTTP_202_ACCEPTED, media_type="application/json")
-
-
-def _submit(session: Session, body: Txt2ImgRequest | UpscaleRequest, key: ApiKey, settings: Settings,
-            store: ObjectStore, idempotency_key: str | None) -> JobView:
-    try:
-        if isinstance(body, UpscaleRequest):
-            submitted = submit.submit_upscale(session, key, body, settings, store, idempotency_key=idempotency_key)
+    done = await run_in_threadpool(prepare)
+    if isinstance(done, submit.Prepared):
+        record = await submit.persist_on_loop(key, done, store, settings.jobs.max_attempts, policy.max_priority,
+                                              idempotency_key)
+        if record is None:  # the Idempotency-Key was recorded first: the earlier job, a 409 or a 422
+            done = await run_in_threadpool(persist, done)
         else:
-            submitted = submit.submit_job(session, key, body, settings, store, idempotency_key=idempotency_key)
+            done = job_view(record, store, settings.services.url_expires_seconds,
+                            await poll_position(JobViewRow(record, None, None), settings))
+    return Response(done.model_dump_json(), status_code=status.HTTP_202_ACCEPTED, media_type="application/json")
+
+
+def _persisted(session: Session, key: ApiKey, prepared: submit.Prepared, settings: Settings, store: ObjectStore,
+               idempotency_key: str | None) -> JobView:
+    """:func:`submit.persist` and the job's view."""
+    try:
+        submitted = submit.persist(session, key, prepared, store, settings.jobs.max_attempts, idempotency_key)
     except idempotency.IdempotencyConflict as exc:
         raise HTTPException(
             status.HTTP_409_CONFLICT, detail="a request with this Idempotency-Key is still being processed"

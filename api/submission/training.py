@@ -16,7 +16,7 @@ from pathlib import Path
 from sqlalchemy.orm import Session
 
 from api.submission.inputs import StagedInputs
-from api.submission.submit import Submitted, check_webhook, persist
+from api.submission.submit import Prepared, Submitted, check_webhook, persist
 from shared.db.models import ApiKey, Dataset
 from shared.errors import FieldError
 from shared.jobs.training_schemas import LORA_ONLY, ONLY, TrainingRequest
@@ -242,6 +242,6 @@ def submit_training(session: Session, key: ApiKey, body: TrainingRequest, settin
     """Create and enqueue a training on the `train` queue (the same transaction and Idempotency-Key rules as a
     render job); raises FieldError with nothing stored on bad input."""
     plan = plan_training(session, key, body, settings)
-    webhook_events = check_webhook(body)
-    return persist(session, key, body, plan, plan.spec.to_stored(), plan.checkpoint.name, QueueName.TRAIN,
-                   StagedInputs(), webhook_events, store, settings.jobs.max_attempts, idempotency_key)
+    prepared = Prepared(body, plan, plan.spec.to_stored(), plan.checkpoint.name, QueueName.TRAIN, StagedInputs(),
+                        check_webhook(body))
+    return persist(session, key, prepared, store, settings.jobs.max_attempts, idempotency_key)

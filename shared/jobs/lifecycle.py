@@ -8,12 +8,12 @@ what must be published once that transaction commits. Nothing else writes `jobs.
 Callers end the transaction with `commit(session)`: commit, then publish (rule 2). Publishing is
 scheduled on the session, so a rollback drops it with the changes it announced.
 
-Transitions: `submit` (-> queued), `claim` / `claim_batch` / `claim_partners` (queued -> running, a batch
-claimed in one transaction), `report_progress`, `report_training` and `renew_lease(s)`
-(running, no state change), `succeed`, `fail`, `cancel` / `finish_canceled`, `retry` (a finished job
--> a new queued job), and recovery: `expire_leases` (running -> queued or failed), `republish_*`
-(queued, published again). Not state changes either: `move_to_front` (an admin's "run next") and
-`nudge_capped_owners` (a capped owner's next job published again when one of its jobs ends).
+Transitions: `submit` (-> queued; `submit_now`: the same on the event loop, in one statement), `claim` /
+`claim_batch` / `claim_partners` (queued -> running, a batch claimed in one transaction), `report_progress`,
+`report_training` and `renew_lease(s)` (running, no state change), `succeed`, `fail`, `cancel` /
+`finish_canceled`, `retry` (a finished job -> a new queued job), and recovery: `expire_leases` (running -> queued
+or failed), `republish_*` (queued, published again). Not state changes either: `move_to_front` (an admin's "run
+next") and `nudge_capped_owners` (a capped owner's next job published again when one of its jobs ends).
 """
 
 from __future__ import annotations
@@ -26,13 +26,15 @@ from datetime import timedelta
 from enum import StrEnum
 from typing import Any
 
+from psycopg.types.json import Jsonb
 from pydantic import ValidationError
 from sqlalchemy import ColumnElement, and_, case, event, func, select, update
 from sqlalchemy.orm import Session
 
 from shared.clock import utcnow
+from shared.db.async_reads import get_reads
 from shared.db.models import Job, JobImage
-from shared.jobs import fair_share
+from shared.jobs import fair_share, repository
 from shared.jobs.contract import RenderSpec
 from shared.jobs.fair_share import FairOrder
 from shared.jobs.repository import ImageRecord
@@ -40,7 +42,7 @@ from shared.jobs.states import ErrorType, JobStatus, check_transition
 from shared.jobs.training_spec import TRAIN_MODE
 from shared.owners.usage import record_usage
 from shared.queueing import job_notices
-from shared.queueing.queues import QueueName, publish_render
+from shared.queueing.queues import QueueName, publish_render, publish_render_async
 from shared.queueing.routing import MODEL_QUEUE_PREFIX, model_queue
 from shared.webhooks.outbox import enqueue_job_event, event_for_status, publish_deliveries
 
@@ -176,6 +178,18 @@ def _move(
 # --- submit ---------------------------------------------------------------------------------------
 
 
+def new_job(*, owner: str, api_key_id: int | None, params: dict[str, Any], model_name: str, route: str,
+            max_attempts: int, priority: int, published: bool) -> dict[str, Any]:
+    """The columns a new queued job is inserted with (by :func:`submit` and :func:`submit_now`): each one the
+    model's Python-side defaults would fill too, since :func:`submit_now` inserts without the ORM."""
+    return {
+        "id": uuid.uuid4(), "owner": owner, "api_key_id": api_key_id, "mode": params.get("mode", "txt2img"),
+        "status": str(JobStatus.QUEUED), "status_seq": 1, "attempt": 0, "progress": 0.0, "params": params,
+        "model_name": model_name, "seed": params["seed"], "max_attempts": max_attempts, "route": route,
+        "batch_key": _batch_key(params), "published_at": utcnow() if published else None, "priority": priority,
+    }
+
+
 def submit(
     session: Session,
     *,
@@ -193,25 +207,9 @@ def submit(
     """A new queued job: the row, its `queued` event, and its render message once committed. ``published``: the
     row is inserted with `published_at` set (no second transaction to record it), and un-marked by `commit` if
     the message cannot be sent."""
-    job = Job(
-        id=uuid.uuid4(),
-        owner=owner,
-        api_key_id=api_key_id,
-        mode=params.get("mode", "txt2img"),
-        status=JobStatus.QUEUED,
-        status_seq=1,
-        params=params,
-        model_name=model_name,
-        model_hash=None,
-        seed=params["seed"],
-        max_attempts=max_attempts,
-        webhook_url=webhook_url,
-        webhook_events=webhook_events,
-        route=route,
-        batch_key=_batch_key(params),
-        published_at=utcnow() if published else None,
-        priority=priority,
-    )
+    job = Job(**new_job(owner=owner, api_key_id=api_key_id, params=params, model_name=model_name, route=route,
+                        max_attempts=max_attempts, priority=priority, published=published),
+              model_hash=None, webhook_url=webhook_url, webhook_events=webhook_events)
     session.add(job)
     session.flush()
     _record_event(session, job.id)
@@ -229,6 +227,56 @@ def _batch_key(params: dict[str, Any]) -> str | None:
         return RenderSpec.from_stored(params).batch_key_digest
     except ValidationError:
         return None
+
+
+_NEW_COLUMNS = tuple(new_job(owner="", api_key_id=None, params={"seed": 0, "mode": TRAIN_MODE}, model_name="",
+                             route="", max_attempts=0, priority=0, published=False))
+_NEW_VALUES = ", ".join(f"%({name})s" for name in _NEW_COLUMNS)
+_INSERT_JOB = (f"INSERT INTO jobs ({', '.join(_NEW_COLUMNS)}) VALUES ({_NEW_VALUES}) "
+               f"RETURNING {repository.JOB_RECORD_COLUMNS}")
+# With an Idempotency-Key: the key's record first; the job only when the key was free. The foreign key from the
+# record to the job is checked at the end of the statement, when both rows are there.
+_INSERT_JOB_WITH_KEY = (
+    "WITH recorded AS (INSERT INTO idempotency_keys (api_key_id, key, fingerprint, job_id) "
+    "VALUES (%(api_key_id)s, %(idempotency_key)s, %(fingerprint)s, %(id)s) ON CONFLICT DO NOTHING RETURNING 1) "
+    f"INSERT INTO jobs ({', '.join(_NEW_COLUMNS)}) SELECT {_NEW_VALUES} WHERE EXISTS (SELECT FROM recorded) "
+    f"RETURNING {repository.JOB_RECORD_COLUMNS}"
+)
+_UNMARK_PUBLISHED = "UPDATE jobs SET published_at = NULL WHERE id = %(id)s AND status = 'queued'"
+
+
+async def submit_now(*, owner: str, api_key_id: int, params: dict[str, Any], model_name: str, route: str,
+                     max_attempts: int, priority: int,
+                     idempotency: tuple[str, str] | None = None) -> repository.JobRecord | None:
+    """:func:`submit` on the event loop, for a job without a webhook (no delivery to record): the row, inserted as
+    published, and with ``idempotency`` (key, body fingerprint) the key's record, written by one statement in
+    autocommit (no BEGIN, no COMMIT: `shared.db.async_reads`), then its message. A message that cannot be sent
+    un-marks the row for the recovery loop, as :func:`commit` does. None when the Idempotency-Key was already
+    recorded (by an earlier request, or one in flight, which the statement waited for): nothing was written.
+
+    The statement may run twice when its connection turns out dropped (`AsyncReads.rows`): harmless, the job's id
+    is chosen here, so a second insert of a row that did commit fails on the primary key instead."""
+    values = new_job(owner=owner, api_key_id=api_key_id, params=params, model_name=model_name, route=route,
+                     max_attempts=max_attempts, priority=priority, published=True)
+    values["params"] = Jsonb(params)
+    if idempotency is None:
+        rows = await get_reads().rows(_INSERT_JOB, values)
+    else:
+        rows = await get_reads().rows(_INSERT_JOB_WITH_KEY, {**values, "api_key_id": api_key_id,
+                                                              "idempotency_key": idempotency[0],
+                                                              "fingerprint": idempotency[1]})
+    if not rows:
+        return None
+    job = repository.job_record(rows[0])
+    try:
+        await publish_render_async(job.id, route)
+    except Exception:  # the row is queued; unpublished, the recovery loop publishes it
+        log.exception("could not publish job %s; it stays queued for the recovery loop", job.id)
+        try:
+            await get_reads().rows(_UNMARK_PUBLISHED, {"id": job.id})
+        except Exception:  # the recovery loop's broker-depth check (`republish_stale`) still finds it
+            log.exception("could not record that job %s was not published", job.id)
+    return job
 
 
 RETRYABLE = (JobStatus.FAILED, JobStatus.CANCELED)

@@ -138,6 +138,12 @@ class JobRecord:
 
 _JOB_FIELDS = tuple(f.name for f in fields(JobRecord) if f.name != "images")
 _IMAGE_FIELDS = tuple(f.name for f in fields(ImageRecord))
+JOB_RECORD_COLUMNS = ", ".join(_JOB_FIELDS)  # the `jobs` columns a JobRecord is read from, in its order, as SQL
+
+
+def job_record(row: tuple[Any, ...]) -> JobRecord:
+    """A JobRecord (without images) from a row of :data:`JOB_RECORD_COLUMNS` (a submit's ``RETURNING``)."""
+    return JobRecord((), *row)
 
 
 @dataclass(frozen=True)

@@ -83,12 +83,17 @@ class PolicyCache:
         with self._lock:
             self._entries.pop(owner, None)
 
-    def row(self, session: Session, owner: str) -> dict[str, float | int | None] | None:
-        now = time.monotonic()
+    def fresh(self, owner: str) -> tuple[bool, dict[str, float | int | None] | None]:
+        """(True, the row's values) while the owner's row is cached, else (False, None): no I/O."""
         with self._lock:
             entry = self._entries.get(owner)
-        if entry is not None and entry[0] > now:
-            return entry[1]
+        return (True, entry[1]) if entry is not None and entry[0] > time.monotonic() else (False, None)
+
+    def row(self, session: Session, owner: str) -> dict[str, float | int | None] | None:
+        now = time.monotonic()
+        cached, values = self.fresh(owner)
+        if cached:
+            return values
         values = row_values(session.scalar(select(OwnerPolicy).where(OwnerPolicy.owner == owner)))
         with self._lock:
             if len(self._entries) >= _CACHE_LIMIT:
@@ -105,6 +110,12 @@ POLICY_CACHE = PolicyCache()
 def effective_policy(session: Session, owner: str, settings: Settings) -> EffectivePolicy:
     """The owner's policy: one indexed read of its row at most every `POLICY_CACHE_SECONDS` per process."""
     return resolve(owner, POLICY_CACHE.row(session, owner), settings.fair_share)
+
+
+def cached_policy(owner: str, settings: Settings) -> EffectivePolicy | None:
+    """The owner's policy while its row is cached in this process (no I/O), else None."""
+    cached, values = POLICY_CACHE.fresh(owner)
+    return resolve(owner, values, settings.fair_share) if cached else None
 
 
 def forget_policy(owner: str) -> None:

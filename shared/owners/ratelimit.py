@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 
 import redis
+import redis.asyncio as aredis
 
 KEY_PREFIX = "renderfarm:ratelimit:jobs:"
 POLICY_NAME = "burst"
@@ -104,3 +105,10 @@ class TokenBuckets:
     def take(self, owner: str, burst: int, rate: float, cost: int = 1) -> BucketState:
         allowed, tokens = self._script(keys=[KEY_PREFIX + owner], args=[burst, repr(float(rate)), cost])
         return BucketState(allowed=bool(int(allowed)), tokens=float(tokens), burst=burst, rate=rate)
+
+
+async def take_on_loop(client: aredis.Redis, owner: str, burst: int, rate: float, cost: int = 1) -> BucketState:
+    """:meth:`TokenBuckets.take` with an asyncio client (the same script, so the same bucket)."""
+    allowed, tokens = await client.register_script(TOKEN_BUCKET_LUA)(keys=[KEY_PREFIX + owner],
+                                                                     args=[burst, repr(float(rate)), cost])
+    return BucketState(allowed=bool(int(allowed)), tokens=float(tokens), burst=burst, rate=rate)

@@ -379,8 +379,14 @@ def test_a_read_that_meets_a_connection_dropped_a_moment_ago_is_repeated(gateway
     asyncio.run(scenario())
 
 
-def test_a_submit_is_one_transaction_and_holds_no_connection_after(gateway_env: dict[str, str], key: str) -> None:
+def test_a_submit_is_one_statement_and_holds_no_connection_after(gateway_env: dict[str, str], key: str) -> None:
+    """Without a webhook, a submit writes its row (and its Idempotency-Key's record) in one statement on the event
+    loop, in autocommit; with a webhook, in one transaction (its delivery is recorded with it). A replayed key
+    costs the one statement that found it taken, then the transaction that reads the earlier job."""
     from shared.db.session import get_engine
+
+    def own_statements(counter: Counter) -> list[str]:  # less the queue snapshot's read, when it was due
+        return [s for s in counter.statements if not s.lstrip().startswith("SELECT jobs.created_at")]
 
     async def scenario() -> None:
         async with _client(key) as client:
@@ -389,15 +395,21 @@ def test_a_submit_is_one_transaction_and_holds_no_connection_after(gateway_env: 
                 with Counter() as counter:
                     resp = await client.post("/v1/jobs", json=BODY, headers=headers)
                 assert resp.status_code == 202, resp.text
-                # One transaction, and the queue snapshot's own read when it was due (at most once a second).
-                snapshot = any(s.lstrip().startswith("SELECT jobs.created_at") for s in counter.statements)
-                assert counter.transactions == 1 + snapshot, counter.statements
+                written = own_statements(counter)
+                assert len(written) == 1 and counter.transactions == len(counter.statements) - 1, counter.statements
+                assert written[0].lstrip().startswith("WITH recorded AS" if headers else "INSERT INTO jobs")
                 assert get_engine().pool.checkedout() == 0
                 job_id = resp.json()["id"]
                 if headers:
                     with Counter() as counter:
                         replay = await client.post("/v1/jobs", json=BODY, headers=headers)
                     assert replay.json()["id"] == job_id and counter.transactions == 1
+                    assert own_statements(counter)[0].lstrip().startswith("WITH recorded AS")
+            with Counter() as counter:
+                resp = await client.post("/v1/jobs", json={**BODY, "webhook_url": "https://8.8.8.8/hook"})
+            assert resp.status_code == 202, resp.text
+            assert counter.transactions == 1 + (len(counter.statements) > len(own_statements(counter)))
+            assert get_engine().pool.checkedout() == 0
 
     asyncio.run(scenario())
     engine = sa.create_engine(gateway_env["DATABASE_URL"])
@@ -418,20 +430,29 @@ def test_concurrent_submits_with_one_idempotency_key_make_one_job(key: str) -> N
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize("extra", [{}, {"webhook_url": "https://8.8.8.8/hook"}], ids=["on the loop", "in a thread"])
 def test_a_message_that_cannot_be_sent_leaves_the_job_unpublished(gateway_env: dict[str, str], key: str,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 extra: dict[str, str]) -> None:
     """The row is inserted as published; when the broker refuses the message, the job is un-marked so the recovery
-    loop publishes it (as before, when `published_at` was set after the message went out)."""
+    loop publishes it (as before, when `published_at` was set after the message went out). Both ways a submit is
+    written: on the event loop (`lifecycle.submit_now`) and, with a webhook, in a thread (`lifecycle.submit`)."""
     from shared.jobs import lifecycle
 
     def broken(*_: object) -> None:
         raise ConnectionError("broker down")
 
+    async def broken_async(*_: object) -> None:
+        raise ConnectionError("broker down")
+
     monkeypatch.setattr(lifecycle, "publish_render", broken)
+    monkeypatch.setattr(lifecycle, "publish_render_async", broken_async)
 
     async def scenario() -> str:
         async with _client(key) as client:
-            return await _submit(client)
+            resp = await client.post("/v1/jobs", json={**BODY, **extra})
+            assert resp.status_code == 202, resp.text
+            return str(resp.json()["id"])
 
     job_id = asyncio.run(scenario())
     engine = sa.create_engine(gateway_env["DATABASE_URL"])

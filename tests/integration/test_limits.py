@@ -194,8 +194,12 @@ def test_without_redis_the_rate_limit_lets_requests_through_and_the_cap_still_co
         def take(self, *args: object, **kwargs: object) -> None:
             raise redis.ConnectionError("Connection refused")
 
+    async def down_on_loop(*args: object, **kwargs: object) -> None:
+        raise redis.ConnectionError("Connection refused")
+
     _, key = _owner(api_only, {"rate_burst": 1, "rate_per_second": 0.01, "max_queued": 2})
     monkeypatch.setattr(limits, "_buckets", lambda: Down())
+    monkeypatch.setattr(limits, "take_on_loop", down_on_loop)  # the limits on the event loop (the policy cached)
     with api_only.client(key) as c:
         answers = [_post(c, seed=i) for i in range(3)]
     assert [a.status_code for a in answers] == [202, 202, 429]  # past the burst of 1; the queued cap holds

@@ -43,3 +43,24 @@ def test_a_lower_burst_applies_to_a_fuller_bucket(client: redis.Redis) -> None:
     assert buckets.take(owner, burst=100, rate=0.001).tokens == pytest.approx(99, abs=0.01)
     # An admin lowers the burst to 2: the bucket holds at most 2 from now on.
     assert [buckets.take(owner, burst=2, rate=0.001).allowed for _ in range(3)] == [True, True, False]
+
+
+def test_the_event_loop_takes_from_the_same_bucket(client: redis.Redis) -> None:
+    """`take_on_loop` (the submit's limits on the event loop) and `TokenBuckets.take` share one bucket per owner."""
+    import asyncio
+
+    import redis.asyncio as aredis
+
+    from shared.owners.ratelimit import take_on_loop
+
+    owner, same = f"o-{uuid.uuid4().hex[:6]}", client.connection_pool.connection_kwargs
+    assert TokenBuckets(client).take(owner, burst=3, rate=0.001).allowed
+
+    async def takes() -> list[bool]:
+        loop_client = aredis.Redis(host=same["host"], port=same["port"], db=same["db"])
+        try:
+            return [(await take_on_loop(loop_client, owner, burst=3, rate=0.001)).allowed for _ in range(3)]
+        finally:
+            await loop_client.aclose()
+
+    assert asyncio.run(takes()) == [True, True, False]
