@@ -9,8 +9,7 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Select, any_, bindparam, case, func, literal, select, union_all
-from sqlalchemy.dialects.postgresql import array
+from sqlalchemy import Select, and_, bindparam, case, func, literal, or_, select, union_all
 from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, aliased, contains_eager
@@ -70,24 +69,24 @@ def _count_ahead(fair: bool) -> Any:
     of its fair position the queue snapshot may hold stale."""
     ahead = aliased(Job)
     if fair:
-        # Two ranges of ix_jobs_queued_owner (owner, priority DESC, created_at), each read up to the bound: the
-        # owner's higher priorities, then its same priority created earlier. With one OR of both, or without the
-        # index's order, PostgreSQL read every queued job to find none ahead of the owner's oldest (a sequential
-        # scan it expected to stop early at the bound): 0.4 ms a poll with 1,400 queued, growing with the queue.
-        def owners_queued(*where: Any) -> Select[Any]:
-            return (select(literal(1)).select_from(ahead)
-                    .where(ahead.status == JobStatus.QUEUED, ahead.owner == Job.owner, ahead.front_at.is_(None), *where)
-                    .order_by(ahead.priority.desc(), ahead.created_at)
-                    .limit(OWN_AHEAD_LIMIT).correlate(Job))
-
-        first = (union_all(owners_queued(ahead.priority > Job.priority),
-                           owners_queued(ahead.priority == Job.priority, ahead.created_at < Job.created_at))
-                 .limit(OWN_AHEAD_LIMIT).lateral("first_ahead"))
+        # The owner's first OWN_AHEAD_LIMIT queued jobs in its order (the first entries of ix_jobs_queued_owner, the
+        # only index in that order), then those of them ahead of this job: min(ahead, limit), whatever else the
+        # table holds. A range bounded by this job's own priority and age let PostgreSQL pick ix_jobs_created_at
+        # instead when most jobs were queued as it last analyzed them, and walk every older finished job from the
+        # oldest on: 1.8 ms a poll (1,258 pages) with 1,700 finished, 0.03 ms (26 pages) this way.
+        first = (select(ahead.priority, ahead.created_at)
+                 .where(ahead.status == JobStatus.QUEUED, ahead.owner == Job.owner, ahead.front_at.is_(None))
+                 .order_by(ahead.priority.desc(), ahead.created_at)
+                 .limit(OWN_AHEAD_LIMIT).correlate(Job).lateral("owners_first"))
+        before = or_(first.c.priority > Job.priority,
+                     and_(first.c.priority == Job.priority, first.c.created_at < Job.created_at))
+        counted = select(func.count()).select_from(first).where(before)
     else:
-        first = (select(literal(1)).select_from(ahead)
-                 .where(ahead.status == JobStatus.QUEUED, ahead.created_at < Job.created_at)
-                 .limit(AHEAD_COUNT_LIMIT).correlate(Job).lateral("first_ahead"))
-    return case((Job.status == JobStatus.QUEUED, select(func.count()).select_from(first).scalar_subquery()),
+        first_ahead = (select(literal(1)).select_from(ahead)
+                       .where(ahead.status == JobStatus.QUEUED, ahead.created_at < Job.created_at)
+                       .limit(AHEAD_COUNT_LIMIT).correlate(Job).lateral("first_ahead"))
+        counted = select(func.count()).select_from(first_ahead)
+    return case((Job.status == JobStatus.QUEUED, counted.scalar_subquery()),
                 else_=None)
 
 
@@ -187,15 +186,18 @@ def _job_view_query(fair: bool) -> _RecordQuery:
 
 # Built once: building one (an alias, a lateral) cost more than running it.
 _JOB_VIEW_QUERIES = {fair: _job_view_query(fair) for fair in (False, True)}
-ACTIVE_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)
 
 
 def _latest_job_query(fair: bool) -> _RecordQuery:
     mine = aliased(Job)
-    first_active = (select(literal(1)).select_from(mine)
-                    .where(mine.owner == bindparam("owner"),
-                           mine.status == any_(array([str(s) for s in ACTIVE_STATUSES])))
-                    .limit(AHEAD_COUNT_LIMIT).lateral("first_active"))
+    # Queued in ix_jobs_queued_owner's order (no other index has it), running from ix_jobs_running_owner: one
+    # `status IN (queued, running)` let PostgreSQL scan the table when most jobs were queued as it last analyzed them.
+    queued = (select(literal(1)).select_from(mine)
+              .where(mine.owner == bindparam("owner"), mine.status == JobStatus.QUEUED)
+              .order_by(mine.priority.desc(), mine.created_at).limit(AHEAD_COUNT_LIMIT))
+    running = (select(literal(1)).select_from(mine)
+               .where(mine.owner == bindparam("owner"), mine.status == JobStatus.RUNNING).limit(AHEAD_COUNT_LIMIT))
+    first_active = union_all(queued, running).limit(AHEAD_COUNT_LIMIT).lateral("first_active")
     count_active = select(func.count()).select_from(first_active).scalar_subquery()
     return _RecordQuery(
         select(*_job_columns(), _count_ahead(fair), count_active)

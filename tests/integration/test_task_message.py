@@ -15,7 +15,7 @@ import redis
 from celery import Celery
 
 from shared.queueing.queues import QueueName, TaskName, celery_config, job_message
-from shared.settings import Settings, ServiceSettings
+from shared.settings import ServiceSettings, Settings
 
 IDS = {("headers", "id"), ("headers", "root_id"), ("properties", "correlation_id"), ("properties", "delivery_tag"),
        ("properties", "reply_to"), ("headers", "origin")}
