@@ -254,7 +254,8 @@ class GatewaySettings(BaseSettings):
     api_key_cache_seconds: float = Field(5.0, ge=0, le=60)
     # The longest `GET /v1/jobs/{id}?wait=N` may hold a request.
     long_poll_max_seconds: float = Field(60.0, ge=0, le=600)
-    # Queue positions come from a snapshot of the queued jobs refreshed at most this often per process.
+    # Queue positions come from a snapshot of the queued jobs refreshed at most this often per process (less often
+    # where one read of a long queue takes more than 2% of it: `shared.jobs.views.READ_SHARE`).
     queue_position_refresh_seconds: float = Field(1.0, ge=0, le=60)
     # Celery's `task-sent` monitoring event on every submit (for Flower's "pending" list). Off: it was an eighth of
     # a POST's cost, and the farm's own queue state is in Postgres (`/metrics`, the admin dashboard).

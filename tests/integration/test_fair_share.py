@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
+import psycopg.sql
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -319,16 +320,50 @@ def test_a_polls_count_reads_the_owners_first_queued_jobs_not_the_finished_ones_
         session.commit()
         query = repository._JOB_VIEW_QUERIES[True]
         cursor = session.connection().connection.cursor()  # the query as a poll sends it: psycopg's own parameters
+        # Planned for the values (a statement's first runs) and once for any (`async_reads.GENERIC_PLANS`).
+        prepared = query._sql.replace("%(job_id)s", "$1").replace("%(owner)s", "$2").replace("%%", "%")
+        cursor.execute(f"PREPARE poll AS {prepared}")
         for position, job_id in ((25, polled[-1]), (10, polled[9]), (1, polled[0])):
             params = {**query._defaults, "job_id": job_id, "owner": me}
             row = cursor.execute(query._sql, params).fetchone()
             assert row is not None and row[-1] == min(position - 1, repository.OWN_AHEAD_LIMIT)
-            plan = cursor.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + query._sql, params).fetchone()[0]
-            pages = plan[0]["Plan"]["Shared Hit Blocks"] + plan[0]["Plan"].get("Shared Read Blocks", 0)
-            assert pages <= 40, (position, pages)  # measured: 10 pages; the old form 106, walking the 1,500
+            for mode in ("force_custom_plan", "force_generic_plan"):
+                cursor.execute(f"SET plan_cache_mode = {mode}")
+                explain = psycopg.sql.SQL("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE poll({}, {})")
+                plan = cursor.execute(explain.format(str(job_id), me)).fetchone()[0]
+                pages = plan[0]["Plan"]["Shared Hit Blocks"] + plan[0]["Plan"].get("Shared Read Blocks", 0)
+                assert pages <= 40, (position, mode, pages)  # measured: 10 pages; the old form 106, walking the 1,500
+        cursor.execute("RESET plan_cache_mode")
+        cursor.execute("DEALLOCATE poll")
     finally:
         session.rollback()
         session.execute(sa.delete(Job).where(Job.owner == me))
         session.commit()
         session.execute(sa.text("ANALYZE jobs"))
         session.commit()
+
+
+@pytest.mark.parametrize("fair", [True, False])
+def test_a_polls_statements_are_planned_once_not_on_every_run(session: Session, route: str, owners: Any,
+                                                               published: list[Any], settings_on_test_db: None,
+                                                               fair: bool) -> None:
+    """The statements a poll and the WebUI's progress poll run on the event loop's connections are prepared, and
+    PostgreSQL plans each once (a generic plan), not on every run (which cost it more than running them)."""
+    from shared.db.async_reads import close_reads, get_reads
+    from shared.jobs import repository
+
+    me = owners("planned")
+    job_id = queue(session, me, route)
+
+    async def poll() -> list[tuple[Any, ...]]:
+        try:
+            for _ in range(10):  # one at a time: the same connection each time
+                assert await repository.get_job_view_row(job_id, me, fair) is not None
+                assert (await repository.get_latest_job_row(me, fair))[0] is not None
+            return await get_reads().rows("SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements "
+                                          "WHERE statement LIKE '%%jobs.training%%'", {})
+        finally:
+            await close_reads()
+
+    plans = asyncio.run(poll())
+    assert len(plans) == 2 and all(generic >= 5 and custom == 0 for _, generic, custom in plans), plans

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from shared.db.models import Job
+from shared.jobs import views
 from shared.jobs.states import JobStatus
 from shared.jobs.views import (
     DEFAULT_JOB_SECONDS,
@@ -99,3 +100,29 @@ def test_a_queued_jobs_view_eta_uses_this_processes_latest_pace(monkeypatch: pyt
     running = _queued()
     running.status = JobStatus.RUNNING
     assert eta_seconds(running, position=3) is None  # not started: no progress to extrapolate
+
+
+@pytest.mark.parametrize(("took", "refresh", "again_after"), [
+    (0.005, 1.0, 1.0),  # a short queue: read once a second
+    (0.060, 1.0, 3.0),  # a long one: its reads take at most READ_SHARE (2%) of the time
+    (0.060, 0.0, 0.0),  # refresh 0: read on every use, however long a read takes
+])
+def test_a_snapshot_is_read_again_after_refresh_or_longer_when_its_reads_are_long(
+        monkeypatch: pytest.MonkeyPatch, took: float, refresh: float, again_after: float) -> None:
+    clock = [100.0]
+    monkeypatch.setattr(views.time, "monotonic", lambda: clock[0])
+    reads: list[float] = []
+
+    def read() -> None:
+        reads.append(clock[0])
+        clock[0] += took
+
+    snapshot = views.QueueSnapshot()
+    with snapshot._lock:
+        snapshot._refresh(refresh, read)
+    for elapsed, read_again in ((again_after * 0.9, again_after == 0), (again_after * 1.001, True)):
+        before = len(reads)
+        clock[0] = snapshot._read_at + elapsed
+        with snapshot._lock:
+            snapshot._refresh(refresh, read)
+        assert len(reads) == before + read_again, (elapsed, reads)
