@@ -103,12 +103,20 @@ class TokenBuckets:
         self._script = client.register_script(TOKEN_BUCKET_LUA)
 
     def take(self, owner: str, burst: int, rate: float, cost: int = 1) -> BucketState:
-        allowed, tokens = self._script(keys=[KEY_PREFIX + owner], args=[burst, repr(float(rate)), cost])
-        return BucketState(allowed=bool(int(allowed)), tokens=float(tokens), burst=burst, rate=rate)
+        return _taken(self._script(keys=[KEY_PREFIX + owner], args=_script_args(burst, rate, cost)), burst, rate)
 
 
 async def take_on_loop(client: aredis.Redis, owner: str, burst: int, rate: float, cost: int = 1) -> BucketState:
     """:meth:`TokenBuckets.take` with an asyncio client (the same script, so the same bucket)."""
-    allowed, tokens = await client.register_script(TOKEN_BUCKET_LUA)(keys=[KEY_PREFIX + owner],
-                                                                     args=[burst, repr(float(rate)), cost])
+    script = client.register_script(TOKEN_BUCKET_LUA)
+    return _taken(await script(keys=[KEY_PREFIX + owner], args=_script_args(burst, rate, cost)), burst, rate)
+
+
+def _script_args(burst: int, rate: float, cost: int) -> list[int | str]:
+    return [burst, repr(float(rate)), cost]
+
+
+def _taken(result: list[int | str], burst: int, rate: float) -> BucketState:
+    """The bucket as :data:`TOKEN_BUCKET_LUA` answered: (allowed 0/1, tokens left)."""
+    allowed, tokens = result
     return BucketState(allowed=bool(int(allowed)), tokens=float(tokens), burst=burst, rate=rate)

@@ -87,8 +87,8 @@ _REPLY_TO = str(uuid.uuid4())  # Celery's producer names itself so; this farm ne
 
 def task_message(task: str, args: list[Any], queue: str) -> bytes:
     """One task message as Celery's producer puts it on a Redis list (protocol 2 in kombu's Redis transport, the
-    default exchange, priority 0): what a Celery worker consuming ``queue`` reads. tests/unit/test_task_message.py
-    holds it against what `send_task` writes."""
+    default exchange, priority 0): what a Celery worker consuming ``queue`` reads.
+    tests/integration/test_task_message.py holds it against what `send_task` writes."""
     task_id = str(uuid.uuid4())
     body = json.dumps([args, {}, _NO_WORKFLOW]).encode()
     return json.dumps({
