@@ -25,7 +25,15 @@ trap 'curl -s -X POST -H "$AUTH" "$BASE/v1/admin/queue/resume" >/dev/null
       rm -rf "$WORK"' EXIT
 
 curl -sf -X POST -H "$AUTH" "$BASE/v1/admin/queue/pause" >/dev/null
+# Pausing stops claims, not the batch a worker is rendering: wait for it (up to a minute), or its render and the
+# updates after it would compete with the first routes measured.
+for _ in $(seq 60); do
+  RUNNING=$(curl -sf -H "$AUTH" "$BASE/v1/admin/queue" | python3 -c 'import json,sys; print(json.load(sys.stdin)["database"]["running"])')
+  [ "$RUNNING" = 0 ] && break
+  sleep 1
+done
 curl -sf -X PATCH -H "$AUTH" -H "Content-Type: application/json" -d "$LIFTED" "$BASE/v1/admin/owners/$OWNER" >/dev/null
+sleep 6  # the other API processes keep the owner's old policy cached for up to 5 s (POLICY_CACHE_SECONDS)
 BODY='{"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 4}'
 JOB=$(curl -sf -X POST -H "$AUTH" -H 'Content-Type: application/json' -d "$BODY" "$BASE/v1/jobs" |
       python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
