@@ -99,6 +99,13 @@ async def require_cached_key(request: Request) -> ApiKey:
     return key
 
 
+async def require_owner(request: Request) -> str:
+    """The caller's owner for a poll: from the key cache without building a row, else :func:`require_cached_key`'s."""
+    token = _bearer_token(request)
+    owner = API_KEY_CACHE.cached_owner(token) if token else None
+    return owner if owner is not None else (await require_cached_key(request)).owner
+
+
 CachedKey = Annotated[ApiKey, Depends(require_cached_key)]
 
 

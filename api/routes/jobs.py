@@ -14,7 +14,7 @@ from pydantic import Discriminator, Tag
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import CachedKey, CurrentKey, SessionDep, SettingsDep, StoreDep, object_store, require_cached_key
+from api.deps import CachedKey, CurrentKey, SessionDep, SettingsDep, StoreDep, object_store, require_owner
 from api.limits import TOO_MANY_RESPONSES, limit_on_loop
 from api.responses import CONFLICT, NOT_FOUND
 from api.submission import idempotency, submit
@@ -140,8 +140,7 @@ async def get_job(job_id: uuid.UUID, request: Request, wait: WaitQuery = 0,
     """The job, with an `ETag`; `If-None-Match` answers 304 while it still matches. With `wait`, a long-poll: it
     answers as soon as the job changes, or when `wait` runs out. Waiting holds no thread and no database
     connection: the route waits on this process's job-notice subscriber (shared/queueing/job_notices.py)."""
-    key = await require_cached_key(request)
-    owner, settings, store = key.owner, get_settings(), await object_store()
+    owner, settings, store = await require_owner(request), get_settings(), await object_store()
 
     def load() -> Awaitable[JobView | None]:
         return read_job_view(job_id, owner, store, settings)
