@@ -111,7 +111,7 @@ class Job(Base):
     __mapper_args__ = {"eager_defaults": True}
 
     __table_args__ = (
-        Index("ix_jobs_owner_created", "owner", text("created_at DESC")),
+        Index("ix_jobs_owner_created", "owner", text("created_at DESC"), "id"),  # an owner's list, in its order
         Index("ix_jobs_status_created", "status", "created_at"),
         Index("ix_jobs_queued_batch_key", "batch_key", "created_at", postgresql_where=text("status = 'queued'")),
     )
