@@ -251,10 +251,11 @@ def list_jobs(
     offset: int = 0,
 ) -> tuple[list[Job], int]:
     """A page of the owner's jobs, newest first, with their images, and how many match in all: one statement. The
-    total is a count of its own in that statement (an index-only scan of the owner's entries), not a window over
-    the page's query: the window made PostgreSQL read every matching row in full and sort them all to keep 20 (33
-    ms for an owner with 44,000 jobs, 7 ms now). A page past the end has no row to carry the total, so only then is
-    it counted in a statement of its own."""
+    page is the first entries of `ix_jobs_owner_created` (owner, created_at DESC, id: the list's order), the total
+    an index-only count of the owner's entries in the same statement, not a window over the page's query (which
+    kept every matching row to count them: 10 ms for an owner with 44,000 jobs, 5 ms as a count; 33 ms when the
+    index lacked the id and PostgreSQL sorted all the rows). A page past the end has no row to carry the total, so
+    only then is it counted in a statement of its own."""
     where = [Job.owner == owner]
     if status is not None:
         where.append(Job.status == status)
