@@ -8,7 +8,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -68,14 +68,17 @@ class _Refreshed:
             self._read_at = float("-inf")
             self._took = 0.0
 
-    def ever_read(self) -> bool:
-        """Whether there is a read to answer from (not before the first read, nor after :meth:`clear`)."""
-        return self._read_at != float("-inf")
-
     def due(self, refresh: float) -> bool:
         """Whether the last read is old enough to be read again (the next use with a session reads again)."""
-        interval = max(refresh, self._took / READ_SHARE) if refresh > 0 else 0.0
-        return time.monotonic() - self._read_at >= interval
+        return time.monotonic() - self._read_at >= self._interval(refresh)
+
+    def usable(self, refresh: float) -> bool:
+        """Whether a due read may still be answered from while the next one runs: younger than twice the time
+        between reads (not before the first read, nor after :meth:`clear`, nor after a long quiet spell)."""
+        return time.monotonic() - self._read_at < 2 * self._interval(refresh)
+
+    def _interval(self, refresh: float) -> float:
+        return max(refresh, self._took / READ_SHARE) if refresh > 0 else 0.0
 
     def _refresh(self, refresh: float, read: Callable[[], None]) -> None:
         """Call ``read`` (which stores what it read) if :meth:`due`; hold the lock."""
@@ -89,8 +92,8 @@ class _Refreshed:
 def raw_rows(session: Session, statement: Select[Any]) -> list[tuple[Any, ...]]:
     """The rows of a snapshot's read as psycopg's plain tuples, fetched in binary, on ``session``'s connection.
     A snapshot reads up to SNAPSHOT_LIMIT rows in a thread of the API process, holding the GIL while it turns them
-    into Python objects, and the event loop's polls wait meanwhile: through SQLAlchemy's result rows, 86,776 queued
-    jobs took 0.3-0.5 s of CPU and stalled polls that long; as binary tuples, 0.1 s."""
+    into Python objects, and the event loop's polls run slower meanwhile: through SQLAlchemy's result rows, 86,776
+    queued jobs took 0.3-0.5 s of CPU; as binary tuples, 0.1 s."""
     sql = str(statement.compile(dialect=session.get_bind().dialect, compile_kwargs={"literal_binds": True}))
     cursor = session.connection().connection.cursor(binary=True)  # psycopg's cursor (the DBAPI one, proxied)
     try:
@@ -411,18 +414,25 @@ _refreshing: asyncio.Future[None] | None = None  # this process's read of the sn
 
 async def _snapshots_refreshed(refresh: float) -> None:
     """Read the snapshots again (in a thread, one read at a time per process). A poll waits for the read only when
-    there is nothing to answer from yet (the process's first read, or after a clear) or with ``refresh`` 0 (read on
-    every use); otherwise it answers from the snapshots as they are while the read goes on in the background. When
-    every poll that came during a read waited for it, a long queue's read (0.2-0.5 s with 80,000 queued) stalled
-    all of a process's polls that long, every few seconds."""
+    there is nothing recent to answer from (the process's first read, one after a clear, or a last read older than
+    twice the time between reads) or with ``refresh`` 0 (read on every use); otherwise it answers from the
+    snapshots as they are while the read goes on in the background. When every poll that came during a read waited
+    for it, a long queue's read (0.2-0.5 s with 80,000 queued) stalled all of a process's polls that long, every
+    few seconds."""
+    def read_now() -> Awaitable[None]:
+        return asyncio.to_thread(repository.read, lambda session: refresh_snapshots(session, refresh))
+
+    if refresh <= 0:  # read on every use: this poll's own read, not one that started before it
+        await read_now()
+        return
     global _refreshing
     read = _refreshing
     if read is None or read.done() or read.get_loop() is not asyncio.get_running_loop():
-        read = _refreshing = asyncio.ensure_future(
-            asyncio.to_thread(repository.read, lambda session: refresh_snapshots(session, refresh)))
+        read = _refreshing = asyncio.ensure_future(read_now())
         read.add_done_callback(_log_failed_read)
     fair = FairOrder.from_settings(get_settings().fair_share) is not None
-    if refresh <= 0 or not (FLEET_PACE.ever_read() and (FAIR_QUEUE_SNAPSHOT if fair else QUEUE_SNAPSHOT).ever_read()):
+    queue = FAIR_QUEUE_SNAPSHOT if fair else QUEUE_SNAPSHOT
+    if not (FLEET_PACE.usable(PaceSnapshot.interval(refresh)) and queue.usable(refresh)):
         await asyncio.shield(read)
 
 

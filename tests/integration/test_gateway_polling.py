@@ -51,6 +51,14 @@ def _clear_gateway_caches() -> None:
     FLEET_PACE.clear()
 
 
+@pytest.fixture(autouse=True)
+def _caches_cleared() -> None:
+    """Each test starts with empty caches: its first poll reads the queue snapshots. (A poll may answer from a read up
+    to twice the refresh interval old while the next runs, and the jobs other tests queued would show in positions,
+    and so in ETags, that a test compares.)"""
+    _clear_gateway_caches()
+
+
 @pytest.fixture
 def key(gateway_env: dict[str, str]) -> str:
     return make_key(gateway_env["DATABASE_URL"], f"gw-{uuid.uuid4().hex[:8]}")

@@ -128,25 +128,34 @@ def test_a_snapshot_is_read_again_after_refresh_or_longer_when_its_reads_are_lon
         assert len(reads) == before + read_again, (elapsed, reads)
 
 
-def test_a_poll_waits_for_a_snapshot_read_only_when_it_has_none_to_answer_from(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_poll_waits_for_a_snapshot_read_only_when_it_has_none_recent_to_answer_from(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """`poll_position` reads the snapshots again when they are due: in the background, one read at a time, while
-    polls answer from the last read; a poll waits only for the process's first read (or one after a clear) and with
-    refresh 0. (When every poll waited, each read of an 80,000-job queue stalled a process's polls 0.2-0.5 s.)"""
+    polls answer from the last read. A poll waits only when there is none recent to answer from (the process's first
+    read, or a read older than twice the time between reads) and with refresh 0. (When every poll waited, each read
+    of an 80,000-job queue stalled a process's polls 0.2-0.5 s.)"""
     import asyncio
     import threading
 
     release, reads = threading.Event(), []
+    snapshots = (views.FLEET_PACE, views.FAIR_QUEUE_SNAPSHOT, views.QUEUE_SNAPSHOT)
 
     def slow_read(_session: object, _refresh: float) -> None:  # a long queue's read, held until released
         reads.append(_refresh)
         assert release.wait(10)
-        for snapshot in (views.FLEET_PACE, views.FAIR_QUEUE_SNAPSHOT, views.QUEUE_SNAPSHOT):
+        for snapshot in snapshots:
             snapshot._read_at = views.time.monotonic()
+
+    def read_ago(share_of_interval: float) -> None:  # as if the last read was that share of its interval ago
+        for snapshot, interval in ((views.FLEET_PACE, views.PaceSnapshot.interval(1.0)),
+                                   (views.FAIR_QUEUE_SNAPSHOT, 1.0)):
+            snapshot._read_at = views.time.monotonic() - share_of_interval * interval
 
     monkeypatch.setattr(views, "refresh_snapshots", slow_read)
     monkeypatch.setattr(views.repository, "read", lambda work: work(None))
-    for snapshot in (views.FLEET_PACE, views.FAIR_QUEUE_SNAPSHOT, views.QUEUE_SNAPSHOT):
+    for snapshot in snapshots:
         monkeypatch.setattr(snapshot, "_read_at", float("-inf"))
+        monkeypatch.setattr(snapshot, "_took", 0.0)
 
     async def done_within(seconds: float, refresh: float) -> bool:
         poll = asyncio.ensure_future(views._snapshots_refreshed(refresh))
@@ -158,24 +167,38 @@ def test_a_poll_waits_for_a_snapshot_read_only_when_it_has_none_to_answer_from(m
             return False
         return True
 
-    async def scenario() -> None:
-        assert not await done_within(0.3, 1.0)  # nothing read yet: the first poll waits for the read
-        assert len(reads) == 1
-        for snapshot in (views.FLEET_PACE, views.FAIR_QUEUE_SNAPSHOT):
-            snapshot._read_at -= 10  # due again
-        assert await done_within(0.3, 1.0)  # answered from the last read while the next one runs
-        for _ in range(100):  # the read has started in its thread
-            if len(reads) == 2:
-                break
-            await asyncio.sleep(0.01)
-        assert await done_within(0.3, 1.0)  # a poll meanwhile starts no second read
-        assert len(reads) == 2
+    async def background_read_done() -> None:
         release.set()
         while views._refreshing is not None and not views._refreshing.done():
             await asyncio.sleep(0.01)
         release.clear()
+
+    async def started(count: int) -> None:  # the background read has started in its thread
+        for _ in range(100):
+            if len(reads) == count:
+                return
+            await asyncio.sleep(0.01)
+
+    async def scenario() -> None:
+        assert not await done_within(0.3, 1.0)  # nothing read yet: the first poll waits for the read
+        assert len(reads) == 1
+        read_ago(1.5)  # due, and recent enough to answer from
+        assert views.snapshots_due(1.0)
+        assert await done_within(0.3, 1.0)  # answered from the last read while the next one runs
+        await started(2)
+        assert await done_within(0.3, 1.0)  # a poll meanwhile starts no second read
+        assert len(reads) == 2
+        await background_read_done()
         assert not views.snapshots_due(1.0)
-        assert not await done_within(0.3, 0.0)  # refresh 0: every poll reads, and waits for its read
+        read_ago(2.5)  # a quiet spell: too old to answer from
+        assert not await done_within(0.3, 1.0)
         assert len(reads) == 3
+        assert not await done_within(0.3, 0.0)  # refresh 0: every poll reads for itself, and waits for its read
+        assert len(reads) == 4
+        read_ago(1.5)
+        assert await done_within(0.3, 1.0)  # a read in the background...
+        await started(5)
+        assert not await done_within(0.3, 0.0)  # ...is not what a refresh-0 poll answers from: it reads again
+        assert len(reads) == 6
 
     asyncio.run(scenario())
