@@ -105,14 +105,10 @@ class ApiKeyCache:
 
     def lookup(self, session: Session, key: str, ttl: float) -> ApiKey | None:
         """The key's row attached to ``session`` (no query while cached), or None when unknown or revoked."""
-        digest = hash_key(key)
-        now = time.monotonic()
-        with self._lock:
-            entry = self._entries.get(digest)
-        if entry is not None and entry[0] > now:
-            row = ApiKey(**entry[1])
-            make_transient_to_detached(row)  # clean, with its identity: attaching it costs no SQL
-            return session.merge(row, load=False)
+        cached = self.cached(key)
+        if cached is not None:  # detached, clean, with its identity: attaching it costs no SQL
+            return session.merge(cached, load=False)
+        digest, now = hash_key(key), time.monotonic()
         found = find_api_key(session, key)
         if found is None or ttl <= 0:
             with self._lock:

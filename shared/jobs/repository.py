@@ -261,7 +261,8 @@ def list_jobs(
         where.append(Job.status == status)
     if model is not None:
         where.append(Job.model_name == model)
-    total = select(func.count()).select_from(Job).where(*where).correlate(None).scalar_subquery().label("total")
+    count = select(func.count()).select_from(Job).where(*where)
+    total = count.correlate(None).scalar_subquery().label("total")
     page = (select(Job.id, Job.created_at).where(*where)
             .order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset).subquery("page"))
     rows = session.execute(
@@ -272,7 +273,7 @@ def list_jobs(
     ).unique().all()
     if rows:
         return [row[0] for row in rows], int(rows[0][1])
-    return [], int(session.scalar(select(func.count()).select_from(Job).where(*where)) or 0) if offset else 0
+    return [], int(session.scalar(count) or 0) if offset else 0
 
 
 def held_job(session: Session, job_id: uuid.UUID, worker: str) -> Job | None:

@@ -89,7 +89,7 @@ class _Refreshed:
             self._took = self._read_at - started
 
 
-def raw_rows(session: Session, statement: Select[Any]) -> list[tuple[Any, ...]]:
+def _raw_rows(session: Session, statement: Select[Any]) -> list[tuple[Any, ...]]:
     """The rows of a snapshot's read as psycopg's plain tuples, fetched in binary, on ``session``'s connection.
     A snapshot reads up to SNAPSHOT_LIMIT rows in a thread of the API process, holding the GIL while it turns them
     into Python objects, and the event loop's polls run slower meanwhile: through SQLAlchemy's result rows, 86,776
@@ -113,7 +113,7 @@ class QueueSnapshot(_Refreshed):
         self._read_state: tuple[list[datetime], bool] = ([], True)
 
     def _read(self, session: Session) -> None:
-        rows = raw_rows(session, select(Job.created_at).where(Job.status == JobStatus.QUEUED)
+        rows = _raw_rows(session, select(Job.created_at).where(Job.status == JobStatus.QUEUED)
                         .order_by(Job.created_at).limit(SNAPSHOT_LIMIT + 1))
         self._read_state = ([created for created, in rows[:SNAPSHOT_LIMIT]], len(rows) <= SNAPSHOT_LIMIT)
 
@@ -297,7 +297,7 @@ class FairQueueSnapshot(_Refreshed):
 
     def _read(self, session: Session, order: FairOrder) -> None:
         usage = fair_share.recent_usage(order)
-        rows = raw_rows(session, select(
+        rows = _raw_rows(session, select(
             Job.owner, Job.priority, Job.created_at, Job.front_at,
             func.coalesce(OwnerPolicy.weight, order.default_weight), func.coalesce(usage.c.used, 0.0))
             .outerjoin(OwnerPolicy, OwnerPolicy.owner == Job.owner)
@@ -390,10 +390,12 @@ def queue_position(session: Session | None, job: ViewedJob, refresh: float | Non
 def snapshots_due(refresh: float) -> bool:
     """Whether a queued job's position needs a snapshot read again (:func:`refresh_snapshots`): the pace or the
     queue snapshot the farm's order uses is older than it may be."""
-    if FLEET_PACE.due(PaceSnapshot.interval(refresh)):
-        return True
-    fair = FairOrder.from_settings(get_settings().fair_share) is not None
-    return (FAIR_QUEUE_SNAPSHOT if fair else QUEUE_SNAPSHOT).due(refresh)
+    return FLEET_PACE.due(PaceSnapshot.interval(refresh)) or _order_snapshot().due(refresh)
+
+
+def _order_snapshot() -> _Refreshed:
+    """The queue snapshot the farm's order uses: fair share's, or first come, first served's."""
+    return FAIR_QUEUE_SNAPSHOT if FairOrder.from_settings(get_settings().fair_share) is not None else QUEUE_SNAPSHOT
 
 
 async def poll_position(found: JobViewRow, settings: Settings) -> int | None:
@@ -430,9 +432,7 @@ async def _snapshots_refreshed(refresh: float) -> None:
     if read is None or read.done() or read.get_loop() is not asyncio.get_running_loop():
         read = _refreshing = asyncio.ensure_future(read_now())
         read.add_done_callback(_log_failed_read)
-    fair = FairOrder.from_settings(get_settings().fair_share) is not None
-    queue = FAIR_QUEUE_SNAPSHOT if fair else QUEUE_SNAPSHOT
-    if not (FLEET_PACE.usable(PaceSnapshot.interval(refresh)) and queue.usable(refresh)):
+    if not (FLEET_PACE.usable(PaceSnapshot.interval(refresh)) and _order_snapshot().usable(refresh)):
         await asyncio.shield(read)
 
 
