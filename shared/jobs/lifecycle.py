@@ -26,7 +26,6 @@ from datetime import timedelta
 from enum import StrEnum
 from typing import Any
 
-from psycopg.types.json import Jsonb
 from pydantic import ValidationError
 from sqlalchemy import ColumnElement, and_, case, event, func, select, update
 from sqlalchemy.orm import Session
@@ -258,7 +257,6 @@ async def submit_now(*, owner: str, api_key_id: int, params: dict[str, Any], mod
     is chosen here, so a second insert of a row that did commit fails on the primary key instead."""
     values = new_job(owner=owner, api_key_id=api_key_id, params=params, model_name=model_name, route=route,
                      max_attempts=max_attempts, priority=priority, published=True)
-    values["params"] = Jsonb(params)
     if idempotency is None:
         rows = await get_reads().rows(_INSERT_JOB, values)
     else:

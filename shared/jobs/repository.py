@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from datetime import datetime
@@ -141,7 +141,7 @@ _IMAGE_FIELDS = tuple(f.name for f in fields(ImageRecord))
 JOB_RECORD_COLUMNS = ", ".join(_JOB_FIELDS)  # the `jobs` columns a JobRecord is read from, in its order, as SQL
 
 
-def job_record(row: tuple[Any, ...]) -> JobRecord:
+def job_record(row: Sequence[Any]) -> JobRecord:
     """A JobRecord (without images) from a row of :data:`JOB_RECORD_COLUMNS` (a submit's ``RETURNING``)."""
     return JobRecord((), *row)
 
@@ -179,7 +179,7 @@ class _RecordQuery:
             sql = sql.replace(f"%({key})s", literal)
         self._sql = sql
 
-    async def rows(self, **params: Any) -> list[tuple[Any, ...]]:
+    async def rows(self, **params: Any) -> Sequence[Sequence[Any]]:
         return await get_reads().rows(self._sql, {**self._defaults, **params})
 
 
