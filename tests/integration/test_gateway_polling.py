@@ -208,6 +208,29 @@ def test_long_poll_of_an_unknown_job_is_404(key: str) -> None:
     asyncio.run(scenario())
 
 
+def test_a_polls_bad_parameters_are_a_422_naming_each(key: str) -> None:
+    """A poll's parameters are parsed by the route (`jobs.poll_parameters`), not by FastAPI: a bad one is still
+    FastAPI's 422, naming the parameter, and a good one still works."""
+    async def scenario() -> None:
+        async with _client(key) as client:
+            job_id = await _submit(client)
+            cases = [("/v1/jobs/not-a-uuid", {}, [["path", "job_id"]]),
+                     (f"/v1/jobs/{job_id}", {"wait": "-1"}, [["query", "wait"]]),
+                     (f"/v1/jobs/{job_id}", {"wait": "soon"}, [["query", "wait"]]),
+                     (f"/v1/jobs/{job_id}", {"wait": "nan"}, [["query", "wait"]]),
+                     ("/v1/jobs/nope", {"wait": "-2"}, [["path", "job_id"], ["query", "wait"]])]
+            for path, params, where in cases:
+                resp = await client.get(path, params=params)
+                assert resp.status_code == 422, (path, params, resp.text)
+                assert [error["loc"] for error in resp.json()["detail"]] == where, resp.text
+            hyphenless = await client.get(f"/v1/jobs/{uuid.UUID(job_id).hex}", params={"wait": "0.0"})
+            assert hyphenless.status_code == 200 and hyphenless.json()["id"] == job_id
+            etag = hyphenless.headers["ETag"]
+            assert (await client.get(f"/v1/jobs/{job_id}", headers={"If-None-Match": etag})).status_code == 304
+
+    asyncio.run(scenario())
+
+
 def _view_reads(statements: list[str]) -> list[str]:
     return [s for s in statements if "LEFT OUTER JOIN job_images" in s]
 
