@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from api.sdapi.catalog import EMBEDDINGS_DIR, LORA_DIR
+from shared import blocking
 from shared.errors import FieldError
 from shared.models.architecture import checkpoint_architecture
 from shared.models.files import VAE_DIR, list_model_files, resolve_model_file
@@ -220,6 +221,7 @@ def upscaler_checks() -> dict[str, dict[str, Any]]:
     from shared.models.upscalers import fleet_upscaler_checks
     from shared.queueing.fleet import get_redis, live_worker_infos
 
+    blocking.check("reading the workers' upscaler checks")
     try:
         return fleet_upscaler_checks(live_worker_infos(get_redis()))
     except redis.RedisError:

@@ -19,6 +19,7 @@ from api.deps import CachedKey, CurrentKey, SessionDep, SettingsDep, StoreDep, o
 from api.limits import TOO_MANY_RESPONSES, limit_on_loop
 from api.responses import CONFLICT, NOT_FOUND
 from api.submission import idempotency, submit
+from shared import blocking
 from shared.db.models import ApiKey
 from shared.db.session import get_session_factory
 from shared.jobs import lifecycle, repository
@@ -69,11 +70,12 @@ async def submit_job(
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     """The owner's limits, the checks, then one transaction (the row, its event, the Idempotency-Key record) and
-    the publish; nothing runs after the response. The limits run on the event loop, the checks in one trip to the
-    thread pool (they read the models folder), and a job without a webhook is inserted and published from the
-    loop, in one statement (`submit.persist_on_loop`): each hop to a thread, each round trip of a transaction and
-    the ORM cost a submit more than most of its steps (issue 20). A job with a webhook, and a replayed
-    Idempotency-Key, are written in the thread (`submit.persist`)."""
+    the publish; nothing runs after the response. Each hop to a thread, each round trip of a transaction and the
+    ORM cost a submit more than most of its steps (issue 20), so a job without a webhook or input images is
+    checked, inserted and published on the event loop: the limits, the checks (`submit.prepares_on_loop`; in the
+    thread pool after all when one would block, `shared.blocking`), and the row in one statement
+    (`submit.persist_on_loop`). A job with images is checked in one trip to the thread pool (decoding them is
+    CPU-bound); one with a webhook, and a replayed Idempotency-Key, are written in the thread (`submit.persist`)."""
     settings, store = get_settings(), await object_store()
     policy = await limit_on_loop(request, key.owner, settings)
 
@@ -85,7 +87,12 @@ async def submit_job(
         with get_session_factory()() as session:
             return _persisted(session, key, prepared, settings, store, idempotency_key)
 
-    done = await run_in_threadpool(prepare)
+    done: submit.Prepared | JobView | None = None
+    if submit.prepares_on_loop(body):
+        with contextlib.suppress(blocking.WouldBlock), blocking.refused():
+            done = submit.prepare(key, body, settings, store)
+    if done is None:
+        done = await run_in_threadpool(prepare)
     if isinstance(done, submit.Prepared):
         record = await submit.persist_on_loop(key, done, store, settings.jobs.max_attempts, policy.max_priority,
                                               idempotency_key)

@@ -25,6 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from shared import blocking
 from shared.db.models import ModelFile
 from shared.errors import FieldError
 from shared.models.architecture import checkpoint_architecture
@@ -212,6 +213,7 @@ class RegistryView:
         with self._lock:
             if time.monotonic() - self._read_at < self._ttl:
                 return self._records
+        blocking.check("reading the model store's registry")
         fresh = {record.relpath: record for record in self._read()}
         with self._lock:
             self._records, self._read_at = fresh, time.monotonic()

@@ -24,6 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from shared import blocking
+
 __all__ = [
     "HashCache",
     "addnet_hash",
@@ -206,6 +208,7 @@ class HashCache:
             entry = self._entries.get(key)
         if entry is not None and {k: entry.get(k) for k in before} == before:
             return str(entry["value"])
+        blocking.check(f"hashing {resolved}")
         value = compute(resolved)
         if _version(resolved) != before:
             return value  # the file changed while we read it: this digest may match neither version

@@ -450,6 +450,46 @@ def test_a_submit_is_one_statement_and_holds_no_connection_after(gateway_env: di
     assert unpublished == 0
 
 
+def test_a_submit_checks_on_the_event_loop_unless_a_check_would_block(gateway_env: dict[str, str], key: str,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job without images or a webhook is checked on the event loop: no hop to a thread (it cost a submit more
+    CPU than the checks). A check that would block there, hashing a LoRA the farm has not seen yet, moves the checks
+    to a thread (`shared.blocking`); once hashed, the same job is checked on the loop again. Images and webhooks
+    still go to the thread."""
+    from pathlib import Path
+
+    from api.routes import jobs
+    from devtools.demo_models.lora_sd15 import write_demo_lora
+
+    hops: list[str] = []
+    original = jobs.run_in_threadpool
+
+    async def counted(func: Any, *args: Any, **kwargs: Any) -> Any:
+        hops.append(getattr(func, "__name__", repr(func)))
+        return await original(func, *args, **kwargs)
+
+    monkeypatch.setattr(jobs, "run_in_threadpool", counted)
+    lora = f"gw-new-{uuid.uuid4().hex[:8]}"
+    write_demo_lora(Path(gateway_env["RENDERFARM_MODELS_DIR"]) / "Lora" / f"{lora}.safetensors", seed=7)
+    with_lora = {**BODY, "prompt": f"a lighthouse <lora:{lora}:0.8>"}
+
+    async def hops_of(client: httpx.AsyncClient, body: dict[str, Any]) -> list[str]:
+        hops.clear()
+        resp = await client.post("/v1/jobs", json=body)
+        assert resp.status_code == 202, resp.text
+        return list(hops)
+
+    async def scenario() -> None:
+        async with _client(key) as client:
+            await _submit(client)  # the key is cached now
+            assert await hops_of(client, BODY) == []
+            assert await hops_of(client, with_lora) == ["prepare"]  # its hash would block the loop
+            assert await hops_of(client, with_lora) == []  # hashed once, by the thread
+            assert await hops_of(client, {**BODY, "webhook_url": "https://8.8.8.8/hook"}) == ["prepare"]
+
+    asyncio.run(scenario())
+
+
 def test_concurrent_submits_with_one_idempotency_key_make_one_job(key: str) -> None:
     async def scenario() -> None:
         async with _client(key) as client:
