@@ -163,6 +163,11 @@ def _registered_hash(kind: str, path: Path) -> str | None:
     return record.sha256 if kind == "sha256" else (record.lora_hash or record.sha256[:12])
 
 
+# The hash-cache files this process has parsed, with the version of each it parsed (`HashCache._read_file`).
+_PARSED: dict[Path, tuple[tuple[int, int, int], dict[str, dict[str, object]]]] = {}
+_PARSED_LOCK = threading.Lock()
+
+
 class HashCache:
     """Digests of model files, each computed once per (resolved path, size, mtime_ns).
 
@@ -219,6 +224,27 @@ class HashCache:
         return value
 
     def _read_file(self) -> dict[str, dict[str, object]]:
+        """The file's entries (a copy: the caller may add to it). Parsed again only when the file is another one
+        than last parsed in this process (each write replaces it: a new inode, size or mtime): a submit's checks
+        open a cache for every request, and re-reading the file each time cost more as the models folder grew."""
+        assert self.path is not None
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return {}
+        except OSError as e:
+            logger.warning("ignoring unreadable hash cache %s: %s", self.path, e)
+            return {}
+        version = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        with _PARSED_LOCK:
+            parsed = _PARSED.get(self.path)
+        if parsed is None or parsed[0] != version:
+            parsed = (version, self._parse_file())
+            with _PARSED_LOCK:
+                _PARSED[self.path] = parsed
+        return dict(parsed[1])
+
+    def _parse_file(self) -> dict[str, dict[str, object]]:
         assert self.path is not None
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))

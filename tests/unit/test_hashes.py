@@ -289,6 +289,27 @@ def test_caches_sharing_a_file_keep_each_others_entries(tmp_path: Path, counted:
     assert counted["sha256"] == 2
 
 
+def test_the_cache_file_is_parsed_again_only_when_it_was_replaced(tmp_path: Path, counted: dict[str, int],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A submit opens the models folder's cache for every request: the file is parsed once per version (each
+    write replaces it), and a cache opened after another process's write sees that write."""
+    parses = []
+    parse = HashCache._parse_file
+    monkeypatch.setattr(HashCache, "_parse_file", lambda self: parses.append(1) or parse(self))
+    cache_file = tmp_path / "hashes.json"
+    one, two = _write(tmp_path / "one.ckpt", b"1"), _write(tmp_path / "two.ckpt", b"2")
+    HashCache(cache_file).sha256(one)  # no file yet, then written: parsed to merge before the write
+    before = len(parses)
+    for _ in range(5):
+        assert HashCache(cache_file).sha256(one) == _sha(b"1")
+    assert len(parses) == before + 1 and counted["sha256"] == 1  # the written version, once
+    other = HashCache(cache_file)
+    other._entries.clear()  # another process's view, which knows only its own digest
+    other.sha256(two)  # replaces the file
+    assert HashCache(cache_file).sha256(two) == _sha(b"2") and counted["sha256"] == 2  # its entry is seen
+    assert HashCache(cache_file).sha256(one) == _sha(b"1") and counted["sha256"] == 2
+
+
 @pytest.mark.parametrize(
     "content", ["{not json", '{"format": 99, "entries": {}}', "[]", '{"format": 1, "entries": 3}']
 )
