@@ -2,10 +2,10 @@
 
 Run through the thread pool, a poll's one query cost the API process more in the hop to a thread and back (two
 thread switches and the GIL passed around) than in the query itself; through SQLAlchemy's async engine, more in
-its greenlet bridge; through psycopg's async connections, 108 µs of the API's CPU a poll (its waits re-register the
-socket with the event loop each time), against 44 µs with asyncpg, whose protocol is compiled (issue 20, measured
-on the job poll's statement). So these statements run on asyncpg connections, outside any transaction (each is one
-statement: no BEGIN, no COMMIT), kept per event loop and bounded like the sync pool (`RENDERFARM_DB_POOL_SIZE`).
+its greenlet bridge; through psycopg's async connections, 108 µs of the API's CPU a poll's statement, against
+44 µs with asyncpg, whose protocol is compiled (issue 20: the job poll's statement, 8 at a time on uvloop). So
+these statements run on asyncpg connections, outside any transaction (each is one statement: no BEGIN, no
+COMMIT), kept per event loop and bounded like the sync pool (`RENDERFARM_DB_POOL_SIZE`).
 Connections open on first use, so a process that serves no polls holds none.
 
 Callers write their SQL as they would for psycopg (``%(name)s`` parameters, ``%%`` for a percent sign: the text
