@@ -226,7 +226,7 @@ class HashCache:
     def _read_file(self) -> dict[str, dict[str, object]]:
         """The file's entries (a copy: the caller may add to it). Parsed again only when the file is another one
         than last parsed in this process (each write replaces it: a new inode, size or mtime): a submit's checks
-        open a cache for every request, and re-reading the file each time cost more as the models folder grew."""
+        open a cache for every request, and reading the file each time costs more the more models it lists."""
         assert self.path is not None
         try:
             stat = self.path.stat()
