@@ -88,9 +88,9 @@ async def submit_job(
             return _persisted(session, key, prepared, settings, store, idempotency_key)
 
     done: submit.Prepared | JobView | None = None
-    if submit.prepares_on_loop(body):
+    if submit.prepares_on_loop(body):  # the same steps as in the thread: no images to write, nothing to persist
         with contextlib.suppress(blocking.WouldBlock), blocking.refused():
-            done = submit.prepare(key, body, settings, store)
+            done = prepare()
     if done is None:
         done = await run_in_threadpool(prepare)
     if isinstance(done, submit.Prepared):
